@@ -1,0 +1,36 @@
+"""`moe-runtime`: the executor's command line.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only lists them, so flags are defined in one
+place per command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from .errors import run_cli
+
+# name -> (module, one-line help)
+COMMANDS = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-runtime", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run_cli(lambda: importlib.import_module(args._module).run(args), "moe-runtime")
+
+
+if __name__ == "__main__":
+    main()
