@@ -1,0 +1,449 @@
+"""Routing traces: the in-memory form, validation, and the on-disk format (version 1).
+
+A trace records, per token, its sequence id, position and phase, and per MoE
+layer the top-k expert ids in rank order (highest gate weight first) with their
+weights; optionally, per named predictor, the experts it predicted at layer l
+for layers l+1..l+D. See traces/FORMAT.md for the file layout.
+
+Contract: ``load_trace`` returns only traces that pass ``Trace.validate``; every
+problem with a file (missing, not a zip, truncated, unknown version, missing
+key, bad metadata, inconsistent arrays) raises ``MoeError`` naming the file and
+the problem. Files are read with ``allow_pickle=False`` and written atomically.
+This module knows nothing about models or where traces come from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from .errors import MoeError
+
+PHASE_PREFILL = 0
+PHASE_DECODE = 1
+FORMAT_VERSION = 1
+
+_PRED_PREFIX = "pred."
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class TraceMeta:
+    """What the trace was recorded on; ``n_layers`` counts MoE layers only."""
+
+    model: str
+    n_layers: int
+    n_experts: int
+    top_k: int
+    expert_bytes: int
+    dtype: str
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("model", "dtype", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise MoeError(f"meta.{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("n_layers", "n_experts", "top_k", "expert_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise MoeError(f"meta.{name} must be an integer, got {v!r}")
+        if self.n_layers < 1 or self.n_experts < 1 or self.top_k < 1:
+            raise MoeError(f"meta: n_layers, n_experts and top_k must be >= 1 "
+                           f"(got {self.n_layers}, {self.n_experts}, {self.top_k})")
+        if self.top_k > self.n_experts:
+            raise MoeError(f"meta: top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.n_experts > np.iinfo(np.int16).max:
+            raise MoeError(f"meta: n_experts={self.n_experts} does not fit expert ids in int16")
+        if self.expert_bytes < 0:
+            raise MoeError(f"meta.expert_bytes must be >= 0, got {self.expert_bytes}")
+        if not isinstance(self.extra, dict):
+            raise MoeError(f"meta.extra must be a dict, got {type(self.extra).__name__}")
+        try:
+            json.dumps(self.extra)
+        except (TypeError, ValueError) as e:
+            raise MoeError(f"meta.extra is not JSON-serialisable: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TraceMeta":
+        """Parse and validate the metadata JSON; errors name the missing/unknown fields."""
+        try:
+            d = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise MoeError(f"metadata is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise MoeError("metadata must be a JSON object")
+        names = [f.name for f in fields(cls)]
+        required = [n for n in names if n != "extra"]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise MoeError(f"metadata is missing field(s): {', '.join(missing)}")
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise MoeError(f"metadata has unknown field(s): {', '.join(unknown)}")
+        meta = cls(**d)
+        meta.validate()
+        return meta
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A validated-on-demand routing trace; arrays are token-major.
+
+    Construction does not validate (so it stays cheap); call ``validate()`` on a
+    hand-built trace, or build it with ``make_trace`` which coerces and validates.
+    """
+
+    meta: TraceMeta
+    expert_ids: np.ndarray  # int16 [T, L, K], rank order (highest weight first)
+    weights: np.ndarray  # float32 [T, L, K]
+    seq_id: np.ndarray  # int32 [T]
+    position: np.ndarray  # int32 [T]
+    phase: np.ndarray  # int8 [T], PHASE_PREFILL or PHASE_DECODE
+    # name -> int16 [T, L, D, P]: at layer l, ranked ids predicted for layer l+1+d; -1 = none
+    predictions: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.expert_ids.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return self.meta.n_layers
+
+    @property
+    def n_experts(self) -> int:
+        return self.meta.n_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.meta.top_k
+
+    def lookahead(self, name: str) -> int:
+        """Number of future layers (D) predictor ``name`` predicts for."""
+        if name not in self.predictions:
+            known = ", ".join(sorted(self.predictions)) or "none"
+            raise MoeError(f"trace has no predictor {name!r} (has: {known})")
+        return int(self.predictions[name].shape[2])
+
+    def sequences(self) -> list[tuple[int, int, int]]:
+        """Maximal runs of equal ``seq_id`` as (seq_id, start, stop), in token order."""
+        s = self.seq_id
+        if len(s) == 0:
+            return []
+        cuts = np.flatnonzero(s[1:] != s[:-1]) + 1
+        starts = np.concatenate([[0], cuts])
+        stops = np.concatenate([cuts, [len(s)]])
+        return [(int(s[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+
+    def slice(self, start: int, stop: int) -> "Trace":
+        """Tokens [start, stop) as a new trace (arrays are copies)."""
+        if not (0 <= start < stop <= self.n_tokens):
+            raise MoeError(f"bad token slice [{start}, {stop}) of a trace with {self.n_tokens} tokens")
+        return Trace(
+            meta=self.meta,
+            expert_ids=self.expert_ids[start:stop].copy(),
+            weights=self.weights[start:stop].copy(),
+            seq_id=self.seq_id[start:stop].copy(),
+            position=self.position[start:stop].copy(),
+            phase=self.phase[start:stop].copy(),
+            predictions={k: v[start:stop].copy() for k, v in self.predictions.items()},
+        )
+
+    def validate(self) -> None:
+        """Raise MoeError naming the first problem found; return None if the trace is sound."""
+        if not isinstance(self.meta, TraceMeta):
+            raise MoeError("trace meta must be a TraceMeta")
+        self.meta.validate()
+        m = self.meta
+        _check_array("expert_ids", self.expert_ids, np.int16, 3)
+        T, L, K = self.expert_ids.shape
+        if T < 1:
+            raise MoeError("trace has no tokens")
+        if L != m.n_layers:
+            raise MoeError(f"expert_ids has {L} layers but meta.n_layers={m.n_layers}")
+        if K != m.top_k:
+            raise MoeError(f"expert_ids has {K} experts per layer but meta.top_k={m.top_k}")
+        _check_array("weights", self.weights, np.float32, 3)
+        if self.weights.shape != self.expert_ids.shape:
+            raise MoeError(f"weights shape {self.weights.shape} != expert_ids shape {self.expert_ids.shape}")
+        for name, arr, dt in (("seq_id", self.seq_id, np.int32), ("position", self.position, np.int32),
+                              ("phase", self.phase, np.int8)):
+            _check_array(name, arr, dt, 1)
+            if arr.shape[0] != T:
+                raise MoeError(f"{name} has {arr.shape[0]} entries but the trace has {T} tokens")
+        _check_ids("expert_ids", self.expert_ids, m.n_experts, allow_none=False)
+        if not np.all(np.isfinite(self.weights)):
+            raise MoeError("weights contain NaN or infinite values")
+        if np.any(self.weights < 0):
+            t, l, k = np.argwhere(self.weights < 0)[0]
+            raise MoeError(f"negative weight {self.weights[t, l, k]} at token {t}, layer {l}")
+        if np.any(self.position < 0):
+            raise MoeError(f"negative position at token {int(np.argmax(self.position < 0))}")
+        bad = ~np.isin(self.phase, (PHASE_PREFILL, PHASE_DECODE))
+        if np.any(bad):
+            t = int(np.argmax(bad))
+            raise MoeError(f"phase at token {t} is {int(self.phase[t])}, expected 0 (prefill) or 1 (decode)")
+        if not isinstance(self.predictions, dict):
+            raise MoeError("predictions must be a dict of name -> array")
+        for name, arr in self.predictions.items():
+            if not isinstance(name, str) or not name:
+                raise MoeError(f"predictor name must be a non-empty string, got {name!r}")
+            label = f"predictions[{name!r}]"
+            _check_array(label, arr, np.int16, 4)
+            if arr.shape[:2] != (T, L):
+                raise MoeError(f"{label} has shape {arr.shape}, expected [{T}, {L}, D, P]")
+            if arr.shape[2] < 1 or arr.shape[3] < 1:
+                raise MoeError(f"{label} has an empty lookahead or prediction axis: shape {arr.shape}")
+            _check_ids(label, arr, m.n_experts, allow_none=True)
+            # at layer l, distance d targets layer l+1+d; past the last layer there is nothing to predict
+            target = np.arange(L)[:, None] + 1 + np.arange(arr.shape[2])[None, :]  # [L, D]
+            beyond = (target >= L)[None, :, :, None] & (arr != -1)
+            if np.any(beyond):
+                t, l, d, _ = np.argwhere(beyond)[0]
+                raise MoeError(f"{label} predicts beyond the last layer at token {t}, layer {l}, distance {d}")
+
+
+def _check_array(name: str, arr, dtype, ndim: int) -> None:
+    if not isinstance(arr, np.ndarray):
+        raise MoeError(f"{name} must be a numpy array, got {type(arr).__name__}")
+    if arr.dtype != dtype:
+        raise MoeError(f"{name} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if arr.ndim != ndim:
+        raise MoeError(f"{name} has {arr.ndim} dimensions (shape {arr.shape}), expected {ndim}")
+
+
+def _check_ids(name: str, ids: np.ndarray, n_experts: int, allow_none: bool) -> None:
+    """Ids in [0, n_experts) (or -1 if allowed), no repeats along the last axis."""
+    lo = -1 if allow_none else 0
+    bad = (ids < lo) | (ids >= n_experts)
+    if np.any(bad):
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise MoeError(f"{name} has expert id {int(ids[idx])} out of range [{lo}, {n_experts}) at index {idx}")
+    s = np.sort(ids, axis=-1)
+    dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+    if np.any(dup):
+        idx = tuple(int(i) for i in np.argwhere(dup)[0][:-1])
+        raise MoeError(f"{name} repeats an expert id within one (token, layer) at index {idx}")
+
+
+def make_trace(meta: TraceMeta, expert_ids, weights, seq_id=None, position=None, phase=None,
+               predictions: dict | None = None) -> Trace:
+    """Build a trace from array-likes, casting to the format's dtypes, and validate it.
+
+    Defaults: one sequence (id 0), positions 0..T-1, all decode. Ids that do not
+    fit the target dtype are rejected rather than wrapped.
+    """
+    ids = np.asarray(expert_ids)
+    T = ids.shape[0] if ids.ndim >= 1 else 0
+    seq_id = np.zeros(T) if seq_id is None else seq_id
+    position = np.arange(T) if position is None else position
+    phase = np.full(T, PHASE_DECODE) if phase is None else phase
+    trace = Trace(
+        meta=meta,
+        expert_ids=_cast_int(ids, np.int16, "expert_ids"),
+        weights=np.asarray(weights, dtype=np.float32),
+        seq_id=_cast_int(seq_id, np.int32, "seq_id"),
+        position=_cast_int(position, np.int32, "position"),
+        phase=_cast_int(phase, np.int8, "phase"),
+        predictions={k: _cast_int(v, np.int16, f"predictions[{k!r}]") for k, v in (predictions or {}).items()},
+    )
+    trace.validate()
+    return trace
+
+
+def _cast_int(a, dtype, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.size and a.dtype.kind not in "iu":
+        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+            pass
+        else:
+            raise MoeError(f"{name} must hold integers, got dtype {a.dtype}")
+    info = np.iinfo(dtype)
+    if a.size and (a.min() < info.min or a.max() > info.max):
+        raise MoeError(f"{name} has values outside the range of {np.dtype(dtype)}")
+    return a.astype(dtype)
+
+
+def save_trace(trace: Trace, path) -> None:
+    """Validate and write ``trace`` to ``path`` as one compressed .npz, atomically.
+
+    Weights are stored as float16 (they are gate probabilities; 3 significant
+    digits is plenty for replay and statistics).
+    """
+    trace.validate()
+    if trace.weights.size and float(trace.weights.max()) > _FLOAT16_MAX:
+        raise MoeError(f"weights exceed the float16 range used on disk (max {float(trace.weights.max())})")
+    arrays = {
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int32),
+        "meta": np.array(trace.meta.to_json()),  # 0-d unicode array, loads without pickle
+        "expert_ids": trace.expert_ids,
+        "weights": trace.weights.astype(np.float16),
+        "seq_id": trace.seq_id,
+        "position": trace.position,
+        "phase": trace.phase,
+    }
+    for name, arr in trace.predictions.items():
+        arrays[_PRED_PREFIX + name] = arr
+    write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def write_atomic(path, write) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it over ``path``.
+
+    A failure leaves ``path`` as it was (absent or the old content) and no temp file.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise MoeError(f"cannot write {path}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_trace(path) -> Trace:
+    """Read and validate a trace file; every problem raises MoeError naming ``path``."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MoeError(f"trace file not found: {path}")
+    if os.path.isdir(path):
+        raise MoeError(f"{path}: is a directory, not a trace file")
+    try:
+        return _load(path)
+    except MoeError as e:
+        raise MoeError(f"{path}: {e}") from None
+
+
+def _load(path: str) -> Trace:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise MoeError(f"not a trace file (not a readable .npz archive: {_short(e)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise MoeError("not a trace file (a single .npy array, not an .npz archive)")
+    try:
+        with data:
+            keys = set(data.files)
+            if "format_version" not in keys:
+                raise MoeError("not a trace file (no 'format_version' key)")
+            version = _read(data, "format_version")
+            if version.shape != () or version.dtype.kind not in "iu":
+                raise MoeError(f"format_version must be a scalar integer, got {version!r}")
+            if int(version) != FORMAT_VERSION:
+                raise MoeError(f"unknown trace format version {int(version)} (this reader knows {FORMAT_VERSION})")
+            for key in ("meta", "expert_ids", "weights", "seq_id", "position", "phase"):
+                if key not in keys:
+                    raise MoeError(f"missing key {key!r}")
+            meta_arr = _read(data, "meta")
+            if meta_arr.shape != () or meta_arr.dtype.kind != "U":
+                raise MoeError("'meta' must be a 0-d unicode array holding JSON")
+            meta = TraceMeta.from_json(str(meta_arr))
+            weights = _read(data, "weights")
+            if weights.dtype.kind != "f":
+                raise MoeError(f"weights has dtype {weights.dtype}, expected float16")
+            trace = Trace(
+                meta=meta,
+                expert_ids=_read(data, "expert_ids"),
+                weights=weights.astype(np.float32),
+                seq_id=_read(data, "seq_id"),
+                position=_read(data, "position"),
+                phase=_read(data, "phase"),
+                predictions={k[len(_PRED_PREFIX):]: _read(data, k) for k in sorted(keys)
+                             if k.startswith(_PRED_PREFIX)},
+            )
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+        raise MoeError(f"corrupt, truncated or unreadable trace file ({_short(e)})") from None
+    unknown = sorted(k for k in keys - {"format_version", "meta", "expert_ids", "weights", "seq_id",
+                                        "position", "phase"} if not k.startswith(_PRED_PREFIX))
+    if unknown:
+        raise MoeError(f"unknown key(s) in trace file: {', '.join(unknown)}")
+    trace.validate()
+    return trace
+
+
+def _read(data, key: str) -> np.ndarray:
+    return np.asarray(data[key])
+
+
+def _short(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+class TraceRecorder:
+    """Collects one token at a time (as the executor decodes) and builds a Trace.
+
+    Every token must give the same predictor names with the same [L, D, P] shapes.
+    """
+
+    def __init__(self, meta: TraceMeta):
+        meta.validate()
+        self.meta = meta
+        self._ids: list[np.ndarray] = []
+        self._weights: list[np.ndarray] = []
+        self._seq: list[int] = []
+        self._pos: list[int] = []
+        self._phase: list[int] = []
+        self._preds: dict[str, list[np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add_token(self, seq_id: int, position: int, phase: int, expert_ids, weights,
+                  predictions: dict | None = None) -> None:
+        L, K = self.meta.n_layers, self.meta.top_k
+        t = len(self._ids)
+        ids = np.asarray(expert_ids)
+        w = np.asarray(weights, dtype=np.float32)
+        if ids.shape != (L, K) or w.shape != (L, K):
+            raise MoeError(f"token {t}: expert_ids {ids.shape} and weights {w.shape} must both be [{L}, {K}]")
+        if phase not in (PHASE_PREFILL, PHASE_DECODE):
+            raise MoeError(f"token {t}: phase {phase!r} is not 0 (prefill) or 1 (decode)")
+        preds = predictions or {}
+        if self._preds is None:
+            self._preds = {name: [] for name in preds}
+        if set(preds) != set(self._preds):
+            raise MoeError(f"token {t}: predictors {sorted(preds)} differ from earlier tokens' {sorted(self._preds)}")
+        for name, arr in preds.items():
+            arr = np.asarray(arr)
+            if arr.ndim != 3 or arr.shape[0] != L:
+                raise MoeError(f"token {t}: prediction {name!r} has shape {arr.shape}, expected [{L}, D, P]")
+            if self._preds[name] and arr.shape != self._preds[name][0].shape:
+                raise MoeError(f"token {t}: prediction {name!r} shape {arr.shape} differs from earlier "
+                               f"{self._preds[name][0].shape}")
+            self._preds[name].append(_cast_int(arr, np.int16, f"prediction {name!r}"))
+        self._ids.append(_cast_int(ids, np.int16, "expert_ids"))
+        self._weights.append(w)
+        self._seq.append(int(seq_id))
+        self._pos.append(int(position))
+        self._phase.append(int(phase))
+
+    def to_trace(self) -> Trace:
+        if not self._ids:
+            raise MoeError("no tokens recorded")
+        return make_trace(
+            self.meta, np.stack(self._ids), np.stack(self._weights), self._seq, self._pos, self._phase,
+            {k: np.stack(v) for k, v in (self._preds or {}).items()},
+        )
+
+    def save(self, path) -> None:
+        save_trace(self.to_trace(), path)
