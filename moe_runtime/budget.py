@@ -1,0 +1,57 @@
+"""Expert-cache budgets: parse what the user typed, and refuse one too small to run.
+
+A budget is given as bytes (``4GiB``, ``512MiB``, ``2GB``), a share of all
+experts' bytes (``25%``), or a plain count of experts (``48``). It becomes a
+number of expert slots. The minimum is what one layer needs at once (its
+top-k experts, or the union over a batch) plus the slots prefetches may hold
+in flight; with ``per-layer`` scope every layer's equal share must meet it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import MoeError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(text: str, *, expert_bytes: int, total_experts: int) -> int:
+    """Number of expert slots the budget ``text`` buys (capped at all experts)."""
+    s = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+", s):
+        slots = int(s)
+    elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
+        pct = float(m.group(1))
+        if pct > 100:
+            raise MoeError(f"budget {text!r} is over 100% of the experts")
+        slots = int(total_experts * pct / 100.0)
+    elif m := re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)", s):
+        slots = int(float(m.group(1)) * _UNITS[m.group(2)] // expert_bytes)
+    else:
+        raise MoeError(f"cannot read budget {text!r}: give bytes (4GiB, 512MiB), a share (25%) or a count of experts (48)")
+    return min(slots, total_experts)
+
+
+def minimum_slots(*, experts_per_layer: int, max_inflight: int, prefetching: bool,
+                  scope: str, n_layers: int) -> int:
+    """The smallest slot count that can run: one layer's experts plus in-flight prefetches."""
+    per_pool = experts_per_layer + (max_inflight if prefetching else 0)
+    return per_pool * (n_layers if scope == "per-layer" else 1)
+
+
+def check_budget(n_slots: int, *, experts_per_layer: int, max_inflight: int, prefetching: bool,
+                 scope: str, n_layers: int, expert_bytes: int) -> None:
+    """Raise MoeError naming the minimum in bytes and experts when ``n_slots`` is below it."""
+    need = minimum_slots(experts_per_layer=experts_per_layer, max_inflight=max_inflight,
+                         prefetching=prefetching, scope=scope, n_layers=n_layers)
+    if n_slots < need:
+        what = f"{experts_per_layer} experts per layer"
+        if prefetching:
+            what += f" + {max_inflight} in flight"
+        if scope == "per-layer":
+            what += f", times {n_layers} layers for per-layer scope"
+        raise MoeError(
+            f"expert budget of {n_slots} experts ({n_slots * expert_bytes:,} bytes) is below the minimum of "
+            f"{need} experts ({need * expert_bytes:,} bytes): {what}")

@@ -1,0 +1,258 @@
+"""Bookkeeping of the device expert cache: which expert is in which slot, and in what state.
+
+This module moves no bytes and reads no clock. The executor (real copies on
+CUDA streams or a copy thread) and the simulator (simpy time) drive the same
+``ExpertCache``, which is what makes their hit/late/miss counts comparable.
+
+Contract, following DESIGN.md:
+- Slots are FREE, LOADING (a copy issued, not yet known complete) or READY;
+  a slot is *pinned* while the (step, layer) being computed uses it.
+- ``access_layer`` classifies each access as a hit (READY), late (LOADING)
+  or miss (absent; a slot is allocated at once, the caller issues the demand
+  copy ahead of queued prefetches) and pins the slots until ``release_layer``.
+- Eviction only takes READY, unpinned slots, chosen by the pool's policy; a
+  LOADING slot is never evicted or overwritten.
+- Scope ``global`` is one pool; ``per-layer`` gives each layer an equal share.
+- Prefetches never evict a pinned expert or one the same plan wants, never
+  exceed the budget, are capped at ``max_inflight`` in flight, and leave each
+  pool room for one layer's demand (``experts_per_layer`` slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from typing import Iterable, Sequence
+
+from .policies import EvictionPolicy, Key, make_policy
+
+FREE, LOADING, READY = 0, 1, 2
+
+
+class Outcome(IntEnum):
+    HIT = 0
+    LATE = 1
+    MISS = 2
+
+
+@dataclass
+class CacheStats:
+    """Counters of one run; ``prefetch_issued == prefetch_used + prefetch_wasted`` after ``finish``."""
+
+    accesses: int = 0
+    hits: int = 0
+    late: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    prefetch_cancelled: int = 0
+    evictions: int = 0
+    bytes_h2d: int = 0
+    layer_hits: list[int] = field(default_factory=list)
+    layer_late: list[int] = field(default_factory=list)
+    layer_misses: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerAccess:
+    """Result of ``access_layer``: per expert its slot and outcome; stale prefetch slots to cancel."""
+
+    outcomes: list[tuple[int, int, Outcome]]  # (expert, slot, outcome) in access order
+    stale: list[int]  # LOADING prefetch slots whose target layer has passed unused
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        *,
+        n_slots: int,
+        n_layers: int,
+        n_experts: int,
+        experts_per_layer: int,
+        expert_bytes: int,
+        policy: str = "lru",
+        scope: str = "global",
+        max_inflight: int = 4,
+        future: Sequence[Key] | None = None,
+        popularity: dict[Key, float] | None = None,
+    ) -> None:
+        if scope not in ("global", "per-layer"):
+            raise ValueError(f"cache scope must be 'global' or 'per-layer', not {scope!r}")
+        self.n_layers, self.n_experts = n_layers, n_experts
+        self.experts_per_layer, self.expert_bytes = experts_per_layer, expert_bytes
+        self.max_inflight, self.scope = max_inflight, scope
+        n_pools = 1 if scope == "global" else n_layers
+        self.pool_size = n_slots // n_pools
+        self.n_slots = self.pool_size * n_pools
+        self.pools: list[EvictionPolicy] = []
+        for p in range(n_pools):
+            pool_future = future if n_pools == 1 or future is None else [k for k in future if k[0] == p]
+            pool_pop = popularity if n_pools == 1 or popularity is None else {
+                k: v for k, v in popularity.items() if k[0] == p}
+            self.pools.append(make_policy(
+                policy, n_layers=n_layers, capacity=self.pool_size,
+                stream_slots=experts_per_layer + max_inflight, future=pool_future, popularity=pool_pop))
+        # Free slots per pool, popped from the end so slot 0 is used first.
+        self._free = [list(range((p + 1) * self.pool_size - 1, p * self.pool_size - 1, -1)) for p in range(n_pools)]
+        self.key_of: list[Key | None] = [None] * self.n_slots
+        self.state = [FREE] * self.n_slots
+        self.slot_of: dict[Key, int] = {}
+        self._pinned: set[int] = set()
+        self._unused_prefetch: dict[int, tuple[int, int]] = {}  # slot -> (step, target layer)
+        self._prefetch_loading = [0] * n_pools
+        self._loading_prefetch: set[int] = set()
+        self.step = 0
+        self.stats = CacheStats(layer_hits=[0] * n_layers, layer_late=[0] * n_layers, layer_misses=[0] * n_layers)
+
+    # -- queries -----------------------------------------------------------------
+    def _pool(self, layer: int) -> int:
+        return 0 if self.scope == "global" else layer
+
+    def resident(self) -> list[Key]:
+        return list(self.slot_of)
+
+    def inflight_prefetches(self) -> int:
+        return len(self._loading_prefetch)
+
+    # -- the compute's side ----------------------------------------------------------
+    def begin_step(self) -> None:
+        """Mark the start of a new step (one forward pass); prefetch targets refer to it."""
+        self.step += 1
+
+    def access_layer(self, layer: int, ids: Iterable[int]) -> LayerAccess:
+        """Classify and pin the experts the current (step, layer) uses; allocate slots for misses."""
+        pool = self._pool(layer)
+        policy, st = self.pools[pool], self.stats
+        outcomes = []
+        for e in ids:
+            key = (layer, int(e))
+            policy.access(key)
+            slot = self.slot_of.get(key)
+            if slot is None:
+                slot = self._allocate(key, pool, layer, protect=())
+                if slot is None:
+                    raise RuntimeError(f"internal: no evictable slot for demand of {key}")
+                outcome = Outcome.MISS
+                st.misses += 1
+                st.layer_misses[layer] += 1
+                st.bytes_h2d += self.expert_bytes
+            elif self.state[slot] == READY:
+                outcome = Outcome.HIT
+                st.hits += 1
+                st.layer_hits[layer] += 1
+            else:
+                outcome = Outcome.LATE
+                st.late += 1
+                st.layer_late[layer] += 1
+            if self._unused_prefetch.pop(slot, None) is not None:
+                st.prefetch_used += 1
+            self._pinned.add(slot)
+            st.accesses += 1
+            outcomes.append((key[1], slot, outcome))
+        stale = [s for s, (step, target) in self._unused_prefetch.items()
+                 if s in self._loading_prefetch and (step < self.step or target <= layer)]
+        return LayerAccess(outcomes, stale)
+
+    def release_layer(self) -> None:
+        """Unpin the experts of the layer just computed."""
+        self._pinned.clear()
+
+    # -- the copy engine's side ------------------------------------------------------
+    def copy_done(self, slot: int) -> None:
+        """The copy into ``slot`` has completed (observed by the caller's clock)."""
+        if self.state[slot] == LOADING:
+            self.state[slot] = READY
+            if slot in self._loading_prefetch:
+                self._loading_prefetch.discard(slot)
+                self._prefetch_loading[self._pool(self.key_of[slot][0])] -= 1
+
+    def cancel(self, slot: int) -> None:
+        """A queued prefetch was withdrawn before its copy started: the slot is free again."""
+        assert slot in self._loading_prefetch and slot not in self._pinned, "only queued, unused prefetches"
+        key = self.key_of[slot]
+        pool = self._pool(key[0])
+        self._loading_prefetch.discard(slot)
+        self._prefetch_loading[pool] -= 1
+        self._unused_prefetch.pop(slot)
+        self.stats.prefetch_cancelled += 1
+        self.stats.prefetch_wasted += 1
+        self.stats.bytes_h2d -= self.expert_bytes
+        self._unmap(slot, pool)
+        self._free[pool].append(slot)
+
+    def prefetch(self, plan: Sequence[Key], layer: int) -> list[tuple[Key, int]]:
+        """Allocate LOADING slots for planned keys not yet resident; returns (key, slot) to copy, in order.
+
+        ``plan`` is in priority order; its keys are protected from eviction by
+        each other. ``layer`` is the layer the compute is at.
+        """
+        protect = set(plan)
+        issued = []
+        for key in plan:
+            if key in self.slot_of:
+                continue
+            if len(self._loading_prefetch) >= self.max_inflight:
+                break
+            pool = self._pool(key[0])
+            if self._prefetch_loading[pool] >= self.pool_size - self.experts_per_layer:
+                continue  # keep room for one layer's demand in this pool
+            slot = self._allocate(key, pool, layer, protect)
+            if slot is None:
+                continue
+            self._loading_prefetch.add(slot)
+            self._prefetch_loading[pool] += 1
+            self._unused_prefetch[slot] = (self.step, key[0])
+            self.stats.prefetch_issued += 1
+            self.stats.bytes_h2d += self.expert_bytes
+            issued.append((key, slot))
+        return issued
+
+    def finish(self) -> CacheStats:
+        """End of run: prefetched experts never used count as wasted."""
+        self.stats.prefetch_wasted += len(self._unused_prefetch)
+        self._unused_prefetch.clear()
+        return self.stats
+
+    # -- internals -------------------------------------------------------------------
+    def _evictable(self, protect) -> callable:
+        slot_of, state, pinned = self.slot_of, self.state, self._pinned
+
+        def ok(key: Key) -> bool:
+            s = slot_of[key]
+            return state[s] == READY and s not in pinned and key not in protect
+        return ok
+
+    def _allocate(self, key: Key, pool: int, layer: int, protect) -> int | None:
+        free = self._free[pool]
+        if free:
+            slot = free.pop()
+        else:
+            victim = self.pools[pool].victim(self._evictable(protect), layer)
+            if victim is None:
+                return None
+            slot = self.slot_of[victim]
+            if self._unused_prefetch.pop(slot, None) is not None:
+                self.stats.prefetch_wasted += 1
+            self.stats.evictions += 1
+            self._unmap(slot, pool)
+        self.key_of[slot] = key
+        self.slot_of[key] = slot
+        self.state[slot] = LOADING
+        self.pools[pool].insert(key)
+        return slot
+
+    def _unmap(self, slot: int, pool: int) -> None:
+        key = self.key_of[slot]
+        self.pools[pool].remove(key)
+        del self.slot_of[key]
+        self.key_of[slot] = None
+        self.state[slot] = FREE
+
+
+def access_sequence(steps: Iterable[Sequence[Sequence[int]]]) -> list[Key]:
+    """The keys ``access_layer`` will see, in order: ``steps`` yields, per step, the ids of each layer."""
+    return [(layer, int(e)) for step in steps for layer, ids in enumerate(step) for e in ids]

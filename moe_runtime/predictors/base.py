@@ -1,0 +1,94 @@
+"""The predictor interface shared by the executor and the simulator.
+
+At MoE layer ``l`` of a step, a predictor returns, for each distance
+d = 1..D with l+d < n_layers, the expert ids of layer l+d ranked by score,
+best first; the prefetch planner takes as many as the budget allows. What a
+predictor may look at is in ``PredictContext``: the residual stream entering
+layer l's MoE block (executor only), the routing already seen
+(``RoutingHistory``), and, for oracles, the step's true routing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from ..policies import Key
+
+
+class RoutingHistory:
+    """Expert ids chosen per layer by the current step so far, and by the last ``window`` steps."""
+
+    def __init__(self, n_layers: int, window: int = 4) -> None:
+        self.n_layers = n_layers
+        self.current: list[np.ndarray | None] = [None] * n_layers
+        self.recent: deque[list[np.ndarray | None]] = deque(maxlen=window)
+
+    def record(self, layer: int, ids: Sequence[int]) -> None:
+        self.current[layer] = np.asarray(ids, dtype=np.int64)
+
+    def end_step(self) -> None:
+        self.recent.append(self.current)
+        self.current = [None] * self.n_layers
+
+
+@dataclass
+class PredictContext:
+    step: int
+    layer: int
+    history: RoutingHistory
+    hidden: Any = None  # torch.Tensor [N, H] entering layer's MoE block; None in the simulator
+    token: int | None = None  # trace index of the step's first token, when replaying or forcing a trace
+    future: Callable[[int], Sequence[int]] | None = None  # true ids of this step at a layer (oracles)
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    """Everything a predictor may be built from; each predictor checks what it needs."""
+
+    n_layers: int
+    n_experts: int
+    top_k: int
+    lookahead: int
+    model: Any = None  # moe_runtime.model.MoeModel, for router-based predictors
+    adapters: Any = None  # predictors.adapters.AlignedAdapters, for 'aligned'
+    trace: Any = None  # moe_runtime.trace.Trace: prior counts, or recorded predictions
+    seed: int = 0
+    recall: float = 0.9  # noisy-oracle
+    precision: float = 0.9  # noisy-oracle
+    recorded: str | None = None  # name of predictions recorded in the trace
+
+
+class Predictor(abc.ABC):
+    name: ClassVar[str] = ""
+    needs_hidden: ClassVar[bool] = False  # only usable where hidden states exist (the executor)
+
+    def __init__(self, opts: PredictorOptions) -> None:
+        self.opts = opts
+
+    @abc.abstractmethod
+    def predict(self, ctx: PredictContext) -> list[np.ndarray]:
+        """Ranked expert ids for layers l+1..l+D (clipped at the last layer); [] predicts nothing."""
+
+    def observe(self, history: RoutingHistory) -> None:
+        """Called once a step is complete (its routing is in ``history.current``): online learning."""
+
+    def distances(self, layer: int) -> range:
+        return range(1, min(self.opts.lookahead, self.opts.n_layers - 1 - layer) + 1)
+
+
+def rank_scores(scores: np.ndarray) -> np.ndarray:
+    """Expert ids by descending score, ties by id (deterministic)."""
+    return np.lexsort((np.arange(scores.shape[-1]), -scores))
+
+
+def plan_prefetch(predictions: Sequence[np.ndarray], layer: int, width: int) -> list[Key]:
+    """Keys to prefetch in priority order: nearest layer first, then rank; ``width`` per layer."""
+    plan: list[Key] = []
+    for d, ranked in enumerate(predictions, start=1):
+        plan.extend((layer + d, int(e)) for e in ranked[:width])
+    return plan
