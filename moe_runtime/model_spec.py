@@ -1,0 +1,284 @@
+"""ModelSpec: the shapes of an MoE model needed for cost models and trace metadata.
+
+Contract: ``load_model_spec(name_or_path)`` reads ``configs/models/<name>.yaml``
+(relative to the repository that holds this package) or a YAML path and returns
+a validated frozen ``ModelSpec``; ``ModelSpec.from_hf_config(d)`` builds one
+from a Hugging Face config.json dict of the mixtral, qwen2_moe, qwen3_moe or
+olmoe families. Errors raise ``MoeError`` naming the file and field.
+
+The derived sizes and FLOP counts assume SwiGLU experts (three matrices),
+grouped-query attention with q/k/v/o projections, untied input and output
+embeddings, and batch size 1. This module knows nothing about weights, tensors
+or devices; it does not read config.json files itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import MoeError
+from .trace import TraceMeta
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
+MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One MoE decoder's shape. ``n_layers`` counts all decoder layers."""
+
+    name: str
+    n_layers: int
+    moe_layers: tuple[int, ...]  # model layer indices with a sparse MoE block
+    n_experts: int
+    top_k: int
+    hidden_size: int
+    moe_intermediate_size: int  # intermediate size of one routed expert
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    n_shared_experts: int = 0
+    shared_intermediate_size: int = 0  # total intermediate of all shared experts together
+    dense_intermediate_size: int = 0  # MLP of the non-MoE layers
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise MoeError(f"name must be a non-empty string, got {self.name!r}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise MoeError(f"{f.name} must be an integer, got {v!r}")
+        for name in ("n_layers", "n_experts", "top_k", "hidden_size", "moe_intermediate_size",
+                     "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise MoeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_shared_experts", "shared_intermediate_size", "dense_intermediate_size"):
+            if getattr(self, name) < 0:
+                raise MoeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.top_k > self.n_experts:
+            raise MoeError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.n_heads % self.n_kv_heads:
+            raise MoeError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.dtype not in DTYPE_BYTES:
+            raise MoeError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if not isinstance(self.moe_layers, tuple) or not self.moe_layers:
+            raise MoeError("moe_layers must be a non-empty tuple of layer indices")
+        if any(not isinstance(i, int) or isinstance(i, bool) for i in self.moe_layers):
+            raise MoeError(f"moe_layers must hold integers, got {self.moe_layers!r}")
+        if list(self.moe_layers) != sorted(set(self.moe_layers)):
+            raise MoeError(f"moe_layers must be strictly increasing, got {list(self.moe_layers)}")
+        if self.moe_layers[0] < 0 or self.moe_layers[-1] >= self.n_layers:
+            raise MoeError(f"moe_layers must lie in [0, {self.n_layers}), got {list(self.moe_layers)}")
+        if (self.n_shared_experts > 0) != (self.shared_intermediate_size > 0):
+            raise MoeError("n_shared_experts and shared_intermediate_size must be both zero or both positive")
+        if self.n_moe_layers < self.n_layers and self.dense_intermediate_size == 0:
+            raise MoeError("dense_intermediate_size is needed: the model has non-MoE layers")
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def n_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if i not in set(self.moe_layers))
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden_size * self.moe_intermediate_size  # gate, up, down
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_params * self.dtype_bytes
+
+    @property
+    def total_expert_bytes(self) -> int:
+        """All routed experts of all MoE layers: what offloading keeps off the GPU."""
+        return self.expert_bytes * self.n_experts * self.n_moe_layers
+
+    @property
+    def attention_params(self) -> int:
+        H, hd = self.hidden_size, self.head_dim
+        return H * self.n_heads * hd * 2 + H * self.n_kv_heads * hd * 2  # q and o, k and v
+
+    @property
+    def dense_bytes_per_layer(self) -> int:
+        """Resident bytes of one MoE layer besides its routed experts.
+
+        Attention, shared experts, two RMSNorms and the router.
+        """
+        H = self.hidden_size
+        params = (self.attention_params + 3 * H * self.shared_intermediate_size + 2 * H
+                  + H * self.n_experts)
+        return params * self.dtype_bytes
+
+    @property
+    def dense_layer_bytes(self) -> int:
+        """Bytes of one non-MoE decoder layer (attention, dense SwiGLU MLP, norms)."""
+        H = self.hidden_size
+        return (self.attention_params + 3 * H * self.dense_intermediate_size + 2 * H) * self.dtype_bytes
+
+    @property
+    def embedding_bytes(self) -> int:
+        """Input embedding plus (untied) output head plus the final norm."""
+        return (2 * self.vocab_size * self.hidden_size + self.hidden_size) * self.dtype_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Everything except routed experts: the GPU's fixed cost when experts are offloaded."""
+        return (self.embedding_bytes + self.n_moe_layers * self.dense_bytes_per_layer
+                + len(self.dense_layers) * self.dense_layer_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.total_expert_bytes
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token adds across all layers."""
+        return 2 * self.n_kv_heads * self.head_dim * self.dtype_bytes * self.n_layers
+
+    # ---- FLOPs per token (multiply-add = 2 FLOPs) ---------------------------------------
+    def attention_flops_per_token(self, context_len: int) -> int:
+        """One layer's attention for one new token attending to ``context_len`` positions."""
+        if context_len < 0:
+            raise MoeError(f"context_len must be >= 0, got {context_len}")
+        projections = 2 * self.attention_params
+        scores = 2 * 2 * self.n_heads * self.head_dim * context_len  # q.k^T and p.v
+        return projections + scores
+
+    @property
+    def expert_flops_per_token(self) -> int:
+        """One routed expert applied to one token."""
+        return 2 * self.expert_params
+
+    @property
+    def moe_dense_flops_per_token(self) -> int:
+        """Shared experts plus router of one MoE layer."""
+        H = self.hidden_size
+        return 2 * 3 * H * self.shared_intermediate_size + 2 * H * self.n_experts
+
+    def moe_layer_flops_per_token(self, context_len: int) -> int:
+        """Everything one MoE layer computes for one token (top_k routed experts)."""
+        return (self.attention_flops_per_token(context_len) + self.moe_dense_flops_per_token
+                + self.top_k * self.expert_flops_per_token)
+
+    # ---- links to traces ----------------------------------------------------------------
+    def trace_meta(self, source: str, extra: dict | None = None) -> TraceMeta:
+        return TraceMeta(model=self.name, n_layers=self.n_moe_layers, n_experts=self.n_experts,
+                         top_k=self.top_k, expert_bytes=self.expert_bytes, dtype=self.dtype,
+                         source=source, extra=dict(extra or {}))
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, name: str | None = None) -> "ModelSpec":
+        """Build from a HF config.json dict (mixtral, qwen2_moe, qwen3_moe, olmoe)."""
+        if not isinstance(cfg, dict):
+            raise MoeError("HF config must be a JSON object")
+        family = cfg.get("model_type")
+        if family not in HF_FAMILIES:
+            raise MoeError(f"unsupported model_type {family!r} (supported: {', '.join(HF_FAMILIES)})")
+
+        def get(key, default=None):
+            if key in cfg and cfg[key] is not None:
+                return cfg[key]
+            if default is None:
+                raise MoeError(f"HF config ({family}) is missing field {key!r}")
+            return default
+
+        H, n_layers, heads = get("hidden_size"), get("num_hidden_layers"), get("num_attention_heads")
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+        if dtype is None:
+            raise MoeError(f"HF config ({family}) is missing field 'torch_dtype' (or 'dtype')")
+        kw = dict(name=name or cfg.get("_name_or_path") or family, n_layers=n_layers, hidden_size=H,
+                  n_heads=heads, n_kv_heads=get("num_key_value_heads", heads),
+                  head_dim=get("head_dim", H // heads if isinstance(H, int) and isinstance(heads, int) else 0),
+                  vocab_size=get("vocab_size"), top_k=get("num_experts_per_tok"), dtype=str(dtype))
+        if family == "mixtral":
+            kw.update(n_experts=get("num_local_experts"), moe_intermediate_size=get("intermediate_size"),
+                      moe_layers=tuple(range(n_layers)))
+        elif family == "olmoe":
+            kw.update(n_experts=get("num_experts"), moe_intermediate_size=get("intermediate_size"),
+                      moe_layers=tuple(range(n_layers)))
+        else:  # qwen2_moe / qwen3_moe: sparse every decoder_sparse_step-th layer, minus mlp_only_layers
+            step, mlp_only = get("decoder_sparse_step", 1), set(get("mlp_only_layers", []))
+            moe = tuple(i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0)
+            kw.update(n_experts=get("num_experts"), moe_intermediate_size=get("moe_intermediate_size"),
+                      moe_layers=moe)
+            if len(moe) < n_layers:
+                kw["dense_intermediate_size"] = get("intermediate_size")
+            shared = cfg.get("shared_expert_intermediate_size") or 0
+            if family == "qwen2_moe" and shared:
+                kw.update(n_shared_experts=1, shared_intermediate_size=shared)
+        return cls(**kw)
+
+
+_FIELDS = {f.name for f in fields(ModelSpec)}
+
+
+def model_spec_from_dict(d: dict) -> ModelSpec:
+    """Build from the YAML form: ``moe_layers: [..]`` or ``first_moe_layer: k``; head_dim and
+    n_kv_heads may be left out (hidden/heads, and n_heads)."""
+    if not isinstance(d, dict):
+        raise MoeError("model spec must be a mapping of field: value")
+    d = dict(d)
+    if "moe_layers" in d and "first_moe_layer" in d:
+        raise MoeError("give either moe_layers or first_moe_layer, not both")
+    if "first_moe_layer" in d:
+        k, n = d.pop("first_moe_layer"), d.get("n_layers")
+        if not isinstance(k, int) or not isinstance(n, int):
+            raise MoeError("first_moe_layer and n_layers must be integers")
+        d["moe_layers"] = list(range(k, n))
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown:
+        raise MoeError(f"unknown field(s): {', '.join(unknown)}")
+    required = [f.name for f in fields(ModelSpec) if f.default is MISSING
+                and f.name not in ("head_dim", "n_kv_heads", "moe_layers")]
+    missing = [n for n in required if n not in d]
+    if "moe_layers" not in d:
+        missing.append("moe_layers (or first_moe_layer)")
+    if missing:
+        raise MoeError(f"missing field(s): {', '.join(missing)}")
+    d.setdefault("n_kv_heads", d["n_heads"])
+    if "head_dim" not in d:
+        if not isinstance(d["hidden_size"], int) or not isinstance(d["n_heads"], int) or d["n_heads"] < 1:
+            raise MoeError("hidden_size and n_heads must be integers")
+        d["head_dim"] = d["hidden_size"] // d["n_heads"]
+    if not isinstance(d["moe_layers"], (list, tuple)):
+        raise MoeError(f"moe_layers must be a list of layer indices, got {d['moe_layers']!r}")
+    d["moe_layers"] = tuple(d["moe_layers"])
+    return ModelSpec(**d)
+
+
+def available_models() -> list[str]:
+    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+
+
+def load_model_spec(name_or_path) -> ModelSpec:
+    """A name in configs/models/ (e.g. "mixtral-8x7b") or a path to a YAML file."""
+    s = str(name_or_path)
+    path = Path(s)
+    if not (s.endswith((".yaml", ".yml")) or "/" in s or path.is_file()):
+        path = MODELS_DIR / f"{s}.yaml"
+        if not path.is_file():
+            raise MoeError(f"unknown model {s!r} (known: {', '.join(available_models()) or 'none'})")
+    if not path.is_file():
+        raise MoeError(f"model spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MoeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return model_spec_from_dict(data)
+    except MoeError as e:
+        raise MoeError(f"{path}: {e}") from None
+    except TypeError as e:  # e.g. a field given a mapping where a number belongs
+        raise MoeError(f"{path}: {e}") from None
