@@ -1,0 +1,175 @@
+"""Load a local Hugging Face MoE checkpoint (safetensors only) into a Transformer and a HostExpertStore.
+
+Contract: ``load_model(path, device, dtype=None) -> (model, store)``.
+
+- ``path`` is a directory with ``config.json`` and either ``model.safetensors``
+  or ``model.safetensors.index.json`` plus its shards. Files are memory-mapped
+  with ``safe_open``; nothing is unpickled.
+- Dense weights (embeddings, attention, norms, routers, dense and shared MLPs,
+  lm_head) go to ``device``; each routed expert is copied straight from the
+  mapped file into its flat host buffer in the store, so experts are never all
+  on the device (a checkpoint larger than device memory loads). Wrap the store
+  in ``ResidentExperts`` or a cache to run the model.
+- ``dtype=None`` keeps the checkpoint's dtype (of its embedding table);
+  otherwise every tensor is converted to ``dtype``.
+- Expert tensors may be in the classic per-expert layout (mixtral
+  ``block_sparse_moe.experts.{e}.w1/w2/w3``; qwen/olmoe
+  ``mlp.experts.{e}.gate_proj/up_proj/down_proj``), which transformers 5.23
+  still writes with save_pretrained, or the fused layout of transformers 5's
+  modules (``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first, and
+  ``mlp.experts.down_proj`` [E, H, I]).
+- Any missing or unreadable file, missing or mis-shaped tensor, or bad config
+  raises ``MoeError`` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from .config import ModelConfig, load_config
+from .errors import MoeError
+from .expert_store import ExpertLayout, HostExpertStore
+from .model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SafetensorsReader:
+    """Memory-mapped read access to the tensors of one checkpoint directory, by name."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise MoeError(f"model directory not found: {self.dir}")
+        single, index = self.dir / "model.safetensors", self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (OSError, ValueError, KeyError, TypeError, AssertionError):
+                raise MoeError(f"cannot parse {index}: expected a JSON object with a 'weight_map'") from None
+        elif single.is_file():
+            weight_map = None
+        else:
+            raise MoeError(f"no model.safetensors or model.safetensors.index.json in {self.dir}")
+        files = sorted(set(weight_map.values())) if weight_map else [single.name]
+        self._handles = {}
+        for name in files:
+            p = self.dir / name
+            if not p.is_file():
+                raise MoeError(f"missing checkpoint shard: {p}")
+            try:
+                self._handles[name] = safe_open(str(p), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise MoeError(f"cannot read safetensors file {p}: {e}") from None
+        # tensor name -> file; trust the files over the index, which may be stale
+        self._where = {k: name for name, f in self._handles.items() for k in f.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._slice(name).get_dtype()
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
+
+    def get(self, name: str, shape: tuple[int, ...], index: int | None = None) -> Tensor:
+        """Tensor ``name`` (or its row ``index`` for stacked expert tensors), checked against ``shape``."""
+        full = self.shape(name)
+        want = shape if index is None else None
+        if index is not None:
+            if len(full) != len(shape) + 1 or full[1:] != tuple(shape) or index >= full[0]:
+                raise MoeError(f"checkpoint tensor {name} has shape {list(full)}, expected "
+                               f"[>{index}, {', '.join(map(str, shape))}]")
+        elif full != tuple(want):
+            raise MoeError(f"checkpoint tensor {name} has shape {list(full)}, expected {list(want)}")
+        try:
+            sl = self._slice(name)
+            return sl[index] if index is not None else sl[:]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise MoeError(f"cannot read tensor {name} from {self._where[name]}: {e}") from None
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise MoeError(f"checkpoint is missing tensor {name}")
+        return self._handles[self._where[name]].get_slice(name)
+
+
+def _hf_name(cfg: ModelConfig, reader: SafetensorsReader, name: str) -> str:
+    """Checkpoint name of one of our dense parameters (our names are HF's without the ``model.`` prefix)."""
+    if name.startswith("lm_head."):
+        return name
+    hf = "model." + name
+    if cfg.model_type == "mixtral" and ".mlp.gate." in hf and hf not in reader:
+        hf = hf.replace(".mlp.gate.", ".block_sparse_moe.gate.")  # the classic mixtral router name
+    return hf
+
+
+def _load_experts(cfg: ModelConfig, reader: SafetensorsReader, store: HostExpertStore) -> None:
+    """Copy every routed expert from the mapped files into its flat host buffer."""
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    for m, layer in enumerate(cfg.moe_layers):
+        prefixes = [f"model.layers.{layer}.mlp"]
+        if cfg.model_type == "mixtral":
+            prefixes.insert(0, f"model.layers.{layer}.block_sparse_moe")
+        fused = next((p for p in prefixes if f"{p}.experts.gate_up_proj" in reader), None)
+        for e in range(cfg.n_experts):
+            w1, w3, w2 = store.weights(m, e)
+            if fused is not None:
+                gate_up = reader.get(f"{fused}.experts.gate_up_proj", (2 * i, h), index=e)  # [2I, H]
+                w1.copy_(gate_up[:i])
+                w3.copy_(gate_up[i:])
+                w2.copy_(reader.get(f"{fused}.experts.down_proj", (h, i), index=e))  # [H, I]
+            elif cfg.model_type == "mixtral" and f"{prefixes[0]}.experts.{e}.w1.weight" in reader:
+                p = f"{prefixes[0]}.experts.{e}"
+                w1.copy_(reader.get(f"{p}.w1.weight", (i, h)))
+                w3.copy_(reader.get(f"{p}.w3.weight", (i, h)))
+                w2.copy_(reader.get(f"{p}.w2.weight", (h, i)))
+            else:
+                p = f"{prefixes[-1]}.experts.{e}"
+                w1.copy_(reader.get(f"{p}.gate_proj.weight", (i, h)))
+                w3.copy_(reader.get(f"{p}.up_proj.weight", (i, h)))
+                w2.copy_(reader.get(f"{p}.down_proj.weight", (h, i)))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[Transformer, HostExpertStore]:
+    """Load config and weights; dense weights on ``device``, experts in a host store. See module docstring."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoeError(f"model directory not found: {path}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoeError("device cuda requested but CUDA is not available")
+    cfg = load_config(path)
+    reader = SafetensorsReader(path)
+    if dtype is None:
+        dtype = reader.dtype("model.embed_tokens.weight")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {}
+    for name, p in model.state_dict().items():
+        t = reader.get(_hf_name(cfg, reader, name), tuple(p.shape))
+        state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    store = HostExpertStore(ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype), cfg.n_experts,
+                            cfg.top_k, cfg.moe_layers)
+    _load_experts(cfg, reader, store)
+    return model, store
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``auto``/None -> None (checkpoint dtype); ``float32``/``bfloat16``/``float16`` -> torch dtype."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise MoeError(f"unsupported dtype {name!r} (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[name]

@@ -1,0 +1,140 @@
+"""Host-resident experts and the provider interface the model's MoE blocks ask for expert weights.
+
+Contract:
+
+- ``ExpertLayout`` is the shape and dtype of one SwiGLU expert; one expert is
+  one flat 1-D tensor holding w1 (gate proj, [I, H]), then w3 (up proj, [I, H]),
+  then w2 (down proj, [H, I]); ``layout.views(flat)`` slices it without copying.
+- ``HostExpertStore`` holds every expert of every MoE layer in host memory
+  (pinned when CUDA is available), one flat contiguous buffer per
+  (moe_layer, expert). MoE layers are numbered 0..n_layers-1 over the MoE
+  layers only; ``model_layers[m]`` is the model layer index of MoE layer m.
+- An expert provider (``ExpertProvider``) answers
+  ``experts(layer, ids, hidden) -> {id: ExpertWeights}`` with weights on the
+  compute device, valid until ``end_layer(layer)``. ``ids`` are the unique
+  experts the current step uses at that MoE layer, in order of first
+  appearance (token-major, then rank); ``hidden`` is the residual stream
+  entering the layer's MoE block ([N, H], before post_attention_layernorm), so
+  a prefetcher can predict later layers from it.
+- ``ResidentExperts`` is the all-resident reference provider: every expert is
+  copied to the device once.
+
+This module does not read checkpoints (see checkpoint.py) and has no cache or
+eviction policy; a cache is another provider behind the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+
+class ExpertWeights(NamedTuple):
+    """The three matrices of one SwiGLU expert: down(silu(x @ w1.T) * (x @ w3.T))."""
+
+    w1: Tensor  # gate proj [I, H]
+    w3: Tensor  # up proj [I, H]
+    w2: Tensor  # down proj [H, I]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Shape and dtype of one expert packed flat as w1 | w3 | w2."""
+
+    hidden_size: int  # H
+    intermediate_size: int  # I
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def views(self, flat: Tensor) -> ExpertWeights:
+        """Slice a flat [numel] tensor into (w1, w3, w2) views sharing its storage."""
+        if flat.dim() != 1 or flat.numel() != self.numel:
+            raise ValueError(f"expected a flat tensor of {self.numel} elements, got shape {tuple(flat.shape)}")
+        h, i = self.hidden_size, self.intermediate_size
+        n = h * i
+        return ExpertWeights(
+            w1=flat[:n].view(i, h),  # [I, H]
+            w3=flat[n : 2 * n].view(i, h),  # [I, H]
+            w2=flat[2 * n :].view(h, i),  # [H, I]
+        )
+
+
+class HostExpertStore:
+    """Every expert of every MoE layer, one flat host buffer each (pinned when CUDA is available).
+
+    Each MoE layer is one [n_experts, numel] allocation so pinning costs one call
+    per layer; ``flat(layer, expert)`` is a contiguous 1-D row of it.
+    """
+
+    def __init__(self, layout: ExpertLayout, n_experts: int, top_k: int, model_layers: list[int] | tuple[int, ...],
+                 pin: bool | None = None):
+        self.layout = layout
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.model_layers: tuple[int, ...] = tuple(model_layers)  # moe layer index -> model layer index
+        self.pinned = torch.cuda.is_available() if pin is None else pin
+        self._buffers = [
+            torch.empty(n_experts, layout.numel, dtype=layout.dtype, pin_memory=self.pinned)  # [E, numel]
+            for _ in self.model_layers
+        ]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of MoE layers (dense layers excluded)."""
+        return len(self.model_layers)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_layers * self.n_experts * self.layout.nbytes
+
+    def moe_index(self, model_layer: int) -> int:
+        """MoE-layer index of a model layer; ValueError if that layer is dense."""
+        return self.model_layers.index(model_layer)
+
+    def flat(self, layer: int, expert: int) -> Tensor:
+        """The flat [numel] host buffer of one expert of MoE layer ``layer``."""
+        return self._buffers[layer][expert]
+
+    def layer_buffer(self, layer: int) -> Tensor:
+        """All experts of one MoE layer as one [n_experts, numel] host tensor."""
+        return self._buffers[layer]
+
+    def weights(self, layer: int, expert: int) -> ExpertWeights:
+        """Host views (w1, w3, w2) of one expert."""
+        return self.layout.views(self._buffers[layer][expert])
+
+
+class ExpertProvider(Protocol):
+    """What a MoE block asks for its experts; see the module docstring for the contract."""
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]: ...
+
+    def end_layer(self, layer: int) -> None: ...
+
+
+class ResidentExperts:
+    """The all-resident provider: every expert copied once to ``device``; nothing moves afterwards."""
+
+    def __init__(self, store: HostExpertStore, device: torch.device | str):
+        self.store = store
+        self.device = torch.device(device)
+        self._buffers = [store.layer_buffer(m).to(self.device) for m in range(store.n_layers)]  # [E, numel] each
+        # views built once, so a step does no per-expert slicing
+        self._views = [[store.layout.views(buf[e]) for e in range(store.n_experts)] for buf in self._buffers]
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
+        views = self._views[layer]
+        return {e: views[e] for e in ids}
+
+    def end_layer(self, layer: int) -> None:
+        pass
