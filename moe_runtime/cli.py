@@ -14,6 +14,8 @@ from .errors import run_cli
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "generate": ("moe_runtime.generate_cli", "decode text with a MoE checkpoint"),
+    "make-tiny": ("moe_runtime.tiny", "write a tiny random MoE checkpoint (no download)"),
 }
 
 

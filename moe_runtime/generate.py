@@ -1,0 +1,153 @@
+"""The decode loop: one prefill forward over the prompt, then one token per step; sampling; tokenizer.
+
+Contract: ``generate(model, provider, prompt_ids, max_new_tokens, temperature,
+top_p, seed, eos_ids, on_step=None) -> GenerationResult``.
+
+- The KV cache is preallocated for len(prompt) + max_new_tokens positions;
+  each decode step is a forward of one token with fixed shapes.
+- temperature 0 is greedy (argmax); otherwise softmax(logits / temperature),
+  restricted to the smallest top-p nucleus, sampled with a generator seeded
+  by ``seed``.
+- Generation stops after max_new_tokens or right after a token in
+  ``eos_ids`` (that token is included in the result, as transformers does).
+- ``on_step(step, token_id)`` is called after each step: step 0 is the prefill
+  (which yields the first token), step s >= 1 the s-th decode step. Any
+  provider (all-resident or an offloading cache) can be passed in.
+- Timings bracket device work with a synchronisation so they measure work
+  done, not work queued.
+
+The tokenizer helpers wrap ``tokenizers.Tokenizer.from_file(tokenizer.json)``;
+this module knows nothing of checkpoints' files beyond that.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import MoeError
+from .expert_store import ExpertProvider
+from .model import Transformer
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    prefill_s: float  # prompt forward, including the first token
+    decode_s: float  # every later step
+    prompt_len: int = 0
+    stopped_at_eos: bool = False
+    step_s: list[float] = field(default_factory=list)  # wall time of each decode step
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: tokens after the first over decode time (0 when there were none)."""
+        n = len(self.token_ids) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    # CPU waits on the GPU here so that the timers measure finished work
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Next token from logits [V]: argmax at temperature 0, else nucleus sampling. Returns a 0-d long tensor."""
+    if temperature <= 0:
+        return torch.argmax(logits)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)  # [V]
+        # drop a token when the tokens before it already reach top_p (the first one is always kept)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        return order[torch.multinomial(sorted_p, 1, generator=generator)[0]]
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+@torch.inference_mode()
+def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[int], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             eos_ids: Sequence[int] = (), on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+    """Decode up to ``max_new_tokens`` tokens after ``prompt_ids``; see the module docstring."""
+    if len(prompt_ids) == 0:
+        raise MoeError("empty prompt: give at least one token")
+    if max_new_tokens < 1:
+        raise MoeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise MoeError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise MoeError(f"temperature must be >= 0, got {temperature}")
+    vocab = model.cfg.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:
+        raise MoeError(f"prompt token id {bad[0]} outside the vocabulary (size {vocab})")
+    device = model.device
+    n_prompt = len(prompt_ids)
+    model.setup_cache(n_prompt + max_new_tokens)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else seed)
+    eos = set(eos_ids)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)  # [T]
+    logits = model(tokens, torch.arange(n_prompt, device=device), provider, last_only=True)  # [1, V]
+    tok = int(sample(logits[0], temperature, top_p, generator))  # CPU waits for the first token
+    prefill_s = time.perf_counter() - t0
+    out = [tok]
+    if on_step is not None:
+        on_step(0, tok)
+
+    # decode: one token per step into preallocated position/token buffers (fixed shapes)
+    cur = torch.empty(1, dtype=torch.long, device=device)  # [1]
+    pos = torch.empty(1, dtype=torch.long, device=device)  # [1]
+    step_s: list[float] = []
+    t1 = time.perf_counter()
+    while tok not in eos and len(out) < max_new_tokens:
+        ts = time.perf_counter()
+        cur.fill_(tok)
+        pos.fill_(n_prompt + len(out) - 1)
+        logits = model(cur, pos, provider)  # [1, V]
+        tok = int(sample(logits[0], temperature, top_p, generator))  # CPU waits for the token
+        out.append(tok)
+        step_s.append(time.perf_counter() - ts)
+        if on_step is not None:
+            on_step(len(out) - 1, tok)
+    _sync(device)
+    decode_s = time.perf_counter() - t1
+    return GenerationResult(out, prefill_s, decode_s, n_prompt, tok in eos, step_s)
+
+
+# -- tokenizer --
+
+def load_tokenizer(model_dir: str | Path):
+    """``tokenizers.Tokenizer`` from ``<model_dir>/tokenizer.json``, or None when there is none."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise MoeError(f"cannot read tokenizer {path}: {e}") from None
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    """``"1,2,3"`` -> [1, 2, 3]; MoeError on anything else."""
+    try:
+        ids = [int(p) for p in text.replace(" ", "").split(",") if p != ""]
+    except ValueError:
+        raise MoeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise MoeError("--prompt-ids is empty")
+    return ids

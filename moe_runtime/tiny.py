@@ -1,0 +1,129 @@
+"""`moe-runtime make-tiny`: write a tiny random MoE checkpoint, without transformers.
+
+Contract: ``write_tiny_checkpoint(family, out, seed=0, dtype="float32",
+fused_experts=False, **config_overrides) -> Path`` writes ``config.json``
+(HF field names of the family), ``model.safetensors`` in the real Hugging Face
+per-expert layout (or transformers 5's fused ``experts.gate_up_proj`` /
+``experts.down_proj`` with ``fused_experts=True``), ``generation_config.json``
+and a character-level ``tokenizer.json``. The same seed gives the same bytes.
+``config_overrides`` are config.json keys (e.g. ``num_experts_per_tok=3``).
+
+The tensor names and shapes come from the model itself (on the meta device),
+so the file always matches what checkpoint.py expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import DTYPES
+from .config import FAMILIES, ModelConfig
+from .errors import MoeError
+from .model import Transformer
+
+# printable ASCII, one token per character, after three specials
+SPECIALS = ["<unk>", "<s>", "</s>"]
+CHARS = [chr(c) for c in range(32, 127)]
+
+BASE = dict(vocab_size=len(SPECIALS) + len(CHARS) + 2, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=2048, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, hidden_act="silu")
+FAMILY_CONFIG = {
+    "mixtral": dict(architectures=["MixtralForCausalLM"], intermediate_size=96, num_local_experts=8,
+                    rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None),
+    "qwen2_moe": dict(architectures=["Qwen2MoeForCausalLM"], intermediate_size=128, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=96, num_experts=8, decoder_sparse_step=1, mlp_only_layers=[],
+                      norm_topk_prob=False, qkv_bias=True, rms_norm_eps=1e-6, rope_theta=1e4,
+                      use_sliding_window=False),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], intermediate_size=128, moe_intermediate_size=48,
+                      num_experts=8, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                      attention_bias=False, rms_norm_eps=1e-6, rope_theta=1e4, use_sliding_window=False),
+    "olmoe": dict(architectures=["OlmoeForCausalLM"], intermediate_size=48, num_experts=8, norm_topk_prob=False,
+                  attention_bias=False, clip_qkv=None, rms_norm_eps=1e-5, rope_theta=1e4),
+}
+
+
+def tiny_config_dict(family: str, **overrides) -> dict:
+    """The config.json dict of a tiny model of ``family``, with ``overrides`` applied."""
+    if family not in FAMILY_CONFIG:
+        raise MoeError(f"unknown family {family!r} (choose {', '.join(FAMILIES)})")
+    return {"model_type": family, **BASE, **FAMILY_CONFIG[family], **overrides}
+
+
+def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)  # norms near 1, not exactly 1
+        else:
+            t = 0.02 * torch.randn(p.shape, generator=gen)
+        hf = name if name.startswith("lm_head.") else "model." + name
+        if cfg.model_type == "mixtral" and ".mlp.gate." in hf and not fused:
+            hf = hf.replace(".mlp.", ".block_sparse_moe.")
+        tensors[hf] = t
+    h, i, n_e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_experts
+    for layer in cfg.moe_layers:
+        w1, w3, w2 = (0.02 * torch.randn(n_e, *s, generator=gen) for s in ((i, h), (i, h), (h, i)))
+        if fused:
+            p = f"model.layers.{layer}.mlp.experts"
+            tensors[f"{p}.gate_up_proj"] = torch.cat([w1, w3], dim=1)  # [E, 2I, H], gate rows first
+            tensors[f"{p}.down_proj"] = w2  # [E, H, I]
+            continue
+        for e in range(n_e):
+            if cfg.model_type == "mixtral":
+                p = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
+                tensors.update({f"{p}.w1.weight": w1[e], f"{p}.w3.weight": w3[e], f"{p}.w2.weight": w2[e]})
+            else:
+                p = f"model.layers.{layer}.mlp.experts.{e}"
+                tensors.update({f"{p}.gate_proj.weight": w1[e], f"{p}.up_proj.weight": w3[e],
+                                f"{p}.down_proj.weight": w2[e]})
+    return tensors
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    # BPE without merges splits text into characters; Fuse joins them back without spaces
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return tok.to_str()
+
+
+def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: str = "float32",
+                          fused_experts: bool = False, **overrides) -> Path:
+    """Write a tiny random checkpoint of ``family`` to directory ``out``; see the module docstring."""
+    if dtype not in DTYPES:
+        raise MoeError(f"unsupported dtype {dtype!r} (choose {', '.join(DTYPES)})")
+    d = tiny_config_dict(family, torch_dtype=dtype, **overrides)
+    cfg = ModelConfig.from_hf_dict(d)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in _random_tensors(cfg, gen, fused_experts).items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    gen_cfg = {"bos_token_id": d.get("bos_token_id"), "eos_token_id": d.get("eos_token_id")}
+    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+    (out / "tokenizer.json").write_text(_tokenizer_json())
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", required=True, choices=FAMILIES, help="model family (config.json model_type)")
+    p.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = write_tiny_checkpoint(args.family, args.out, args.seed, args.dtype)
+    print(f"wrote a tiny random {args.family} checkpoint to {out}")
+    return 0
