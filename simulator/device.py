@@ -1,0 +1,146 @@
+"""DeviceSpec: what the simulator knows about a GPU (or a profiled machine), loaded from YAML.
+
+Schema of ``configs/devices/<name>.yaml`` — also what ``moe-runtime profile``
+writes, so a measured profile is passed to ``--device`` exactly like a bundled
+nominal device::
+
+    name: rtx-4060-8gb          # str, required
+    nominal: true               # bool, required: true = public spec sheet, false = measured
+    h2d_bandwidth_gbps: 12.5    # float > 0, required: host-to-device GB/s (decimal, 1e9 B/s) of ONE copy engine
+    h2d_latency_us: 10          # float >= 0, required: fixed cost of one expert copy (launch + DMA setup)
+    copy_engines: 1             # int >= 1, required: copies that run at the same time, each at full bandwidth
+    hbm_bandwidth_gbps: 272     # float > 0, required: device memory GB/s (decimal)
+    peak_tflops: 30             # float > 0, required: dense bf16/fp16 tensor TFLOP/s
+    memory_gib: 8               # float > 0, required: device memory, GiB
+    layer_compute_ms: 0.42      # float > 0, optional: measured time of one MoE layer for one decode token
+    model: deepseek-v2-lite     # str, optional: the model layer_compute_ms was measured with
+    source: "..."               # str, optional: where the numbers come from
+
+Copy engines are modelled as independent: each moves one expert at a time at
+``h2d_bandwidth_gbps``. A PCIe GPU has one host-to-device link, so the bundled
+nominal devices use ``copy_engines: 1``; a value above 1 means copies truly
+overlap (their latencies at least), and the bounds use the aggregate rate.
+
+This module knows nothing about models, traces or time; the cost model
+(``cost_model.py``) turns a device and a model into seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from moe_runtime.errors import MoeError
+
+DEVICES_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
+
+_FLOATS_POS = ("h2d_bandwidth_gbps", "hbm_bandwidth_gbps", "peak_tflops", "memory_gib")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    nominal: bool
+    h2d_bandwidth_gbps: float
+    h2d_latency_us: float
+    copy_engines: int
+    hbm_bandwidth_gbps: float
+    peak_tflops: float
+    memory_gib: float
+    layer_compute_ms: float | None = None
+    model: str | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise MoeError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.nominal, bool):
+            raise MoeError(f"nominal must be true or false, got {self.nominal!r}")
+        for f in _FLOATS_POS:
+            v = getattr(self, f)
+            if not _is_number(v) or not v > 0:
+                raise MoeError(f"{f} must be a number > 0, got {v!r}")
+        if not _is_number(self.h2d_latency_us) or self.h2d_latency_us < 0:
+            raise MoeError(f"h2d_latency_us must be a number >= 0, got {self.h2d_latency_us!r}")
+        if not isinstance(self.copy_engines, int) or isinstance(self.copy_engines, bool) or self.copy_engines < 1:
+            raise MoeError(f"copy_engines must be an integer >= 1, got {self.copy_engines!r}")
+        if self.layer_compute_ms is not None and (not _is_number(self.layer_compute_ms)
+                                                  or not self.layer_compute_ms > 0):
+            raise MoeError(f"layer_compute_ms must be a number > 0, got {self.layer_compute_ms!r}")
+        for f in ("model", "source"):
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, str):
+                raise MoeError(f"{f} must be a string, got {v!r}")
+
+    # -- derived, in SI units ---------------------------------------------------------
+    @property
+    def h2d_bytes_per_s(self) -> float:
+        return self.h2d_bandwidth_gbps * 1e9
+
+    @property
+    def h2d_latency_s(self) -> float:
+        return self.h2d_latency_us * 1e-6
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return self.hbm_bandwidth_gbps * 1e9
+
+    @property
+    def peak_flops(self) -> float:
+        return self.peak_tflops * 1e12
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+    def copy_seconds(self, n_bytes: int) -> float:
+        """Time one copy engine takes to move ``n_bytes``: latency + bytes / bandwidth."""
+        return self.h2d_latency_s + n_bytes / self.h2d_bytes_per_s
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_FIELDS = {f.name for f in fields(DeviceSpec)}
+_REQUIRED = [f.name for f in fields(DeviceSpec) if f.default is MISSING]
+
+
+def device_from_dict(d) -> DeviceSpec:
+    """Validate a parsed YAML mapping; errors name the field."""
+    if not isinstance(d, dict):
+        raise MoeError("device spec must be a mapping of field: value")
+    unknown = sorted(set(map(str, d)) - _FIELDS)
+    if unknown:
+        raise MoeError(f"unknown field(s): {', '.join(unknown)}")
+    missing = [f for f in _REQUIRED if f not in d]
+    if missing:
+        raise MoeError(f"missing field(s): {', '.join(missing)}")
+    return DeviceSpec(**d)
+
+
+def available_devices() -> list[str]:
+    return sorted(p.stem for p in DEVICES_DIR.glob("*.yaml"))
+
+
+def load_device(name_or_path) -> DeviceSpec:
+    """A name in configs/devices/ (e.g. ``t4``) or a path to a YAML file of the schema above."""
+    s = str(name_or_path)
+    path = Path(s)
+    if not (s.endswith((".yaml", ".yml")) or "/" in s or path.is_file()):
+        path = DEVICES_DIR / f"{s}.yaml"
+        if not path.is_file():
+            raise MoeError(f"unknown device {s!r} (known: {', '.join(available_devices()) or 'none'}; "
+                           "or give a YAML file)")
+    if not path.is_file():
+        raise MoeError(f"device file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MoeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return device_from_dict(data)
+    except (MoeError, TypeError) as e:
+        raise MoeError(f"{path}: {e}") from None
