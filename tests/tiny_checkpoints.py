@@ -1,0 +1,59 @@
+"""Tiny random HF checkpoints for tests, written by transformers' own save_pretrained (the reference).
+
+``make_tiny_checkpoint(family, path, **overrides) -> Path`` writes a seeded
+float32 checkpoint of ``family`` ('mixtral', 'qwen2_moe', 'qwen3_moe',
+'olmoe') into directory ``path`` and returns it. ``overrides`` are HF config
+kwargs (e.g. ``num_experts_per_tok=3``, ``mlp_only_layers=[1]``) plus:
+
+- ``seed`` (default 0): torch seed for the random init;
+- ``dtype`` ("float32", "bfloat16", "float16"): dtype the weights are saved in;
+- ``max_shard_size`` (e.g. "20KB"): shard the safetensors file.
+
+``hf_model(path, dtype)`` loads the same checkpoint into transformers
+(eager attention) for comparisons. Tests that must not import transformers can
+use ``moe_runtime.tiny.write_tiny_checkpoint`` instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# small enough for a few seconds per test on 2 cores, big enough to route unevenly:
+# GQA 4 heads : 2 KV heads, 8 experts, vocab 100
+COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.2,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+FAMILY = {
+    "mixtral": dict(intermediate_size=48, num_local_experts=8),
+    "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                      num_experts=8, norm_topk_prob=False),
+    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=24, num_experts=8, head_dim=16,
+                      norm_topk_prob=True),
+    "olmoe": dict(intermediate_size=24, num_experts=8, norm_topk_prob=False),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_tiny_checkpoint(family: str, path: str | Path, **overrides) -> Path:
+    """Write a tiny random checkpoint with transformers' save_pretrained; see the module docstring."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    seed = overrides.pop("seed", 0)
+    dtype = overrides.pop("dtype", "float32")
+    shard = overrides.pop("max_shard_size", None)
+    cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILY[family], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(DTYPES[dtype])
+    path = Path(path)
+    kw = {} if shard is None else {"max_shard_size": shard}
+    model.save_pretrained(path, **kw)
+    return path
+
+
+def hf_model(path: str | Path, dtype: str = "float32"):
+    """The checkpoint loaded by transformers with eager attention, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation="eager").eval()
