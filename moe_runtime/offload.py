@@ -1,0 +1,231 @@
+"""The offloading expert provider: a fixed pool of device slots, the cache's bookkeeping, a copy engine,
+a predictor, accounting and a timeline, behind the ``ExpertProvider`` interface of expert_store.py.
+
+Contract:
+
+- The slot pool is one flat device tensor [n_slots, expert_numel] allocated once,
+  with the (w1, w3, w2) views of every slot built once; the decode path allocates
+  no tensor, only the cache's slot table changes.
+- ``begin_step(start, n)`` opens a forward pass over positions start..start+n-1
+  (a prefill chunk or one decode token); every MoE layer then calls
+  ``experts(layer, ids, hidden)`` and ``end_layer(layer)``. Per layer, in order:
+  access_layer -> demand copies for misses -> cancel stale queued prefetches ->
+  predict layers l+1..l+D and issue prefetches -> wait for this layer's missing
+  and late slots (the only place the compute waits for copies) -> views.
+- Outputs never depend on the policy: the views returned always hold the
+  experts asked for, complete, and no slot in use or loading is overwritten.
+- ``report()`` gives counts (``CacheStats``), stall time per layer and per step
+  (CUDA events on a GPU, the monotonic clock on CPU) and the achieved copy
+  bandwidth; ``write_timeline(path)`` a Perfetto JSON with a compute lane and a
+  lane per copy engine.
+
+This module does not parse flags or files (offload_cli.py) and moves bytes only
+through copy_engine.py; which expert sits where is expert_cache.py's business.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .copy_engine import achieved_gbps, make_copy_engine
+from .expert_cache import ExpertCache, Outcome
+from .expert_store import ExpertWeights, HostExpertStore
+from .policies import Key
+from .predictors import PredictContext, Predictor, RoutingHistory, plan_prefetch
+from .timeline import Timeline
+
+
+class LayerClock:
+    """Three marks per MoE layer and step: before the copy wait, after it, and at the layer's end.
+
+    On CUDA the marks are events on the compute stream (read back once the step
+    is finished); on CPU they are ``time.perf_counter`` readings. Both are in
+    seconds since the copy engine's ``base``, so they share the copies' clock.
+    """
+
+    def __init__(self, n_layers: int, device: torch.device, base) -> None:
+        self.cuda = device.type == "cuda"
+        self.base = base
+        self.t = [[0.0, 0.0, 0.0] for _ in range(n_layers)]
+        self.pending = [False] * n_layers
+        if self.cuda:
+            self.ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(n_layers)]
+
+    def mark(self, layer: int, i: int) -> None:
+        if self.cuda:
+            self.ev[layer][i].record(torch.cuda.current_stream())
+        else:
+            self.t[layer][i] = time.perf_counter() - self.base
+        self.pending[layer] = True
+
+    def collect(self) -> list[tuple[int, float, float, float]]:
+        """(layer, before wait, after wait, layer end) for every layer marked since the last collect."""
+        out = []
+        for layer, p in enumerate(self.pending):
+            if not p:
+                continue
+            if self.cuda:
+                # CPU waits on the GPU here (normally already done: the step's token was read back)
+                self.ev[layer][2].synchronize()
+                self.t[layer] = [self.base.elapsed_time(e) / 1e3 for e in self.ev[layer]]
+            out.append((layer, *self.t[layer]))
+            self.pending[layer] = False
+        return out
+
+
+class OffloadedExperts:
+    """Serves a model's MoE layers from ``n_slots`` device slots; see the module docstring."""
+
+    def __init__(self, store: HostExpertStore, device: torch.device | str, n_slots: int, *,
+                 policy: str = "lru", scope: str = "global", predictor: Predictor | None = None,
+                 lookahead: int = 1, prefetch_width: int | None = None, max_inflight: int = 4,
+                 future: Sequence[Key] | None = None, popularity: dict[Key, float] | None = None,
+                 timeline: bool = False, record_predictions: bool = False) -> None:
+        self.store, self.device = store, torch.device(device)
+        self.n_layers, self.top_k = store.n_layers, store.top_k
+        layout = store.layout
+        self.cache = ExpertCache(
+            n_slots=n_slots, n_layers=store.n_layers, n_experts=store.n_experts, experts_per_layer=store.top_k,
+            expert_bytes=layout.nbytes, policy=policy, scope=scope, max_inflight=max_inflight,
+            future=future, popularity=popularity)
+        self.n_slots = self.cache.n_slots  # per-layer scope rounds down to equal shares
+        self.pool = torch.empty(self.n_slots, layout.numel, dtype=layout.dtype, device=self.device)  # [S, numel]
+        self.slot_flat = [self.pool[s] for s in range(self.n_slots)]  # [numel] views, built once
+        self.views = [layout.views(f) for f in self.slot_flat]  # (w1, w3, w2) views, built once
+        self.host_flat = [[store.flat(m, e) for e in range(store.n_experts)] for m in range(store.n_layers)]
+        self.engine = make_copy_engine(self.n_slots, self.device)
+        self.clock = LayerClock(self.n_layers, self.device, self.engine.base)
+        self.predictor = predictor
+        self.prefetching = predictor is not None and predictor.name != "none"
+        self.lookahead, self.width = lookahead, prefetch_width or store.top_k
+        self.history = RoutingHistory(self.n_layers)
+        self.future_fn: Callable[[int], Sequence[int]] | None = None
+        self.token: int | None = None
+        self.record_predictions = record_predictions
+        self.step_predictions: list[list[np.ndarray]] = [[] for _ in range(self.n_layers)]
+        self.timeline = Timeline("moe-runtime") if timeline else None
+        if self.timeline is not None:
+            self.timeline.lane("compute")
+            for lane in self.engine.lanes:
+                self.timeline.lane(lane)
+        self.layer_stall_s = [0.0] * self.n_layers
+        self.step_stall_s: list[float] = []
+        self._waits: list[int] = []
+        self._in_use: list = []  # (expert, slot, outcome) of the layer being computed
+        self._steps = 0
+
+    # -- steps ---------------------------------------------------------------------------
+    def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None) -> None:
+        """A forward pass over positions start..start+n-1 begins; ``future(layer)`` = its true ids (oracles)."""
+        self._close_step()
+        self.cache.begin_step()
+        self.future_fn, self.token = future, start
+        self._steps += 1
+        self.step_stall_s.append(0.0)
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
+        cache, engine, host, dev = self.cache, self.engine, self.host_flat, self.slot_flat
+        for slot in engine.poll():  # copies finished since the last layer (no waiting)
+            cache.copy_done(slot)
+        acc = cache.access_layer(layer, ids)
+        self.history.record(layer, ids)
+        waits = self._waits
+        waits.clear()
+        for e, slot, outcome in acc.outcomes:
+            if outcome == Outcome.MISS:  # demand copy, ahead of every queued prefetch
+                engine.submit(slot, host[layer][e], dev[slot], demand=True)
+                waits.append(slot)
+            elif outcome == Outcome.LATE:
+                waits.append(slot)
+        for slot in acc.stale:  # prefetches for layers already passed: drop those not started
+            if engine.cancel_if_queued(slot):
+                cache.cancel(slot)
+        if self.prefetching or self.record_predictions:
+            preds = self.predictor.predict(PredictContext(
+                step=self._steps, layer=layer, history=self.history, hidden=hidden, token=self.token,
+                future=self.future_fn))
+            if self.record_predictions:
+                self.step_predictions[layer] = preds
+            if self.prefetching:
+                for key, slot in cache.prefetch(plan_prefetch(preds, layer, self.width), layer):
+                    engine.submit(slot, host[key[0]][key[1]], dev[slot], demand=False)
+        self.clock.mark(layer, 0)
+        for slot in waits:
+            # the compute waits here for this layer's missing and late experts only
+            # (CUDA: the compute stream waits on the slot's copy event; CPU: the thread blocks on its flag)
+            engine.wait(slot)
+            cache.copy_done(slot)
+        self.clock.mark(layer, 1)
+        self._in_use = acc.outcomes
+        views = self.views
+        return {e: views[slot] for e, slot, _ in acc.outcomes}
+
+    def end_layer(self, layer: int) -> None:
+        self.clock.mark(layer, 2)
+        for _, slot, _ in self._in_use:
+            self.engine.slot_released(slot)  # later copies into these slots wait for this layer's reads
+        self.cache.release_layer()
+
+    def _close_step(self) -> None:
+        """Fold the previous step's marks into the stall counters and the timeline; feed the predictor."""
+        for layer, t0, t1, t2 in self.clock.collect():
+            stall = max(t1 - t0, 0.0)
+            self.layer_stall_s[layer] += stall
+            self.step_stall_s[-1] += stall
+            if self.timeline is not None:
+                if stall > 0:
+                    self.timeline.add("compute", f"wait L{layer}", t0, stall, step=self._steps)
+                self.timeline.add("compute", f"moe L{layer}", t1, t2 - t1, step=self._steps)
+        if self._steps:
+            if self.predictor is not None:
+                self.predictor.observe(self.history)
+            self.history.end_step()
+
+    def predictions_array(self, layer_count: int, lookahead: int) -> np.ndarray:
+        """The last step's predictions as int16 [L, D, P] (P = prefetch width), -1 padded, for traces."""
+        out = np.full((layer_count, lookahead, self.width), -1, dtype=np.int16)
+        for layer, preds in enumerate(self.step_predictions):
+            for d, ranked in enumerate(preds[:lookahead]):
+                r = np.asarray(ranked)[: self.width]
+                out[layer, d, : len(r)] = r
+        return out
+
+    # -- results ---------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """End of run: drain copies, close counters; returns ``report()``."""
+        self._close_step()
+        for slot in self.engine.poll():
+            self.cache.copy_done(slot)
+        self.engine.close()
+        self.cache.finish()
+        return self.report()
+
+    def report(self) -> dict:
+        st = self.cache.stats
+        recs = list(self.engine.records)
+        out = {k: getattr(st, k) for k in ("accesses", "hits", "late", "misses", "prefetch_issued",
+                                           "prefetch_used", "prefetch_wasted", "prefetch_cancelled",
+                                           "evictions", "bytes_h2d")}
+        out["stall_s"] = sum(self.layer_stall_s)
+        out["budget_slots"] = self.n_slots
+        out["budget_bytes"] = self.n_slots * self.store.layout.nbytes
+        out["copies"] = len(recs)
+        out["copy_gbps"] = achieved_gbps(recs)
+        out["step_stall_s"] = list(self.step_stall_s)
+        out["layers"] = [
+            {"layer": m, "hits": st.layer_hits[m], "late": st.layer_late[m], "misses": st.layer_misses[m],
+             "stall_s": self.layer_stall_s[m]} for m in range(self.n_layers)]
+        return out
+
+    def write_timeline(self, path) -> None:
+        """Compute lane (MoE layers, waits) and one lane per copy engine, atomically."""
+        tl = self.timeline or Timeline("moe-runtime")
+        for r in self.engine.records:
+            tl.add(r.lane, "demand" if r.demand else "prefetch", r.start_s, r.end_s - r.start_s,
+                   slot=r.slot, bytes=r.nbytes)
+        tl.write(path)
