@@ -37,6 +37,7 @@ from .expert_store import ExpertLayout, HostExpertStore
 from .model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class SafetensorsReader:
@@ -78,11 +79,16 @@ class SafetensorsReader:
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._slice(name).get_dtype()
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
+        if code not in SAFETENSORS_DTYPES:
+            raise MoeError(f"checkpoint tensor {name} has dtype {code}; supported: F32, BF16, F16")
+        return SAFETENSORS_DTYPES[code]
 
     def get(self, name: str, shape: tuple[int, ...], index: int | None = None) -> Tensor:
         """Tensor ``name`` (or its row ``index`` for stacked expert tensors), checked against ``shape``."""
         full = self.shape(name)
+        code = self._slice(name).get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise MoeError(f"checkpoint tensor {name} has dtype {code}; supported: F32, BF16, F16")
         want = shape if index is None else None
         if index is not None:
             if len(full) != len(shape) + 1 or full[1:] != tuple(shape) or index >= full[0]:
@@ -127,7 +133,7 @@ def _load_experts(cfg: ModelConfig, reader: SafetensorsReader, store: HostExpert
                 w1.copy_(gate_up[:i])
                 w3.copy_(gate_up[i:])
                 w2.copy_(reader.get(f"{fused}.experts.down_proj", (h, i), index=e))  # [H, I]
-            elif cfg.model_type == "mixtral" and f"{prefixes[0]}.experts.{e}.w1.weight" in reader:
+            elif cfg.model_type == "mixtral":
                 p = f"{prefixes[0]}.experts.{e}"
                 w1.copy_(reader.get(f"{p}.w1.weight", (i, h)))
                 w3.copy_(reader.get(f"{p}.w3.weight", (i, h)))

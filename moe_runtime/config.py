@@ -83,7 +83,8 @@ class ModelConfig:
             raise MoeError(f"config: qk_norm must be none, head or full, got {self.qk_norm!r}")
         if not self.moe_layers:
             raise MoeError("config: no layer has a MoE block (check mlp_only_layers / decoder_sparse_step)")
-        if any(not 0 <= i < self.n_layers for i in self.moe_layers) or list(self.moe_layers) != sorted(set(self.moe_layers)):
+        layers = list(self.moe_layers)
+        if layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.n_layers:
             raise MoeError(f"config: moe_layers {self.moe_layers} must be sorted unique layer indices "
                            f"below {self.n_layers}")
         if len(self.moe_layers) < self.n_layers and self.dense_intermediate_size <= 0:
@@ -113,13 +114,15 @@ class ModelConfig:
         kv = d.get("num_key_value_heads")
         kv = heads if kv is None else _int(d, "num_key_value_heads")
         head_dim = d.get("head_dim")
-        # mixtral and qwen3_moe honour head_dim; qwen2_moe and olmoe always use hidden // heads
-        if head_dim is None or mt in ("qwen2_moe", "olmoe"):
+        if head_dim is None:
             if hidden % heads:
                 raise MoeError(f"config: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
             head_dim = hidden // heads
         elif not isinstance(head_dim, int):
             raise MoeError(f"config: head_dim must be an integer, got {head_dim!r}")
+        if mt == "olmoe" and head_dim * heads != hidden:
+            # OLMoE sizes its q/k norms from hidden_size, which only fits head_dim == hidden // heads
+            raise MoeError(f"config: olmoe needs head_dim * num_attention_heads == hidden_size, got {head_dim}")
         n_layers = _int(d, "num_hidden_layers")
         # the expert count's key differs by family and by transformers version; accept either
         keys = ("num_local_experts", "num_experts") if mt == "mixtral" else ("num_experts", "num_local_experts")

@@ -202,7 +202,11 @@ class Transformer(nn.Module):
         return block.mlp.gate(block.post_attention_layernorm(hidden))
 
     def route(self, moe_layer: int, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """The family's top-k: softmax in float32, top-k, renormalise if norm_topk_prob -> (ids [N,k], weights [N,k])."""
+        """The family's top-k -> (ids [N,k] long, weights [N,k]).
+
+        Softmax in float32, top-k, renormalised if norm_topk_prob; weights stay
+        float32 for mixtral and are cast to the logits' dtype otherwise, as in HF.
+        """
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
         weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)  # [N, k]
         if self.cfg.norm_topk_prob:

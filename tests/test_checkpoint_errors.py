@@ -120,6 +120,14 @@ def test_misshaped_tensors(ckpt):
     expect(ckpt, "lm_head.weight has shape [50, 64]")
 
 
+def test_unsupported_tensor_dtype(ckpt):
+    import torch
+
+    key = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    edit_tensors(ckpt, lambda sd: sd.update({key: sd[key].to(torch.float8_e4m3fn)}))
+    expect(ckpt, f"{key} has dtype F8_E4M3")
+
+
 def test_sharded_index_naming_missing_shard(ckpt):
     names = list(load_file(str(ckpt / "model.safetensors")))
     (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00002.safetensors")

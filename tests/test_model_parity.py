@@ -20,6 +20,7 @@ PROMPT = [5, 17, 42, 8, 99, 23, 61]
 CASES = {
     "mixtral": ("mixtral", {}),
     "mixtral-top3": ("mixtral", dict(num_experts_per_tok=3, num_key_value_heads=1)),
+    "mixtral-sliding-window": ("mixtral", dict(sliding_window=4, num_experts_per_tok=4)),
     "qwen2_moe-dense-layer": ("qwen2_moe", dict(num_hidden_layers=3, mlp_only_layers=[1], num_experts_per_tok=4)),
     "qwen2_moe-sparse-step": ("qwen2_moe", dict(decoder_sparse_step=2, norm_topk_prob=True)),
     "qwen3_moe": ("qwen3_moe", dict(num_experts_per_tok=4)),
