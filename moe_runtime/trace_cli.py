@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -25,7 +26,11 @@ PROG = "moe-trace"
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
-    print(json.dumps(obj, indent=2) if as_json else text)
+    try:
+        print(json.dumps(obj, indent=2) if as_json else text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `moe-trace info X | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def cmd_import(args) -> int:
