@@ -17,6 +17,7 @@ from .checkpoint import DTYPES, load_model, parse_dtype
 from .errors import MoeError
 from .expert_store import ResidentExperts
 from .generate import generate, load_tokenizer, parse_prompt_ids
+from .offload_cli import OffloadRun, add_arguments as add_offload_arguments, preflight
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute device (default cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute dtype (default: checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_offload_arguments(p)  # --budget, --policy, --predictor, ... (offload_cli.py)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,16 +44,20 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode(args.prompt).ids
     else:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
+    preflight(args)  # a budget below the minimum is refused before any weight is loaded
     model, store = load_model(args.model, args.device, parse_dtype(args.dtype))
-    provider = ResidentExperts(store, args.device)
-    res = generate(model, provider, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+    off = OffloadRun.build(args, model, store, len(prompt_ids))
+    provider = off.provider if off else ResidentExperts(store, args.device)
+    res = generate(off.model if off else model, provider, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                    model.cfg.eos_token_ids)
+    offload = off.finish() if off else None
     text = tokenizer.decode(res.token_ids) if tokenizer is not None else None
     if args.json:
         out = {"token_ids": res.token_ids}
         if text is not None:
             out["text"] = text
         out.update(prefill_s=res.prefill_s, decode_s=res.decode_s, tokens_per_s=res.tokens_per_s)
+        out.update(offload or {})
         print(json.dumps(out))
     else:
         print(text if text is not None else ",".join(map(str, res.token_ids)))
