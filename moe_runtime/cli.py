@@ -16,6 +16,8 @@ from .errors import run_cli
 COMMANDS = {
     "generate": ("moe_runtime.generate_cli", "decode text with a MoE checkpoint"),
     "make-tiny": ("moe_runtime.tiny", "write a tiny random MoE checkpoint (no download)"),
+    "calibrate": ("moe_runtime.calibrate", "fit early-aligned residual adapters for the aligned predictor"),
+    "eval-predictors": ("moe_runtime.predictor_eval", "recall/precision of expert predictors per distance"),
 }
 
 

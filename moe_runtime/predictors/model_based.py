@@ -4,7 +4,8 @@
 - ``aligned``: layer l+d's router applied to the early-aligned residual
   h' = h_l + U V^T RMSNorm(h_l), an adapter fitted to predict h_{l+d}
   (``adapters.py``). Both sum router probabilities over the step's tokens
-  and rank experts by that sum.
+  and rank experts by that sum; ``scores`` gives the per-token probabilities
+  (what ``moe-runtime eval-predictors`` measures).
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ class Gate(Predictor):
         return hidden
 
     @torch.no_grad()
+    def scores(self, layer: int, d: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token router probabilities [N, E] (float32) of layer+d, predicted from hidden [N, H] at layer."""
+        h = self.residual(layer, d, hidden)  # [N, H]
+        return torch.softmax(self.opts.model.router_logits(layer + d, h).float(), dim=-1)  # [N, E]
+
+    @torch.no_grad()
     def predict(self, ctx: PredictContext) -> list[np.ndarray]:
         out = []
         for d in self.distances(ctx.layer):
-            h = self.residual(ctx.layer, d, ctx.hidden)  # [N, H]
-            logits = self.opts.model.router_logits(ctx.layer + d, h)  # [N, E]
-            score = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
+            score = self.scores(ctx.layer, d, ctx.hidden).sum(dim=0)  # [E]
             out.append(torch.argsort(score, descending=True, stable=True).cpu().numpy())
         return out
 

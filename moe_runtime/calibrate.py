@@ -1,0 +1,268 @@
+"""Calibrate early-aligned residual adapters: `moe-runtime calibrate`, and loading them for a model.
+
+Contract:
+
+- ``HiddenCapture(inner)`` is an expert provider that records the residual
+  entering each MoE block (``hidden`` [T, H]) of the current forward and asks
+  ``inner`` (any provider: all-resident or offloaded) for the experts, so the
+  forward's outputs are the inner provider's. ``forward_chunks`` runs the model
+  over token chunks (each an independent sequence from position 0) and yields
+  the T x n_layers residuals of one chunk at a time.
+- ``calibrate(model, provider, chunks, lookahead, rank, ...)`` STREAMS: per
+  chunk, for every (l, d) with 1 <= d <= lookahead and l + d < n_layers it adds
+  (RMSNorm(h_l), h_{l+d} - h_l) to one ``RidgeAccumulator`` and drops the
+  chunk's hidden states. Memory is the accumulators (pairs x 3 x H^2 float64,
+  on the host), one chunk's residuals, and a bounded reservoir sample of
+  ``refine_samples`` tokens' residuals (all layers) for the optional KL
+  refinement (``refine_kl`` against ``model.router_logits(l+d, .)``). Then it
+  solves reduced-rank ridge per pair. Same data, same seed -> same adapters.
+- ``save_adapters`` writes them with ``model_fingerprint(model.cfg)`` (shape)
+  and, in the metadata, ``router_digest(model)`` (the routers' weights rounded
+  to bfloat16, so the checkpoint's dtype does not matter) plus D, r, ridge,
+  token count and per-pair explained variance.
+- ``load_adapters_for(model_or_dir_or_config, path, lookahead)`` is what every
+  user of adapters calls: it rejects another model's adapters (fingerprint;
+  with a loaded ``Transformer`` also the router digest) and a file fitted for a
+  smaller lookahead, with a one-line ``MoeError``.
+
+This module knows nothing of predictor scoring (predictors/model_based.py) or
+of the adapter file layout (predictors/adapters.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import load_model
+from .config import ModelConfig, load_config
+from .errors import MoeError
+from .expert_store import ExpertProvider, ExpertWeights, HostExpertStore, ResidentExperts
+from .model import Transformer
+from .predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize
+from .text_data import add_data_arguments, load_tokens, token_chunks
+
+
+class HiddenCapture:
+    """Provider wrapper: ``hidden[l]`` is the residual [T, H] entering MoE layer l in the last forward."""
+
+    def __init__(self, inner: ExpertProvider, n_layers: int):
+        self.inner = inner
+        self.hidden: list[Tensor | None] = [None] * n_layers
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
+        self.hidden[layer] = hidden  # the model never writes into it (h = h + ... makes a new tensor)
+        return self.inner.experts(layer, ids, hidden)
+
+    def end_layer(self, layer: int) -> None:
+        self.inner.end_layer(layer)
+
+
+def make_provider(store: HostExpertStore, device: str | torch.device) -> ExpertProvider:
+    """All-resident experts on ``device`` when they fit (always on the CPU: no copy is made); else MoeError."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if store.nbytes > 0.9 * free:
+            raise MoeError(f"the experts ({store.nbytes / 2**30:.1f} GiB) do not fit in free GPU memory "
+                           f"({free / 2**30:.1f} GiB); run with --device cpu or an offloading provider")
+    return ResidentExperts(store, device)
+
+
+@torch.no_grad()
+def forward_chunks(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.ndarray],
+                   progress: bool = False, desc: str = "") -> Iterator[tuple[np.ndarray, list[Tensor]]]:
+    """Run each chunk as one sequence; yield (chunk ids, residuals entering each MoE block, [T, H] each)."""
+    n_layers = model.cfg.n_moe_layers
+    capture = HiddenCapture(provider, n_layers)
+    longest = max(len(c) for c in chunks)
+    if model.max_len < longest:
+        model.setup_cache(longest)
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(c) for c in chunks), unit="tok", desc=desc, disable=not progress, file=sys.stderr)
+    for chunk in chunks:
+        tokens = torch.as_tensor(chunk, dtype=torch.long, device=model.device)  # [T]
+        pos = torch.arange(len(chunk), device=model.device)  # [T]
+        capture.hidden = [None] * n_layers
+        model(tokens, pos, capture, last_only=True)  # logits unused; the residuals are what we want
+        hidden = capture.hidden
+        capture.hidden = [None] * n_layers
+        yield chunk, hidden
+        bar.update(len(chunk))
+    bar.close()
+
+
+class Reservoir:
+    """A uniform sample of at most ``size`` token rows [n_layers, H] (algorithm R, seeded), kept on the host."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seen = size, 0
+        self.rng = np.random.default_rng(seed)
+        self.rows: Tensor | None = None  # [size, n_layers, H]
+        self.filled = 0
+
+    def add(self, hidden: list[Tensor]) -> None:
+        if self.size <= 0:
+            return
+        stacked = torch.stack(hidden, dim=1).cpu()  # [T, n_layers, H]
+        if self.rows is None:
+            self.rows = torch.empty(self.size, *stacked.shape[1:], dtype=stacked.dtype)
+        for t in range(stacked.shape[0]):
+            if self.filled < self.size:
+                slot = self.filled
+                self.filled += 1
+            else:
+                slot = int(self.rng.integers(0, self.seen + 1))
+            if slot < self.size:
+                self.rows[slot] = stacked[t]
+            self.seen += 1
+
+    def sample(self) -> Tensor:
+        return self.rows[: self.filled]
+
+
+@dataclass
+class Calibration:
+    adapters: AlignedAdapters
+    tokens: int
+    explained: dict[tuple[int, int], float] = field(default_factory=dict)  # fraction of sum (h_{l+d}-h_l)^2
+    kl: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # [before, after] refinement
+
+
+def calibrate(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.ndarray], lookahead: int, rank: int,
+              ridge: float = 1e-3, refine_steps: int = 0, refine_samples: int = 2048, refine_lr: float = 1e-3,
+              seed: int = 0, progress: bool = False) -> Calibration:
+    """Fit adapters for every (l, d); see the module docstring."""
+    cfg = model.cfg
+    L, H = cfg.n_moe_layers, cfg.hidden_size
+    if not isinstance(lookahead, int) or not 1 <= lookahead < L:
+        raise MoeError(f"--lookahead must be in 1..{L - 1} for a model with {L} MoE layers, got {lookahead}")
+    if not isinstance(rank, int) or not 1 <= rank <= H:
+        raise MoeError(f"--rank must be in 1..{H} (the hidden size), got {rank}")
+    if not ridge >= 0:
+        raise MoeError(f"--ridge must be >= 0, got {ridge}")
+    if refine_steps < 0:
+        raise MoeError(f"--refine-steps must be >= 0, got {refine_steps}")
+    if not chunks:
+        raise MoeError("no calibration tokens")
+    adapters = AlignedAdapters(L, H, lookahead, rank)
+    accs = {pair: RidgeAccumulator(H) for pair in adapters.pairs()}
+    reservoir = Reservoir(refine_samples if refine_steps > 0 else 0, seed)
+    n_tokens = 0
+    for chunk, hidden in forward_chunks(model, provider, chunks, progress, "calibrate"):
+        x = [rms_normalize(h.float(), adapters.eps) for h in hidden]  # [T, H] each, float32
+        for (l, d), acc in accs.items():
+            acc.add(x[l], hidden[l + d].float() - hidden[l].float())
+        reservoir.add(hidden)
+        n_tokens += len(chunk)
+    result = Calibration(adapters, n_tokens)
+    for (l, d), acc in accs.items():
+        U, V = acc.solve(rank, ridge)
+        result.explained[(l, d)] = acc.explained(U, V)
+        adapters.set(l, d, U, V)
+    del accs
+    if refine_steps > 0:
+        _refine(model, adapters, reservoir.sample(), refine_steps, refine_lr, result, progress)
+    return result
+
+
+def _refine(model: Transformer, adapters: AlignedAdapters, sample: Tensor, steps: int, lr: float,
+            result: Calibration, progress: bool, batch: int = 256) -> None:
+    """KL-refine every pair on the reservoir sample [n, L, H] against layer l+d's router."""
+    from tqdm import tqdm
+
+    dev, dt = model.device, model.dtype
+    for l, d in tqdm(adapters.pairs(), desc="refine", disable=not progress, file=sys.stderr):
+        batches = [(sample[i:i + batch, l].to(dev), sample[i:i + batch, l + d].to(dev))
+                   for i in range(0, sample.shape[0], batch)]
+
+        def router(h: Tensor, m: int = l + d) -> Tensor:
+            return model.router_logits(m, h.to(dt)).float()  # [n, E]
+
+        U, V, kl = refine_kl((adapters.U[(l, d)].to(dev), adapters.V[(l, d)].to(dev)), batches, router,
+                             steps=steps, lr=lr, eps=adapters.eps)
+        adapters.set(l, d, U, V)
+        result.kl[(l, d)] = kl
+
+
+# -- fingerprints and loading --
+
+def router_digest(model: Transformer) -> str:
+    """sha256 (16 hex) of every MoE router's weights rounded to bfloat16 (same for float32/bfloat16 loads)."""
+    h = hashlib.sha256()
+    for m in range(model.cfg.n_moe_layers):
+        w = model.layers[model.moe_layers[m]].mlp.gate.weight
+        h.update(w.detach().to("cpu", torch.bfloat16).float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_adapters(cal: Calibration, model: Transformer, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Atomically write ``cal.adapters`` with the model's fingerprint and router digest (see module docstring)."""
+    meta = {"router_digest": router_digest(model), "tokens": cal.tokens,
+            "explained": {f"{l}.{d}": round(v, 6) for (l, d), v in cal.explained.items()},
+            "kl": {f"{l}.{d}": [round(x, 6) for x in v] for (l, d), v in cal.kl.items()}, **(extra or {})}
+    cal.adapters.save(str(path), model_fingerprint(model.cfg), meta)
+
+
+def load_adapters_for(model: Transformer | ModelConfig | str | Path | dict, path: str | Path,
+                      lookahead: int) -> AlignedAdapters:
+    """Adapters at ``path`` if fitted for this model with lookahead >= ``lookahead``; else MoeError.
+
+    ``model``: a loaded ``Transformer`` (shape and router weights are checked),
+    or a checkpoint directory, ``ModelConfig`` or config dict (shape only).
+    """
+    if isinstance(model, (str, Path)):
+        cfg: Any = load_config(model)
+    elif isinstance(model, Transformer):
+        cfg = model.cfg
+    else:
+        cfg = model
+    adapters = AlignedAdapters.load(str(path), model_fingerprint(cfg), lookahead)
+    if isinstance(model, Transformer):
+        want, got = router_digest(model), adapters.metadata.get("router_digest")
+        if got is not None and got != want:
+            raise MoeError(f"{path} was fitted for a model of this shape with other router weights "
+                           f"(router digest {got}, this model {want}); recalibrate")
+    return adapters
+
+
+# -- CLI --
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    add_data_arguments(p)
+    p.add_argument("--lookahead", type=int, required=True, metavar="D", help="fit distances 1..D")
+    p.add_argument("--rank", type=int, required=True, metavar="R", help="adapter rank (U, V are [H, R])")
+    p.add_argument("--ridge", type=float, default=1e-3,
+                   help="ridge, relative to the mean diagonal of X^T X (default 1e-3)")
+    p.add_argument("--refine-steps", type=int, default=0, help="KL refinement Adam steps per pair (default 0)")
+    p.add_argument("--refine-samples", type=int, default=2048,
+                   help="tokens kept (reservoir sample) for KL refinement (default 2048)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="compute device (default cuda when available)")
+    p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (safetensors)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, store = load_model(args.model, args.device)
+    tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
+    chunks = token_chunks(tokens, args.seq_len)
+    provider = make_provider(store, args.device)
+    cal = calibrate(model, provider, chunks, args.lookahead, args.rank, args.ridge, args.refine_steps,
+                    args.refine_samples, seed=args.seed, progress=True)
+    source = f"data:{Path(args.data).name}" if args.data else f"random:{args.random_tokens}:seed{args.seed}"
+    save_adapters(cal, model, args.out, {"source": source, "ridge": args.ridge, "seq_len": args.seq_len,
+                                          "refine_steps": args.refine_steps})
+    ev = np.mean(list(cal.explained.values()))
+    print(f"wrote {len(cal.adapters.pairs())} adapters (lookahead {args.lookahead}, rank {args.rank}) to {args.out}; "
+          f"{cal.tokens} tokens, mean explained variance {ev:.3f}")
+    return 0

@@ -1,0 +1,87 @@
+"""Token streams for calibration and evaluation: a text file through the checkpoint's tokenizer, or random ids.
+
+Contract:
+
+- ``add_data_arguments(parser)`` defines the data flags shared by
+  ``moe-runtime calibrate`` and ``moe-runtime eval-predictors`` (defined once
+  here): ``--data FILE.txt`` or ``--random-tokens N`` (exactly one),
+  ``--seed``, ``--seq-len``, ``--max-tokens``.
+- ``load_tokens(model_dir, vocab_size, data=..., random_tokens=..., seed=...,
+  max_tokens=...)`` returns a 1-D int64 numpy array of token ids, every id in
+  ``[0, vocab_size)``. Text is read as UTF-8 and encoded with
+  ``<model_dir>/tokenizer.json`` (the ``tokenizers`` library, as one string);
+  random ids are uniform, from ``numpy.random.default_rng(seed)``.
+- ``token_chunks(tokens, seq_len)`` splits it into consecutive chunks of
+  ``seq_len`` ids (the last may be shorter); each chunk is run as one
+  independent sequence starting at position 0.
+- Anything wrong (no such file, not UTF-8, empty text, no tokenizer, ids out of
+  range, non-positive sizes) raises ``MoeError`` naming it.
+
+This module does not run the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoeError
+from .generate import load_tokenizer
+
+DEFAULT_SEQ_LEN = 256
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data flags of calibrate and eval-predictors (see the module docstring)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="FILE.txt", help="UTF-8 text, tokenized with the checkpoint's tokenizer.json")
+    src.add_argument("--random-tokens", type=int, metavar="N",
+                     help="N uniformly random token ids instead of text (checkpoints without a tokenizer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-tokens (default 0)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per forward; each chunk is an independent sequence (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens (default: all)")
+
+
+def load_tokens(model_dir: str | Path, vocab_size: int, data: str | Path | None = None,
+                random_tokens: int | None = None, seed: int = 0, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids [N] int64 from ``data`` (text file) or ``random_tokens`` (count); see the module docstring."""
+    if (data is None) == (random_tokens is None):
+        raise MoeError("give exactly one of --data FILE.txt or --random-tokens N")
+    if max_tokens is not None and max_tokens <= 0:
+        raise MoeError(f"--max-tokens must be positive, got {max_tokens}")
+    if random_tokens is not None:
+        if random_tokens <= 0:
+            raise MoeError(f"--random-tokens must be positive, got {random_tokens}")
+        n = random_tokens if max_tokens is None else min(random_tokens, max_tokens)
+        return np.random.default_rng(seed).integers(0, vocab_size, size=n, dtype=np.int64)
+    path = Path(data)
+    if not path.is_file():
+        raise MoeError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MoeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise MoeError(f"{path} is empty")
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise MoeError(f"--data needs {Path(model_dir) / 'tokenizer.json'}; use --random-tokens N instead")
+    ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.size == 0:
+        raise MoeError(f"{path} encodes to no tokens")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise MoeError(f"the tokenizer produced id {int(bad[0])}, outside the model's vocabulary of {vocab_size}")
+    return ids
+
+
+def token_chunks(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Consecutive chunks of ``seq_len`` ids (the last may be shorter)."""
+    if seq_len <= 0:
+        raise MoeError(f"--seq-len must be positive, got {seq_len}")
+    return [tokens[i:i + seq_len] for i in range(0, len(tokens), seq_len)]
