@@ -116,7 +116,7 @@ def cmd_synth(args) -> int:
         raise MoeError(f"--like fits the knobs itself; drop {', '.join('--' + k for k in explicit)}")
     base = _synth_meta(args, like)
     knobs = fit_knobs(like, seed=args.seed) if like is not None else SynthKnobs(**explicit)
-    n_tokens = args.tokens or (like.n_tokens if like is not None else 1000)
+    n_tokens = args.tokens if args.tokens is not None else (like.n_tokens if like is not None else 1000)
     seq_len = args.seq_len
     if seq_len is None and like is not None:
         seq_len = max(1, round(like.n_tokens / len(like.sequences())))
