@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .budget import check_budget, parse_budget
-from .checkpoint import SafetensorsReader, parse_dtype
-from .config import load_config
+from .checkpoint import DTYPES, SafetensorsReader, parse_dtype
+from .config import load_config, read_json
 from .errors import MoeError
 from .expert_store import ExpertLayout, HostExpertStore
 from .forced_routing import ForcedRouting, popularity_from_trace
@@ -87,7 +88,11 @@ def preflight(args: argparse.Namespace) -> None:
         return
     _check_ints(args)
     cfg = load_config(args.model)
-    dtype = parse_dtype(args.dtype) or SafetensorsReader(args.model).dtype("model.embed_tokens.weight")
+    named = read_json(Path(args.model) / "config.json")
+    named = named.get("torch_dtype") or named.get("dtype")
+    dtype = parse_dtype(args.dtype) or (DTYPES[named] if named in DTYPES else None)
+    if dtype is None:  # no dtype in config.json: the safetensors header says (no weight is read)
+        dtype = SafetensorsReader(args.model).dtype("model.embed_tokens.weight")
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype)
     budget_slots(args, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
                  expert_bytes=layout.nbytes)
