@@ -247,6 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-steps", type=int, default=0, help="KL refinement Adam steps per pair (default 0)")
     p.add_argument("--refine-samples", type=int, default=2048,
                    help="tokens kept (reservoir sample) for KL refinement (default 2048)")
+    p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam learning rate of KL refinement (default 1e-3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="compute device (default cuda when available)")
     p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (safetensors)")
@@ -258,10 +259,11 @@ def run(args: argparse.Namespace) -> int:
     chunks = token_chunks(tokens, args.seq_len)
     provider = make_provider(store, args.device)
     cal = calibrate(model, provider, chunks, args.lookahead, args.rank, args.ridge, args.refine_steps,
-                    args.refine_samples, seed=args.seed, progress=True)
+                    args.refine_samples, args.refine_lr, args.seed, progress=True)
     source = f"data:{Path(args.data).name}" if args.data else f"random:{args.random_tokens}:seed{args.seed}"
     save_adapters(cal, model, args.out, {"source": source, "ridge": args.ridge, "seq_len": args.seq_len,
-                                          "refine_steps": args.refine_steps})
+                                          "refine_steps": args.refine_steps,
+                                          "refine_lr": args.refine_lr})
     ev = np.mean(list(cal.explained.values()))
     print(f"wrote {len(cal.adapters.pairs())} adapters (lookahead {args.lookahead}, rank {args.rank}) to {args.out}; "
           f"{cal.tokens} tokens, mean explained variance {ev:.3f}")

@@ -1,0 +1,107 @@
+"""Calibration of aligned adapters: the file loads for its model only, and the adapter beats the identity."""
+
+import pytest
+import torch
+
+from moe_runtime.calibrate import (Reservoir, calibrate, forward_chunks, load_adapters_for, make_provider,
+                                   router_digest)
+from moe_runtime.checkpoint import load_model
+from moe_runtime.cli import main
+from moe_runtime.errors import MoeError
+from moe_runtime.text_data import load_tokens, token_chunks
+from moe_runtime.tiny import write_tiny_checkpoint
+
+D = 2
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mix4"), seed=0, num_hidden_layers=4)
+
+
+def cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def adapters_file(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ad") / "mix4.adapters"
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--model", str(ckpt), "--random-tokens", "192", "--seq-len", "64", "--lookahead", str(D),
+              "--rank", "8", "--device", "cpu", "--out", str(out)])
+    assert e.value.code == 0
+    return out
+
+
+def test_calibrate_cli_writes_a_file_that_loads_for_its_model(ckpt, adapters_file):
+    ad = load_adapters_for(ckpt, adapters_file, D)  # by directory: shape fingerprint
+    assert (ad.n_layers, ad.hidden, ad.lookahead, ad.rank) == (4, 64, D, 8)
+    assert ad.pairs() == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
+    assert ad.metadata["tokens"] == 192 and len(ad.metadata["explained"]) == 5
+    model, _ = load_model(ckpt)
+    assert load_adapters_for(model, adapters_file, 1).metadata["router_digest"] == router_digest(model)
+    with pytest.raises(MoeError, match="lookahead 3 is needed"):
+        load_adapters_for(model, adapters_file, 3)
+
+
+def test_other_models_adapters_are_refused_in_one_line(adapters_file, tmp_path, capsys):
+    wider = write_tiny_checkpoint("mixtral", tmp_path / "wide", num_hidden_layers=4, hidden_size=32)
+    code, out, err = cli(["eval-predictors", "--model", str(wider), "--adapters", str(adapters_file),
+                          "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"], capsys)
+    assert code == 2 and "fitted for another model" in err and len(err.strip().splitlines()) == 1
+    # same shape, other weights: caught by the router digest
+    reseeded = write_tiny_checkpoint("mixtral", tmp_path / "seed1", seed=1, num_hidden_layers=4)
+    code, out, err = cli(["eval-predictors", "--model", str(reseeded), "--adapters", str(adapters_file),
+                          "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"], capsys)
+    assert code == 2 and "other router weights" in err and "Traceback" not in err
+
+
+def test_adapter_predicts_later_residual_better_than_identity(ckpt):
+    model, store = load_model(ckpt)
+    provider = make_provider(store, "cpu")
+    chunks = token_chunks(load_tokens(ckpt, model.cfg.vocab_size, random_tokens=256, seed=3), 64)
+    cal = calibrate(model, provider, chunks, lookahead=D, rank=64, ridge=1e-4)
+    assert cal.tokens == 256 and all(v > 0.5 for v in cal.explained.values())
+    for _, hidden in forward_chunks(model, provider, chunks[:1]):
+        for l, d in cal.adapters.pairs():
+            target = hidden[l + d]
+            err_id = (hidden[l] - target).norm()
+            err_ad = (cal.adapters.apply(l, d, hidden[l]) - target).norm()
+            assert err_ad < 0.7 * err_id, (l, d, float(err_ad / err_id))
+
+
+def test_kl_refinement_runs_on_a_bounded_sample(ckpt):
+    model, store = load_model(ckpt)
+    chunks = token_chunks(load_tokens(ckpt, model.cfg.vocab_size, random_tokens=96, seed=4), 32)
+    cal = calibrate(model, make_provider(store, "cpu"), chunks, lookahead=1, rank=4, refine_steps=20,
+                    refine_samples=40, refine_lr=1e-4)
+    assert set(cal.kl) == set(cal.adapters.pairs())
+    for before, after in cal.kl.values():
+        assert after <= before + 1e-6
+
+
+def test_reservoir_is_bounded_uniform_and_seeded():
+    def run(seed):
+        r = Reservoir(10, seed)
+        for c in range(10):  # 10 chunks of 10 tokens; token value = its index
+            r.add([torch.arange(c * 10, c * 10 + 10, dtype=torch.float32)[:, None].expand(10, 3)])
+        return r
+
+    a, b = run(0), run(0)
+    assert a.sample().shape == (10, 1, 3) and a.seen == 100
+    assert torch.equal(a.sample(), b.sample())
+    assert a.sample()[:, 0, 0].max() >= 10  # later tokens replace early ones
+
+
+def test_bad_requests_are_one_line_errors(ckpt, tmp_path, capsys):
+    base = ["calibrate", "--model", str(ckpt), "--rank", "4", "--device", "cpu", "--out", str(tmp_path / "a")]
+    code, _, err = cli(base + ["--random-tokens", "16", "--lookahead", "4"], capsys)
+    assert code == 2 and "--lookahead must be in 1..3" in err
+    code, _, err = cli(base + ["--data", str(tmp_path / "none.txt"), "--lookahead", "1"], capsys)
+    assert code == 2 and "data file not found" in err
+    code, _, err = cli(["eval-predictors", "--model", str(ckpt), "--adapters", str(tmp_path / "missing"),
+                        "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"], capsys)
+    assert code == 2 and "adapter file not found" in err
