@@ -21,9 +21,12 @@ Writes to ``--out`` (atomically where it matters):
                                    the loss curve, wall time, file lists.
 
 Same seed, same steps, same Python version -> same checkpoint (deterministic
-algorithms, 2 threads, a seeded numpy generator picks the training windows).
+algorithms, 2 threads, a seeded numpy generator picks the training windows),
+unless ``--time-limit`` cuts training short on a busy machine: the report then
+shows steps_done < steps_requested. Saved weights use the original Mixtral
+names (``block_sparse_moe.experts.E.w1/w2/w3``, ``block_sparse_moe.gate``).
 
-    python benchmarks/train_tiny_moe.py --out out/tiny-moe           # ~11 min
+    python benchmarks/train_tiny_moe.py --out out/tiny-moe           # ~9 min on 2 idle cores
     python benchmarks/train_tiny_moe.py --out out/tiny-smoke --quick  # ~1 min
 """
 

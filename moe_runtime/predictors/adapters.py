@@ -144,6 +144,8 @@ def refine_kl(adapter_params: tuple[torch.Tensor, torch.Tensor],
     differentiable in h (its own parameters are not updated). Returns new
     float32 (U, V) and the mean KL (nats/token) over all batches before the first
     step and after the last, as a 2-list [before, after]. Inputs are not modified.
+    The KL is measured on the same batches it is minimised on: keep ``lr`` small
+    against the size of U's entries (~1/sqrt(H)) and check on held-out text.
     """
     if not batches:
         raise MoeError("refine_kl: no calibration batches")
@@ -247,7 +249,10 @@ class AlignedAdapters:
         return self
 
     def apply(self, l: int, d: int, h: torch.Tensor) -> torch.Tensor:
-        """h [..., H] entering layer l's MoE block -> predicted residual of layer l+d, same shape/dtype."""
+        """h [..., H] entering layer l's MoE block -> predicted residual of layer l+d, same shape/dtype.
+
+        U, V are cast to h's device/dtype on each call if they differ; call ``to`` once to avoid that.
+        """
         key = (l, d)
         if key not in self.U:
             self._check_pair(l, d)
