@@ -25,6 +25,7 @@ router softmax in float32. This module does no I/O (see checkpoint.py).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -242,18 +243,27 @@ class Transformer(nn.Module):
         x = block.post_attention_layernorm(h)  # [N, H]
         logits = block.mlp.gate(x)  # [N, E]; same as router_logits(m, h) without normalising twice
         ids, weights = (self.router_override or self.route)(m, logits)  # [N, k], [N, k]
-        # CPU waits on the device here: the provider needs the expert ids as Python ints
-        flat_ids = ids.flatten().tolist()
+        k = ids.shape[1]
+        flat = ids.flatten()  # [N*k], token-major
+        # CPU waits on the device here, once per layer: the provider needs the expert ids as Python ints
+        flat_ids = flat.tolist()
         order = list(dict.fromkeys(flat_ids))  # unique, first appearance (token-major, then rank)
         experts = provider.experts(m, order, h)
+        counts = Counter(flat_ids)
+        # (token, rank) slots grouped by expert id; slicing it needs no further device sync
+        by_expert = torch.argsort(flat, stable=True)  # [N*k]
         out = torch.zeros_like(x)  # [N, H]
+        start = 0
         # accumulate in expert-id order, as HF does, so sums round identically
         for e in sorted(order):
+            slots = by_expert[start : start + counts[e]]  # [n_e]
+            start += counts[e]
+            tok = slots // k  # [n_e]
             w1, w3, w2 = experts[e]
-            tok, rank = torch.nonzero(ids == e, as_tuple=True)  # [n_e], [n_e]
             xe = x[tok]  # [n_e, H]
             ye = F.linear(F.silu(F.linear(xe, w1)) * F.linear(xe, w3), w2)  # [n_e, H]
-            out.index_add_(0, tok, (ye * weights[tok, rank, None]).to(out.dtype))
+            w = weights.reshape(-1)[slots, None]  # [n_e, 1]
+            out.index_add_(0, tok, (ye * w).to(out.dtype))
         provider.end_layer(m)
         if block.mlp.shared_expert is not None:
             out = out + torch.sigmoid(block.mlp.shared_expert_gate(x)) * block.mlp.shared_expert(x)
