@@ -126,6 +126,11 @@ class ThreadCopyEngine:
     def is_done(self, slot: int) -> bool:
         return self._done[slot].is_set()
 
+    def is_queued(self, slot: int) -> bool:
+        """Submitted and not yet started."""
+        with self._lock:
+            return slot in self._queued
+
     def slot_released(self, slot: int) -> None:
         pass  # the compute is synchronous on CPU: a released slot is no longer read
 
