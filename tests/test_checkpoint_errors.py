@@ -95,7 +95,11 @@ def test_missing_safetensors(ckpt):
 
 
 def test_unreadable_safetensors(ckpt):
-    (ckpt / "model.safetensors").write_bytes(b"\x07\x00\x00\x00\x00\x00\x00\x00garbage")
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])  # truncated
+    expect(ckpt, "cannot read safetensors file", "model.safetensors")
+    f.write_bytes(b"\x07\x00\x00\x00\x00\x00\x00\x00garbage")
     expect(ckpt, "cannot read safetensors file", "model.safetensors")
 
 
