@@ -7,7 +7,10 @@ Contract:
   ``inner`` (any provider: all-resident or offloaded) for the experts, so the
   forward's outputs are the inner provider's. ``forward_chunks`` runs the model
   over token chunks (each an independent sequence from position 0) and yields
-  the T x n_layers residuals of one chunk at a time.
+  the T x n_layers residuals of one chunk at a time. ``make_provider`` gives
+  all-resident experts when they fit on the device, else (or with
+  ``--expert-slots N``) an ``OffloadedExperts`` cache, so a checkpoint larger
+  than the GPU calibrates with host memory = the expert store + the below.
 - ``calibrate(model, provider, chunks, lookahead, rank, ...)`` STREAMS: per
   chunk, for every (l, d) with 1 <= d <= lookahead and l + d < n_layers it adds
   (RMSNorm(h_l), h_{l+d} - h_l) to one ``RidgeAccumulator`` and drops the
@@ -50,6 +53,8 @@ from .model import Transformer
 from .predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize
 from .text_data import add_data_arguments, load_tokens, token_chunks
 
+MAX_INFLIGHT = 4  # copies in flight of an offloaded provider (no prefetching during calibration)
+
 
 class HiddenCapture:
     """Provider wrapper: ``hidden[l]`` is the residual [T, H] entering MoE layer l in the last forward."""
@@ -66,15 +71,25 @@ class HiddenCapture:
         self.inner.end_layer(layer)
 
 
-def make_provider(store: HostExpertStore, device: str | torch.device) -> ExpertProvider:
-    """All-resident experts on ``device`` when they fit (always on the CPU: no copy is made); else MoeError."""
+def make_provider(store: HostExpertStore, device: str | torch.device, slots: int | None = None) -> ExpertProvider:
+    """Experts for ``device``: all resident when they fit (on the CPU no copy is made) and ``slots`` is None,
+    else an ``OffloadedExperts`` cache of ``slots`` device slots (default: what fits in 80% of free memory),
+    which must hold a whole layer's experts plus copies in flight, since a chunk may use every expert."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if slots is None:
+        if device.type != "cuda":
+            return ResidentExperts(store, device)
         free, _ = torch.cuda.mem_get_info(device)
-        if store.nbytes > 0.9 * free:
-            raise MoeError(f"the experts ({store.nbytes / 2**30:.1f} GiB) do not fit in free GPU memory "
-                           f"({free / 2**30:.1f} GiB); run with --device cpu or an offloading provider")
-    return ResidentExperts(store, device)
+        if store.nbytes <= 0.8 * free:
+            return ResidentExperts(store, device)
+        slots = min(int(0.8 * free) // store.layout.nbytes, store.n_layers * store.n_experts)
+    from .offload import OffloadedExperts
+
+    need = store.n_experts + MAX_INFLIGHT
+    if slots < need:
+        raise MoeError(f"{slots} expert slots cannot hold one layer's {store.n_experts} experts plus {MAX_INFLIGHT} "
+                       f"copies in flight (need {need}); free device memory or use --device cpu")
+    return OffloadedExperts(store, device, slots, max_inflight=MAX_INFLIGHT)
 
 
 @torch.no_grad()
@@ -93,6 +108,8 @@ def forward_chunks(model: Transformer, provider: ExpertProvider, chunks: Sequenc
         tokens = torch.as_tensor(chunk, dtype=torch.long, device=model.device)  # [T]
         pos = torch.arange(len(chunk), device=model.device)  # [T]
         capture.hidden = [None] * n_layers
+        if hasattr(provider, "begin_step"):  # an offloading provider opens a step per forward
+            provider.begin_step(0, len(chunk))
         model(tokens, pos, capture, last_only=True)  # logits unused; the residuals are what we want
         hidden = capture.hidden
         capture.hidden = [None] * n_layers
@@ -237,6 +254,15 @@ def load_adapters_for(model: Transformer | ModelConfig | str | Path | dict, path
 
 # -- CLI --
 
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --expert-slots, shared with eval-predictors."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="compute device (default cuda when available)")
+    p.add_argument("--expert-slots", type=int, default=None, metavar="N",
+                   help="serve experts from N device slots (offloaded) instead of all resident "
+                        "(default: resident when they fit in device memory, else as many slots as fit)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     add_data_arguments(p)
@@ -248,8 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-samples", type=int, default=2048,
                    help="tokens kept (reservoir sample) for KL refinement (default 2048)")
     p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam learning rate of KL refinement (default 1e-3)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                   help="compute device (default cuda when available)")
+    add_device_arguments(p)
     p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (safetensors)")
 
 
@@ -257,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     model, store = load_model(args.model, args.device)
     tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
     chunks = token_chunks(tokens, args.seq_len)
-    provider = make_provider(store, args.device)
+    provider = make_provider(store, args.device, args.expert_slots)
     cal = calibrate(model, provider, chunks, args.lookahead, args.rank, args.ridge, args.refine_steps,
                     args.refine_samples, args.refine_lr, args.seed, progress=True)
     source = f"data:{Path(args.data).name}" if args.data else f"random:{args.random_tokens}:seed{args.seed}"

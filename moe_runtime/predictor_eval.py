@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .calibrate import forward_chunks, load_adapters_for, make_provider
+from .calibrate import add_device_arguments, forward_chunks, load_adapters_for, make_provider
 from .checkpoint import load_model
 from .errors import MoeError
 from .expert_store import ExpertProvider
@@ -214,8 +214,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated registry names (default {','.join(DEFAULT_PREDICTORS)}; "
                         "aligned only with --adapters)")
     p.add_argument("--history-trace", metavar="FILE", help="trace whose routing primes history/popularity")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                   help="compute device (default cuda when available)")
+    add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="write recall vs distance per predictor")
 
@@ -233,8 +232,9 @@ def run(args: argparse.Namespace) -> int:
         adapters.to(model.device, model.dtype)
     trace = load_trace(args.history_trace) if args.history_trace else None
     tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
-    res = evaluate(model, make_provider(store, args.device), token_chunks(tokens, args.seq_len), names,
-                   args.lookahead, adapters, trace, args.seed, progress=True)
+    provider = make_provider(store, args.device, args.expert_slots)
+    res = evaluate(model, provider, token_chunks(tokens, args.seq_len), names, args.lookahead, adapters, trace,
+                   args.seed, progress=True)
     if args.plot:
         save_plot(res, args.plot)
     print(json.dumps(res.to_json()) if args.json else format_table(res))

@@ -105,3 +105,15 @@ def test_bad_requests_are_one_line_errors(ckpt, tmp_path, capsys):
     code, _, err = cli(["eval-predictors", "--model", str(ckpt), "--adapters", str(tmp_path / "missing"),
                         "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"], capsys)
     assert code == 2 and "adapter file not found" in err
+
+
+def test_offloaded_experts_calibrate_like_resident_ones(ckpt):
+    model, store = load_model(ckpt)
+    chunks = token_chunks(load_tokens(ckpt, model.cfg.vocab_size, random_tokens=64, seed=5), 32)
+    resident = calibrate(model, make_provider(store, "cpu"), chunks, lookahead=1, rank=4).adapters
+    offloaded = calibrate(model, make_provider(store, "cpu", slots=12), chunks, lookahead=1, rank=4).adapters
+    for pair in resident.pairs():
+        assert torch.allclose(resident.U[pair], offloaded.U[pair], atol=1e-5)
+        assert torch.allclose(resident.V[pair], offloaded.V[pair], atol=1e-5)
+    with pytest.raises(MoeError, match="cannot hold one layer's 8 experts"):
+        make_provider(store, "cpu", slots=11)
