@@ -38,7 +38,7 @@ from .predictors import PREDICTORS, PredictorOptions, make_predictor
 from .telemetry import gpu_telemetry
 from .trace import TraceMeta, TraceRecorder, load_trace
 
-FLAGS = ("budget", "route_from_trace", "record_trace", "timeline")
+_DEFAULTS: dict[str, object] = {}  # dest -> default of every offloading flag, filled by add_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,10 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapters", metavar="FILE", help="aligned adapters for --predictor aligned")
     g.add_argument("--record-trace", metavar="FILE", help="record the routing (and predictions) to a trace")
     g.add_argument("--timeline", metavar="FILE", help="write a Perfetto/Chrome timeline JSON")
+    _DEFAULTS.update({a.dest: a.default for a in g._group_actions})
 
 
 def offloading(args: argparse.Namespace) -> bool:
-    return any(getattr(args, f, None) is not None for f in FLAGS) or args.predictor != "none"
+    """True when any offloading flag differs from its default."""
+    return any(getattr(args, dest, default) != default for dest, default in _DEFAULTS.items())
 
 
 def _check_ints(args: argparse.Namespace) -> None:

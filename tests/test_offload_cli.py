@@ -1,0 +1,68 @@
+"""`moe-runtime generate` with offloading flags: one-line errors before loading, --json fields,
+recording a trace and forcing it back, timeline lanes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moe_runtime.cli import main
+from moe_runtime.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint("olmoe", tmp_path_factory.mktemp("olmoe"), seed=1, num_hidden_layers=3)
+
+
+def gen(capsys, ckpt, *flags, new=4):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(ckpt), "--prompt-ids", "5,6,7", "--max-new-tokens", str(new), "--json",
+              *flags])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_budget_below_minimum_is_refused_before_loading(capsys, ckpt, tmp_path):
+    only_config = tmp_path / "cfg"
+    only_config.mkdir()
+    shutil.copy(ckpt / "config.json", only_config / "config.json")  # no weights: must not be needed
+    code, out, err = gen(capsys, only_config, "--budget", "3", "--predictor", "gate", "--max-inflight", "2")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "moe-runtime: error: expert budget of 3 experts (110,592 bytes) is below the minimum of 4 experts "
+        "(147,456 bytes): 2 experts per layer + 2 in flight"]
+
+
+def test_json_fields_record_and_force(capsys, ckpt, tmp_path):
+    code, out, _ = gen(capsys, ckpt)
+    resident = json.loads(out)["token_ids"]
+    trace, tl = tmp_path / "t.npz", tmp_path / "tl.json"
+    code, out, _ = gen(capsys, ckpt, "--budget", "50%", "--predictor", "gate", "--record-trace", str(trace),
+                       "--timeline", str(tl))
+    r = json.loads(out)
+    assert code == 0 and r["token_ids"] == resident
+    for k in ("accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+              "bytes_h2d", "stall_s"):
+        assert k in r
+    assert r["hits"] + r["late"] + r["misses"] == r["accesses"] == sum(
+        x["hits"] + x["late"] + x["misses"] for x in r["layers"])
+    lanes = {e["args"]["name"] for e in json.load(open(tl))["traceEvents"] if e["name"] == "thread_name"}
+    assert lanes == {"compute", "copy"}
+    code, out, _ = gen(capsys, ckpt, "--budget", "2", "--route-from-trace", str(trace), "--policy", "belady")
+    r = json.loads(out)
+    assert code == 0 and r["token_ids"] == resident and r["prefill_chunk"] == 1
+    code, _, err = gen(capsys, ckpt, "--route-from-trace", str(trace), new=9)
+    assert code == 2 and "has 6 tokens, but the run needs 11" in err
+
+
+def test_trace_of_another_shape_and_missing_future_are_one_line_errors(capsys, ckpt, tmp_path):
+    other = write_tiny_checkpoint("olmoe", tmp_path / "two", num_hidden_layers=2)
+    trace = tmp_path / "t2.npz"
+    assert gen(capsys, other, "--record-trace", str(trace))[0] == 0
+    code, _, err = gen(capsys, ckpt, "--route-from-trace", str(trace))
+    assert code == 2 and "does not match the model's (3, 8, 2)" in err and len(err.strip().splitlines()) == 1
+    code, _, err = gen(capsys, ckpt, "--policy", "belady")
+    assert code == 2 and "belady needs the future" in err
