@@ -172,6 +172,9 @@ def calibrate(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.
     if not chunks:
         raise MoeError("no calibration tokens")
     adapters = AlignedAdapters(L, H, lookahead, rank)
+    if progress:
+        print(f"{sum(len(c) for c in chunks)} tokens in {len(chunks)} chunks; {len(adapters.pairs())} adapters; "
+              f"ridge statistics {len(adapters.pairs()) * 3 * H * H * 8 / 2**30:.2f} GiB on the host", file=sys.stderr)
     accs = {pair: RidgeAccumulator(H) for pair in adapters.pairs()}
     reservoir = Reservoir(refine_samples if refine_steps > 0 else 0, seed)
     n_tokens = 0
