@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from .errors import MoeError
+from .trace_checks import check_array, check_ids
 
 PHASE_PREFILL = 0
 PHASE_DECODE = 1
@@ -71,7 +72,9 @@ class TraceMeta:
             raise MoeError(f"meta.extra is not JSON-serialisable: {e}") from None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # numpy scalars (e.g. counts computed with numpy) serialise as plain numbers
+        return json.dumps(asdict(self), sort_keys=True,
+                          default=_json_scalar)
 
     @classmethod
     def from_json(cls, text: str) -> "TraceMeta":
@@ -95,12 +98,19 @@ class TraceMeta:
         return meta
 
 
+def _json_scalar(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
 @dataclass(frozen=True)
 class Trace:
     """A validated-on-demand routing trace; arrays are token-major.
 
     Construction does not validate (so it stays cheap); call ``validate()`` on a
-    hand-built trace, or build it with ``make_trace`` which coerces and validates.
+    hand-built trace, or build it with ``make_trace`` (trace_recorder.py), which
+    coerces dtypes and validates.
     """
 
     meta: TraceMeta
@@ -165,7 +175,7 @@ class Trace:
             raise MoeError("trace meta must be a TraceMeta")
         self.meta.validate()
         m = self.meta
-        _check_array("expert_ids", self.expert_ids, np.int16, 3)
+        check_array("expert_ids", self.expert_ids, np.int16, 3)
         T, L, K = self.expert_ids.shape
         if T < 1:
             raise MoeError("trace has no tokens")
@@ -173,15 +183,15 @@ class Trace:
             raise MoeError(f"expert_ids has {L} layers but meta.n_layers={m.n_layers}")
         if K != m.top_k:
             raise MoeError(f"expert_ids has {K} experts per layer but meta.top_k={m.top_k}")
-        _check_array("weights", self.weights, np.float32, 3)
+        check_array("weights", self.weights, np.float32, 3)
         if self.weights.shape != self.expert_ids.shape:
             raise MoeError(f"weights shape {self.weights.shape} != expert_ids shape {self.expert_ids.shape}")
         for name, arr, dt in (("seq_id", self.seq_id, np.int32), ("position", self.position, np.int32),
                               ("phase", self.phase, np.int8)):
-            _check_array(name, arr, dt, 1)
+            check_array(name, arr, dt, 1)
             if arr.shape[0] != T:
                 raise MoeError(f"{name} has {arr.shape[0]} entries but the trace has {T} tokens")
-        _check_ids("expert_ids", self.expert_ids, m.n_experts, allow_none=False)
+        check_ids("expert_ids", self.expert_ids, m.n_experts, allow_none=False)
         if not np.all(np.isfinite(self.weights)):
             raise MoeError("weights contain NaN or infinite values")
         if np.any(self.weights < 0):
@@ -199,79 +209,18 @@ class Trace:
             if not isinstance(name, str) or not name:
                 raise MoeError(f"predictor name must be a non-empty string, got {name!r}")
             label = f"predictions[{name!r}]"
-            _check_array(label, arr, np.int16, 4)
+            check_array(label, arr, np.int16, 4)
             if arr.shape[:2] != (T, L):
                 raise MoeError(f"{label} has shape {arr.shape}, expected [{T}, {L}, D, P]")
             if arr.shape[2] < 1 or arr.shape[3] < 1:
                 raise MoeError(f"{label} has an empty lookahead or prediction axis: shape {arr.shape}")
-            _check_ids(label, arr, m.n_experts, allow_none=True)
+            check_ids(label, arr, m.n_experts, allow_none=True)
             # at layer l, distance d targets layer l+1+d; past the last layer there is nothing to predict
             target = np.arange(L)[:, None] + 1 + np.arange(arr.shape[2])[None, :]  # [L, D]
             beyond = (target >= L)[None, :, :, None] & (arr != -1)
             if np.any(beyond):
                 t, l, d, _ = np.argwhere(beyond)[0]
                 raise MoeError(f"{label} predicts beyond the last layer at token {t}, layer {l}, distance {d}")
-
-
-def _check_array(name: str, arr, dtype, ndim: int) -> None:
-    if not isinstance(arr, np.ndarray):
-        raise MoeError(f"{name} must be a numpy array, got {type(arr).__name__}")
-    if arr.dtype != dtype:
-        raise MoeError(f"{name} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
-    if arr.ndim != ndim:
-        raise MoeError(f"{name} has {arr.ndim} dimensions (shape {arr.shape}), expected {ndim}")
-
-
-def _check_ids(name: str, ids: np.ndarray, n_experts: int, allow_none: bool) -> None:
-    """Ids in [0, n_experts) (or -1 if allowed), no repeats along the last axis."""
-    lo = -1 if allow_none else 0
-    bad = (ids < lo) | (ids >= n_experts)
-    if np.any(bad):
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise MoeError(f"{name} has expert id {int(ids[idx])} out of range [{lo}, {n_experts}) at index {idx}")
-    s = np.sort(ids, axis=-1)
-    dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
-    if np.any(dup):
-        idx = tuple(int(i) for i in np.argwhere(dup)[0][:-1])
-        raise MoeError(f"{name} repeats an expert id within one (token, layer) at index {idx}")
-
-
-def make_trace(meta: TraceMeta, expert_ids, weights, seq_id=None, position=None, phase=None,
-               predictions: dict | None = None) -> Trace:
-    """Build a trace from array-likes, casting to the format's dtypes, and validate it.
-
-    Defaults: one sequence (id 0), positions 0..T-1, all decode. Ids that do not
-    fit the target dtype are rejected rather than wrapped.
-    """
-    ids = np.asarray(expert_ids)
-    T = ids.shape[0] if ids.ndim >= 1 else 0
-    seq_id = np.zeros(T) if seq_id is None else seq_id
-    position = np.arange(T) if position is None else position
-    phase = np.full(T, PHASE_DECODE) if phase is None else phase
-    trace = Trace(
-        meta=meta,
-        expert_ids=_cast_int(ids, np.int16, "expert_ids"),
-        weights=np.asarray(weights, dtype=np.float32),
-        seq_id=_cast_int(seq_id, np.int32, "seq_id"),
-        position=_cast_int(position, np.int32, "position"),
-        phase=_cast_int(phase, np.int8, "phase"),
-        predictions={k: _cast_int(v, np.int16, f"predictions[{k!r}]") for k, v in (predictions or {}).items()},
-    )
-    trace.validate()
-    return trace
-
-
-def _cast_int(a, dtype, name: str) -> np.ndarray:
-    a = np.asarray(a)
-    if a.size and a.dtype.kind not in "iu":
-        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            pass
-        else:
-            raise MoeError(f"{name} must hold integers, got dtype {a.dtype}")
-    info = np.iinfo(dtype)
-    if a.size and (a.min() < info.min or a.max() > info.max):
-        raise MoeError(f"{name} has values outside the range of {np.dtype(dtype)}")
-    return a.astype(dtype)
 
 
 def save_trace(trace: Trace, path) -> None:
@@ -402,61 +351,10 @@ def _short(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
-class TraceRecorder:
-    """Collects one token at a time (as the executor decodes) and builds a Trace.
-
-    Every token must give the same predictor names with the same [L, D, P] shapes.
-    """
-
-    def __init__(self, meta: TraceMeta):
-        meta.validate()
-        self.meta = meta
-        self._ids: list[np.ndarray] = []
-        self._weights: list[np.ndarray] = []
-        self._seq: list[int] = []
-        self._pos: list[int] = []
-        self._phase: list[int] = []
-        self._preds: dict[str, list[np.ndarray]] | None = None
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def add_token(self, seq_id: int, position: int, phase: int, expert_ids, weights,
-                  predictions: dict | None = None) -> None:
-        L, K = self.meta.n_layers, self.meta.top_k
-        t = len(self._ids)
-        ids = np.asarray(expert_ids)
-        w = np.asarray(weights, dtype=np.float32)
-        if ids.shape != (L, K) or w.shape != (L, K):
-            raise MoeError(f"token {t}: expert_ids {ids.shape} and weights {w.shape} must both be [{L}, {K}]")
-        if phase not in (PHASE_PREFILL, PHASE_DECODE):
-            raise MoeError(f"token {t}: phase {phase!r} is not 0 (prefill) or 1 (decode)")
-        preds = predictions or {}
-        if self._preds is None:
-            self._preds = {name: [] for name in preds}
-        if set(preds) != set(self._preds):
-            raise MoeError(f"token {t}: predictors {sorted(preds)} differ from earlier tokens' {sorted(self._preds)}")
-        for name, arr in preds.items():
-            arr = np.asarray(arr)
-            if arr.ndim != 3 or arr.shape[0] != L:
-                raise MoeError(f"token {t}: prediction {name!r} has shape {arr.shape}, expected [{L}, D, P]")
-            if self._preds[name] and arr.shape != self._preds[name][0].shape:
-                raise MoeError(f"token {t}: prediction {name!r} shape {arr.shape} differs from earlier "
-                               f"{self._preds[name][0].shape}")
-            self._preds[name].append(_cast_int(arr, np.int16, f"prediction {name!r}"))
-        self._ids.append(_cast_int(ids, np.int16, "expert_ids"))
-        self._weights.append(w)
-        self._seq.append(int(seq_id))
-        self._pos.append(int(position))
-        self._phase.append(int(phase))
-
-    def to_trace(self) -> Trace:
-        if not self._ids:
-            raise MoeError("no tokens recorded")
-        return make_trace(
-            self.meta, np.stack(self._ids), np.stack(self._weights), self._seq, self._pos, self._phase,
-            {k: np.stack(v) for k, v in (self._preds or {}).items()},
-        )
-
-    def save(self, path) -> None:
-        save_trace(self.to_trace(), path)
+def __getattr__(name: str):
+    """``make_trace`` and ``TraceRecorder`` live in trace_recorder.py (which imports this
+    module); resolving them lazily keeps `from moe_runtime.trace import ...` the one import."""
+    if name in ("make_trace", "TraceRecorder"):
+        from . import trace_recorder
+        return getattr(trace_recorder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
