@@ -134,7 +134,9 @@ def cmd_synth(args) -> int:
     if like is not None:
         real, synth = headline(like), headline(trace)
         untuned = headline(synth_trace(meta, n_tokens, SynthKnobs(), args.seed, seq_len))
-        obj["fit"] = {s: {"real": real[s], "synth": synth[s], "untuned": untuned[s]} for s in TARGETS}
+        num = lambda v: None if not np.isfinite(v) else round(float(v), 4)  # noqa: E731  (JSON has no NaN)
+        obj["fit"] = {s: {"real": num(real[s]), "synth": num(synth[s]), "untuned": num(untuned[s])}
+                      for s in TARGETS}
         rows = [f"{'statistic':<20} {'real':>7} {'synth':>7} {'untuned':>8}"]
         rows += [f"{s:<20} {real[s]:>7.3f} {synth[s]:>7.3f} {untuned[s]:>8.3f}" for s in TARGETS]
         text += "\n" + "\n".join(rows)

@@ -157,10 +157,13 @@ def _read_jsonl(path, spec, tokens, seq_order, layers_seen) -> None:
             if missing:
                 raise MoeError(f"line {n}: missing field(s) {', '.join(missing)}")
             layer, tok, experts, probs = row["layer"], row["token_idx"], row["experts"], row["gating_probs"]
-            if not (isinstance(layer, int) and isinstance(tok, int) and tok >= 0):
+            if not isinstance(row["problem_id"], (int, str)) or isinstance(row["problem_id"], bool):
+                raise MoeError(f"line {n}: problem_id must be an integer or a string")
+            if not (isinstance(layer, int) and isinstance(tok, int) and tok >= 0) \
+                    or isinstance(layer, bool) or isinstance(tok, bool):
                 raise MoeError(f"line {n}: layer and token_idx must be integers (token_idx >= 0)")
             if not (isinstance(experts, list) and isinstance(probs, list) and len(experts) == len(probs)
-                    and all(isinstance(e, int) for e in experts)
+                    and all(isinstance(e, int) and not isinstance(e, bool) for e in experts)
                     and all(isinstance(p, (int, float)) for p in probs)):
                 raise MoeError(f"line {n}: experts and gating_probs must be lists of equal length "
                                "(integers, numbers)")

@@ -133,7 +133,8 @@ def fit_knobs(real: Trace, seed: int = 0, fit_tokens: int = 600, rounds: int = 2
     n = min(real.n_tokens, fit_tokens)
     target = headline(real.slice(0, n))
     # overlap does not depend on the token count, so take it from all of the trace
-    target["overlap"] = float(np.nanmean(adjacent_overlap(real)))
+    ov = adjacent_overlap(real)
+    target["overlap"] = float(np.nanmean(ov)) if np.isfinite(ov).any() else np.nan
     meta = real.meta
     knobs = {"skew": 0.0, "locality": 0.0, "correlation": 0.0}
     spec = {"skew": ("entropy_norm", 0.0, 3.0, -1), "locality": ("overlap", 0.0, 1.0, 1),

@@ -107,6 +107,8 @@ ROW = {"dataset": "d", "problem_id": 0, "token_idx": 0, "layer": 0, "experts": [
     ([json.dumps({**ROW, "experts": [1, 2, 3], "gating_probs": [1, 1, 1]})], "top-3 routing"),
     ([json.dumps({**ROW, "layer": -1})], "layer -1 is outside"),
     ([json.dumps({**ROW, "token_idx": "x"})], "must be integers"),
+    ([json.dumps({**ROW, "problem_id": [1]})], "problem_id must be an integer or a string"),
+    ([json.dumps({**ROW, "gating_probs": [0.5, -0.1]}), json.dumps({**ROW, "layer": 1})], "negative weight"),
 ])
 def test_malformed_jsonl(tmp_path, lines, message):
     spec = _spec_yaml(tmp_path, n_layers=2)
