@@ -3,9 +3,10 @@ a predictor, accounting and a timeline, behind the ``ExpertProvider`` interface 
 
 Contract:
 
-- The slot pool is one flat device tensor [n_slots, expert_numel] allocated once,
-  with the (w1, w3, w2) views of every slot built once; the decode path allocates
-  no tensor, only the cache's slot table changes.
+- The slot pool is one flat device tensor [n_slots, expert_numel] allocated once
+  (or lent by the caller as ``pool``, e.g. a benchmark reusing it across runs),
+  with the (w1, w3, w2) views of every slot built once; the decode path
+  allocates no tensor, only the cache's slot table changes.
 - ``begin_step(start, n)`` opens a forward pass over positions start..start+n-1
   (a prefill chunk or one decode token); every MoE layer then calls
   ``experts(layer, ids, hidden)`` and ``end_layer(layer)``. Per layer, in order:
@@ -85,7 +86,7 @@ class OffloadedExperts:
                  policy: str = "lru", scope: str = "global", predictor: Predictor | None = None,
                  lookahead: int = 1, prefetch_width: int | None = None, max_inflight: int = 4,
                  future: Sequence[Key] | None = None, popularity: dict[Key, float] | None = None,
-                 timeline: bool = False, record_predictions: bool = False) -> None:
+                 timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None) -> None:
         self.store, self.device = store, torch.device(device)
         self.n_layers, self.top_k = store.n_layers, store.top_k
         layout = store.layout
@@ -94,7 +95,11 @@ class OffloadedExperts:
             expert_bytes=layout.nbytes, policy=policy, scope=scope, max_inflight=max_inflight,
             future=future, popularity=popularity)
         self.n_slots = self.cache.n_slots  # per-layer scope rounds down to equal shares
-        self.pool = torch.empty(self.n_slots, layout.numel, dtype=layout.dtype, device=self.device)  # [S, numel]
+        if pool is None:
+            pool = torch.empty(self.n_slots, layout.numel, dtype=layout.dtype, device=self.device)  # [S, numel]
+        elif pool.shape[0] < self.n_slots or pool.shape[1:] != (layout.numel,) or pool.dtype != layout.dtype:
+            raise ValueError(f"pool {tuple(pool.shape)} {pool.dtype} cannot hold {self.n_slots} experts")
+        self.pool = pool[: self.n_slots]
         self.slot_flat = [self.pool[s] for s in range(self.n_slots)]  # [numel] views, built once
         self.views = [layout.views(f) for f in self.slot_flat]  # (w1, w3, w2) views, built once
         self.host_flat = [[store.flat(m, e) for e in range(store.n_experts)] for m in range(store.n_layers)]
