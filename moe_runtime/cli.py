@@ -14,6 +14,7 @@ from .errors import run_cli
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "profile": ("moe_runtime.profile", "measure copy bandwidth/latency and MoE layer compute; write a device YAML"),
     "generate": ("moe_runtime.generate_cli", "decode text with a MoE checkpoint"),
     "make-tiny": ("moe_runtime.tiny", "write a tiny random MoE checkpoint (no download)"),
     "calibrate": ("moe_runtime.calibrate", "fit early-aligned residual adapters for the aligned predictor"),

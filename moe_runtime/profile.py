@@ -1,0 +1,202 @@
+"""`moe-runtime profile`: measure this machine's copy and compute speeds and write a device profile YAML.
+
+Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config YAML|NAME)
+[--layers N] [--out FILE.yaml]`` measures
+
+- host-to-device copy bandwidth and latency at the model's expert size, through
+  the executor's own copy engine (CUDA: pinned host buffer, copy stream, events;
+  CPU: a copy between two host tensors on the copy thread). Latency and
+  bandwidth come from a fit t = latency + bytes / bandwidth over a small and an
+  expert-sized copy (medians of repeats);
+- device-memory bandwidth (a large on-device copy) and dense matmul TFLOP/s;
+- ``layer_compute_ms``: one decode step of the all-resident model divided by its
+  MoE layer count (so attention and dense layers are included in the average).
+  With ``--model-config`` the model is synthetic (random weights at the spec's
+  shapes, only ``--layers`` MoE layers so it fits).
+
+and writes (atomically) a YAML in the simulator's device schema
+(simulator/device.py) with ``nominal: false``; without ``--out`` it prints it.
+This module does not know the simulator's cost model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import yaml
+
+from .copy_engine import make_copy_engine
+from .errors import MoeError
+from .expert_store import ResidentExperts
+
+
+def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> tuple[float, float]:
+    """(bandwidth GB/s, latency us) of one copy engine for a flat buffer of ``numel`` elements."""
+    pin = device.type == "cuda"
+    small_numel = max(1, 4096 // torch.empty((), dtype=dtype).element_size())
+    src = torch.empty(numel, dtype=dtype, pin_memory=pin).fill_(1)
+    dst = torch.empty(numel, dtype=dtype, device=device)
+    dst.fill_(0)  # touch every page before timing
+    engine = make_copy_engine(1, device)
+    times = {}
+    try:
+        for n in (small_numel, numel):
+            durations = []
+            for i in range(repeats + 1):
+                engine.submit(0, src[:n], dst[:n], demand=True)
+                engine.wait(0)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # CPU waits on the GPU: the copy's events must be complete
+                engine.poll()
+                if i:  # the first is a warm-up
+                    r = engine.records[-1]
+                    durations.append(r.end_s - r.start_s)
+            times[n] = statistics.median(durations)
+    finally:
+        engine.close()
+    elem = torch.empty((), dtype=dtype).element_size()
+    big, small = numel * elem, small_numel * elem
+    dt = times[numel] - times[small_numel]
+    bw = (big - small) / dt if dt > 0 else big / times[numel]
+    latency = max(times[small_numel] - small / bw, 0.0)
+    return bw / 1e9, latency * 1e6
+
+
+def measure_hbm(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """Device-memory GB/s of a large on-device copy (bytes read plus bytes written)."""
+    a = torch.ones(nbytes // 4, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def measure_tflops(device: torch.device, n: int = 1024) -> float:
+    """Dense matmul TFLOP/s (bf16 on CUDA, float32 on CPU)."""
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+@torch.inference_mode()
+def measure_layer_compute(model, store, device: torch.device, steps: int = 8) -> float:
+    """Milliseconds of one decode step (one token) of the all-resident model per MoE layer (median)."""
+    provider = ResidentExperts(store, device)
+    model.setup_cache(steps + 2)
+    model(torch.tensor([1], device=device), torch.tensor([0], device=device), provider)  # warm-up
+    cur = torch.ones(1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    times = []
+    for s in range(1, steps + 1):
+        pos.fill_(s)
+        _sync(device)
+        t0 = time.perf_counter()
+        model(cur, pos, provider, last_only=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / store.n_layers * 1e3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CPU waits on the GPU so the timer measures finished work
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", required=True, choices=["cpu", "cuda"], help="device to profile")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory (config.json + safetensors)")
+    src.add_argument("--model-config", help="model spec YAML or name in configs/models (synthetic weights)")
+    p.add_argument("--layers", type=int, default=2, help="MoE layers of a synthetic model (default 2)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the checkpoint's; bfloat16 on cuda and float32 on cpu "
+                        "for --model-config)")
+    p.add_argument("--repeats", type=int, default=10, help="copies timed per size (default 10)")
+    p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
+    p.add_argument("--out", help="YAML file to write (default: print)")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoeError("--device cuda requested but CUDA is not available")
+    if args.layers < 1 or args.repeats < 1:
+        raise MoeError("--layers and --repeats must be at least 1")
+    if device.type == "cpu":  # leave a core to the copy thread, as the executor runs
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    from .checkpoint import DTYPES, load_model
+
+    if args.model:
+        model, store = load_model(args.model, device, DTYPES[args.dtype] if args.dtype else None)
+        model_name = os.path.basename(os.path.normpath(args.model))
+    else:
+        from .model_spec import load_model_spec
+        from .synthetic_model import config_from_spec, synthetic_model
+
+        spec = load_model_spec(args.model_config)
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model, store = synthetic_model(config_from_spec(spec, args.layers), device, dtype)
+        model_name = spec.name
+    gbps, latency_us = measure_copy(store.layout.numel, store.layout.dtype, device, args.repeats)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    profile = {
+        "name": args.name or f"{args.device}-profiled",
+        "nominal": False,
+        "h2d_bandwidth_gbps": round(gbps, 3),
+        "h2d_latency_us": round(latency_us, 2),
+        "copy_engines": 1,
+        "hbm_bandwidth_gbps": round(measure_hbm(device), 2),
+        "peak_tflops": round(measure_tflops(device), 4),
+        "memory_gib": round(memory_gib(device), 2),
+        "layer_compute_ms": round(measure_layer_compute(model, store, device), 4),
+        "model": model_name,
+        "source": f"moe-runtime profile on {name}: expert copies of {store.layout.nbytes} bytes "
+                  f"({store.layout.dtype}), {args.repeats} repeats, "
+                  + ("pinned host to device on the copy stream" if device.type == "cuda"
+                     else "host to host on the copy thread"),
+    }
+    text = yaml.safe_dump(profile, sort_keys=False)
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"wrote {args.out}: {gbps:.2f} GB/s, {latency_us:.1f} us per copy, "
+              f"{profile['layer_compute_ms']} ms per MoE layer")
+    else:
+        print(text, end="")
+    return 0
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write through a temporary file in the same directory and a rename."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
