@@ -49,6 +49,13 @@ def test_round_trip(tmp_path):
         assert d["weights"].dtype == np.float16 and int(d["format_version"]) == FORMAT_VERSION
 
 
+def test_meta_accepts_numpy_integers(tmp_path):
+    meta = dataclasses.replace(META, n_layers=np.int64(3), expert_bytes=np.int32(1000))
+    t = make_trace(meta, tiny().expert_ids, tiny().weights)
+    save_trace(t, tmp_path / "n.npz")
+    assert load_trace(tmp_path / "n.npz").meta == META
+
+
 def test_slice_and_lookahead_errors():
     t = tiny()
     s = t.slice(2, 4)
