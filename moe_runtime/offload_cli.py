@@ -19,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,9 @@ class OffloadRun:
         if not offloading(args):
             return None
         _check_ints(args)
+        if torch.device(args.device).type == "cpu":
+            # the copy thread needs a core of its own: compute threads spinning on every core starve it
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         L, E, K = store.n_layers, store.n_experts, store.top_k
         n_slots = budget_slots(args, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes)
         forced = trace = None
