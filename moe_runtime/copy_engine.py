@@ -214,11 +214,11 @@ class CudaCopyEngine:
         return out
 
     def wait(self, slot: int) -> None:
-        if slot not in self._on_stream:  # still in the software queue: put it on the stream now
-            for i, (s, src, dst) in enumerate(self._queue):
+        if slot not in self._on_stream:  # a prefetch still in the software queue: the compute needs it now,
+            for i, (s, src, dst) in enumerate(self._queue):  # so it goes on the demand stream
                 if s == slot:
                     del self._queue[i]
-                    self._launch(self.prefetch_stream, s, src, dst, False)
+                    self._launch(self.demand_stream, s, src, dst, True)
                     break
         # the compute stream (not the CPU) waits here, for this slot's copy event only
         torch.cuda.current_stream(self.device).wait_event(self._end[slot])

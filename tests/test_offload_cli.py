@@ -66,3 +66,26 @@ def test_trace_of_another_shape_and_missing_future_are_one_line_errors(capsys, c
     assert code == 2 and "does not match the model's (3, 8, 2)" in err and len(err.strip().splitlines()) == 1
     code, _, err = gen(capsys, ckpt, "--policy", "belady")
     assert code == 2 and "belady needs the future" in err
+
+
+def test_aligned_predictor_with_adapters_file(capsys, ckpt, tmp_path):
+    import torch
+
+    from moe_runtime.config import load_config
+    from moe_runtime.predictors.adapters import AlignedAdapters, model_fingerprint
+
+    cfg = load_config(ckpt)
+    ad = AlignedAdapters(n_layers=3, hidden=cfg.hidden_size, lookahead=1, rank=2)
+    g = torch.Generator().manual_seed(0)
+    for l, d in ad.pairs():
+        ad.set(l, d, torch.randn(cfg.hidden_size, 2, generator=g), torch.randn(cfg.hidden_size, 2, generator=g))
+    path = tmp_path / "ad.safetensors"
+    ad.save(str(path), model_fingerprint(cfg))
+    resident = json.loads(gen(capsys, ckpt)[1])["token_ids"]
+    code, out, err = gen(capsys, ckpt, "--predictor", "aligned", "--adapters", str(path), "--budget", "6",
+                         "--max-inflight", "2")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["token_ids"] == resident and r["prefetch_issued"] > 0
+    code, _, err = gen(capsys, ckpt, "--predictor", "aligned", "--adapters", str(path), "--lookahead", "2")
+    assert code == 2 and "lookahead 2 is needed" in err

@@ -34,8 +34,9 @@ def reference(family: str, device: str = "cpu"):
     if key not in _cache:
         import tempfile
 
-        path = write_tiny_checkpoint(family, tempfile.mkdtemp(prefix=f"offload-{family}-"), seed=4,
-                                     num_hidden_layers=3)
+        tmp = tempfile.TemporaryDirectory(prefix=f"offload-{family}-")  # removed when the session ends
+        _cache[("dir", key)] = tmp
+        path = write_tiny_checkpoint(family, tmp.name, seed=4, num_hidden_layers=3)
         model, store = load_model(path, device)
         L, E, K = store.n_layers, store.n_experts, store.top_k
         rec = TraceRecorder(TraceMeta(model=family, n_layers=L, n_experts=E, top_k=K,
@@ -127,3 +128,19 @@ def test_forced_routing_reproduces_and_oracle_prefetches():
 @pytest.mark.parametrize("policy,predictor,budget,scope", SUBSET + [("belady", "gate", "25%", "global")])
 def test_cuda_parity(policy, predictor, budget, scope):
     check(*run_offloaded("mixtral", policy, predictor, budget, scope, device="cuda"), budget, predictor)
+
+
+@pytest.mark.parametrize("predictor", ["history", "popularity", "noisy-oracle"])
+def test_registry_predictors_keep_parity(predictor):
+    model, store, ref_tokens, trace = reference("mixtral")
+    L, E, K = store.n_layers, store.n_experts, store.top_k
+    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
+    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=2, trace=trace))
+    provider = OffloadedExperts(store, "cpu", 8, predictor=pred, lookahead=2, max_inflight=INFLIGHT)
+    stepped = SteppedModel(model, provider, chunk=1, forced=forced)
+    try:
+        assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
+    finally:
+        model.router_override = None
+    r = provider.finish()
+    assert r["prefetch_issued"] > 0 and r["hits"] + r["late"] + r["misses"] == r["accesses"]
