@@ -14,7 +14,12 @@ stall time, and the achieved copy bandwidth as a ratio to the profiled one
 (``profile.measure_copy`` at the expert size, same engine). On CPU the "device"
 is host memory and copies are host-to-host on the copy thread; the vocabulary
 is cut (``--vocab``) because the LM head is irrelevant to expert traffic and
-dominates a CPU decode step. The CUDA targets (100% budget within 3% of
+dominates a CPU decode step. Each configuration runs ``--repeats`` times in
+interleaved rounds and its best round counts (a shared machine is noisy). With
+synthetic weights the routing is forced, so ``gate`` predicts from meaningless
+router weights: only ``oracle`` (and the trace-based predictors) say something
+about prediction quality here. Every configuration starts from an empty cache
+(cold): the first use of each expert misses, at 100% too. The CUDA targets (100% budget within 3% of
 resident; copy throughput >= 85% of profiled pinned bandwidth; oracle at 25%
 >= 3x on-demand) are printed beside the measured figures; they are only
 meaningful with ``--device cuda``.
@@ -99,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--predictors", default="none,gate,oracle")
     p.add_argument("--lookahead", type=int, default=1)
     p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="rounds over all configurations; best counts")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -128,19 +134,25 @@ def main(argv=None) -> int:
           f"({'pinned H2D, copy stream' if device.type == 'cuda' else 'host-to-host, copy thread'})")
 
     run(model, store, forced, device, prompt, 2, n_slots=K, pool=pool)  # warm-up
-    resident, _ = run(model, store, forced, device, prompt, args.new_tokens)
-    rows = [("all-resident", resident, {})]
     floor_slots = minimum_slots(experts_per_layer=K, max_inflight=0, prefetching=False, scope="global", n_layers=L)
-    ondemand, rep = run(model, store, forced, device, prompt, args.new_tokens, n_slots=floor_slots, pool=pool)
-    rows.append(("on-demand (min budget)", ondemand, rep))
+    configs = [("all-resident", {}), ("on-demand (min budget)", dict(n_slots=floor_slots))]
     for b in budgets:
         n_slots = max(L * E * b // 100, K + args.max_inflight)
         for policy in args.policies.split(","):
             for pred in args.predictors.split(","):
-                res, rep = run(model, store, forced, device, prompt, args.new_tokens, n_slots=n_slots, policy=policy,
-                               predictor=pred, lookahead=args.lookahead, inflight=args.max_inflight, pool=pool)
-                assert res.token_ids == resident.token_ids, "offloaded tokens differ from all-resident"
-                rows.append((f"{b}% {policy} {pred}", res, rep))
+                configs.append((f"{b}% {policy} {pred}", dict(
+                    n_slots=n_slots, policy=policy, predictor=pred, lookahead=args.lookahead,
+                    inflight=args.max_inflight)))
+    best: dict[str, tuple] = {}
+    for _ in range(args.repeats):  # rounds over every configuration; the best round of each counts
+        for name, kw in configs:
+            res, rep = run(model, store, forced, device, prompt, args.new_tokens, pool=pool, **kw)
+            if name not in best:
+                assert res.token_ids == best.get("all-resident", (res,))[0].token_ids, "tokens differ from resident"
+            if name not in best or res.tokens_per_s > best[name][0].tokens_per_s:
+                best[name] = (res, rep)
+    rows = [(name, *best[name]) for name, _ in configs]
+    resident, ondemand = best["all-resident"][0], best["on-demand (min budget)"][0]
 
     base, floor = resident.tokens_per_s, ondemand.tokens_per_s
     print(f"{'config':<28}{'tok/s':>8}{'x res':>7}{'x o-d':>7}{'hits':>6}{'late':>6}{'miss':>6}"
