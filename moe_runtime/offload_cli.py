@@ -146,9 +146,10 @@ class OffloadRun:
         if args.adapters:
             from .predictors.adapters import AlignedAdapters, model_fingerprint
             adapters = AlignedAdapters.load(args.adapters, model_fingerprint(model.cfg), args.lookahead)
+        # only recorded:NAME reads the forced trace; a prior from it would hand history/popularity the future
         predictor = make_predictor(args.predictor, PredictorOptions(
             n_layers=L, n_experts=E, top_k=K, lookahead=args.lookahead, model=model, adapters=adapters,
-            trace=trace))
+            trace=trace if args.predictor.startswith("recorded:") else None))
         recorder = None
         if args.record_trace:
             recorder = TraceRecorder(TraceMeta(
