@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy", default="lru", choices=list(EVICTION_POLICIES), help="eviction policy (default lru)")
     g.add_argument("--cache-scope", default="global", choices=["global", "per-layer"],
                    help="one pool for all layers, or an equal share per layer (default global)")
-    g.add_argument("--predictor", default="none", help=f"prefetch predictor: {', '.join(PREDICTORS)} "
-                                                       "or recorded:NAME (default none)")
+    names = ", ".join(n for n in PREDICTORS if n != "recorded")
+    g.add_argument("--predictor", default="none", help=f"prefetch predictor: {names} or recorded:NAME (default none)")
     g.add_argument("--lookahead", type=int, default=1, help="predict layers l+1..l+D (default 1)")
     g.add_argument("--prefetch-width", type=int, default=None, help="experts prefetched per layer (default top-k)")
     g.add_argument("--max-inflight", type=int, default=4, help="prefetches in flight at once (default 4)")
