@@ -1,0 +1,98 @@
+"""Compute time of one forward step, per MoE layer, from a roofline or a measured profile.
+
+Roofline: a piece of work takes ``max(FLOPs / peak_flops, bytes / hbm_bandwidth)``.
+For one MoE layer in a step of B tokens at context lengths c_1..c_B (the
+number of positions each token attends to, its own included):
+
+- FLOPs = sum_i attention(c_i) + B x (shared experts + router) + B x top_k x one expert
+- bytes = attention, shared-expert, norm and router weights (read once per step)
+        + KV cache read: sum_i c_i x 2 x n_kv_heads x head_dim x dtype bytes
+        + u x expert bytes, u = distinct experts the B tokens use (each read once)
+
+Per step, once: the model's dense (non-MoE) decoder layers (same roofline with
+their MLP) and the output head (vocab x hidden weights). The simulator charges
+that ``overhead`` at the end of each step.
+
+Profile: when the device gives ``layer_compute_ms`` (the measured time of one
+MoE layer for one decode token, written by ``moe-runtime profile``), every
+roofline time is scaled by ``layer_compute_ms / roofline(one MoE layer, one
+token, context 1)``: the measurement fixes the scale, the roofline the shape
+(growth with context, batch and distinct experts).
+
+This module knows nothing about caches, copies or simpy; the attention of
+models with latent attention (MLA) is approximated as the model spec says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_runtime.model_spec import ModelSpec
+
+from .device import DeviceSpec
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds of compute: ``layer[s, l]`` per MoE layer of step s, ``overhead[s]`` per step."""
+
+    layer: np.ndarray  # float64 [S, L]
+    overhead: np.ndarray  # float64 [S]
+
+    @property
+    def total(self) -> float:
+        return float(self.layer.sum() + self.overhead.sum())
+
+
+class CostModel:
+    def __init__(self, spec: ModelSpec, device: DeviceSpec) -> None:
+        self.spec, self.device = spec, device
+        s = spec
+        self.kv_bytes_per_position = 2 * s.n_kv_heads * s.head_dim * s.dtype_bytes  # one layer
+        self.score_flops_per_position = 2 * 2 * s.n_heads * s.head_dim  # q.k^T and p.v
+        self.attn_proj_flops = 2 * s.attention_params
+        self.scale = 1.0
+        if device.layer_compute_ms is not None:
+            one = self._roofline(self._moe_flops(1, 1), self._moe_bytes(1, 1, s.top_k))
+            self.scale = device.layer_compute_ms * 1e-3 / one
+
+    # -- roofline pieces (numpy-broadcastable in tokens, context sums and distinct experts) --
+    def _roofline(self, flops, nbytes):
+        return np.maximum(flops / self.device.peak_flops, nbytes / self.device.hbm_bytes_per_s)
+
+    def _moe_flops(self, n_tokens, ctx_sum):
+        s = self.spec
+        per_token = self.attn_proj_flops + s.moe_dense_flops_per_token + s.top_k * s.expert_flops_per_token
+        return n_tokens * per_token + self.score_flops_per_position * ctx_sum
+
+    def _moe_bytes(self, n_tokens, ctx_sum, n_unique):
+        return self.spec.dense_bytes_per_layer + self.kv_bytes_per_position * ctx_sum \
+            + n_unique * self.spec.expert_bytes
+
+    def _overhead(self, n_tokens, ctx_sum):
+        s = self.spec
+        H = s.hidden_size
+        n_dense = len(s.dense_layers)
+        dense_flops = n_dense * (n_tokens * (self.attn_proj_flops + 2 * 3 * H * s.dense_intermediate_size)
+                                 + self.score_flops_per_position * ctx_sum)
+        dense_bytes = n_dense * (s.dense_layer_bytes + self.kv_bytes_per_position * ctx_sum)
+        head = self._roofline(2 * n_tokens * s.vocab_size * H, s.vocab_size * H * s.dtype_bytes)
+        return self._roofline(dense_flops, dense_bytes) + head if n_dense else head
+
+    # -- what the replay asks ------------------------------------------------------------
+    def moe_layer_seconds(self, contexts, n_unique: int) -> float:
+        """One MoE layer for tokens at ``contexts`` (list of context lengths) using ``n_unique`` experts."""
+        c = np.asarray(contexts, dtype=np.float64)
+        return float(self.scale * self._roofline(self._moe_flops(len(c), c.sum()),
+                                                 self._moe_bytes(len(c), c.sum(), n_unique)))
+
+    def step_costs(self, n_tokens: np.ndarray, ctx_sum: np.ndarray, n_unique: np.ndarray) -> StepCosts:
+        """Costs of S steps: tokens per step [S], summed context lengths [S], distinct experts [S, L]."""
+        n = np.asarray(n_tokens, dtype=np.float64)[:, None]
+        c = np.asarray(ctx_sum, dtype=np.float64)[:, None]
+        u = np.asarray(n_unique, dtype=np.float64)
+        layer = self.scale * self._roofline(self._moe_flops(n, c), self._moe_bytes(n, c, u))
+        overhead = self.scale * self._overhead(n[:, 0], c[:, 0])
+        return StepCosts(np.ascontiguousarray(layer, dtype=np.float64), np.asarray(overhead, dtype=np.float64))
