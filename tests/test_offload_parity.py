@@ -144,3 +144,36 @@ def test_registry_predictors_keep_parity(predictor):
         model.router_override = None
     r = provider.finish()
     assert r["prefetch_issued"] > 0 and r["hits"] + r["late"] + r["misses"] == r["accesses"]
+
+
+def plain_lru_misses(keys, capacity):
+    from collections import OrderedDict
+
+    resident, misses = OrderedDict(), 0
+    for k in keys:
+        if k in resident:
+            resident.move_to_end(k)
+            continue
+        misses += 1
+        if len(resident) == capacity:
+            resident.popitem(last=False)
+        resident[k] = None
+    return misses
+
+
+@pytest.mark.parametrize("n_slots", [2, 3, 5, 9, 24])
+def test_executor_lru_misses_equal_a_plain_lru_over_the_same_accesses(n_slots):
+    model, store, ref_tokens, trace = reference("mixtral")
+    L, E, K = store.n_layers, store.n_experts, store.top_k
+    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
+    chunk = prefill_chunk(prompt_len=len(PROMPT), pool_slots=n_slots, n_experts=E, top_k=K, inflight=0)
+    provider = OffloadedExperts(store, "cpu", n_slots, policy="lru")
+    stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)
+    try:
+        assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
+    finally:
+        model.router_override = None
+    r = provider.finish()
+    keys = forced.future(steps(len(PROMPT), NEW, chunk))
+    assert r["accesses"] == len(keys)
+    assert r["misses"] == plain_lru_misses(keys, n_slots)
