@@ -45,6 +45,7 @@ class ForcedRouting:
         if not 0 <= seq < len(seqs):
             raise MoeError(f"--trace-seq {seq} is out of range: the trace has {len(seqs)} sequences")
         self.seq_id, start, stop = seqs[seq]
+        self.trace_start = start  # trace index of position 0
         self.ids = trace.expert_ids[start:stop].astype(np.int64)  # [T, L, K]
         self.weights = trace.weights[start:stop].astype(np.float32)  # [T, L, K]
         self.n_tokens = stop - start

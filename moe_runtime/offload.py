@@ -125,11 +125,16 @@ class OffloadedExperts:
         self._steps = 0
 
     # -- steps ---------------------------------------------------------------------------
-    def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None) -> None:
-        """A forward pass over positions start..start+n-1 begins; ``future(layer)`` = its true ids (oracles)."""
+    def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None,
+                   token: int | None = None) -> None:
+        """A forward pass over positions start..start+n-1 begins.
+
+        ``future(layer)`` gives its true ids (oracles); ``token`` is the trace index of its first token when
+        routing is forced (recorded predictions), else the position.
+        """
         self._close_step()
         self.cache.begin_step()
-        self.future_fn, self.token = future, start
+        self.future_fn, self.token = future, start if token is None else token
         self._steps += 1
         self.step_stall_s.append(0.0)
 

@@ -87,14 +87,15 @@ class SteppedModel:
 
     def _forward(self, tokens: Tensor, input_pos: Tensor, provider, last_only: bool, phase: int) -> Tensor:
         start, n = self.pos, tokens.shape[0]
-        future = None
+        future = token = None
         if self.forced is not None:
             self.forced.set_step(start, n)
             forced = self.forced
             future = lambda layer: forced.step_ids(start, n, layer)  # noqa: E731  the oracle's truth
+            token = forced.trace_start + start
         begin = getattr(self.provider, "begin_step", None)
         if begin is not None:
-            begin(start, n, future)
+            begin(start, n, future, token)
         out = self.model(tokens, input_pos, provider, last_only=last_only)
         if self.recorder is not None:
             self._record(start, n, phase)
