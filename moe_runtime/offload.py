@@ -123,6 +123,7 @@ class OffloadedExperts:
         self._waits: list[int] = []
         self._in_use: list = []  # (expert, slot, outcome) of the layer being computed
         self._steps = 0
+        self._open = False  # a step has begun and is not yet folded into the counters
 
     # -- steps ---------------------------------------------------------------------------
     def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None,
@@ -136,6 +137,7 @@ class OffloadedExperts:
         self.cache.begin_step()
         self.future_fn, self.token = future, start if token is None else token
         self._steps += 1
+        self._open = True
         self.step_stall_s.append(0.0)
 
     def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
@@ -181,8 +183,15 @@ class OffloadedExperts:
             self.engine.slot_released(slot)  # later copies into these slots wait for this layer's reads
         self.cache.release_layer()
 
+    def flush(self) -> None:
+        """Close the open step (its stall time, timeline events, predictor update) so ``report()`` includes it."""
+        self._close_step()
+
     def _close_step(self) -> None:
-        """Fold the previous step's marks into the stall counters and the timeline; feed the predictor."""
+        """Fold the open step's marks into the stall counters and the timeline; feed the predictor. Idempotent."""
+        if not self._open:
+            return
+        self._open = False
         for layer, t0, t1, t2 in self.clock.collect():
             stall = max(t1 - t0, 0.0)
             self.layer_stall_s[layer] += stall
@@ -191,10 +200,9 @@ class OffloadedExperts:
                 if stall > 0:
                     self.timeline.add("compute", f"wait L{layer}", t0, stall, step=self._steps)
                 self.timeline.add("compute", f"moe L{layer}", t1, t2 - t1, step=self._steps)
-        if self._steps:
-            if self.predictor is not None:
-                self.predictor.observe(self.history)
-            self.history.end_step()
+        if self.predictor is not None:
+            self.predictor.observe(self.history)
+        self.history.end_step()
 
     def predictions_array(self, layer_count: int, lookahead: int) -> np.ndarray:
         """The last step's predictions as int16 [L, D, P] (P = prefetch width), -1 padded, for traces."""
