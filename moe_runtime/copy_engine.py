@@ -188,6 +188,7 @@ class CudaCopyEngine:
         self._queue: deque[tuple[int, Tensor, Tensor]] = deque()  # prefetches not yet on the stream
         self._on_stream: dict[int, tuple[bool, int]] = {}  # slot -> (demand, nbytes) submitted, not polled
         self._prefetch_on_stream = 0
+        self._reaped: list[int] = []  # completed, not yet reported by poll
         self.records: list[CopyRecord] = []
         self.base = torch.cuda.Event(enable_timing=True)  # time zero of the records
         self.base.record(torch.cuda.current_stream(device))
@@ -207,11 +208,17 @@ class CudaCopyEngine:
         return False
 
     def poll(self) -> list[int]:
-        out = [s for s in self._on_stream if self._end[s].query()]  # query() does not block
-        for s in out:
-            self._complete(s)
+        self._reap()
         self._pump()
+        out, self._reaped = self._reaped, []
         return out
+
+    def _reap(self) -> None:
+        """Complete the copies whose end event has passed (``query()`` does not block); poll reports them."""
+        done = [s for s in self._on_stream if self._end[s].query()]
+        for s in done:
+            self._complete(s)
+        self._reaped.extend(done)
 
     def wait(self, slot: int) -> None:
         if slot not in self._on_stream:  # a prefetch still in the software queue: the compute needs it now,
@@ -222,6 +229,8 @@ class CudaCopyEngine:
                     break
         # the compute stream (not the CPU) waits here, for this slot's copy event only
         torch.cuda.current_stream(self.device).wait_event(self._end[slot])
+        self._reap()  # keep the prefetch stream fed
+        self._pump()
 
     def is_done(self, slot: int) -> bool:
         return slot not in self._on_stream and not any(s == slot for s, _, _ in self._queue)
@@ -238,6 +247,8 @@ class CudaCopyEngine:
             self._complete(s)
 
     def _launch(self, stream, slot: int, src: Tensor, dst: Tensor, demand: bool) -> None:
+        if slot in self._reaped:  # that report was of the slot's previous copy: never report it for this one
+            self._reaped.remove(slot)
         if slot in self._on_stream:
             # CPU waits on the GPU here (rare): the slot's previous copy was used and released before a
             # poll saw it complete; its events are about to be re-recorded, so read its times first
