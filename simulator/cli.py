@@ -1,0 +1,125 @@
+"""`moe-sim`: replay routing traces on modelled devices (``replay``), or sweep a grid (``sweep``).
+
+Flags are defined once, in ``OPTION_FLAGS``: each maps a ``ReplayOptions``
+field to its flag and help, and takes its default from the dataclass, so no
+default is typed twice. Errors are one line (``moe-sim: error: ...``, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from moe_runtime.errors import MoeError, run_cli
+from moe_runtime.timeline import Timeline, write_json_atomic
+
+from .cost_model import CostModel
+from .device import load_device
+from .replay import Replay, ReplayOptions, load_inputs
+
+_DEFAULTS = {f.name: f.default for f in fields(ReplayOptions)}
+
+# ReplayOptions field -> (flag, type, help)
+OPTION_FLAGS = {
+    "budget": ("--budget", str, "expert cache budget: bytes (2GiB), a share of all experts (25%%) "
+                                "or a count of experts (48)"),
+    "eviction": ("--eviction", str, "eviction policy: lru, lfu, fifo, layer-cyclic, static, belady"),
+    "predictor": ("--predictor", str, "none, popularity, history, oracle, noisy-oracle or recorded:NAME"),
+    "lookahead": ("--lookahead", int, "layers ahead the predictor predicts"),
+    "scope": ("--cache-scope", str, "global (one pool) or per-layer (equal share per layer)"),
+    "batch": ("--batch", int, "tokens per step, one from each of B sequences decoded together"),
+    "max_inflight": ("--max-inflight", int, "prefetches in flight at most"),
+    "prefetch_width": ("--prefetch-width", int, "experts prefetched per predicted layer "
+                                                "(default: what one layer needs)"),
+    "tokens": ("--tokens", int, "replay only the first N tokens of the trace"),
+    "recall": ("--recall", float, "noisy-oracle recall"),
+    "precision": ("--precision", float, "noisy-oracle precision"),
+    "seed": ("--seed", int, "random seed (noisy-oracle)"),
+}
+
+
+def add_option_flags(p: argparse.ArgumentParser) -> None:
+    for name, (flag, typ, help_text) in OPTION_FLAGS.items():
+        d = _DEFAULTS[name]
+        p.add_argument(flag, dest=name, type=typ, default=d,
+                       help=help_text + ("" if d is None else f" (default: {d})".replace("%", "%%")))
+
+
+def options_from_args(args) -> ReplayOptions:
+    return ReplayOptions(**{name: getattr(args, name) for name in OPTION_FLAGS})
+
+
+def run_replay(args) -> int:
+    opts = options_from_args(args)
+    trace, spec = load_inputs(args.trace, args.model, opts.tokens)
+    device = load_device(args.device)
+    timeline = Timeline("moe-sim") if args.timeline else None
+    rep = Replay(trace, CostModel(spec, device), opts, timeline=timeline).run()
+    rep["trace"] = str(args.trace)
+    if timeline is not None:
+        timeline.write(args.timeline)
+    if args.out:
+        write_json_atomic(args.out, rep)
+    if args.json:
+        json.dump(rep, sys.stdout, indent=1)
+        print()
+        return 0
+    b = rep["bounds"]
+    print(f"{rep['model']} on {rep['device']}{' (nominal)' if rep['device_nominal'] else ' (profiled)'}: "
+          f"{rep['tokens']} tokens in {rep['steps']} steps, budget {opts.budget} = {rep['n_slots']} experts "
+          f"({rep['budget_bytes'] / 2**30:.2f} GiB, {100 * rep['budget_fraction']:.1f}%), "
+          f"{opts.eviction}, predictor {opts.predictor}"
+          + (f" (lookahead {opts.lookahead})" if opts.prefetching else "") + f", scope {opts.scope}")
+    print(f"  accesses {rep['accesses']:,}: hits {rep['hits']:,} ({100 * rep['hit_rate']:.1f}%), "
+          f"late {rep['late']:,}, misses {rep['misses']:,}")
+    print(f"  prefetches issued {rep['prefetch_issued']:,}, used {rep['prefetch_used']:,}, "
+          f"wasted {rep['prefetch_wasted']:,}; copied {rep['bytes_h2d'] / 1e9:.2f} GB")
+    print(f"  compute {rep['compute_s']:.3f} s + stall {rep['stall_s']:.3f} s = {rep['total_s']:.3f} s "
+          f"-> {rep['tokens_per_s']:.2f} tokens/s")
+    print(f"  bounds: all-resident {b['all_resident_tokens_per_s']:.2f} tokens/s, best possible at this budget "
+          f"{b['best_tokens_per_s']:.2f} tokens/s (Belady misses {b['belady_misses']:,})")
+    print(f"  replayed {rep['accesses_per_wall_s']:,.0f} accesses/s of wall time")
+    if args.timeline:
+        print(f"  timeline: {args.timeline} (open in https://ui.perfetto.dev)")
+    return 0
+
+
+def run_sweep(args) -> int:
+    from .sweep import run_experiment
+    return run_experiment(args.experiment, out=args.out, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-sim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("replay", help="replay one trace with one configuration")
+    r.add_argument("--trace", required=True, help="trace file (.npz, see traces/FORMAT.md)")
+    r.add_argument("--device", required=True, help="device name in configs/devices or a YAML file "
+                                                   "(e.g. one written by moe-runtime profile)")
+    r.add_argument("--model", default=None, help="model name in configs/models, a YAML file or a checkpoint "
+                                                 "directory (default: the trace's meta.model)")
+    add_option_flags(r)
+    r.add_argument("--json", action="store_true", help="print the full report as JSON")
+    r.add_argument("--out", default=None, help="also write the JSON report to this file (atomically)")
+    r.add_argument("--timeline", default=None, help="write a Chrome/Perfetto trace-event JSON here")
+    r.set_defaults(_run=run_replay)
+    s = sub.add_parser("sweep", help="run an experiment grid (budgets x policies x predictors x ...)")
+    s.add_argument("experiment", help="experiment YAML (see configs/experiments/quickstart.yaml)")
+    s.add_argument("--out", default=None, help="output directory (default: the experiment's out, "
+                                               "or out/<name>)")
+    s.add_argument("--workers", type=int, default=None, help="parallel processes (default: min(2, CPUs))")
+    s.set_defaults(_run=run_sweep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    def body():
+        args = build_parser().parse_args(argv)
+        return args._run(args)
+    run_cli(body, "moe-sim")
+
+
+if __name__ == "__main__":
+    main()

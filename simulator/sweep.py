@@ -1,0 +1,278 @@
+"""`moe-sim sweep`: replay one trace over a grid of budgets x policies x predictors x lookaheads x devices x scopes.
+
+Experiment YAML (frozen ``Experiment``; lists are swept, scalars fixed)::
+
+    name: quickstart                 # required
+    trace: traces/deepseek-v2-lite-law.npz   # required; relative paths: to the cwd, else the repo root
+    model: deepseek-v2-lite          # optional (default: the trace's meta.model)
+    tokens: 1000                     # optional: first N tokens
+    budgets: ["10%", "50%", 2GiB, 48]
+    evictions: [lru, belady]
+    predictors: [none, history]      # "none" is run once, not once per lookahead
+    lookaheads: [1, 2]               # default [ReplayOptions.lookahead]
+    devices: [rtx-4060-8gb]          # names or YAML files
+    scopes: [global]                 # default [ReplayOptions.scope]
+    batch, max_inflight, prefetch_width, recall, precision, seed: scalars, defaults from ReplayOptions
+    out: out/quickstart              # optional (default out/<name>)
+
+Output directory: ``results.json`` (experiment fingerprint + one record per
+finished point) and ``results.csv``, both rewritten atomically after every
+finished point, so an interrupted sweep resumes where it stopped (finished
+points are kept and skipped; a directory holding another experiment's results
+is refused); ``tokens_per_s.png`` at the end. A point whose budget is below the
+minimum is recorded with its error, not fatal.
+
+This module knows nothing about how a replay works inside.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from moe_runtime.errors import MoeError
+from moe_runtime.trace import write_atomic
+from moe_runtime.timeline import write_json_atomic
+
+from .cost_model import CostModel
+from .device import load_device
+from .replay import Replay, ReplayOptions, build_workload, load_inputs
+
+REPO = Path(__file__).resolve().parent.parent
+_OPT = {f.name: f.default for f in fields(ReplayOptions)}
+SWEPT = {"budgets": "budget", "evictions": "eviction", "predictors": "predictor", "lookaheads": "lookahead",
+         "scopes": "scope"}
+FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed")
+CSV_COLUMNS = ("key", "device", "scope", "budget", "eviction", "predictor", "lookahead", "n_slots",
+               "budget_fraction", "accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_used",
+               "prefetch_wasted", "bytes_h2d", "compute_s", "stall_s", "total_s", "tokens_per_s",
+               "all_resident_tokens_per_s", "best_tokens_per_s", "wall_s", "error")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    trace: str
+    budgets: tuple
+    evictions: tuple
+    predictors: tuple
+    devices: tuple
+    lookaheads: tuple = (_OPT["lookahead"],)
+    scopes: tuple = (_OPT["scope"],)
+    model: str | None = None
+    tokens: int | None = None
+    batch: int = _OPT["batch"]
+    max_inflight: int = _OPT["max_inflight"]
+    prefetch_width: int | None = _OPT["prefetch_width"]
+    recall: float = _OPT["recall"]
+    precision: float = _OPT["precision"]
+    seed: int = _OPT["seed"]
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in ("name", "trace"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f):
+                raise MoeError(f"{f} must be a non-empty string")
+        for f in ("budgets", "evictions", "predictors", "devices", "lookaheads", "scopes"):
+            v = getattr(self, f)
+            if not isinstance(v, tuple) or not v:
+                raise MoeError(f"{f} must be a non-empty list")
+        for p in self.points():  # validates every option combination (no I/O)
+            pass
+
+    def options(self, budget, eviction, predictor, lookahead, scope) -> ReplayOptions:
+        return ReplayOptions(budget=str(budget), eviction=eviction, predictor=predictor, lookahead=lookahead,
+                             scope=scope, tokens=self.tokens, **{f: getattr(self, f) for f in FIXED})
+
+    def points(self) -> list[tuple[str, str, ReplayOptions]]:
+        """(key, device, options) of every grid point, "none" predictors once per lookahead list."""
+        out, seen = [], set()
+        for dev, scope, b, ev, pred, la in itertools.product(self.devices, self.scopes, self.budgets,
+                                                             self.evictions, self.predictors, self.lookaheads):
+            if pred == "none":
+                la = self.lookaheads[0]
+            key = f"{dev}|{scope}|{b}|{ev}|{pred}|{la}"
+            if key not in seen:
+                seen.add(key)
+                out.append((key, dev, self.options(b, ev, pred, la, scope)))
+        return out
+
+    def fingerprint(self) -> str:
+        """What results depend on besides the grid: a resumed sweep must match it."""
+        d = {k: v for k, v in asdict(self).items() if k not in SWEPT and k not in ("devices", "out", "name")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def experiment_from_dict(d) -> Experiment:
+    if not isinstance(d, dict):
+        raise MoeError("experiment must be a mapping of field: value")
+    names = {f.name for f in fields(Experiment)}
+    unknown = sorted(set(map(str, d)) - names)
+    if unknown:
+        raise MoeError(f"unknown field(s): {', '.join(unknown)}")
+    missing = [f for f in ("name", "trace", "budgets", "evictions", "predictors", "devices") if f not in d]
+    if missing:
+        raise MoeError(f"missing field(s): {', '.join(missing)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for k in ("budgets", "evictions", "predictors", "devices", "lookaheads", "scopes"):
+        if k in d and not isinstance(d[k], tuple):
+            d[k] = (d[k],)
+    try:
+        return Experiment(**d)
+    except TypeError as e:
+        raise MoeError(str(e)) from None
+
+
+def load_experiment(path) -> Experiment:
+    p = Path(path)
+    if not p.is_file():
+        raise MoeError(f"experiment file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MoeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return experiment_from_dict(data)
+    except MoeError as e:
+        raise MoeError(f"{path}: {e}") from None
+
+
+def resolve(path: str) -> str:
+    """A relative path as given if it exists from the cwd, else from the repository root."""
+    return path if os.path.isabs(path) or os.path.exists(path) else str(REPO / path)
+
+
+# -- workers: each process loads the trace once, and reuses workloads across points -------------------
+_STATE: dict = {}
+
+
+def _init_worker(trace_path: str, model, tokens) -> None:
+    _STATE.clear()
+    _STATE["inputs"] = load_inputs(trace_path, model, tokens)
+    _STATE["workloads"], _STATE["devices"] = {}, {}
+
+
+def _run_point(point) -> dict:
+    key, dev_name, opts = point
+    trace, spec = _STATE["inputs"]
+    row = {"key": key, "device": dev_name, "scope": opts.scope, "budget": opts.budget,
+           "eviction": opts.eviction, "predictor": opts.predictor, "lookahead": opts.lookahead}
+    try:
+        if dev_name not in _STATE["devices"]:
+            _STATE["devices"][dev_name] = CostModel(spec, load_device(resolve(dev_name) if "/" in dev_name
+                                                                      else dev_name))
+        w = _STATE["workloads"].get(opts.batch) or _STATE["workloads"].setdefault(
+            opts.batch, build_workload(trace, opts.batch))
+        rep = Replay(trace, _STATE["devices"][dev_name], opts, workload=w).run()
+    except MoeError as e:
+        row["error"] = str(e)
+        return row
+    row.update({k: rep[k] for k in CSV_COLUMNS if k in rep})
+    row["all_resident_tokens_per_s"] = rep["bounds"]["all_resident_tokens_per_s"]
+    row["best_tokens_per_s"] = rep["bounds"]["best_tokens_per_s"]
+    row["report"] = rep
+    return row
+
+
+def _save(out: Path, exp: Experiment, results: dict) -> None:
+    rows = [results[k] for k in sorted(results)]
+    write_json_atomic(out / "results.json", {"experiment": asdict(exp), "fingerprint": exp.fingerprint(),
+                                             "results": rows})
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    wr.writeheader()
+    wr.writerows(rows)
+    write_atomic(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
+
+
+def _load_previous(out: Path, exp: Experiment) -> dict:
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        prev = json.loads(path.read_text())
+        rows, fp = prev["results"], prev["fingerprint"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise MoeError(f"{path}: not a sweep results file ({e}); delete it or use another --out") from None
+    if fp != exp.fingerprint():
+        raise MoeError(f"{out} holds results of a different experiment (trace, model, tokens or fixed options "
+                       "differ); use another --out or delete it")
+    return {r["key"]: r for r in rows if isinstance(r, dict) and "key" in r}
+
+
+def run_experiment(path, out: str | None = None, workers: int | None = None) -> int:
+    from tqdm import tqdm
+
+    from .plots import plot_sweep
+
+    exp = load_experiment(path)
+    workers = workers or min(2, os.cpu_count() or 1)
+    if workers < 1:
+        raise MoeError(f"--workers must be >= 1, got {workers}")
+    out_dir = Path(out or exp.out or f"out/{exp.name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace_path = resolve(exp.trace)
+    _init_worker(trace_path, exp.model, exp.tokens)  # fails early, in this process, on bad inputs
+    for d in exp.devices:
+        load_device(resolve(d) if "/" in d else d)
+    points = exp.points()
+    results = _load_previous(out_dir, exp)
+    todo = [p for p in points if p[0] not in results]
+    if results:
+        print(f"resuming: {len(points) - len(todo)} of {len(points)} points already done in {out_dir}, "
+              f"skipping them")
+    print(f"{exp.name}: {len(todo)} points to run on {workers} worker(s), trace {exp.trace}"
+          + (f" (first {exp.tokens} tokens)" if exp.tokens else ""))
+    bar = tqdm(total=len(todo), unit="point", dynamic_ncols=True)
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for p in todo:
+                row = _run_point(p)
+                results[row["key"]] = row
+                _save(out_dir, exp, results)
+                bar.update()
+        else:
+            with multiprocessing.get_context("fork").Pool(
+                    workers, initializer=_init_worker, initargs=(trace_path, exp.model, exp.tokens)) as pool:
+                for row in pool.imap_unordered(_run_point, todo):
+                    results[row["key"]] = row
+                    _save(out_dir, exp, results)
+                    bar.update()
+    finally:
+        bar.close()
+    rows = [results[k] for k in sorted(results)]
+    errors = [r for r in rows if r.get("error")]
+    png = plot_sweep([r for r in rows if not r.get("error")], out_dir / "tokens_per_s.png", title=exp.name)
+    print(summary(rows))
+    for r in errors[:5]:
+        print(f"  skipped {r['key']}: {r['error']}")
+    print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.json'}" + (f", {png}" if png else ""))
+    return 0
+
+
+def summary(rows: list[dict]) -> str:
+    """Per (device, scope, budget): the fastest configuration, beside the bounds."""
+    best: dict = {}
+    for r in rows:
+        if r.get("error"):
+            continue
+        k = (r["device"], r["scope"], r["budget"])
+        if k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]:
+            best[k] = r
+    lines = [f"{'device':<16} {'scope':<9} {'budget':>7} {'tok/s':>8} {'best':>8} {'resident':>8}  fastest"]
+    for k in sorted(best, key=lambda k: (k[0], k[1], best[k]["budget_fraction"])):
+        r = best[k]
+        how = f"{r['eviction']} + {r['predictor']}" + (f" (lookahead {r['lookahead']})"
+                                                       if r["predictor"] != "none" else "")
+        lines.append(f"{k[0]:<16} {k[1]:<9} {k[2]:>7} {r['tokens_per_s']:>8.2f} {r['best_tokens_per_s']:>8.2f} "
+                     f"{r['all_resident_tokens_per_s']:>8.2f}  {how}")
+    return "\n".join(lines)
