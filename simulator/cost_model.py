@@ -13,11 +13,13 @@ Per step, once: the model's dense (non-MoE) decoder layers (same roofline with
 their MLP) and the output head (vocab x hidden weights). The simulator charges
 that ``overhead`` at the end of each step.
 
-Profile: when the device gives ``layer_compute_ms`` (the measured time of one
-MoE layer for one decode token, written by ``moe-runtime profile``), every
-roofline time is scaled by ``layer_compute_ms / roofline(one MoE layer, one
-token, context 1)``: the measurement fixes the scale, the roofline the shape
-(growth with context, batch and distinct experts).
+Profile: when the device gives ``layer_compute_ms`` (written by ``moe-runtime
+profile``: one all-resident decode step of one token divided by the number of
+MoE layers, so dense layers, attention and the head are in the average), every
+roofline time is scaled so that one step of one token at context 1 takes
+``n_moe_layers x layer_compute_ms``: the measurement fixes the scale, the
+roofline the shape (the split between MoE layers and the rest, and the growth
+with context, batch and distinct experts).
 
 This module knows nothing about caches, copies or simpy; the attention of
 models with latent attention (MLA) is approximated as the model spec says.
@@ -55,8 +57,9 @@ class CostModel:
         self.attn_proj_flops = 2 * s.attention_params
         self.scale = 1.0
         if device.layer_compute_ms is not None:
-            one = self._roofline(self._moe_flops(1, 1), self._moe_bytes(1, 1, s.top_k))
-            self.scale = device.layer_compute_ms * 1e-3 / one
+            one_step = s.n_moe_layers * self._roofline(self._moe_flops(1, 1), self._moe_bytes(1, 1, s.top_k)) \
+                + self._overhead(1, 1)
+            self.scale = s.n_moe_layers * device.layer_compute_ms * 1e-3 / float(one_step)
 
     # -- roofline pieces (numpy-broadcastable in tokens, context sums and distinct experts) --
     def _roofline(self, flops, nbytes):

@@ -12,7 +12,7 @@ nominal device::
     hbm_bandwidth_gbps: 272     # float > 0, required: device memory GB/s (decimal)
     peak_tflops: 30             # float > 0, required: dense bf16/fp16 tensor TFLOP/s
     memory_gib: 8               # float > 0, required: device memory, GiB
-    layer_compute_ms: 0.42      # float > 0, optional: measured time of one MoE layer for one decode token
+    layer_compute_ms: 0.42      # float > 0, optional: measured all-resident decode step of one token / MoE layers
     model: deepseek-v2-lite     # str, optional: the model layer_compute_ms was measured with
     source: "..."               # str, optional: where the numbers come from
 

@@ -32,13 +32,17 @@ possible = max(all-resident time, Belady's miss bytes / aggregate copy
 bandwidth): Belady eviction with a perfect prefetcher limited only by bandwidth
 (no latency, copies fully overlapped), computed, not simulated.
 
-This module knows nothing about the command line or files other than what it is given.
+``load_inputs`` is the one place that turns a trace path, a model name/file/
+checkpoint directory and a token count into a checked (trace, ModelSpec); the
+rest of this module knows nothing about files or the command line.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -46,6 +50,8 @@ import simpy
 
 from moe_runtime.budget import check_budget, parse_budget
 from moe_runtime.errors import MoeError
+from moe_runtime.model_spec import ModelSpec, available_models, load_model_spec
+from moe_runtime.trace import load_trace
 from moe_runtime.expert_cache import READY, ExpertCache, Outcome, access_sequence
 from moe_runtime.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PREDICTORS, PredictContext, PredictorOptions, RoutingHistory, \
@@ -97,6 +103,38 @@ class ReplayOptions:
     @property
     def prefetching(self) -> bool:
         return self.predictor != "none"
+
+
+def load_inputs(trace_path, model: str | None = None, tokens: int | None = None):
+    """Load the trace (its first ``tokens``) and the model spec; check that they describe one model.
+
+    ``model``: a configs/models name, a YAML file, or a checkpoint directory with config.json;
+    by default the trace's ``meta.model`` when it names one of those.
+    """
+    trace = load_trace(trace_path)
+    if tokens is not None and tokens < trace.n_tokens:
+        trace = trace.slice(0, tokens)
+    name = model or trace.meta.model
+    if (Path(name) / "config.json").is_file():
+        try:
+            cfg = json.loads((Path(name) / "config.json").read_text())
+        except ValueError as e:
+            raise MoeError(f"{name}/config.json: not valid JSON ({e})") from None
+        spec = ModelSpec.from_hf_config(cfg, name=Path(name).name)
+    elif model is None and name not in available_models() and not Path(name).is_file():
+        raise MoeError(f"the trace's model {name!r} is not in configs/models "
+                       f"({', '.join(available_models())}): pass --model NAME|FILE|DIR")
+    else:
+        spec = load_model_spec(name)
+    m = trace.meta
+    for what, a, b in (("MoE layers", spec.n_moe_layers, m.n_layers), ("experts", spec.n_experts, m.n_experts),
+                       ("top-k", spec.top_k, m.top_k)):
+        if a != b:
+            raise MoeError(f"model {spec.name} has {a} {what} but the trace {trace_path} has {b}")
+    if m.expert_bytes and m.expert_bytes != spec.expert_bytes:
+        raise MoeError(f"model {spec.name} has experts of {spec.expert_bytes:,} bytes but the trace records "
+                       f"{m.expert_bytes:,}")
+    return trace, spec
 
 
 @dataclass(frozen=True)
@@ -274,12 +312,14 @@ class Replay:
                     tl.add("compute", f"L{l}", env.now + pending, costs_s[l], step=s)
                 pending += costs_s[l]
                 cache.release_layer()
-                hist.record(l, ids)
+                if prefetching:  # only predictors read the history
+                    hist.record(l, ids)
             if tl is not None:
                 tl.add("compute", "dense+head", env.now + pending, overhead[s], step=s)
             pending += overhead[s]
-            pred.observe(hist)
-            hist.end_step()
+            if prefetching:
+                pred.observe(hist)
+                hist.end_step()
         if pending:
             yield env.timeout(pending)
 
