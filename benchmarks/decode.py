@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="50,25", help="percent budgets (default 50,25)")
     p.add_argument("--policies", default=",".join(EVICTION_POLICIES))
     p.add_argument("--predictors", default="none,gate,oracle")
+    p.add_argument("--scopes", default="global", help="cache scopes: global and/or per-layer (default global)")
     p.add_argument("--lookahead", type=int, default=1)
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="rounds over all configurations; best counts")
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     forced.check_length(len(prompt) + args.new_tokens - 1)
     L, E, K = store.n_layers, store.n_experts, store.top_k
     budgets = [int(b) for b in args.budgets.split(",")]
-    pool = torch.empty(L * E * max(budgets) // 100 + K + args.max_inflight, store.layout.numel,
+    pool = torch.empty(max(L * E * max(budgets) // 100, L * (K + args.max_inflight)), store.layout.numel,
                        dtype=store.layout.dtype, device=device)
     pool.zero_()  # touch every page once, outside the timed runs
     print(f"# {'warm' if args.warm else 'cold'} caches; {spec.name}: {L} MoE layers (of {spec.n_moe_layers}), {E} experts, top-{K}, expert "
@@ -154,13 +155,16 @@ def main(argv=None) -> int:
     run(model, store, forced, device, prompt, 2, n_slots=K, pool=pool)  # warm-up
     floor_slots = minimum_slots(experts_per_layer=K, max_inflight=0, prefetching=False, scope="global", n_layers=L)
     configs = [("all-resident", {}), ("on-demand (min budget)", dict(n_slots=floor_slots))]
-    for b in budgets:
-        n_slots = max(L * E * b // 100, K + args.max_inflight)
-        for policy in args.policies.split(","):
-            for pred in args.predictors.split(","):
-                configs.append((f"{b}% {policy} {pred}", dict(
-                    n_slots=n_slots, policy=policy, predictor=pred, lookahead=args.lookahead,
-                    inflight=args.max_inflight)))
+    for scope in args.scopes.split(","):
+        need = minimum_slots(experts_per_layer=K, max_inflight=args.max_inflight, prefetching=True, scope=scope,
+                             n_layers=L)
+        for b in budgets:
+            n_slots = max(L * E * b // 100, need)
+            for policy in args.policies.split(","):
+                for pred in args.predictors.split(","):
+                    name = f"{b}% {policy} {pred}" + ("" if scope == "global" else " per-layer")
+                    configs.append((name, dict(n_slots=n_slots, policy=policy, predictor=pred, scope=scope,
+                                               lookahead=args.lookahead, inflight=args.max_inflight)))
     best: dict[str, tuple] = {}
     for _ in range(args.repeats):  # rounds over every configuration; the best round of each counts
         for name, kw in configs:
@@ -173,11 +177,11 @@ def main(argv=None) -> int:
     resident, ondemand = best["all-resident"][0], best["on-demand (min budget)"][0]
 
     base, floor = resident.tokens_per_s, ondemand.tokens_per_s
-    print(f"{'config':<28}{'tok/s':>8}{'x res':>7}{'x o-d':>7}{'hits':>6}{'late':>6}{'miss':>6}"
+    print(f"{'config':<38}{'tok/s':>8}{'x res':>7}{'x o-d':>7}{'hits':>6}{'late':>6}{'miss':>6}"
           f"{'pf use/iss':>11}{'stall s':>9}{'copy GB/s':>10}{'x prof':>7}")
     for name, res, rep in rows:
         tps = res.tokens_per_s
-        line = f"{name:<28}{tps:>8.2f}{tps / base:>7.2f}{tps / floor:>7.2f}"
+        line = f"{name:<38}{tps:>8.2f}{tps / base:>7.2f}{tps / floor:>7.2f}"
         if rep:
             line += (f"{rep['hits']:>6}{rep['late']:>6}{rep['misses']:>6}"
                      f"{rep['prefetch_used']:>5}/{rep['prefetch_issued']:<5}{rep['stall_s']:>9.3f}"
