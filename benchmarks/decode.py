@@ -187,6 +187,17 @@ def main(argv=None) -> int:
                      f"{rep['prefetch_used']:>5}/{rep['prefetch_issued']:<5}{rep['stall_s']:>9.3f}"
                      f"{rep['copy_gbps']:>10.2f}{rep['copy_gbps'] / gbps:>7.2f}")
         print(line)
+    od_rep = best["on-demand (min budget)"][1]
+    copy_s = store.layout.nbytes / (gbps * 1e9) + lat * 1e-6
+    predicted = resident.prefill_s + resident.decode_s + od_rep["misses"] * copy_s
+    measured = ondemand.prefill_s + ondemand.decode_s
+    achieved = od_rep["copy_gbps"] or gbps
+    predicted_achieved = resident.prefill_s + resident.decode_s + od_rep["misses"] * (
+        store.layout.nbytes / (achieved * 1e9) + lat * 1e-6)
+    print(f"# on-demand vs DESIGN's identity (resident time + misses x (bytes / bandwidth + latency)): "
+          f"measured {measured:.3f} s, predicted {predicted:.3f} s ({od_rep['misses']} misses x "
+          f"{copy_s * 1e3:.2f} ms), ratio {measured / predicted:.2f}; with the achieved copy bandwidth "
+          f"{predicted_achieved:.3f} s, ratio {measured / predicted_achieved:.2f}")
     oracle25 = [r for n, r, _ in rows if n.startswith("25% ") and n.endswith(" oracle")]
     full = [r for n, r, _ in rows if n.startswith("100% ")]
     copies = [rep["copy_gbps"] for _, _, rep in rows if rep and rep["copies"]]
