@@ -5,15 +5,16 @@ Contract:
 - ``add_arguments(parser)`` adds the offloading flags (budget, policy, scope,
   predictor, lookahead, prefetch width, in-flight cap, forced routing, static
   profile, adapters, trace recording, timeline).
-- ``preflight(args)`` reads only config.json (and the safetensors header for
-  the dtype) and refuses a budget below the minimum (one layer's top-k experts
+- ``preflight(args)`` reads only config.json (and, when it names no dtype, the
+  safetensors header) and refuses a budget below the minimum (one layer's top-k experts
   plus the in-flight slots; times the layers with per-layer scope) before any
   weight is loaded.
 - ``OffloadRun.build(args, model, store, prompt_len)`` returns None when no
   offloading flag is given (all experts resident, the reference) and otherwise
-  the provider and the wrapped model to pass to ``generate()``;
-  ``finish(result)`` writes the recorded trace and the timeline and returns
+  the provider and the wrapped model to pass to ``generate()``; ``finish()``
+  drains the copies, writes the recorded trace and the timeline, and returns
   the fields ``--json`` adds (see README).
+- On CPU, ``build`` leaves one core to the copy thread (``torch.set_num_threads``).
 """
 
 from __future__ import annotations
