@@ -51,7 +51,7 @@ import simpy
 from moe_runtime.budget import check_budget, parse_budget
 from moe_runtime.errors import MoeError
 from moe_runtime.model_spec import ModelSpec, available_models, load_model_spec
-from moe_runtime.trace import load_trace
+from moe_runtime.trace import PHASE_DECODE, load_trace
 from moe_runtime.expert_cache import READY, ExpertCache, Outcome, access_sequence
 from moe_runtime.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PREDICTORS, PredictContext, PredictorOptions, RoutingHistory, \
@@ -259,6 +259,7 @@ class Replay:
         layer_cost, overhead = self.costs.layer.tolist(), self.costs.overhead.tolist()
         stall_l = self.layer_stall
         first_token = self.w.first_token.tolist()
+        step_end = self.step_end = []
         pending = 0.0  # compute not yet yielded: nothing can happen before env.now + pending
         for s, step_ids in enumerate(self.w.ids):
             cache.begin_step()
@@ -317,11 +318,20 @@ class Replay:
             if tl is not None:
                 tl.add("compute", "dense+head", env.now + pending, overhead[s], step=s)
             pending += overhead[s]
+            step_end.append(env.now + pending)
             if prefetching:
                 pred.observe(hist)
                 hist.end_step()
         if pending:
             yield env.timeout(pending)
+
+    def _phase_times(self) -> dict:
+        """Simulated seconds of steps whose first token was recorded as prefill, and as decode."""
+        ends = np.asarray(self.step_end)
+        dur = np.diff(ends, prepend=0.0)
+        decode = self.trace.phase[self.w.first_token] == PHASE_DECODE
+        return {"prefill": float(dur[~decode].sum()), "decode": float(dur[decode].sum()),
+                "decode_steps": int(decode.sum())}
 
     def run(self) -> dict:
         t_wall = time.perf_counter()
@@ -353,6 +363,7 @@ class Replay:
             "hit_rate": stats["hits"] / max(stats["accesses"], 1),
             "compute_s": compute_s, "stall_s": sum(self.layer_stall), "total_s": total_s,
             "tokens_per_s": n_tok / total_s if total_s > 0 else float("inf"),
+            "phase_s": self._phase_times(),
             "per_layer": per_layer,
             "bounds": bounds(self.w.ids, n_slots=self.n_slots, scope=opts.scope, n_layers=self.trace.n_layers,
                              expert_bytes=self.expert_bytes, compute_s=compute_s, n_tokens=n_tok,
