@@ -12,6 +12,7 @@ passes that as a predicate.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import OrderedDict, defaultdict
 from typing import Callable, ClassVar, Iterable, Sequence
 
@@ -62,25 +63,65 @@ class FIFO(EvictionPolicy):
         pass
 
 
+class _LazyHeap:
+    """A min-heap of (priority, key) where a key's live priority is kept in ``live``.
+
+    Entries whose priority no longer matches ``live`` are stale and dropped when
+    they surface, so updates are a push (O(log n)) instead of a re-sort.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[Key, tuple] = {}
+        self._heap: list[tuple[tuple, Key]] = []
+
+    def set(self, key: Key, priority: tuple) -> None:
+        self.live[key] = priority
+        heapq.heappush(self._heap, (priority, key))
+
+    def discard(self, key: Key) -> None:
+        self.live.pop(key, None)
+
+    def first(self, evictable: Evictable) -> Key | None:
+        """The live key of least priority for which ``evictable`` holds (the heap is left intact)."""
+        held, found = [], None
+        while self._heap:
+            prio, key = self._heap[0]
+            if self.live.get(key) != prio:
+                heapq.heappop(self._heap)  # stale
+            elif evictable(key):
+                found = key
+                break
+            else:
+                held.append(heapq.heappop(self._heap))  # pinned, loading or protected: few
+        for item in held:
+            heapq.heappush(self._heap, item)
+        return found
+
+
 class LFU(EvictionPolicy):
     """Evict the fewest-used expert; counts survive eviction (frequency so far); ties by LRU."""
 
     name = "lfu"
 
     def __init__(self) -> None:
-        super().__init__()
         self._count: dict[Key, int] = defaultdict(int)
+        self._tick = 0
+        self._heap = _LazyHeap()  # priority (uses, last use)
+
+    def insert(self, key: Key) -> None:
+        self._heap.set(key, (self._count[key], self._tick))
 
     def access(self, key: Key) -> None:
+        self._tick += 1
         self._count[key] += 1
-        super().access(key)
+        if key in self._heap.live:
+            self._heap.set(key, (self._count[key], self._tick))
+
+    def remove(self, key: Key) -> None:
+        self._heap.discard(key)
 
     def victim(self, evictable: Evictable, layer: int) -> Key | None:
-        best, best_count = None, None
-        for k in self._lru:  # LRU order, so the first minimum wins ties
-            if evictable(k) and (best_count is None or self._count[k] < best_count):
-                best, best_count = k, self._count[k]
-        return best
+        return self._heap.first(evictable)
 
 
 class LayerCyclic(EvictionPolicy):
@@ -143,40 +184,39 @@ class Belady(EvictionPolicy):
     """Evict the expert whose next use lies furthest in the future (optimal miss count).
 
     ``future`` is the exact sequence of keys that ``access`` will be called
-    with; the policy counts its calls to know where it stands.
+    with; the policy counts its calls to know where it stands. Among experts
+    never used again any victim gives the same miss count.
     """
 
     name = "belady"
     needs_future = True
+    NEVER = 1 << 62
 
     def __init__(self, future: Sequence[Key]) -> None:
-        super().__init__()
         self._uses: dict[Key, list[int]] = defaultdict(list)
         for i, k in enumerate(future):
             self._uses[k].append(i)
         self._now = 0
+        self._heap = _LazyHeap()  # priority (-next use,): furthest first
+
+    def _next_use(self, key: Key) -> int:
+        uses = self._uses.get(key, ())
+        i = bisect.bisect_left(uses, self._now)
+        return uses[i] if i < len(uses) else self.NEVER
+
+    def insert(self, key: Key) -> None:
+        self._heap.set(key, (-self._next_use(key),))
 
     def access(self, key: Key) -> None:
         self._now += 1
-        super().access(key)
+        if key in self._heap.live:
+            self._heap.set(key, (-self._next_use(key),))
 
-    def _next_use(self, key: Key) -> float:
-        uses = self._uses.get(key)
-        if not uses:
-            return float("inf")
-        i = bisect.bisect_left(uses, self._now)
-        return uses[i] if i < len(uses) else float("inf")
+    def remove(self, key: Key) -> None:
+        self._heap.discard(key)
 
     def victim(self, evictable: Evictable, layer: int) -> Key | None:
-        best, best_next = None, -1.0
-        for k in self._lru:  # LRU order breaks ties among never-again keys
-            if evictable(k):
-                nxt = self._next_use(k)
-                if nxt > best_next:
-                    best, best_next = k, nxt
-                    if nxt == float("inf"):
-                        break
-        return best
+        return self._heap.first(evictable)
 
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {
