@@ -189,6 +189,8 @@ class Replay:
                  timeline: Timeline | None = None, fast: bool = True) -> None:
         self.trace, self.cost, self.opts, self.timeline, self.fast = trace, cost, opts, timeline, fast
         spec, dev = cost.spec, cost.device
+        if workload is None and opts.tokens is not None and opts.tokens < trace.n_tokens:
+            self.trace = trace = trace.slice(0, opts.tokens)
         self.w = workload or build_workload(trace, opts.batch)
         self.costs: StepCosts = cost.step_costs(self.w.n_tokens, self.w.ctx_sum, self.w.n_unique)
         L, E = trace.n_layers, trace.n_experts

@@ -44,6 +44,18 @@ def test_identities_and_bounds_hold_for_every_predictor(law):
             assert rep["prefetch_issued"] == 0 and rep["late"] == 0
 
 
+def test_batched_replay_reads_each_distinct_expert_once(law):
+    trace, cost = law
+    one = Replay(trace, cost, ReplayOptions(budget="40%", tokens=100)).run()
+    assert one["tokens"] == 100 and one["steps"] == 100
+    full, spec = load_inputs(TRACES / "deepseek-v2-lite-law.npz", None, 700)  # sequences of 211, 238, 260 tokens
+    four = Replay(full, CostModel(spec, DEV), ReplayOptions(budget="40%", batch=4, predictor="history")).run()
+    assert four["tokens"] == 700 and four["steps"] == 251  # 3 lanes (the third cut at 251): the longest
+    assert four["accesses"] < 700 * 26 * 6  # the union of the step's experts, not their sum
+    assert four["total_s"] == pytest.approx(four["compute_s"] + four["stall_s"], rel=1e-9)
+    assert four["total_s"] >= four["bounds"]["best_s"] * (1 - 1e-9)
+
+
 def test_oracle_prefetch_beats_on_demand_and_fast_link_reaches_the_bound(law):
     trace, cost = law
     none = Replay(trace, cost, ReplayOptions(budget="50%")).run()
