@@ -247,6 +247,11 @@ def run_experiment(path, out: str | None = None, workers: int | None = None) -> 
                     results[row["key"]] = row
                     _save(out_dir, exp, results)
                     bar.update()
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: {len(results)} of {len(points)} points saved in {out_dir}; "
+              "run the same command again to resume")
+        raise
     finally:
         bar.close()
     rows = [results[k] for k in sorted(results)]
