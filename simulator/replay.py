@@ -221,6 +221,7 @@ class Replay:
     def _copy(self, slot: int, layer: int, expert: int, priority: int, req, done):
         """Wait for an engine (``req``), hold it for one expert's copy, mark the slot ready."""
         env = self.env
+        issued = env.now
         yield req  # a cancelled request never fires: the process simply ends with the run
         engine = self._free_engines.pop()
         start = env.now
@@ -230,7 +231,7 @@ class Replay:
         self.cache.copy_done(slot)
         if self.timeline is not None:
             self.timeline.add(f"copy engine {engine}", f"L{layer} e{expert}", start, self.copy_s,
-                              kind="demand" if priority == DEMAND else "prefetch")
+                              kind="demand" if priority == DEMAND else "prefetch", issued_us=issued * 1e6)
         done.succeed()
 
     def _issue(self, slot: int, layer: int, expert: int, priority: int, done=None) -> None:
@@ -247,7 +248,8 @@ class Replay:
         for i, (e, slot, _) in enumerate(misses):
             self.cache.copy_done(slot)
             if self.timeline is not None:
-                self.timeline.add(f"copy engine {i % n}", f"L{layer} e{e}", now + (i // n) * cs, cs, kind="demand")
+                self.timeline.add(f"copy engine {i % n}", f"L{layer} e{e}", now + (i // n) * cs, cs, kind="demand",
+                                  issued_us=now * 1e6)
         return -(-len(misses) // n) * cs
 
     def _queued(self, slot: int) -> bool:

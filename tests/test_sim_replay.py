@@ -162,3 +162,23 @@ def test_timeline_is_valid_trace_event_json(law, tmp_path):
     assert busy == pytest.approx(rep["total_s"], rel=1e-9)
     copies = [e for e in events if e["tid"] == lanes["copy engine 0"]]
     assert len(copies) == rep["misses"] + rep["prefetch_issued"] - rep["prefetch_cancelled"]
+
+
+def test_demand_copies_go_ahead_of_queued_prefetches(law):
+    """On a slow link with deep prefetch, no prefetch queued before a demand copy starts before it."""
+    trace, cost = law
+    slow = CostModel(cost.spec, DeviceSpec(**{**DEV.__dict__, "h2d_bandwidth_gbps": 3.0}))
+    tl = Timeline("moe-sim")
+    rep = Replay(trace.slice(0, 30), slow, ReplayOptions(budget="30%", predictor="history", lookahead=3,
+                                                         max_inflight=8), timeline=tl).run()
+    copies = [e for e in tl.events if e.get("args", {}).get("kind")]
+    demand = [e for e in copies if e["args"]["kind"] == "demand"]
+    prefetch = [e for e in copies if e["args"]["kind"] == "prefetch"]
+    assert rep["misses"] > 0 and rep["prefetch_issued"] > 0
+    overtaken = 0
+    for d in demand:
+        for p in prefetch:  # p was waiting when d was issued
+            if p["args"]["issued_us"] < d["args"]["issued_us"] < p["ts"] - 1e-6:
+                assert p["ts"] >= d["ts"] - 1e-6
+                overtaken += 1
+    assert overtaken > 0  # the situation did arise
