@@ -113,3 +113,12 @@ def test_event_path_equals_shortcut_for_demand_copies():
         assert a["misses"] == b["misses"]
         assert a["total_s"] == pytest.approx(b["total_s"], rel=1e-12)
         assert a["stall_s"] == pytest.approx(b["stall_s"], rel=1e-9)
+
+
+def test_per_layer_scope_is_one_reference_lru_per_layer():
+    trace, cost = _setup("mixtral-8x7b-humaneval.npz", 333)
+    steps = trace.expert_ids.tolist()
+    L = trace.n_layers
+    rep = Replay(trace, cost, ReplayOptions(budget=str(5 * L), scope="per-layer")).run()
+    assert rep["misses"] == sum(ref_lru([[s[l]] for s in steps], 5) for l in range(L))
+    assert rep["per_layer"]["misses"] == [ref_lru([[s[l]] for s in steps], 5) for l in range(L)]
