@@ -72,7 +72,7 @@ class ReplayOptions:
     budget: str = "25%"
     eviction: str = "lru"
     predictor: str = "none"
-    lookahead: int = 2
+    lookahead: int = 1  # as moe-runtime generate
     scope: str = "global"
     batch: int = 1
     max_inflight: int = 4
