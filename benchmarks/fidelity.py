@@ -12,8 +12,8 @@
    profile (``moe-sim replay --device PROFILE --json``) and prints simulated vs
    measured decode time (the executor's ``decode_s``; the replay's
    ``phase_s.decode``: steps whose token was recorded as decode), the error, and
-   both miss counts. Measured times are the fastest of ``--repeats`` runs
-   (the least disturbed by other processes).
+   both miss counts. Measured times are the fastest of ``--repeats``
+   interleaved rounds (the least disturbed by other processes).
 5. repeats 4 with a *calibrated* profile: ``layer_compute_ms`` rescaled so the
    replay of the largest budget matches the executor there (the executor's
    per-step overheads that a bare forward pass does not see), and then also
@@ -64,18 +64,18 @@ def main() -> None:
     sh("moe-runtime", "profile", "--device", args.device, "--model", str(model), "--out", str(profile))
     print(f"profile {profile}:\n  " + Path(profile).read_text().strip().replace("\n", "\n  "))
     common = ["--policy", "lru", "--lookahead", "1", "--max-inflight", "4"]
-    measured = {}
-    for pred in args.predictors.split(","):
-        for b in args.budgets.split(","):
+    configs = [(pred, b) for pred in args.predictors.split(",") for b in args.budgets.split(",")]
+    runs: dict = {c: [] for c in configs}
+    for r in range(args.repeats):  # interleaved rounds, so a slow spell of the machine hits every config
+        for pred, b in configs:
             trace = work / f"trace-{pred}-{b}.npz"
-            runs = []
-            for r in range(args.repeats):
-                out = sh("moe-runtime", "generate", "--model", str(model), "--prompt-ids", "1",
-                         "--max-new-tokens", str(args.tokens), "--temperature", "1.0", "--seed", str(args.seed),
-                         "--device", args.device, "--budget", b, "--predictor", pred, *common,
-                         *(["--record-trace", str(trace)] if r == 0 else []), "--json")
-                runs.append(json.loads(out.strip().splitlines()[-1]))
-            measured[(pred, b)] = (min(x["decode_s"] for x in runs), runs[0], trace)
+            out = sh("moe-runtime", "generate", "--model", str(model), "--prompt-ids", "1",
+                     "--max-new-tokens", str(args.tokens), "--temperature", "1.0", "--seed", str(args.seed),
+                     "--device", args.device, "--budget", b, "--predictor", pred, *common,
+                     *(["--record-trace", str(trace)] if r == 0 else []), "--json")
+            runs[(pred, b)].append(json.loads(out.strip().splitlines()[-1]))
+    measured = {(pred, b): (min(x["decode_s"] for x in runs[(pred, b)]), runs[(pred, b)][0],
+                            work / f"trace-{pred}-{b}.npz") for pred, b in configs}
     table(measured, model, profile, "profile as measured")
     # calibrate on the largest budget without prediction, then predict the rest
     pred0, big = args.predictors.split(",")[0], args.budgets.split(",")[-1]
