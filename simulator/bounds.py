@@ -6,64 +6,34 @@
   or not) with a perfect prefetcher limited only by bandwidth: no latency,
   copies fully overlapped with compute. Computed, not simulated.
 
-``belady_misses`` counts Belady's misses with a lazy max-heap of next uses:
-O(accesses x log) instead of a scan of the cache per eviction. It follows the
-runtime cache's rules (the experts of the (step, layer) being computed are
-pinned; per-layer scope gives each layer an equal pool), so its count equals
-``ExpertCache(policy="belady")`` without prefetch (tests check this). Among
-experts never used again any victim gives the same count.
+``belady_misses`` runs the runtime's own ``ExpertCache`` with the ``belady``
+policy and no prefetch, so the bound follows exactly the cache's rules
+(pinning, per-layer pools) that the replay uses.
 
 This module knows nothing about simpy or devices beyond the numbers it is given.
 """
 
 from __future__ import annotations
 
-import heapq
 from typing import Sequence
 
-NEVER = 1 << 62
+from moe_runtime.expert_cache import ExpertCache, Outcome, access_sequence
 
 
 def belady_misses(ids: Sequence[Sequence[Sequence[int]]], n_slots: int, scope: str, n_layers: int) -> int:
     """Belady's miss count for ``ids[step][layer]`` (experts in access order) with ``n_slots`` slots."""
-    keys = [(l, e) for step in ids for l, layer_ids in enumerate(step) for e in layer_ids]
-    nxt = [NEVER] * len(keys)  # index of the next access to the same key
-    last: dict = {}
-    for i in range(len(keys) - 1, -1, -1):
-        nxt[i] = last.get(keys[i], NEVER)
-        last[keys[i]] = i
-    n_pools = 1 if scope == "global" else n_layers
-    cap = n_slots // n_pools
-    resident = [dict() for _ in range(n_pools)]  # key -> next use
-    heaps: list[list] = [[] for _ in range(n_pools)]  # (-next use, key), lazily invalidated
-    misses, i = 0, 0
+    per_layer = max((len(layer_ids) for step in ids for layer_ids in step), default=1)
+    cache = ExpertCache(n_slots=n_slots, n_layers=n_layers, n_experts=1 + max(
+        (e for step in ids for layer_ids in step for e in layer_ids), default=0),
+        experts_per_layer=per_layer, expert_bytes=0, policy="belady", scope=scope, future=access_sequence(ids))
     for step in ids:
-        for l, layer_ids in enumerate(step):
-            p = 0 if n_pools == 1 else l
-            res, heap = resident[p], heaps[p]
-            pinned = []
-            for e in layer_ids:
-                key = keys[i]
-                if key not in res:
-                    misses += 1
-                    if len(res) >= cap:
-                        held = []
-                        while True:
-                            neg, k = heapq.heappop(heap)
-                            if res.get(k) != -neg:
-                                continue  # stale entry
-                            if k in pinned:
-                                held.append((neg, k))
-                                continue
-                            del res[k]
-                            break
-                        for h in held:
-                            heapq.heappush(heap, h)
-                res[key] = nxt[i]
-                heapq.heappush(heap, (-nxt[i], key))
-                pinned.append(key)
-                i += 1
-    return misses
+        cache.begin_step()
+        for layer, layer_ids in enumerate(step):
+            for _, slot, outcome in cache.access_layer(layer, layer_ids).outcomes:
+                if outcome == Outcome.MISS:
+                    cache.copy_done(slot)  # no clock here: a copy completes before the compute needs it
+            cache.release_layer()
+    return cache.finish().misses
 
 
 def bounds(ids, *, n_slots: int, scope: str, n_layers: int, expert_bytes: int, compute_s: float,
