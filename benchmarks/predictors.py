@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--lookahead", type=int, default=4)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--ridge", type=float, default=1e-3)
-    p.add_argument("--refine-steps", type=int, default=0)
+    p.add_argument("--refine-steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-tokens", type=int, default=None, help="cap on calibration tokens (default: all)")
     p.add_argument("--eval-tokens", type=int, default=20000, help="cap on held-out tokens (default 20000)")
