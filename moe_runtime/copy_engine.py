@@ -75,6 +75,7 @@ class ThreadCopyEngine:
         self._finished: deque[tuple[int, int]] = deque()  # (slot, gen) finished by the worker, not yet polled
         self.records: list[CopyRecord] = []
         self._stop = False
+        self._error: BaseException | None = None  # a failed copy; re-raised on the compute thread
         self.clock = time.perf_counter
         self.base = self.clock()  # time zero of the records
         self._worker = threading.Thread(target=self._run, name="moe-copy", daemon=True)
@@ -120,6 +121,8 @@ class ThreadCopyEngine:
                 self._cv.notify()
         # CPU waits on the copy thread here: block until this slot's copy has finished
         self._done[slot].wait()
+        if self._error is not None:
+            raise RuntimeError(f"the copy thread failed: {self._error}") from self._error
         with self._lock:
             self._outstanding.discard(slot)
 
@@ -153,7 +156,13 @@ class ThreadCopyEngine:
                 _, _, slot, src, dst, demand, _, gen = entry
                 del self._queued[slot]
             t0 = self.clock() - self.base
-            dst.copy_(src)
+            try:
+                dst.copy_(src)
+            except BaseException as e:  # wake every waiter: a silent death would hang the compute
+                self._error = e
+                for done in self._done:
+                    done.set()
+                return
             t1 = self.clock() - self.base
             self.records.append(CopyRecord(slot, demand, t0, t1, src.numel() * src.element_size(), "copy"))
             self._done[slot].set()  # before the report, so a polled slot's flag is already set

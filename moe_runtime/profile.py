@@ -7,7 +7,9 @@ Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config 
   the executor's own copy engine (CUDA: pinned host buffer, copy stream, events;
   CPU: a copy between two host tensors on the copy thread). Latency and
   bandwidth come from a fit t = latency + bytes / bandwidth over a small and an
-  expert-sized copy (medians of repeats);
+  expert-sized copy (medians of repeats), where t is what a miss costs the
+  compute: the copy's span on the GPU timeline on CUDA, and on CPU the round
+  trip from submit to the end of wait (hand-off to the copy thread included);
 - device-memory bandwidth (a large on-device copy) and dense matmul TFLOP/s;
 - ``layer_compute_ms``: one decode step of the all-resident model divided by its
   MoE layer count (so attention and dense layers are included in the average).
@@ -32,7 +34,7 @@ import yaml
 
 from .copy_engine import make_copy_engine
 from .errors import MoeError
-from .expert_store import ResidentExperts
+from .offload import OffloadedExperts
 
 
 def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> tuple[float, float]:
@@ -48,14 +50,19 @@ def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: 
         for n in (small_numel, numel):
             durations = []
             for i in range(repeats + 1):
+                t0 = time.perf_counter()
                 engine.submit(0, src[:n], dst[:n], demand=True)
                 engine.wait(0)
+                t1 = time.perf_counter()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # CPU waits on the GPU: the copy's events must be complete
                 engine.poll()
                 if i:  # the first is a warm-up
                     r = engine.records[-1]
-                    durations.append(r.end_s - r.start_s)
+                    # What a miss costs the compute: on CUDA the copy's own span on the GPU timeline
+                    # (the compute stream waits on its event); on CPU the round trip from submit to
+                    # the end of wait, which includes the hand-off to and from the copy thread.
+                    durations.append(r.end_s - r.start_s if device.type == "cuda" else t1 - t0)
             times[n] = statistics.median(durations)
     finally:
         engine.close()
@@ -96,22 +103,36 @@ def measure_tflops(device: torch.device, n: int = 1024) -> float:
     return 2 * n**3 / best / 1e12
 
 
-@torch.inference_mode()
-def measure_layer_compute(model, store, device: torch.device, steps: int = 8) -> float:
-    """Milliseconds of one decode step (one token) of the all-resident model per MoE layer (median)."""
-    provider = ResidentExperts(store, device)
-    model.setup_cache(steps + 2)
-    model(torch.tensor([1], device=device), torch.tensor([0], device=device), provider)  # warm-up
-    cur = torch.ones(1, dtype=torch.long, device=device)
-    pos = torch.zeros(1, dtype=torch.long, device=device)
-    times = []
-    for s in range(1, steps + 1):
-        pos.fill_(s)
-        _sync(device)
-        t0 = time.perf_counter()
-        model(cur, pos, provider, last_only=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+@torch.no_grad()  # not inference_mode: the copy thread writes the slot pool made here
+def measure_layer_compute(model, store, device: torch.device, steps: int = 32) -> float:
+    """Milliseconds per MoE layer of one decode step through the offloading executor, all experts hit (median).
+
+    The provider holds every expert and is warmed first, so no copy happens; what
+    is timed is the forward pass plus the executor's per-layer bookkeeping, which
+    every offloaded layer pays on top of the copies the simulator models.
+    """
+    provider = OffloadedExperts(store, device, store.n_layers * store.n_experts)
+    try:
+        provider.begin_step(0, 1)
+        for m in range(store.n_layers):  # warm: one demand copy of every expert
+            for first in range(0, store.n_experts, store.top_k):
+                provider.experts(m, list(range(first, min(first + store.top_k, store.n_experts))), None)
+                provider.end_layer(m)
+        model.setup_cache(steps + 2)
+        cur = torch.ones(1, dtype=torch.long, device=device)
+        pos = torch.zeros(1, dtype=torch.long, device=device)
+        times = []
+        for s in range(steps + 1):
+            pos.fill_(s)
+            provider.begin_step(s, 1)
+            _sync(device)
+            t0 = time.perf_counter()
+            model(cur, pos, provider, last_only=True)
+            _sync(device)
+            if s:  # the first is a warm-up
+                times.append(time.perf_counter() - t0)
+    finally:
+        provider.engine.close()
     return statistics.median(times) / store.n_layers * 1e3
 
 

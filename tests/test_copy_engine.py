@@ -92,3 +92,13 @@ def test_cuda_engine_copies_cancels_and_times():
     eng.close()
     assert sorted(r.slot for r in eng.records) == [0, 1, 3]
     assert all(r.end_s >= r.start_s >= 0 for r in eng.records)
+
+
+def test_a_failed_copy_is_raised_on_the_compute_thread_not_a_hang():
+    engine = ThreadCopyEngine(1)
+    try:
+        engine.submit(0, torch.ones(4), torch.zeros(3), demand=True)  # shapes differ: the copy fails
+        with pytest.raises(RuntimeError, match="copy thread failed"):
+            engine.wait(0)
+    finally:
+        engine.close()
