@@ -145,8 +145,8 @@ class OffloadRun:
                                "or --route-from-trace FILE")
         adapters = None
         if args.adapters:
-            from .predictors.adapters import AlignedAdapters, model_fingerprint
-            adapters = AlignedAdapters.load(args.adapters, model_fingerprint(model.cfg), args.lookahead)
+            from .calibrate import load_adapters_for  # checks shape and router weights
+            adapters = load_adapters_for(model, args.adapters, args.lookahead)
         # only recorded:NAME reads the forced trace; a prior from it would hand history/popularity the future
         predictor = make_predictor(args.predictor, PredictorOptions(
             n_layers=L, n_experts=E, top_k=K, lookahead=args.lookahead, model=model, adapters=adapters,
