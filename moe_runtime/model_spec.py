@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-import yaml
-
+from . import config_files
 from .errors import MoeError
 from .trace import TraceMeta
 
@@ -259,26 +258,9 @@ def model_spec_from_dict(d: dict) -> ModelSpec:
 
 
 def available_models() -> list[str]:
-    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+    return config_files.available(MODELS_DIR)
 
 
 def load_model_spec(name_or_path) -> ModelSpec:
     """A name in configs/models/ (e.g. "mixtral-8x7b") or a path to a YAML file."""
-    s = str(name_or_path)
-    path = Path(s)
-    if not (s.endswith((".yaml", ".yml")) or "/" in s or path.is_file()):
-        path = MODELS_DIR / f"{s}.yaml"
-        if not path.is_file():
-            raise MoeError(f"unknown model {s!r} (known: {', '.join(available_models()) or 'none'})")
-    if not path.is_file():
-        raise MoeError(f"model spec file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MoeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    try:
-        return model_spec_from_dict(data)
-    except MoeError as e:
-        raise MoeError(f"{path}: {e}") from None
-    except TypeError as e:  # e.g. a field given a mapping where a number belongs
-        raise MoeError(f"{path}: {e}") from None
+    return config_files.load_yaml(config_files.resolve(name_or_path, MODELS_DIR, "model", "model spec"), model_spec_from_dict)

@@ -30,8 +30,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-import yaml
-
+from moe_runtime import config_files
 from moe_runtime.errors import MoeError
 
 DEVICES_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
@@ -122,25 +121,9 @@ def device_from_dict(d) -> DeviceSpec:
 
 
 def available_devices() -> list[str]:
-    return sorted(p.stem for p in DEVICES_DIR.glob("*.yaml"))
+    return config_files.available(DEVICES_DIR)
 
 
 def load_device(name_or_path) -> DeviceSpec:
     """A name in configs/devices/ (e.g. ``t4``) or a path to a YAML file of the schema above."""
-    s = str(name_or_path)
-    path = Path(s)
-    if not (s.endswith((".yaml", ".yml")) or "/" in s or path.is_file()):
-        path = DEVICES_DIR / f"{s}.yaml"
-        if not path.is_file():
-            raise MoeError(f"unknown device {s!r} (known: {', '.join(available_devices()) or 'none'}; "
-                           "or give a YAML file)")
-    if not path.is_file():
-        raise MoeError(f"device file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MoeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    try:
-        return device_from_dict(data)
-    except (MoeError, TypeError) as e:
-        raise MoeError(f"{path}: {e}") from None
+    return config_files.load_yaml(config_files.resolve(name_or_path, DEVICES_DIR, "device"), device_from_dict)

@@ -37,8 +37,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
-
+from moe_runtime import config_files
 from moe_runtime.errors import MoeError
 from moe_runtime.trace import write_atomic
 from moe_runtime.timeline import write_json_atomic
@@ -136,14 +135,7 @@ def load_experiment(path) -> Experiment:
     p = Path(path)
     if not p.is_file():
         raise MoeError(f"experiment file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise MoeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    try:
-        return experiment_from_dict(data)
-    except MoeError as e:
-        raise MoeError(f"{path}: {e}") from None
+    return config_files.load_yaml(p, experiment_from_dict)
 
 
 def resolve(path: str) -> str:
