@@ -34,3 +34,24 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_mixtral(tiny_checkpoint) -> Path:
     """A float32 tiny Mixtral checkpoint written by transformers."""
     return tiny_checkpoint("mixtral")
+
+
+@pytest.fixture(scope="session")
+def mixtral4(tmp_path_factory) -> Path:
+    """A 4-layer tiny Mixtral written by ``make-tiny``'s writer (no transformers), for predictor tests."""
+    from moe_runtime.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mix4"), seed=0, num_hidden_layers=4)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``moe-runtime ARGV`` in-process; returns (exit code, stdout, stderr)."""
+    from moe_runtime.cli import main
+
+    def run(argv):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+    return run

@@ -15,54 +15,42 @@ D = 2
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mix4"), seed=0, num_hidden_layers=4)
-
-
-def cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
-@pytest.fixture(scope="module")
-def adapters_file(ckpt, tmp_path_factory):
+def adapters_file(mixtral4, tmp_path_factory):
     out = tmp_path_factory.mktemp("ad") / "mix4.adapters"
     with pytest.raises(SystemExit) as e:
-        main(["calibrate", "--model", str(ckpt), "--random-tokens", "192", "--seq-len", "64", "--lookahead", str(D),
+        main(["calibrate", "--model", str(mixtral4), "--random-tokens", "192", "--seq-len", "64", "--lookahead", str(D),
               "--rank", "8", "--device", "cpu", "--out", str(out)])
     assert e.value.code == 0
     return out
 
 
-def test_calibrate_cli_writes_a_file_that_loads_for_its_model(ckpt, adapters_file):
-    ad = load_adapters_for(ckpt, adapters_file, D)  # by directory: shape fingerprint
+def test_calibrate_cli_writes_a_file_that_loads_for_its_model(mixtral4, adapters_file):
+    ad = load_adapters_for(mixtral4, adapters_file, D)  # by directory: shape fingerprint
     assert (ad.n_layers, ad.hidden, ad.lookahead, ad.rank) == (4, 64, D, 8)
     assert ad.pairs() == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
     assert ad.metadata["tokens"] == 192 and len(ad.metadata["explained"]) == 5
-    model, _ = load_model(ckpt)
+    model, _ = load_model(mixtral4)
     assert load_adapters_for(model, adapters_file, 1).metadata["router_digest"] == router_digest(model)
     with pytest.raises(MoeError, match="lookahead 3 is needed"):
         load_adapters_for(model, adapters_file, 3)
 
 
-def test_other_models_adapters_are_refused_in_one_line(adapters_file, tmp_path, capsys):
+def test_other_models_adapters_are_refused_in_one_line(adapters_file, tmp_path, run_cli):
     wider = write_tiny_checkpoint("mixtral", tmp_path / "wide", num_hidden_layers=4, hidden_size=32)
-    code, out, err = cli(["eval-predictors", "--model", str(wider), "--adapters", str(adapters_file),
-                          "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"], capsys)
+    code, out, err = run_cli(["eval-predictors", "--model", str(wider), "--adapters", str(adapters_file),
+                          "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"])
     assert code == 2 and "fitted for another model" in err and len(err.strip().splitlines()) == 1
     # same shape, other weights: caught by the router digest
     reseeded = write_tiny_checkpoint("mixtral", tmp_path / "seed1", seed=1, num_hidden_layers=4)
-    code, out, err = cli(["eval-predictors", "--model", str(reseeded), "--adapters", str(adapters_file),
-                          "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"], capsys)
+    code, out, err = run_cli(["eval-predictors", "--model", str(reseeded), "--adapters", str(adapters_file),
+                          "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"])
     assert code == 2 and "other router weights" in err and "Traceback" not in err
 
 
-def test_adapter_predicts_later_residual_better_than_identity(ckpt):
-    model, store = load_model(ckpt)
+def test_adapter_predicts_later_residual_better_than_identity(mixtral4):
+    model, store = load_model(mixtral4)
     provider = make_provider(store, "cpu")
-    chunks = token_chunks(load_tokens(ckpt, model.cfg.vocab_size, random_tokens=256, seed=3), 64)
+    chunks = token_chunks(load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=256, seed=3), 64)
     cal = calibrate(model, provider, chunks, lookahead=D, rank=64, ridge=1e-4)
     assert cal.tokens == 256 and all(v > 0.5 for v in cal.explained.values())
     for _, hidden in forward_chunks(model, provider, chunks[:1]):
@@ -73,9 +61,9 @@ def test_adapter_predicts_later_residual_better_than_identity(ckpt):
             assert err_ad < 0.7 * err_id, (l, d, float(err_ad / err_id))
 
 
-def test_kl_refinement_runs_on_a_bounded_sample(ckpt):
-    model, store = load_model(ckpt)
-    chunks = token_chunks(load_tokens(ckpt, model.cfg.vocab_size, random_tokens=96, seed=4), 32)
+def test_kl_refinement_runs_on_a_bounded_sample(mixtral4):
+    model, store = load_model(mixtral4)
+    chunks = token_chunks(load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=96, seed=4), 32)
     cal = calibrate(model, make_provider(store, "cpu"), chunks, lookahead=1, rank=4, refine_steps=20,
                     refine_samples=40, refine_lr=1e-4)
     assert set(cal.kl) == set(cal.adapters.pairs())
@@ -96,20 +84,20 @@ def test_reservoir_is_bounded_uniform_and_seeded():
     assert a.sample()[:, 0, 0].max() >= 10  # later tokens replace early ones
 
 
-def test_bad_requests_are_one_line_errors(ckpt, tmp_path, capsys):
-    base = ["calibrate", "--model", str(ckpt), "--rank", "4", "--device", "cpu", "--out", str(tmp_path / "a")]
-    code, _, err = cli(base + ["--random-tokens", "16", "--lookahead", "4"], capsys)
+def test_bad_requests_are_one_line_errors(mixtral4, tmp_path, run_cli):
+    base = ["calibrate", "--model", str(mixtral4), "--rank", "4", "--device", "cpu", "--out", str(tmp_path / "a")]
+    code, _, err = run_cli(base + ["--random-tokens", "16", "--lookahead", "4"])
     assert code == 2 and "--lookahead must be in 1..3" in err
-    code, _, err = cli(base + ["--data", str(tmp_path / "none.txt"), "--lookahead", "1"], capsys)
+    code, _, err = run_cli(base + ["--data", str(tmp_path / "none.txt"), "--lookahead", "1"])
     assert code == 2 and "data file not found" in err
-    code, _, err = cli(["eval-predictors", "--model", str(ckpt), "--adapters", str(tmp_path / "missing"),
-                        "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"], capsys)
+    code, _, err = run_cli(["eval-predictors", "--model", str(mixtral4), "--adapters", str(tmp_path / "missing"),
+                        "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"])
     assert code == 2 and "adapter file not found" in err
 
 
-def test_offloaded_experts_calibrate_like_resident_ones(ckpt):
-    model, store = load_model(ckpt)
-    chunks = token_chunks(load_tokens(ckpt, model.cfg.vocab_size, random_tokens=64, seed=5), 32)
+def test_offloaded_experts_calibrate_like_resident_ones(mixtral4):
+    model, store = load_model(mixtral4)
+    chunks = token_chunks(load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=64, seed=5), 32)
     resident = calibrate(model, make_provider(store, "cpu"), chunks, lookahead=1, rank=4).adapters
     offloaded = calibrate(model, make_provider(store, "cpu", slots=12), chunks, lookahead=1, rank=4).adapters
     for pair in resident.pairs():

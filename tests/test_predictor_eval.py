@@ -3,11 +3,8 @@
 import json
 
 import numpy as np
-import pytest
 
-from moe_runtime.cli import main
 from moe_runtime.predictor_eval import EvalResult, match_counts
-from moe_runtime.tiny import write_tiny_checkpoint
 
 
 def test_match_counts_hand_worked():
@@ -29,24 +26,11 @@ def test_metrics_from_counts():
     assert res.metric("recall", "x", per_layer=True) == [[0.75, None]]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mix4"), seed=0, num_hidden_layers=4)
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
-def test_eval_predictors_json(ckpt, tmp_path, capsys):
+def test_eval_predictors_json(mixtral4, tmp_path, run_cli):
     plot = tmp_path / "recall.png"
-    code, out, err = run_cli(["eval-predictors", "--model", str(ckpt), "--data", str(ckpt / "config.json"),
+    code, out, err = run_cli(["eval-predictors", "--model", str(mixtral4), "--data", str(mixtral4 / "config.json"),
                               "--seq-len", "48", "--max-tokens", "150", "--lookahead", "2", "--device", "cpu",
-                              "--predictors", "gate,history,popularity,oracle", "--json", "--plot", str(plot)],
-                             capsys)
+                              "--predictors", "gate,history,popularity,oracle", "--json", "--plot", str(plot)])
     assert code == 0, err
     res = json.loads(out)
     assert res["tokens"] == 150 and res["top_k"] == 2 and res["distances"] == [1, 2]
@@ -64,9 +48,9 @@ def test_eval_predictors_json(ckpt, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_predictors_refuses_aligned_without_adapters_and_unknown_names(ckpt, capsys):
-    base = ["eval-predictors", "--model", str(ckpt), "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"]
-    code, _, err = run_cli(base + ["--predictors", "aligned"], capsys)
+def test_eval_predictors_refuses_aligned_without_adapters_and_unknown_names(mixtral4, run_cli):
+    base = ["eval-predictors", "--model", str(mixtral4), "--random-tokens", "8", "--lookahead", "1", "--device", "cpu"]
+    code, _, err = run_cli(base + ["--predictors", "aligned"])
     assert code == 2 and "needs adapters" in err
-    code, _, err = run_cli(base + ["--predictors", "gate,psychic"], capsys)
+    code, _, err = run_cli(base + ["--predictors", "gate,psychic"])
     assert code == 2 and "unknown predictor 'psychic'" in err
