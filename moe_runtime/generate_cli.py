@@ -48,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
     model, store = load_model(args.model, args.device, parse_dtype(args.dtype))
     off = OffloadRun.build(args, model, store, len(prompt_ids))
     provider = off.provider if off else ResidentExperts(store, args.device)
-    res = generate(off.model if off else model, provider, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                   model.cfg.eos_token_ids)
+    try:
+        res = generate(off.model if off else model, provider, prompt_ids, args.max_new_tokens, args.temperature,
+                       args.top_p, args.seed, model.cfg.eos_token_ids)
+    except BaseException:
+        if off is not None:  # stop the copy thread before exiting: one left running can abort the interpreter
+            off.provider.engine.close()
+        raise
     offload = off.finish() if off else None
     text = tokenizer.decode(res.token_ids) if tokenizer is not None else None
     if args.json:

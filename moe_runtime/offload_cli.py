@@ -151,6 +151,8 @@ class OffloadRun:
         predictor = make_predictor(args.predictor, PredictorOptions(
             n_layers=L, n_experts=E, top_k=K, lookahead=args.lookahead, model=model, adapters=adapters,
             trace=trace if args.predictor.startswith("recorded:") else None))
+        if predictor.needs_future and forced is None:  # say so now, not mid-decode with copies in flight
+            raise MoeError(f"--predictor {args.predictor} needs the true routing: give --route-from-trace FILE")
         recorder = None
         if args.record_trace:
             recorder = TraceRecorder(TraceMeta(

@@ -66,6 +66,10 @@ def test_trace_of_another_shape_and_missing_future_are_one_line_errors(capsys, c
     assert code == 2 and "does not match the model's (3, 8, 2)" in err and len(err.strip().splitlines()) == 1
     code, _, err = gen(capsys, ckpt, "--policy", "belady")
     assert code == 2 and "belady needs the future" in err
+    for oracle in ("oracle", "noisy-oracle"):  # refused before decoding, with no copy in flight
+        code, _, err = gen(capsys, ckpt, "--budget", "50%", "--predictor", oracle)
+        assert code == 2 and err.strip() == (f"moe-runtime: error: --predictor {oracle} needs the true routing: "
+                                             "give --route-from-trace FILE")
 
 
 def test_aligned_predictor_with_adapters_file(capsys, ckpt, tmp_path):

@@ -66,6 +66,7 @@ class PredictorOptions:
 class Predictor(abc.ABC):
     name: ClassVar[str] = ""
     needs_hidden: ClassVar[bool] = False  # only usable where hidden states exist (the executor)
+    needs_future: ClassVar[bool] = False  # reads the step's true routing: needs a forced or replayed trace
 
     def __init__(self, opts: PredictorOptions) -> None:
         self.opts = opts

@@ -29,6 +29,7 @@ class NonePredictor(Predictor):
 
 class Oracle(Predictor):
     name = "oracle"
+    needs_future = True
 
     def predict(self, ctx: PredictContext) -> list[np.ndarray]:
         if ctx.future is None:
@@ -40,6 +41,7 @@ class NoisyOracle(Predictor):
     """Keeps each true expert with probability ``recall``; adds wrong ones so that precision ~ ``precision``."""
 
     name = "noisy-oracle"
+    needs_future = True
 
     def __init__(self, opts: PredictorOptions) -> None:
         super().__init__(opts)
