@@ -298,6 +298,10 @@ def load_trace(path) -> Trace:
 
 def _load(path: str) -> Trace:
     try:
+        with open(path, "rb") as f:  # numpy calls any other file "pickled data", which misleads
+            magic = f.read(6)
+        if not magic.startswith((b"PK", b"\x93NUMPY")):
+            raise MoeError("not a trace file (not a readable .npz archive)")
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise MoeError(f"not a trace file (not a readable .npz archive: {_short(e)})") from None
