@@ -18,12 +18,12 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from . import config_files
+from .config import FAMILIES
 from .errors import MoeError
 from .trace import TraceMeta
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
 MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,8 @@ class ModelSpec:
         if not isinstance(cfg, dict):
             raise MoeError("HF config must be a JSON object")
         family = cfg.get("model_type")
-        if family not in HF_FAMILIES:
-            raise MoeError(f"unsupported model_type {family!r} (supported: {', '.join(HF_FAMILIES)})")
+        if family not in FAMILIES:
+            raise MoeError(f"unsupported model_type {family!r} (supported: {', '.join(FAMILIES)})")
 
         def get(key, default=None):
             if key in cfg and cfg[key] is not None:

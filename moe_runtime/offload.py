@@ -112,6 +112,7 @@ class OffloadedExperts:
         self.future_fn: Callable[[int], Sequence[int]] | None = None
         self.token: int | None = None
         self.record_predictions = record_predictions
+        self.predicts = self.prefetching or record_predictions  # the predictor runs at every layer
         self.step_predictions: list[list[np.ndarray]] = [[] for _ in range(self.n_layers)]
         self.timeline = Timeline("moe-runtime") if timeline else None
         if self.timeline is not None:
@@ -145,7 +146,8 @@ class OffloadedExperts:
         for slot in engine.poll():  # copies finished since the last layer (no waiting)
             cache.copy_done(slot)
         acc = cache.access_layer(layer, ids)
-        self.history.record(layer, ids)
+        if self.predicts:  # only a running predictor reads the history
+            self.history.record(layer, ids)
         waits = self._waits
         waits.clear()
         for e, slot, outcome in acc.outcomes:
@@ -157,7 +159,7 @@ class OffloadedExperts:
         for slot in acc.stale:  # prefetches for layers already passed: drop those not started
             if engine.cancel_if_queued(slot):
                 cache.cancel(slot)
-        if self.prefetching or self.record_predictions:
+        if self.predicts:
             preds = self.predictor.predict(PredictContext(
                 step=self._steps, layer=layer, history=self.history, hidden=hidden, token=self.token,
                 future=self.future_fn))
@@ -200,9 +202,9 @@ class OffloadedExperts:
                 if stall > 0:
                     self.timeline.add("compute", f"wait L{layer}", t0, stall, step=self._steps)
                 self.timeline.add("compute", f"moe L{layer}", t1, t2 - t1, step=self._steps)
-        if self.predictor is not None:
+        if self.predicts:
             self.predictor.observe(self.history)
-        self.history.end_step()
+            self.history.end_step()
 
     def predictions_array(self, layer_count: int, lookahead: int) -> np.ndarray:
         """The last step's predictions as int16 [L, D, P] (P = prefetch width), -1 padded, for traces."""

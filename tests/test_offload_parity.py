@@ -102,6 +102,26 @@ SUBSET = [("lru", "gate", "25%", "global"), ("belady", "none", "min", "global"),
           ("fifo", "none", "100%", "global")]
 
 
+def forced_run(predictor: str, *, n_slots: int, lookahead: int, prior: bool = False) -> dict:
+    """Offloaded greedy decode of the mixtral reference with routing forced from its own trace.
+
+    Asserts the tokens equal the all-resident ones; returns the provider's report.
+    ``prior`` also gives the trace to the predictor (history/popularity priors, noisy-oracle).
+    """
+    model, store, ref_tokens, trace = reference("mixtral")
+    L, E, K = store.n_layers, store.n_experts, store.top_k
+    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
+    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
+                                                      trace=trace if prior else None))
+    provider = OffloadedExperts(store, "cpu", n_slots, predictor=pred, lookahead=lookahead, max_inflight=INFLIGHT)
+    stepped = SteppedModel(model, provider, chunk=1, forced=forced)
+    try:
+        assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
+    finally:
+        model.router_override = None
+    return provider.finish()
+
+
 @pytest.mark.parametrize("policy,predictor,budget,scope", SUBSET)
 def test_qwen2_moe_subset(policy, predictor, budget, scope):
     check(*run_offloaded("qwen2_moe", policy, predictor, budget, scope), budget, predictor)
@@ -109,17 +129,7 @@ def test_qwen2_moe_subset(policy, predictor, budget, scope):
 
 def test_forced_routing_reproduces_and_oracle_prefetches():
     """Forcing the recorded routing gives the same tokens; the oracle's prefetches are all used."""
-    model, store, ref_tokens, trace = reference("mixtral")
-    L, E, K = store.n_layers, store.n_experts, store.top_k
-    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
-    pred = make_predictor("oracle", PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=1))
-    provider = OffloadedExperts(store, "cpu", 12, predictor=pred, max_inflight=INFLIGHT)
-    stepped = SteppedModel(model, provider, chunk=1, forced=forced)
-    try:
-        assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
-    finally:
-        model.router_override = None
-    r = provider.finish()
+    r = forced_run("oracle", n_slots=12, lookahead=1)
     assert r["prefetch_issued"] > 0 and r["prefetch_wasted"] == 0
 
 
@@ -132,17 +142,7 @@ def test_cuda_parity(policy, predictor, budget, scope):
 
 @pytest.mark.parametrize("predictor", ["history", "popularity", "noisy-oracle"])
 def test_registry_predictors_keep_parity(predictor):
-    model, store, ref_tokens, trace = reference("mixtral")
-    L, E, K = store.n_layers, store.n_experts, store.top_k
-    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
-    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=2, trace=trace))
-    provider = OffloadedExperts(store, "cpu", 8, predictor=pred, lookahead=2, max_inflight=INFLIGHT)
-    stepped = SteppedModel(model, provider, chunk=1, forced=forced)
-    try:
-        assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
-    finally:
-        model.router_override = None
-    r = provider.finish()
+    r = forced_run(predictor, n_slots=8, lookahead=2, prior=True)
     assert r["prefetch_issued"] > 0 and r["hits"] + r["late"] + r["misses"] == r["accesses"]
 
 
