@@ -304,6 +304,7 @@ class Replay:
                         if tl is not None:
                             tl.add("compute", "stall", env.now + pending - stall, stall, layer=l)
                 if prefetching:
+                    hist.record(l, ids)  # as in the executor: the predictor sees this layer's experts
                     ctx = PredictContext(step=s, layer=l, history=hist, token=first_token[s], future=future)
                     plan = plan_prefetch(pred.predict(ctx), l, width)
                     issued = cache.prefetch(plan, l) if plan else ()
@@ -317,8 +318,6 @@ class Replay:
                     tl.add("compute", f"L{l}", env.now + pending, costs_s[l], step=s)
                 pending += costs_s[l]
                 cache.release_layer()
-                if prefetching:  # only predictors read the history
-                    hist.record(l, ids)
             if tl is not None:
                 tl.add("compute", "dense+head", env.now + pending, overhead[s], step=s)
             pending += overhead[s]
