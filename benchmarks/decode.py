@@ -43,20 +43,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.budget import minimum_slots  # noqa: E402
-from moe_runtime.checkpoint import DTYPES  # noqa: E402
-from moe_runtime.copy_engine import achieved_gbps  # noqa: E402
-from moe_runtime.expert_store import ResidentExperts  # noqa: E402
-from moe_runtime.forced_routing import ForcedRouting  # noqa: E402
-from moe_runtime.generate import generate  # noqa: E402
-from moe_runtime.model_spec import load_model_spec  # noqa: E402
-from moe_runtime.offload import OffloadedExperts  # noqa: E402
-from moe_runtime.offload_steps import SteppedModel, prefill_chunk, steps  # noqa: E402
-from moe_runtime.policies import EVICTION_POLICIES  # noqa: E402
+from moe_runtime.cache.budget import minimum_slots  # noqa: E402
+from moe_runtime.model.checkpoint import DTYPES  # noqa: E402
+from moe_runtime.offload.engines import achieved_gbps  # noqa: E402
+from moe_runtime.model.experts import ResidentExperts  # noqa: E402
+from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
+from moe_runtime.model.generate import generate  # noqa: E402
+from moe_runtime.model.spec import load_model_spec  # noqa: E402
+from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
+from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps  # noqa: E402
+from moe_runtime.cache.policies import EVICTION_POLICIES  # noqa: E402
 from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
-from moe_runtime.profile import measure_copy  # noqa: E402
-from moe_runtime.synthetic_model import config_from_spec, synthetic_model  # noqa: E402
-from moe_runtime.trace import Trace, load_trace  # noqa: E402
+from moe_runtime.offload.profile import measure_copy  # noqa: E402
+from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
+from moe_runtime.traces import Trace, load_trace  # noqa: E402
 
 
 def first_layers(trace: Trace, n: int) -> Trace:

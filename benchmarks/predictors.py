@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_runtime.calibrate import calibrate, load_adapters_for, make_provider, save_adapters  # noqa: E402
-from moe_runtime.checkpoint import load_model  # noqa: E402
-from moe_runtime.predictor_eval import evaluate, format_table, save_plot  # noqa: E402
-from moe_runtime.text_data import load_tokens, token_chunks  # noqa: E402
+from moe_runtime.predictors.calibrate import calibrate, load_adapters_for, make_provider, save_adapters  # noqa: E402
+from moe_runtime.model.checkpoint import load_model  # noqa: E402
+from moe_runtime.predictors.evaluate import evaluate, format_table, save_plot  # noqa: E402
+from moe_runtime.predictors.text_data import load_tokens, token_chunks  # noqa: E402
 
 NAMES = ["gate", "aligned", "history", "popularity"]
 

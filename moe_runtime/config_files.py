@@ -13,9 +13,20 @@ from typing import Callable, TypeVar
 
 import yaml
 
-from .errors import MoeError
+from moe_runtime.errors import MoeError
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout (an editable install runs from it)
+MODELS_DIR = REPO / "configs" / "models"
+DEVICES_DIR = REPO / "configs" / "devices"
+
+
+def bundled(path) -> str:
+    """``path`` as given when it exists (or is absolute), else relative to the checkout: bundled traces and
+    configs resolve the same way from any working directory."""
+    path = str(path)
+    return path if Path(path).is_absolute() or Path(path).exists() or not (REPO / path).exists() else str(REPO / path)
 
 
 def available(directory: Path) -> list[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from moe_runtime.expert_cache import ExpertCache, Outcome, access_sequence
+from moe_runtime.cache.expert_cache import ExpertCache, Outcome, access_sequence
 
 
 def belady_misses(ids: Sequence[Sequence[Sequence[int]]], n_slots: int, scope: str, n_layers: int) -> int:

@@ -28,12 +28,10 @@ This module knows nothing about models, traces or time; the cost model
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
 
 from moe_runtime import config_files
 from moe_runtime.errors import MoeError
 
-DEVICES_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
 
 _FLOATS_POS = ("h2d_bandwidth_gbps", "hbm_bandwidth_gbps", "peak_tflops", "memory_gib")
 
@@ -121,9 +119,9 @@ def device_from_dict(d) -> DeviceSpec:
 
 
 def available_devices() -> list[str]:
-    return config_files.available(DEVICES_DIR)
+    return config_files.available(config_files.DEVICES_DIR)
 
 
 def load_device(name_or_path) -> DeviceSpec:
     """A name in configs/devices/ (e.g. ``t4``) or a path to a YAML file of the schema above."""
-    return config_files.load_yaml(config_files.resolve(name_or_path, DEVICES_DIR, "device"), device_from_dict)
+    return config_files.load_yaml(config_files.resolve(name_or_path, config_files.DEVICES_DIR, "device"), device_from_dict)

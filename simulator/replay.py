@@ -48,12 +48,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import simpy
 
-from moe_runtime.budget import check_budget, parse_budget
+from moe_runtime.cache.budget import check_budget, parse_budget
+from moe_runtime import config_files
 from moe_runtime.errors import MoeError
-from moe_runtime.model_spec import ModelSpec, available_models, load_model_spec
-from moe_runtime.trace import PHASE_DECODE, load_trace
-from moe_runtime.expert_cache import READY, ExpertCache, Outcome, access_sequence
-from moe_runtime.policies import EVICTION_POLICIES
+from moe_runtime.model.spec import ModelSpec, available_models, load_model_spec
+from moe_runtime.traces import PHASE_DECODE, load_trace
+from moe_runtime.cache.expert_cache import READY, ExpertCache, Outcome, access_sequence
+from moe_runtime.cache.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PREDICTORS, PredictContext, PredictorOptions, RoutingHistory, \
     make_predictor, plan_prefetch
 from moe_runtime.timeline import Timeline
@@ -111,7 +112,7 @@ def load_inputs(trace_path, model: str | None = None, tokens: int | None = None)
     ``model``: a configs/models name, a YAML file, or a checkpoint directory with config.json;
     by default the trace's ``meta.model`` when it names one of those.
     """
-    trace = load_trace(trace_path)
+    trace = load_trace(config_files.bundled(trace_path))
     if tokens is not None and tokens < trace.n_tokens:
         trace = trace.slice(0, tokens)
     name = model or trace.meta.model

@@ -39,14 +39,13 @@ from pathlib import Path
 
 from moe_runtime import config_files
 from moe_runtime.errors import MoeError
-from moe_runtime.trace import write_atomic
+from moe_runtime.traces import write_atomic
 from moe_runtime.timeline import write_json_atomic
 
 from .cost_model import CostModel
 from .device import load_device
 from .replay import Replay, ReplayOptions, build_workload, load_inputs
 
-REPO = Path(__file__).resolve().parent.parent
 _OPT = {f.name: f.default for f in fields(ReplayOptions)}
 SWEPT = {"budgets": "budget", "evictions": "eviction", "predictors": "predictor", "lookaheads": "lookahead",
          "scopes": "scope"}
@@ -138,11 +137,6 @@ def load_experiment(path) -> Experiment:
     return config_files.load_yaml(p, experiment_from_dict)
 
 
-def resolve(path: str) -> str:
-    """A relative path as given if it exists from the cwd, else from the repository root."""
-    return path if os.path.isabs(path) or os.path.exists(path) else str(REPO / path)
-
-
 # -- workers: each process loads the trace once, and reuses workloads across points -------------------
 _STATE: dict = {}
 
@@ -160,7 +154,7 @@ def _run_point(point) -> dict:
            "eviction": opts.eviction, "predictor": opts.predictor, "lookahead": opts.lookahead}
     try:
         if dev_name not in _STATE["devices"]:
-            _STATE["devices"][dev_name] = CostModel(spec, load_device(resolve(dev_name) if "/" in dev_name
+            _STATE["devices"][dev_name] = CostModel(spec, load_device(config_files.bundled(dev_name) if "/" in dev_name
                                                                       else dev_name))
         w = _STATE["workloads"].get(opts.batch) or _STATE["workloads"].setdefault(
             opts.batch, build_workload(trace, opts.batch))
@@ -212,10 +206,10 @@ def run_experiment(path, out: str | None = None, workers: int | None = None) -> 
         raise MoeError(f"--workers must be >= 1, got {workers}")
     out_dir = Path(out or exp.out or f"out/{exp.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    trace_path = resolve(exp.trace)
+    trace_path = config_files.bundled(exp.trace)
     _init_worker(trace_path, exp.model, exp.tokens)  # fails early, in this process, on bad inputs
     for d in exp.devices:
-        load_device(resolve(d) if "/" in d else d)
+        load_device(config_files.bundled(d) if "/" in d else d)
     points = exp.points()
     results = _load_previous(out_dir, exp)
     todo = [p for p in points if p[0] not in results]

@@ -39,7 +39,7 @@ def tiny_mixtral(tiny_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def mixtral4(tmp_path_factory) -> Path:
     """A 4-layer tiny Mixtral written by ``make-tiny``'s writer (no transformers), for predictor tests."""
-    from moe_runtime.tiny import write_tiny_checkpoint
+    from moe_runtime.model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mix4"), seed=0, num_hidden_layers=4)
 
@@ -47,7 +47,7 @@ def mixtral4(tmp_path_factory) -> Path:
 @pytest.fixture
 def run_cli(capsys):
     """Run ``moe-runtime ARGV`` in-process; returns (exit code, stdout, stderr)."""
-    from moe_runtime.cli import main
+    from moe_runtime.cli.runtime import main
 
     def run(argv):
         with pytest.raises(SystemExit) as e:

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from moe_runtime.calibrate import (Reservoir, calibrate, forward_chunks, load_adapters_for, make_provider,
+from moe_runtime.predictors.calibrate import (Reservoir, calibrate, forward_chunks, load_adapters_for, make_provider,
                                    router_digest)
-from moe_runtime.checkpoint import load_model
-from moe_runtime.cli import main
+from moe_runtime.model.checkpoint import load_model
+from moe_runtime.cli.runtime import main
 from moe_runtime.errors import MoeError
-from moe_runtime.text_data import load_tokens, token_chunks
-from moe_runtime.tiny import write_tiny_checkpoint
+from moe_runtime.predictors.text_data import load_tokens, token_chunks
+from moe_runtime.model.tiny import write_tiny_checkpoint
 
 D = 2
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from moe_runtime.checkpoint import load_model
+from moe_runtime.model.checkpoint import load_model
 from moe_runtime.errors import MoeError
-from moe_runtime.tiny import write_tiny_checkpoint
+from moe_runtime.model.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_cuda_requested_without_cuda(good):
 
 def cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "moe_runtime.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "moe_runtime.cli.runtime", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=120)
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from moe_runtime.copy_engine import ThreadCopyEngine, achieved_gbps
+from moe_runtime.offload.engines import ThreadCopyEngine, achieved_gbps
 
 
 def test_demand_overtakes_queued_prefetches_and_cancel_only_before_start():
@@ -74,7 +74,7 @@ def test_resubmitted_slot_reports_only_its_new_copy():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_engine_copies_cancels_and_times():
-    from moe_runtime.copy_engine import CudaCopyEngine
+    from moe_runtime.offload.engines import CudaCopyEngine
 
     dev = torch.device("cuda")
     eng = CudaCopyEngine(n_slots=4, device=dev, stream_depth=1)

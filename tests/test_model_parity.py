@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_checkpoints import hf_model
 
-from moe_runtime.checkpoint import load_model
-from moe_runtime.expert_store import ExpertLayout, HostExpertStore, ResidentExperts
-from moe_runtime.generate import generate
-from moe_runtime.tiny import write_tiny_checkpoint
+from moe_runtime.model.checkpoint import load_model
+from moe_runtime.model.experts import ExpertLayout, HostExpertStore, ResidentExperts
+from moe_runtime.model.generate import generate
+from moe_runtime.model.tiny import write_tiny_checkpoint
 
 PROMPT = [5, 17, 42, 8, 99, 23, 61]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from moe_runtime.errors import MoeError
-from moe_runtime.model_spec import ModelSpec, available_models, load_model_spec
+from moe_runtime.model.spec import ModelSpec, available_models, load_model_spec
 
 MIXTRAL_HF = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
               "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 32,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from moe_runtime.forced_routing import ForcedRouting
-from moe_runtime.generate import generate
-from moe_runtime.offload import OffloadedExperts
-from moe_runtime.offload_steps import SteppedModel
+from moe_runtime.offload.forced_routing import ForcedRouting
+from moe_runtime.model.generate import generate
+from moe_runtime.offload.provider import OffloadedExperts
+from moe_runtime.offload.steps import SteppedModel
 from moe_runtime.predictors import PredictorOptions, make_predictor
 from test_offload_parity import NEW, PROMPT, reference
 

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from moe_runtime.cli import main
-from moe_runtime.tiny import write_tiny_checkpoint
+from moe_runtime.cli.runtime import main
+from moe_runtime.model.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_trace_of_another_shape_and_missing_future_are_one_line_errors(capsys, c
 def test_aligned_predictor_with_adapters_file(capsys, ckpt, tmp_path):
     import torch
 
-    from moe_runtime.config import load_config
+    from moe_runtime.model.config import load_config
     from moe_runtime.predictors.adapters import AlignedAdapters, model_fingerprint
 
     cfg = load_config(ckpt)
@@ -98,7 +98,7 @@ def test_aligned_predictor_with_adapters_file(capsys, ckpt, tmp_path):
 def test_recorded_predictions_replay_like_the_live_predictor_on_a_later_sequence(capsys, ckpt, tmp_path):
     import numpy as np
 
-    from moe_runtime.trace import load_trace, make_trace, save_trace
+    from moe_runtime.traces import load_trace, make_trace, save_trace
 
     rec = tmp_path / "rec.npz"
     flags = ("--budget", "6", "--max-inflight", "2")

@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from moe_runtime.copy_engine import CudaCopyEngine
-from moe_runtime.expert_store import ExpertLayout, HostExpertStore
-from moe_runtime.offload import LayerClock, OffloadedExperts
-from moe_runtime.policies import EVICTION_POLICIES
+from moe_runtime.offload.engines import CudaCopyEngine
+from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.offload.provider import LayerClock, OffloadedExperts
+from moe_runtime.cache.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictContext, Predictor, PredictorOptions
 
 L, E, K = 3, 6, 2

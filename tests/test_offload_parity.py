@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_runtime.budget import minimum_slots
-from moe_runtime.checkpoint import load_model
-from moe_runtime.expert_store import ResidentExperts
-from moe_runtime.forced_routing import ForcedRouting
-from moe_runtime.generate import generate
-from moe_runtime.offload import OffloadedExperts
-from moe_runtime.offload_steps import SteppedModel, prefill_chunk, steps
-from moe_runtime.policies import EVICTION_POLICIES
+from moe_runtime.cache.budget import minimum_slots
+from moe_runtime.model.checkpoint import load_model
+from moe_runtime.model.experts import ResidentExperts
+from moe_runtime.offload.forced_routing import ForcedRouting
+from moe_runtime.model.generate import generate
+from moe_runtime.offload.provider import OffloadedExperts
+from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
+from moe_runtime.cache.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictorOptions, make_predictor
-from moe_runtime.tiny import write_tiny_checkpoint
-from moe_runtime.trace import TraceMeta, TraceRecorder
+from moe_runtime.model.tiny import write_tiny_checkpoint
+from moe_runtime.traces import TraceMeta, TraceRecorder
 
 PROMPT = [5, 17, 42, 8, 23]
 NEW = 5

@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from moe_runtime.cli import main
-from moe_runtime.telemetry import gpu_telemetry
-from moe_runtime.tiny import write_tiny_checkpoint
+from moe_runtime.cli.runtime import main
+from moe_runtime.offload.telemetry import gpu_telemetry
+from moe_runtime.model.tiny import write_tiny_checkpoint
 from simulator.device import load_device
 
 SPEC = dict(name="toy-moe", n_layers=3, first_moe_layer=1, n_experts=8, top_k=2, n_shared_experts=1,

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from moe_runtime.predictor_eval import EvalResult, match_counts
+from moe_runtime.predictors.evaluate import EvalResult, match_counts
 
 
 def test_match_counts_hand_worked():

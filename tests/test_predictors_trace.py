@@ -5,7 +5,7 @@ import pytest
 
 from moe_runtime.errors import MoeError
 from moe_runtime.predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor, plan_prefetch
-from moe_runtime.trace import TraceMeta, make_trace
+from moe_runtime.traces import TraceMeta, make_trace
 
 META = TraceMeta(model="toy", n_layers=3, n_experts=4, top_k=1, expert_bytes=8, dtype="float32", source="test")
 

@@ -9,7 +9,7 @@ import pytest
 
 from moe_runtime.errors import MoeError
 from moe_runtime.timeline import Timeline
-from moe_runtime.trace import TraceMeta, make_trace
+from moe_runtime.traces import TraceMeta, make_trace
 from simulator.cost_model import CostModel
 from simulator.device import DeviceSpec, available_devices, load_device
 from simulator.replay import Replay, ReplayOptions, build_workload, load_inputs

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_runtime.trace import load_trace
-from moe_runtime.trace_cli import main
+from moe_runtime.traces import load_trace
+from moe_runtime.cli.trace import main
 
 REPO = Path(__file__).resolve().parents[1]
 HUMANEVAL = REPO / "traces" / "mixtral-8x7b-humaneval.npz"
@@ -95,7 +95,7 @@ def test_errors_are_one_line_exit_2(capsys, tmp_path):
 
 def test_console_script_prints_no_traceback(tmp_path):
     (tmp_path / "t.npz").write_bytes(b"PK\x03\x04 truncated zip")
-    p = subprocess.run([sys.executable, "-m", "moe_runtime.trace_cli", "info", str(tmp_path / "t.npz")],
+    p = subprocess.run([sys.executable, "-m", "moe_runtime.cli.trace", "info", str(tmp_path / "t.npz")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith("moe-trace: error: ") and "t.npz" in p.stderr

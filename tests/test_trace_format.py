@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from moe_runtime import trace as tr
+from moe_runtime.traces import format as tr
 from moe_runtime.errors import MoeError
-from moe_runtime.trace import (FORMAT_VERSION, PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta,
+from moe_runtime.traces import (FORMAT_VERSION, PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta,
                                TraceRecorder, load_trace, make_trace, save_trace)
 
 META = TraceMeta(model="tiny", n_layers=3, n_experts=4, top_k=2, expert_bytes=1000,

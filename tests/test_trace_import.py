@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from moe_runtime.errors import MoeError
-from moe_runtime.model_spec import load_model_spec
-from moe_runtime.trace import PHASE_DECODE, PHASE_PREFILL, load_trace, save_trace
-from moe_runtime.trace_import import import_routing
+from moe_runtime.model.spec import load_model_spec
+from moe_runtime.traces import PHASE_DECODE, PHASE_PREFILL, load_trace, save_trace
+from moe_runtime.traces.importers import import_routing
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not DATA.is_dir():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from moe_runtime.errors import MoeError
-from moe_runtime.trace import TraceMeta, make_trace
-from moe_runtime.trace_stats import compute_stats, cross_layer_recall, reuse
-from moe_runtime.trace_synth import SynthKnobs, fit_knobs, headline, synth_trace
+from moe_runtime.traces import TraceMeta, make_trace
+from moe_runtime.traces.stats import compute_stats, cross_layer_recall, reuse
+from moe_runtime.traces.synth import SynthKnobs, fit_knobs, headline, synth_trace
 
 META = TraceMeta(model="tiny", n_layers=2, n_experts=4, top_k=2, expert_bytes=0, dtype="bfloat16", source="t")
 # token x layer x rank; worked out by hand in the comments below

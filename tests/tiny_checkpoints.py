@@ -11,7 +11,7 @@ kwargs (e.g. ``num_experts_per_tok=3``, ``mlp_only_layers=[1]``) plus:
 
 ``hf_model(path, dtype)`` loads the same checkpoint into transformers
 (eager attention) for comparisons. Tests that must not import transformers can
-use ``moe_runtime.tiny.write_tiny_checkpoint`` instead.
+use ``moe_runtime.model.tiny.write_tiny_checkpoint`` instead.
 """
 
 from __future__ import annotations

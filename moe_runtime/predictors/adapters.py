@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import MoeError
+from moe_runtime.errors import MoeError
 
 FORMAT = "moe-offload/aligned-adapters"
 VERSION = "1"
@@ -192,7 +192,7 @@ def model_fingerprint(config: Any, extra: str | None = None) -> str:
     elif isinstance(config, Mapping):
         d = config
         if "n_layers" not in d and "num_hidden_layers" in d:
-            from ..config import ModelConfig
+            from moe_runtime.model.config import ModelConfig
             d = asdict(ModelConfig.from_hf_dict(dict(d)))
     else:
         raise MoeError(f"model_fingerprint: expected a model config or dict, got {type(config).__name__}")

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from ..policies import Key
+from moe_runtime.cache.policies import Key
 
 
 class RoutingHistory:
@@ -54,9 +54,9 @@ class PredictorOptions:
     n_experts: int
     top_k: int
     lookahead: int
-    model: Any = None  # moe_runtime.model.MoeModel, for router-based predictors
+    model: Any = None  # moe_runtime.model.transformer.MoeModel, for router-based predictors
     adapters: Any = None  # predictors.adapters.AlignedAdapters, for 'aligned'
-    trace: Any = None  # moe_runtime.trace.Trace: prior counts, or recorded predictions
+    trace: Any = None  # moe_runtime.traces.format.Trace: prior counts, or recorded predictions
     seed: int = 0
     recall: float = 0.9  # noisy-oracle
     precision: float = 0.9  # noisy-oracle

@@ -10,11 +10,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from ..errors import MoeError
-from .base import PredictContext, Predictor, PredictorOptions
+import numpy as np
+
+from moe_runtime.errors import MoeError
+from moe_runtime.predictors.base import PredictContext, Predictor, PredictorOptions
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Gate(Predictor):
@@ -25,22 +29,24 @@ class Gate(Predictor):
         super().__init__(opts)
         if opts.model is None:
             raise MoeError(f"predictor {self.name!r} needs hidden states: it runs only in the executor")
+        import torch
+        self.torch = torch
 
     def residual(self, layer: int, d: int, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
-    @torch.no_grad()
     def scores(self, layer: int, d: int, hidden: torch.Tensor) -> torch.Tensor:
         """Per-token router probabilities [N, E] (float32) of layer+d, predicted from hidden [N, H] at layer."""
-        h = self.residual(layer, d, hidden)  # [N, H]
-        return torch.softmax(self.opts.model.router_logits(layer + d, h).float(), dim=-1)  # [N, E]
+        with self.torch.no_grad():
+            h = self.residual(layer, d, hidden)  # [N, H]
+            return self.torch.softmax(self.opts.model.router_logits(layer + d, h).float(), dim=-1)  # [N, E]
 
-    @torch.no_grad()
     def predict(self, ctx: PredictContext) -> list[np.ndarray]:
-        out = []
-        for d in self.distances(ctx.layer):
-            score = self.scores(ctx.layer, d, ctx.hidden).sum(dim=0)  # [E]
-            out.append(torch.argsort(score, descending=True, stable=True).cpu().numpy())
+        torch, out = self.torch, []
+        with torch.no_grad():
+            for d in self.distances(ctx.layer):
+                score = self.scores(ctx.layer, d, ctx.hidden).sum(dim=0)  # [E]
+                out.append(torch.argsort(score, descending=True, stable=True).cpu().numpy())
         return out
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MoeError
-from .base import PredictContext, Predictor, PredictorOptions, RoutingHistory, rank_scores
+from moe_runtime.errors import MoeError
+from moe_runtime.predictors.base import PredictContext, Predictor, PredictorOptions, RoutingHistory, rank_scores
 
 
 class NonePredictor(Predictor):

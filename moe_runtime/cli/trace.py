@@ -15,12 +15,12 @@ import sys
 
 import numpy as np
 
-from .errors import MoeError, run_cli
-from .model_spec import load_model_spec
-from .trace import TraceMeta, load_trace, save_trace
-from .trace_import import import_routing
-from .trace_stats import compute_stats, format_stats, phase_counts
-from .trace_synth import TARGETS, SynthKnobs, fit_knobs, headline, synth_trace
+from moe_runtime.errors import MoeError, run_cli
+from moe_runtime.model.spec import load_model_spec
+from moe_runtime.traces import TraceMeta, load_trace, save_trace
+from moe_runtime.traces.importers import import_routing
+from moe_runtime.traces.stats import compute_stats, format_stats, phase_counts
+from moe_runtime.traces.synth import TARGETS, SynthKnobs, fit_knobs, headline, synth_trace
 
 PROG = "moe-trace"
 

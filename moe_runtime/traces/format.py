@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .errors import MoeError
-from .trace_checks import check_array, check_ids
+from moe_runtime.errors import MoeError
+from moe_runtime.traces.checks import check_array, check_ids
 
 PHASE_PREFILL = 0
 PHASE_DECODE = 1
@@ -109,7 +109,7 @@ class Trace:
     """A validated-on-demand routing trace; arrays are token-major.
 
     Construction does not validate (so it stays cheap); call ``validate()`` on a
-    hand-built trace, or build it with ``make_trace`` (trace_recorder.py), which
+    hand-built trace, or build it with ``make_trace`` (recorder.py), which
     coerces dtypes and validates.
     """
 
@@ -354,11 +354,3 @@ def _read(data, key: str) -> np.ndarray:
 def _short(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
-
-def __getattr__(name: str):
-    """``make_trace`` and ``TraceRecorder`` live in trace_recorder.py (which imports this
-    module); resolving them lazily keeps `from moe_runtime.trace import ...` the one import."""
-    if name in ("make_trace", "TraceRecorder"):
-        from . import trace_recorder
-        return getattr(trace_recorder, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MoeError
-from .generate import load_tokenizer
+from moe_runtime.errors import MoeError
+from moe_runtime.model.generate import load_tokenizer
 
 DEFAULT_SEQ_LEN = 256
 

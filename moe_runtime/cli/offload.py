@@ -26,19 +26,19 @@ from pathlib import Path
 
 import torch
 
-from .budget import check_budget, parse_budget
-from .checkpoint import DTYPES, SafetensorsReader, parse_dtype
-from .config import load_config, read_json
-from .errors import MoeError
-from .expert_store import ExpertLayout, HostExpertStore
-from .forced_routing import ForcedRouting, popularity_from_trace
-from .model import Transformer
-from .offload import OffloadedExperts
-from .offload_steps import SteppedModel, prefill_chunk, steps
-from .policies import EVICTION_POLICIES
-from .predictors import PREDICTORS, PredictorOptions, make_predictor
-from .telemetry import gpu_telemetry
-from .trace import TraceMeta, TraceRecorder, load_trace
+from moe_runtime.cache.budget import check_budget, parse_budget
+from moe_runtime.model.checkpoint import DTYPES, SafetensorsReader, parse_dtype
+from moe_runtime.model.config import load_config, read_json
+from moe_runtime.errors import MoeError
+from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.offload.forced_routing import ForcedRouting, popularity_from_trace
+from moe_runtime.model.transformer import Transformer
+from moe_runtime.offload.provider import OffloadedExperts
+from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
+from moe_runtime.cache.policies import EVICTION_POLICIES
+from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
+from moe_runtime.offload.telemetry import gpu_telemetry
+from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
 
 _DEFAULTS: dict[str, object] = {}  # dest -> default of every offloading flag, filled by add_arguments
 
@@ -145,7 +145,7 @@ class OffloadRun:
                                "or --route-from-trace FILE")
         adapters = None
         if args.adapters:
-            from .calibrate import load_adapters_for  # checks shape and router weights
+            from moe_runtime.predictors.calibrate import load_adapters_for  # checks shape and router weights
             adapters = load_adapters_for(model, args.adapters, args.lookahead)
         # only recorded:NAME reads the forced trace; a prior from it would hand history/popularity the future
         predictor = make_predictor(args.predictor, PredictorOptions(

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import DTYPES
-from .config import FAMILIES, ModelConfig
-from .errors import MoeError
-from .model import Transformer
+from moe_runtime.model.checkpoint import DTYPES
+from moe_runtime.model.config import FAMILIES, ModelConfig
+from moe_runtime.errors import MoeError
+from moe_runtime.model.transformer import Transformer
 
 # printable ASCII, one token per character, after three specials
 SPECIALS = ["<unk>", "<s>", "</s>"]

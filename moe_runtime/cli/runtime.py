@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .errors import run_cli
+from moe_runtime.errors import run_cli
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "profile": ("moe_runtime.profile", "measure copy bandwidth/latency and MoE layer compute; write a device YAML"),
-    "generate": ("moe_runtime.generate_cli", "decode text with a MoE checkpoint"),
-    "make-tiny": ("moe_runtime.tiny", "write a tiny random MoE checkpoint (no download)"),
-    "calibrate": ("moe_runtime.calibrate", "fit early-aligned residual adapters for the aligned predictor"),
-    "eval-predictors": ("moe_runtime.predictor_eval", "recall/precision of expert predictors per distance"),
+    "profile": ("moe_runtime.offload.profile", "measure copy bandwidth/latency and MoE layer compute; write a device YAML"),
+    "generate": ("moe_runtime.cli.generate", "decode text with a MoE checkpoint"),
+    "make-tiny": ("moe_runtime.model.tiny", "write a tiny random MoE checkpoint (no download)"),
+    "calibrate": ("moe_runtime.predictors.calibrate", "fit early-aligned residual adapters for the aligned predictor"),
+    "eval-predictors": ("moe_runtime.predictors.evaluate", "recall/precision of expert predictors per distance"),
 }
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MoeError
+from moe_runtime.errors import MoeError
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 

@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import MoeError
-from .expert_store import ExpertProvider
-from .model import Transformer
+from moe_runtime.errors import MoeError
+from moe_runtime.model.experts import ExpertProvider
+from moe_runtime.model.transformer import Transformer
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import MoeError
+from moe_runtime.errors import MoeError
 
 
 def check_array(name: str, arr, dtype, ndim: int) -> None:

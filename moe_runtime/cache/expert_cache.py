@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Iterable, Sequence
 
-from .policies import EvictionPolicy, Key, make_policy
+from moe_runtime.cache.policies import EvictionPolicy, Key, make_policy
 
 FREE, LOADING, READY = 0, 1, 2
 

@@ -32,9 +32,9 @@ import time
 import torch
 import yaml
 
-from .copy_engine import make_copy_engine
-from .errors import MoeError
-from .offload import OffloadedExperts
+from moe_runtime.offload.engines import make_copy_engine
+from moe_runtime.errors import MoeError
+from moe_runtime.offload.provider import OffloadedExperts
 
 
 def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> tuple[float, float]:
@@ -169,14 +169,14 @@ def run(args: argparse.Namespace) -> int:
         raise MoeError("--layers and --repeats must be at least 1")
     if device.type == "cpu":  # leave a core to the copy thread, as the executor runs
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    from .checkpoint import DTYPES, load_model
+    from moe_runtime.model.checkpoint import DTYPES, load_model
 
     if args.model:
         model, store = load_model(args.model, device, DTYPES[args.dtype] if args.dtype else None)
         model_name = os.path.basename(os.path.normpath(args.model))
     else:
-        from .model_spec import load_model_spec
-        from .synthetic_model import config_from_spec, synthetic_model
+        from moe_runtime.model.spec import load_model_spec
+        from moe_runtime.model.synthetic import config_from_spec, synthetic_model
 
         spec = load_model_spec(args.model_config)
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .expert_store import ExpertProvider
+from moe_runtime.model.config import ModelConfig
+from moe_runtime.model.experts import ExpertProvider
 
 
 class RMSNorm(nn.Module):

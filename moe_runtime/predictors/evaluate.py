@@ -40,14 +40,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .calibrate import add_device_arguments, forward_chunks, load_adapters_for, make_provider
-from .checkpoint import load_model
-from .errors import MoeError
-from .expert_store import ExpertProvider
-from .model import Transformer
-from .predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor
-from .text_data import add_data_arguments, load_tokens, token_chunks
-from .trace import load_trace
+from moe_runtime.predictors.calibrate import add_device_arguments, forward_chunks, load_adapters_for, make_provider
+from moe_runtime.model.checkpoint import load_model
+from moe_runtime.errors import MoeError
+from moe_runtime.model.experts import ExpertProvider
+from moe_runtime.model.transformer import Transformer
+from moe_runtime.predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor
+from moe_runtime.predictors.text_data import add_data_arguments, load_tokens, token_chunks
+from moe_runtime.traces import load_trace
 
 DEFAULT_PREDICTORS = ("gate", "aligned", "history", "popularity", "oracle")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import MoeError
-from .trace import PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta, save_trace
-from .trace_checks import cast_int
+from moe_runtime.errors import MoeError
+from moe_runtime.traces.format import PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta, save_trace
+from moe_runtime.traces.checks import cast_int
 
 
 def make_trace(meta: TraceMeta, expert_ids, weights, seq_id=None, position=None, phase=None,

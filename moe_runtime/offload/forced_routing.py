@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import MoeError
-from .expert_cache import access_sequence
-from .policies import Key
-from .trace import Trace
+from moe_runtime.errors import MoeError
+from moe_runtime.cache.expert_cache import access_sequence
+from moe_runtime.cache.policies import Key
+from moe_runtime.traces import Trace
 
 
 class ForcedRouting:

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .copy_engine import achieved_gbps, make_copy_engine
-from .expert_cache import ExpertCache, Outcome
-from .expert_store import ExpertWeights, HostExpertStore
-from .policies import Key
-from .predictors import PredictContext, Predictor, RoutingHistory, plan_prefetch
-from .timeline import Timeline
+from moe_runtime.offload.engines import achieved_gbps, make_copy_engine
+from moe_runtime.cache.expert_cache import ExpertCache, Outcome
+from moe_runtime.model.experts import ExpertWeights, HostExpertStore
+from moe_runtime.cache.policies import Key
+from moe_runtime.predictors import PredictContext, Predictor, RoutingHistory, plan_prefetch
+from moe_runtime.timeline import Timeline
 
 
 class LayerClock:

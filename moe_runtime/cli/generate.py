@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from .checkpoint import DTYPES, load_model, parse_dtype
-from .errors import MoeError
-from .expert_store import ResidentExperts
-from .generate import generate, load_tokenizer, parse_prompt_ids
-from .offload_cli import OffloadRun, add_arguments as add_offload_arguments, preflight
+from moe_runtime.model.checkpoint import DTYPES, load_model, parse_dtype
+from moe_runtime.errors import MoeError
+from moe_runtime.model.experts import ResidentExperts
+from moe_runtime.model.generate import generate, load_tokenizer, parse_prompt_ids
+from moe_runtime.cli.offload import OffloadRun, add_arguments as add_offload_arguments, preflight
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

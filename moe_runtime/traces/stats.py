@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .trace import PHASE_DECODE, PHASE_PREFILL, Trace
+from moe_runtime.traces.format import PHASE_DECODE, PHASE_PREFILL, Trace
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 

@@ -15,15 +15,13 @@ or devices; it does not read config.json files itself.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
-from pathlib import Path
 
-from . import config_files
-from .config import FAMILIES
-from .errors import MoeError
-from .trace import TraceMeta
+from moe_runtime import config_files
+from moe_runtime.model.config import FAMILIES
+from moe_runtime.errors import MoeError
+from moe_runtime.traces import TraceMeta
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
 @dataclass(frozen=True)
@@ -258,9 +256,9 @@ def model_spec_from_dict(d: dict) -> ModelSpec:
 
 
 def available_models() -> list[str]:
-    return config_files.available(MODELS_DIR)
+    return config_files.available(config_files.MODELS_DIR)
 
 
 def load_model_spec(name_or_path) -> ModelSpec:
     """A name in configs/models/ (e.g. "mixtral-8x7b") or a path to a YAML file."""
-    return config_files.load_yaml(config_files.resolve(name_or_path, MODELS_DIR, "model", "model spec"), model_spec_from_dict)
+    return config_files.load_yaml(config_files.resolve(name_or_path, config_files.MODELS_DIR, "model", "model spec"), model_spec_from_dict)

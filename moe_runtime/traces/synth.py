@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MoeError
-from .trace import PHASE_DECODE, Trace, TraceMeta, make_trace
-from .trace_stats import adjacent_overlap, cross_layer_recall, entropy_bits, one_hot
+from moe_runtime.errors import MoeError
+from moe_runtime.traces.format import PHASE_DECODE, Trace, TraceMeta
+from moe_runtime.traces.recorder import make_trace
+from moe_runtime.traces.stats import adjacent_overlap, cross_layer_recall, entropy_bits, one_hot
 
 
 @dataclass(frozen=True)

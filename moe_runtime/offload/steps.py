@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .expert_store import ExpertProvider
-from .forced_routing import ForcedRouting
-from .model import Transformer
-from .trace import PHASE_DECODE, PHASE_PREFILL, TraceRecorder
+from moe_runtime.model.experts import ExpertProvider
+from moe_runtime.offload.forced_routing import ForcedRouting
+from moe_runtime.model.transformer import Transformer
+from moe_runtime.traces import PHASE_DECODE, PHASE_PREFILL, TraceRecorder
 
 
 def prefill_chunk(*, prompt_len: int, pool_slots: int, n_experts: int, top_k: int, inflight: int) -> int:

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MoeError
-from .model_spec import ModelSpec
-from .trace import PHASE_DECODE, PHASE_PREFILL, Trace, make_trace
+from moe_runtime.errors import MoeError
+from moe_runtime.model.spec import ModelSpec
+from moe_runtime.traces.format import PHASE_DECODE, PHASE_PREFILL, Trace
+from moe_runtime.traces.recorder import make_trace
 
 ESFT_KEYS = ("expert_ids", "gate_weights", "seq_lens", "layer_index")
 JSONL_KEYS = ("problem_id", "token_idx", "layer", "experts", "gating_probs")

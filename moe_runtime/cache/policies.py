@@ -16,7 +16,7 @@ import heapq
 from collections import OrderedDict, defaultdict
 from typing import Callable, ClassVar, Iterable, Sequence
 
-from .errors import MoeError
+from moe_runtime.errors import MoeError
 
 Key = tuple[int, int]  # (MoE layer, expert id)
 Evictable = Callable[[Key], bool]

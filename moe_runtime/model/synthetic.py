@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
-from .errors import MoeError
-from .expert_store import ExpertLayout, HostExpertStore
-from .model import Transformer
-from .model_spec import ModelSpec
+from moe_runtime.model.config import ModelConfig
+from moe_runtime.errors import MoeError
+from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.model.transformer import Transformer
+from moe_runtime.model.spec import ModelSpec
 
 
 def config_from_spec(spec: ModelSpec, n_moe_layers: int | None = None) -> ModelConfig:

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import load_model
-from .config import ModelConfig, load_config
-from .errors import MoeError
-from .expert_store import ExpertProvider, ExpertWeights, HostExpertStore, ResidentExperts
-from .model import Transformer
-from .predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize
-from .text_data import add_data_arguments, load_tokens, token_chunks
+from moe_runtime.model.checkpoint import load_model
+from moe_runtime.model.config import ModelConfig, load_config
+from moe_runtime.errors import MoeError
+from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore, ResidentExperts
+from moe_runtime.model.transformer import Transformer
+from moe_runtime.predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize
+from moe_runtime.predictors.text_data import add_data_arguments, load_tokens, token_chunks
 
 MAX_INFLIGHT = 4  # copies in flight of an offloaded provider (no prefetching during calibration)
 
@@ -83,7 +83,7 @@ def make_provider(store: HostExpertStore, device: str | torch.device, slots: int
         if store.nbytes <= 0.8 * free:
             return ResidentExperts(store, device)
         slots = min(int(0.8 * free) // store.layout.nbytes, store.n_layers * store.n_experts)
-    from .offload import OffloadedExperts
+    from moe_runtime.offload.provider import OffloadedExperts
 
     need = store.n_experts + MAX_INFLIGHT
     if slots < need:

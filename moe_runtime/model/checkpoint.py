@@ -31,10 +31,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .config import ModelConfig, load_config
-from .errors import MoeError
-from .expert_store import ExpertLayout, HostExpertStore
-from .model import Transformer
+from moe_runtime.model.config import ModelConfig, load_config
+from moe_runtime.errors import MoeError
+from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
