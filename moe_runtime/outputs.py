@@ -1,0 +1,207 @@
+"""The one way this project writes output files: checked before the work, written atomically.
+
+Contract:
+- ``check_output(path, what)`` runs before any work: it creates missing parent
+  directories and raises one ``MoeError`` line when the file cannot be written
+  there (the path is a directory or not a regular file, a parent is a regular
+  file, the directory is not writable or on a read-only file system). It
+  writes nothing under ``path`` itself. ``check_output_dir`` does the same for
+  an output directory.
+- ``write_atomic(path, write)`` calls ``write(binary_file)`` on a temporary file
+  in the same directory, fsyncs it, gives it the usual mode (0666 less the
+  umask, i.e. 0644 by default) and renames it over ``path``. Whatever fails
+  (the writer, a full disk, a permission), ``path`` keeps its old content (or
+  stays absent), the temporary file is removed, and an ``OSError`` becomes one
+  ``MoeError`` line naming ``path``. ``write_text_atomic`` and
+  ``write_json_atomic`` are the text and JSON forms.
+- Temporary files are named ``.moe-tmp-<pid>-<name>-<random>``, so a run killed
+  with SIGKILL leaves files that ``remove_stale_temps(directory)`` recognises
+  and removes (only those of processes that no longer run).
+
+This module knows nothing about what is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from moe_runtime.errors import MoeError
+
+TMP_PREFIX = ".moe-tmp-"
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _existing_ancestor(path: Path, label: str) -> Path:
+    """The nearest ancestor of ``path`` (or itself) that exists; refuses one that is not a directory."""
+    p = path
+    while not os.path.lexists(p):
+        p = p.parent
+    if not p.is_dir():
+        raise MoeError(f"cannot write {label}: {p} is a file, not a directory")
+    return p
+
+
+def _check_writable_dir(directory: Path, label: str) -> None:
+    """Probe by creating (and removing) a temporary file: permissions, read-only mounts and root
+    all answer the same way, which ``os.access`` alone does not."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=f"{TMP_PREFIX}{os.getpid()}-probe-")
+    except OSError as e:
+        raise MoeError(f"cannot write {label}: directory {directory} is not writable ({_reason(e)})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _make_dirs(directory: Path, label: str) -> None:
+    if directory.is_dir():
+        return
+    anc = _existing_ancestor(directory, label)  # names the regular file that blocks the way
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoeError(f"cannot write {label}: cannot create directory {directory} "
+                       f"({_reason(e)}; under {anc})") from None
+
+
+def check_output(path, what: str = "output") -> Path:
+    """Check that ``path`` can be written as a file, creating its parent directories; return it.
+
+    ``what`` names the output in the error line (e.g. "--out", "timeline").
+    """
+    p = Path(os.fspath(path))
+    label = f"{what} {p}"
+    if str(p) in ("", "."):
+        raise MoeError(f"{what}: an output file name is needed")
+    if p.is_dir():
+        raise MoeError(f"cannot write {label}: it is a directory")
+    if os.path.lexists(p) and not p.is_file():  # a device or FIFO: a rename would replace the node
+        raise MoeError(f"cannot write {label}: it exists and is not a regular file")
+    _make_dirs(p.parent, label)
+    _check_writable_dir(p.parent, label)
+    return p
+
+
+def check_output_dir(path, what: str = "output directory") -> Path:
+    """Create directory ``path`` (and parents) if missing and check that files can be written in it."""
+    p = Path(os.fspath(path))
+    label = f"{what} {p}"
+    if os.path.lexists(p) and not p.is_dir():
+        raise MoeError(f"cannot write {label}: it exists and is not a directory")
+    _make_dirs(p, label)
+    _check_writable_dir(p, label)
+    return p
+
+
+def file_mode() -> int:
+    """0666 less the process umask: the mode ``open()`` would give a new file (0644 by default)."""
+    try:  # read the umask without changing it (os.umask is process-wide and racy with threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path, write: Callable) -> None:
+    """Call ``write(f)`` on a binary temp file beside ``path``, fsync, then rename it over ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise MoeError(f"cannot write {path}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}-")
+    except OSError as e:
+        raise MoeError(f"cannot write {path}: {_reason(e)}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):  # disk full, permission, ...: one line for the user
+            raise MoeError(f"cannot write {path}: {_reason(e)}") from None
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename itself durable; best effort (some file systems refuse fsync on a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomic(path, obj, indent: int | None = None) -> None:
+    """Serialise first (a TypeError leaves nothing behind), then write atomically."""
+    data = json.dumps(obj, indent=indent)
+    write_text_atomic(path, data + ("\n" if indent is not None else ""))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_temps(directory) -> list[Path]:
+    """Temporary files in ``directory`` left by writers that no longer run (a killed run)."""
+    out = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.name.startswith(TMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and not _pid_alive(int(pid))):
+            out.append(Path(entry.path))
+    return out
+
+
+def remove_stale_temps(directory) -> int:
+    """Remove ``stale_temps(directory)``; return how many were removed."""
+    n = 0
+    for p in stale_temps(directory):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise MoeError(f"cannot remove stale temporary file {p}: {_reason(e)}") from None
+    return n
