@@ -16,6 +16,9 @@ nominal device::
     model: deepseek-v2-lite     # str, optional: the model layer_compute_ms was measured with
     source: "..."               # str, optional: where the numbers come from
 
+Every number must be finite and within a range no real machine leaves
+(``_NUMBERS``: e.g. bandwidths at most 1e6 GB/s); ``1e-3``-style spellings work.
+
 Copy engines are modelled as independent: each moves one expert at a time at
 ``h2d_bandwidth_gbps``. A PCIe GPU has one host-to-device link, so the bundled
 nominal devices use ``copy_engines: 1``; a value above 1 means copies truly
@@ -30,10 +33,15 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 
 from moe_runtime import config_files
+from moe_runtime.config_files import check_number, names, short
 from moe_runtime.errors import MoeError
 
 
-_FLOATS_POS = ("h2d_bandwidth_gbps", "hbm_bandwidth_gbps", "peak_tflops", "memory_gib")
+# (field, low, low excluded, high): every number finite and in a range no real machine leaves,
+# so .inf, 1e308 or a negative value never reaches the cost model
+_NUMBERS = (("h2d_bandwidth_gbps", 0, True, 1e6), ("h2d_latency_us", 0, False, 1e7),
+            ("copy_engines", 1, False, 1024), ("hbm_bandwidth_gbps", 0, True, 1e6),
+            ("peak_tflops", 0, True, 1e6), ("memory_gib", 0, True, 1e6), ("layer_compute_ms", 0, True, 1e7))
 
 
 @dataclass(frozen=True)
@@ -52,24 +60,17 @@ class DeviceSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise MoeError(f"name must be a non-empty string, got {self.name!r}")
+            raise MoeError(f"name must be a non-empty string, got {short(self.name)}")
         if not isinstance(self.nominal, bool):
-            raise MoeError(f"nominal must be true or false, got {self.nominal!r}")
-        for f in _FLOATS_POS:
+            raise MoeError(f"nominal must be true or false, got {short(self.nominal)}")
+        for f, lo, lo_open, hi in _NUMBERS:
             v = getattr(self, f)
-            if not _is_number(v) or not v > 0:
-                raise MoeError(f"{f} must be a number > 0, got {v!r}")
-        if not _is_number(self.h2d_latency_us) or self.h2d_latency_us < 0:
-            raise MoeError(f"h2d_latency_us must be a number >= 0, got {self.h2d_latency_us!r}")
-        if not isinstance(self.copy_engines, int) or isinstance(self.copy_engines, bool) or self.copy_engines < 1:
-            raise MoeError(f"copy_engines must be an integer >= 1, got {self.copy_engines!r}")
-        if self.layer_compute_ms is not None and (not _is_number(self.layer_compute_ms)
-                                                  or not self.layer_compute_ms > 0):
-            raise MoeError(f"layer_compute_ms must be a number > 0, got {self.layer_compute_ms!r}")
+            if v is not None or f != "layer_compute_ms":
+                check_number(f, v, lo=lo, lo_open=lo_open, hi=hi, integer=f == "copy_engines")
         for f in ("model", "source"):
             v = getattr(self, f)
             if v is not None and not isinstance(v, str):
-                raise MoeError(f"{f} must be a string, got {v!r}")
+                raise MoeError(f"{f} must be a string, got {short(v)}")
 
     # -- derived, in SI units ---------------------------------------------------------
     @property
@@ -97,10 +98,6 @@ class DeviceSpec:
         return self.h2d_latency_s + n_bytes / self.h2d_bytes_per_s
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 _FIELDS = {f.name for f in fields(DeviceSpec)}
 _REQUIRED = [f.name for f in fields(DeviceSpec) if f.default is MISSING]
 
@@ -111,7 +108,7 @@ def device_from_dict(d) -> DeviceSpec:
         raise MoeError("device spec must be a mapping of field: value")
     unknown = sorted(set(map(str, d)) - _FIELDS)
     if unknown:
-        raise MoeError(f"unknown field(s): {', '.join(unknown)}")
+        raise MoeError(f"unknown field(s): {names(unknown)}")
     missing = [f for f in _REQUIRED if f not in d]
     if missing:
         raise MoeError(f"missing field(s): {', '.join(missing)}")

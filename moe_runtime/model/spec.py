@@ -219,6 +219,12 @@ class ModelSpec:
 
 
 _FIELDS = {f.name for f in fields(ModelSpec)}
+# upper limits of the YAML form's integers: far above any real model, low enough that sizes derived
+# from them (moe_layers, byte counts) stay small; n_experts as expert ids fit int16 in traces
+_YAML_LIMITS = {"n_layers": 4096, "first_moe_layer": 4095, "n_experts": 32767, "top_k": 32767,
+                "hidden_size": 1 << 20, "moe_intermediate_size": 1 << 22, "n_heads": 4096, "n_kv_heads": 4096,
+                "head_dim": 1 << 16, "vocab_size": 1 << 24, "n_shared_experts": 1024,
+                "shared_intermediate_size": 1 << 24, "dense_intermediate_size": 1 << 24}
 
 
 def model_spec_from_dict(d: dict) -> ModelSpec:
@@ -227,6 +233,11 @@ def model_spec_from_dict(d: dict) -> ModelSpec:
     if not isinstance(d, dict):
         raise MoeError("model spec must be a mapping of field: value")
     d = dict(d)
+    for k, hi in _YAML_LIMITS.items():  # before any size is derived from them
+        if k in d:
+            lo = 0 if k in ("first_moe_layer", "n_shared_experts", "shared_intermediate_size",
+                            "dense_intermediate_size") else 1
+            config_files.check_number(k, d[k], lo=lo, hi=hi, integer=True)
     if "moe_layers" in d and "first_moe_layer" in d:
         raise MoeError("give either moe_layers or first_moe_layer, not both")
     if "first_moe_layer" in d:
@@ -234,9 +245,9 @@ def model_spec_from_dict(d: dict) -> ModelSpec:
         if not isinstance(k, int) or not isinstance(n, int):
             raise MoeError("first_moe_layer and n_layers must be integers")
         d["moe_layers"] = list(range(k, n))
-    unknown = sorted(set(d) - _FIELDS)
+    unknown = sorted(set(map(str, d)) - _FIELDS)
     if unknown:
-        raise MoeError(f"unknown field(s): {', '.join(unknown)}")
+        raise MoeError(f"unknown field(s): {config_files.names(unknown)}")
     required = [f.name for f in fields(ModelSpec) if f.default is MISSING
                 and f.name not in ("head_dim", "n_kv_heads", "moe_layers")]
     missing = [n for n in required if n not in d]
@@ -250,7 +261,7 @@ def model_spec_from_dict(d: dict) -> ModelSpec:
             raise MoeError("hidden_size and n_heads must be integers")
         d["head_dim"] = d["hidden_size"] // d["n_heads"]
     if not isinstance(d["moe_layers"], (list, tuple)):
-        raise MoeError(f"moe_layers must be a list of layer indices, got {d['moe_layers']!r}")
+        raise MoeError(f"moe_layers must be a list of layer indices, got {config_files.short(d['moe_layers'])}")
     d["moe_layers"] = tuple(d["moe_layers"])
     return ModelSpec(**d)
 
