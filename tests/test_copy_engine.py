@@ -38,7 +38,7 @@ def test_demand_overtakes_queued_prefetches_and_cancel_only_before_start():
         eng.close()
 
 
-def test_waiting_on_a_queued_prefetch_promotes_it():
+def test_promoting_a_queued_prefetch_runs_it_first():
     eng = ThreadCopyEngine(n_slots=3)
     big_src, big_dst = torch.ones(32_000_000), torch.empty(32_000_000)
     a_src, a_dst = torch.full((10,), 1.0), torch.empty(10)
@@ -49,7 +49,8 @@ def test_waiting_on_a_queued_prefetch_promotes_it():
             time.sleep(0.001)
         eng.submit(1, a_src, a_dst, demand=False)
         eng.submit(2, b_src, b_dst, demand=False)
-        eng.wait(2)  # the compute needs 2 now: it must not wait behind 1
+        eng.promote(2)  # the compute needs 2 now (the protocol says so): it must not wait behind 1
+        eng.wait(2)
         assert torch.equal(b_dst, b_src)
         eng.wait(1)
         assert [r.slot for r in eng.records] == [0, 2, 1]

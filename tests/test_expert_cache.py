@@ -28,17 +28,24 @@ def _steps(seed, n=150, L=4, E=8, K=2):
     return [[rng.sample(range(E), K) for _ in range(L)] for _ in range(n)]
 
 
-def _reference_lru_misses(seq, capacity):
+def _reference_lru_misses(groups, capacity):
+    """Plain LRU over ``groups`` (the keys of one (step, layer) each, in access order); DESIGN pins a
+    whole group: no key of the group is evicted to make room for another of it."""
     od, misses = OrderedDict(), 0
-    for k in seq:
-        if k in od:
-            od.move_to_end(k)
-        else:
-            misses += 1
-            if len(od) == capacity:
-                od.popitem(last=False)
-            od[k] = None
+    for group in groups:
+        for k in group:
+            if k in od:
+                od.move_to_end(k)
+            else:
+                misses += 1
+                if len(od) == capacity:
+                    del od[next(x for x in od if x not in group)]
+                od[k] = None
     return misses
+
+
+def _groups(steps, layer=None):
+    return [[(l, e) for e in ids] for step in steps for l, ids in enumerate(step) if layer in (None, l)]
 
 
 @pytest.mark.parametrize("slots", [2, 5, 12, 32])
@@ -46,7 +53,7 @@ def test_lru_matches_reference(slots):
     steps = _steps(1)
     cache = ExpertCache(n_slots=slots, n_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=10)
     stats = _run(cache, steps)
-    assert stats.misses == _reference_lru_misses(access_sequence(steps), slots)
+    assert stats.misses == _reference_lru_misses(_groups(steps), slots)
     assert stats.hits + stats.late + stats.misses == stats.accesses == 150 * 4 * 2
     assert stats.bytes_h2d == 10 * stats.misses
 
@@ -64,7 +71,7 @@ def test_per_layer_scope_splits_budget():
     cache = ExpertCache(n_slots=10, n_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=1, scope="per-layer")
     assert cache.pool_size == 2 and cache.n_slots == 8
     stats = _run(cache, steps)
-    ref = sum(_reference_lru_misses([k for k in access_sequence(steps) if k[0] == layer], 2) for layer in range(4))
+    ref = sum(_reference_lru_misses(_groups(steps, layer), 2) for layer in range(4))
     assert stats.misses == ref
 
 

@@ -11,7 +11,7 @@ import torch
 
 from moe_runtime.offload.engines import CudaCopyEngine
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
-from moe_runtime.offload.provider import LayerClock, OffloadedExperts
+from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.cache.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictContext, Predictor, PredictorOptions
 
@@ -88,11 +88,11 @@ def test_cuda_engine_never_hands_out_an_unfinished_copy(fake_cuda, seed):
     inflight = rng.randint(1, 3)
     n_slots = rng.randint(K + inflight, L * E)
     pred = RandomPredictor(PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=2), rng)
+    depth = rng.randint(1, 2)
     prov = OffloadedExperts(store, "cpu", n_slots, policy=policy, predictor=pred, lookahead=2,
-                            max_inflight=inflight, popularity={(0, 0): 1.0})
-    prov.engine.close()
-    engine = CudaCopyEngine(prov.n_slots, torch.device("cpu"), stream_depth=rng.randint(1, 2))
-    prov.engine, prov.clock = engine, LayerClock(L, torch.device("cpu"), 0.0)
+                            max_inflight=inflight, popularity={(0, 0): 1.0},
+                            make_engine=lambda n, dev: CudaCopyEngine(n, dev, stream_depth=depth))
+    engine = prov.engine
     hidden = torch.zeros(1, 4)
     for step in range(8):
         prov.begin_step(step, 1)

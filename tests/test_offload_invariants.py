@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from moe_runtime.cache.budget import minimum_slots
 from moe_runtime.cache.expert_cache import Outcome
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.offload.engines import make_copy_engine
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.cache.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictContext, Predictor, PredictorOptions
@@ -41,17 +42,20 @@ def make_store() -> HostExpertStore:
 class CheckedEngine:
     """Wraps the real copy engine and asserts each copy's target slot is neither pinned nor still loading."""
 
-    def __init__(self, engine, provider) -> None:
-        self.engine, self.provider = engine, provider
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.protocol = None  # set once the provider exists
         self.loading: set[int] = set()
-        self.pinned_ready: set[int] = set()  # slots of the current layer that hold data the compute will read
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
     def submit(self, slot, src, dst, demand):
         assert slot not in self.loading, f"slot {slot} overwritten while loading"
-        assert slot not in self.pinned_ready, f"slot {slot} overwritten while in use"
+        # slots of the current layer that hold data the compute will read (copies are issued only
+        # inside the protocol's layer(), when in_use is the current layer's)
+        pinned_ready = {s for _, s, o in self.protocol.in_use if o == Outcome.HIT}
+        assert slot not in pinned_ready, f"slot {slot} overwritten while in use"
         self.loading.add(slot)
         self.engine.submit(slot, src, dst, demand)
 
@@ -93,19 +97,14 @@ def test_no_slot_in_use_or_loading_is_overwritten(policy, scope, prefetch, extra
     popularity = {k: float(future.count(k)) for k in set(future)}
     pred = RandomPredictor(PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=lookahead), seed) \
         if prefetch else None
+    engines = []
     prov = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,
-                            lookahead=lookahead, max_inflight=inflight, future=future, popularity=popularity)
+                            lookahead=lookahead, max_inflight=inflight, future=future, popularity=popularity,
+                            make_engine=lambda n, dev: engines.append(CheckedEngine(make_copy_engine(n, dev)))
+                            or engines[0])
     prov.cache.experts_per_layer = per_layer  # prefetches leave room for the widest step's demand
-    checked = CheckedEngine(prov.engine, prov)
-    prov.engine = checked
-    original_access = prov.cache.access_layer
-
-    def access(layer, ids):
-        acc = original_access(layer, ids)
-        checked.pinned_ready = {s for _, s, o in acc.outcomes if o == Outcome.HIT}
-        return acc
-
-    prov.cache.access_layer = access
+    checked = engines[0]
+    checked.protocol = prov.protocol
     hidden = torch.zeros(1, 8)
     for i, step in enumerate(keys):
         prov.begin_step(i, 1)
@@ -115,7 +114,6 @@ def test_no_slot_in_use_or_loading_is_overwritten(policy, scope, prefetch, extra
             for e, w in got.items():  # the compute reads exactly the host weights
                 assert torch.equal(torch.cat([w.w1.flatten(), w.w3.flatten(), w.w2.flatten()]), store.flat(m, e))
             prov.end_layer(m)
-            checked.pinned_ready = set()
     r = prov.finish()
     assert r["hits"] + r["late"] + r["misses"] == r["accesses"] == len(future)
     assert r["prefetch_issued"] == r["prefetch_used"] + r["prefetch_wasted"]

@@ -147,17 +147,22 @@ def test_registry_predictors_keep_parity(predictor):
 
 
 def plain_lru_misses(keys, capacity):
+    """A plain LRU over ``keys`` in order; the keys of one (step, layer) (a run of one layer) are all
+    protected from eviction while it is served, as DESIGN pins them."""
     from collections import OrderedDict
+    from itertools import groupby
 
     resident, misses = OrderedDict(), 0
-    for k in keys:
-        if k in resident:
-            resident.move_to_end(k)
-            continue
-        misses += 1
-        if len(resident) == capacity:
-            resident.popitem(last=False)
-        resident[k] = None
+    for _, run in groupby(keys, key=lambda k: k[0]):
+        group = list(run)
+        for k in group:
+            if k in resident:
+                resident.move_to_end(k)
+                continue
+            misses += 1
+            if len(resident) == capacity:
+                del resident[next(x for x in resident if x not in group)]
+            resident[k] = None
     return misses
 
 

@@ -1,6 +1,6 @@
 """The simulator against tiny independent references on the bundled real traces (DESIGN.md):
 with no prefetch and one copy engine, LRU and Belady miss counts equal a plain implementation of
-the same access order (experts of the current (token, layer) pinned), and
+the same access order (every expert of the current (token, layer) pinned from the start, as DESIGN says), and
 total = compute + misses x (expert bytes / bandwidth + latency)."""
 
 from collections import OrderedDict
@@ -22,7 +22,7 @@ def ref_lru(steps, capacity):
     cache, misses = OrderedDict(), 0
     for step in steps:
         for layer, ids in enumerate(step):
-            pinned = set()
+            pinned = {(layer, e) for e in ids}  # the whole set, not only the experts looked at so far
             for e in ids:
                 key = (layer, e)
                 if key in cache:
@@ -32,7 +32,6 @@ def ref_lru(steps, capacity):
                     if len(cache) >= capacity:
                         del cache[next(k for k in cache if k not in pinned)]
                     cache[key] = None
-                pinned.add(key)
     return misses
 
 
@@ -44,7 +43,7 @@ def ref_belady(steps, capacity):
     cache, misses, i = {}, 0, 0  # key -> next use
     for step in steps:
         for layer, ids in enumerate(step):
-            pinned = set()
+            pinned = {(layer, e) for e in ids}
             for e in ids:
                 key = (layer, e)
                 if key not in cache:
@@ -52,7 +51,6 @@ def ref_belady(steps, capacity):
                     if len(cache) >= capacity:
                         del cache[max((k for k in cache if k not in pinned), key=cache.__getitem__)]
                 cache[key] = nxt[i]
-                pinned.add(key)
                 i += 1
     return misses
 

@@ -7,9 +7,11 @@ CUDA streams or a copy thread) and the simulator (simpy time) drive the same
 Contract, following DESIGN.md:
 - Slots are FREE, LOADING (a copy issued, not yet known complete) or READY;
   a slot is *pinned* while the (step, layer) being computed uses it.
-- ``access_layer`` classifies each access as a hit (READY), late (LOADING)
-  or miss (absent; a slot is allocated at once, the caller issues the demand
-  copy ahead of queued prefetches) and pins the slots until ``release_layer``.
+- ``classify`` classifies each access of a (step, layer) as a hit (READY),
+  late (LOADING) or miss (absent) and pins the whole layer's set before any
+  eviction; ``admit_misses`` then gives misses slots (after stale prefetches
+  were withdrawn, so their slots can serve), pinned until ``release_layer``.
+  The order of these calls is ``protocol.py``'s business.
 - Eviction only takes READY, unpinned slots, chosen by the pool's policy; a
   LOADING slot is never evicted or overwritten.
 - Scope ``global`` is one pool; ``per-layer`` gives each layer an equal share.
@@ -105,6 +107,7 @@ class ExpertCache:
         self._unused_prefetch: dict[int, tuple[int, int]] = {}  # slot -> (step, target layer)
         self._prefetch_loading = [0] * n_pools
         self._loading_prefetch: set[int] = set()
+        self._pending: list[Key] = []  # misses of the layer being classified, not yet given a slot
         self.step = 0
         self.stats = CacheStats(layer_hits=[0] * n_layers, layer_late=[0] * n_layers, layer_misses=[0] * n_layers)
 
@@ -123,39 +126,75 @@ class ExpertCache:
         """Mark the start of a new step (one forward pass); prefetch targets refer to it."""
         self.step += 1
 
-    def access_layer(self, layer: int, ids: Iterable[int]) -> LayerAccess:
-        """Classify and pin the experts the current (step, layer) uses; allocate slots for misses."""
+    def classify(self, layer: int, ids: Iterable[int]) -> list[list]:
+        """Classify the (step, layer)'s experts and pin every one of them, before any eviction.
+
+        Returns ``[expert, slot, outcome]`` per access in order; a miss has slot -1 until
+        ``admit_misses`` gives it one. Each key is shown to the policy in access order (a
+        missed key is inserted there too, holding no slot yet), so recency, counts and
+        Belady's cursor are those of a plain one-access-at-a-time cache.
+        """
         pool = self._pool(layer)
         policy, st = self.pools[pool], self.stats
-        outcomes = []
+        slot_of, state, pinned, unused = self.slot_of, self.state, self._pinned, self._unused_prefetch
+        out = []
         for e in ids:
             key = (layer, int(e))
             policy.access(key)
-            slot = self.slot_of.get(key)
+            slot = slot_of.get(key)
             if slot is None:
-                slot = self._allocate(key, pool, layer, protect=())
-                if slot is None:
-                    raise RuntimeError(f"internal: no evictable slot for demand of {key}")
-                outcome = Outcome.MISS
+                policy.insert(key)
+                self._pending.append(key)
+                outcome, slot = Outcome.MISS, -1
                 st.misses += 1
                 st.layer_misses[layer] += 1
                 st.bytes_h2d += self.expert_bytes
-            elif self.state[slot] == READY:
-                outcome = Outcome.HIT
-                st.hits += 1
-                st.layer_hits[layer] += 1
             else:
-                outcome = Outcome.LATE
-                st.late += 1
-                st.layer_late[layer] += 1
-            if self._unused_prefetch.pop(slot, None) is not None:
-                st.prefetch_used += 1
-            self._pinned.add(slot)
+                if state[slot] == READY:
+                    outcome = Outcome.HIT
+                    st.hits += 1
+                    st.layer_hits[layer] += 1
+                else:
+                    outcome = Outcome.LATE
+                    st.late += 1
+                    st.layer_late[layer] += 1
+                if unused.pop(slot, None) is not None:
+                    st.prefetch_used += 1
+                pinned.add(slot)
             st.accesses += 1
-            outcomes.append((key[1], slot, outcome))
-        stale = [s for s, (step, target) in self._unused_prefetch.items()
-                 if s in self._loading_prefetch and (step < self.step or target <= layer)]
-        return LayerAccess(outcomes, stale)
+            out.append([key[1], slot, outcome])
+        return out
+
+    def stale_prefetches(self, layer: int) -> list[int]:
+        """Prefetch slots still loading whose target layer has passed unused (or an earlier step's)."""
+        step, loading = self.step, self._loading_prefetch
+        return [s for s, (st, target) in self._unused_prefetch.items()
+                if s in loading and (st < step or target <= layer)]
+
+    def admit_misses(self, outcomes: list[list]) -> None:
+        """Give each miss of ``classify``'s outcomes a LOADING slot (in place), evicting only unpinned,
+        READY experts outside the layer's set; the slots are pinned."""
+        if not self._pending:
+            return
+        layer = self._pending[0][0]
+        pool = self._pool(layer)
+        for o in outcomes:
+            if o[1] == -1:
+                key = (layer, o[0])
+                o[1] = slot = self._take_slot(pool, layer, ())
+                if slot is None:
+                    raise RuntimeError(f"internal: no evictable slot for demand of {key}")
+                self._map(slot, key)
+                self._pinned.add(slot)
+        self._pending.clear()
+
+    def access_layer(self, layer: int, ids: Iterable[int]) -> LayerAccess:
+        """``classify`` then ``admit_misses`` (no prefetch withdrawal in between): for callers without
+        prefetching, such as the bounds; stale prefetch slots are reported for the caller."""
+        outcomes = self.classify(layer, ids)
+        stale = self.stale_prefetches(layer)
+        self.admit_misses(outcomes)
+        return LayerAccess([tuple(o) for o in outcomes], stale)
 
     def release_layer(self) -> None:
         """Unpin the experts of the layer just computed."""
@@ -200,9 +239,11 @@ class ExpertCache:
             pool = self._pool(key[0])
             if self._prefetch_loading[pool] >= self.pool_size - self.experts_per_layer:
                 continue  # keep room for one layer's demand in this pool
-            slot = self._allocate(key, pool, layer, protect)
+            slot = self._take_slot(pool, layer, protect)
             if slot is None:
                 continue
+            self._map(slot, key)
+            self.pools[pool].insert(key)
             self._loading_prefetch.add(slot)
             self._prefetch_loading[pool] += 1
             self._unused_prefetch[slot] = (self.step, key[0])
@@ -221,29 +262,30 @@ class ExpertCache:
     def _evictable(self, protect) -> callable:
         slot_of, state, pinned = self.slot_of, self.state, self._pinned
 
-        def ok(key: Key) -> bool:
-            s = slot_of[key]
-            return state[s] == READY and s not in pinned and key not in protect
+        def ok(key: Key) -> bool:  # a missed key of the current layer is known to the policy, not mapped
+            s = slot_of.get(key)
+            return s is not None and state[s] == READY and s not in pinned and key not in protect
         return ok
 
-    def _allocate(self, key: Key, pool: int, layer: int, protect) -> int | None:
+    def _take_slot(self, pool: int, layer: int, protect) -> int | None:
+        """A free slot of ``pool``, else one freed by evicting the policy's victim; None if none may go."""
         free = self._free[pool]
         if free:
-            slot = free.pop()
-        else:
-            victim = self.pools[pool].victim(self._evictable(protect), layer)
-            if victim is None:
-                return None
-            slot = self.slot_of[victim]
-            if self._unused_prefetch.pop(slot, None) is not None:
-                self.stats.prefetch_wasted += 1
-            self.stats.evictions += 1
-            self._unmap(slot, pool)
+            return free.pop()
+        victim = self.pools[pool].victim(self._evictable(protect), layer)
+        if victim is None:
+            return None
+        slot = self.slot_of[victim]
+        if self._unused_prefetch.pop(slot, None) is not None:
+            self.stats.prefetch_wasted += 1
+        self.stats.evictions += 1
+        self._unmap(slot, pool)
+        return slot
+
+    def _map(self, slot: int, key: Key) -> None:
         self.key_of[slot] = key
         self.slot_of[key] = slot
         self.state[slot] = LOADING
-        self.pools[pool].insert(key)
-        return slot
 
     def _unmap(self, slot: int, pool: int) -> None:
         key = self.key_of[slot]

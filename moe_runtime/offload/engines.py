@@ -8,6 +8,8 @@ Contract (the same on both implementations):
   hands out a LOADING slot). Demand copies go ahead of every queued prefetch.
 - ``cancel_if_queued(slot) -> bool`` withdraws a prefetch that has not started;
   False means it has started (or finished) and will complete.
+- ``promote(slot)`` moves a queued prefetch ahead as a demand copy (the
+  compute needs it now); a started or finished copy is left as it is.
 - ``poll() -> [slot]`` returns the slots whose copies completed since the last
   poll, without waiting. ``wait(slot)`` makes the compute wait for that slot's
   copy only (CUDA: the compute stream waits on the copy's event; CPU: the
@@ -110,7 +112,7 @@ class ThreadCopyEngine:
                     out.append(s)
         return out
 
-    def wait(self, slot: int) -> None:
+    def promote(self, slot: int) -> None:
         with self._cv:
             entry = self._queued.get(slot)
             if entry is not None and entry[0] != 0:  # a queued prefetch the compute now needs: make it demand
@@ -119,6 +121,8 @@ class ThreadCopyEngine:
                 self._queued[slot] = promoted
                 heapq.heappush(self._heap, promoted)
                 self._cv.notify()
+
+    def wait(self, slot: int) -> None:
         # CPU waits on the copy thread here: block until this slot's copy has finished
         self._done[slot].wait()
         if self._error is not None:
@@ -229,13 +233,14 @@ class CudaCopyEngine:
             self._complete(s)
         self._reaped.extend(done)
 
+    def promote(self, slot: int) -> None:
+        for i, (s, src, dst) in enumerate(self._queue):  # a prefetch still in the software queue that the
+            if s == slot:  # compute needs now goes on the demand stream
+                del self._queue[i]
+                self._launch(self.demand_stream, s, src, dst, True)
+                return
+
     def wait(self, slot: int) -> None:
-        if slot not in self._on_stream:  # a prefetch still in the software queue: the compute needs it now,
-            for i, (s, src, dst) in enumerate(self._queue):  # so it goes on the demand stream
-                if s == slot:
-                    del self._queue[i]
-                    self._launch(self.demand_stream, s, src, dst, True)
-                    break
         # the compute stream (not the CPU) waits here, for this slot's copy event only
         torch.cuda.current_stream(self.device).wait_event(self._end[slot])
         self._reap()  # keep the prefetch stream fed
@@ -285,6 +290,53 @@ class CudaCopyEngine:
         t0 = self.base.elapsed_time(self._start[slot]) / 1e3
         t1 = self.base.elapsed_time(self._end[slot]) / 1e3
         self.records.append(CopyRecord(slot, demand, t0, t1, nbytes, "copy:demand" if demand else "copy:prefetch"))
+
+
+class LockstepEngine:
+    """A deterministic engine for differential tests: copies complete by rule, not by time.
+
+    A demand (or promoted) copy completes when the compute waits for it; prefetches complete
+    in issue order at the next ``poll`` (the start of the next MoE layer), so every queued
+    prefetch is still withdrawable until then. The simulator's ``lockstep`` copy model
+    follows the same rule, which makes their decisions comparable one for one.
+    """
+
+    lanes = ("copy",)
+
+    def __init__(self, n_slots: int) -> None:
+        self._queue: dict[int, tuple[Tensor, Tensor, bool]] = {}  # slot -> (src, dst, demand), issue order
+        self.records: list[CopyRecord] = []
+        self.base = 0.0
+
+    def submit(self, slot: int, src: Tensor, dst: Tensor, demand: bool) -> None:
+        self._queue[slot] = (src, dst, demand)
+
+    def cancel_if_queued(self, slot: int) -> bool:
+        return self._queue.pop(slot, None) is not None
+
+    def promote(self, slot: int) -> None:
+        pass  # a queued copy completes at the wait anyway
+
+    def _copy(self, slot: int) -> None:
+        src, dst, demand = self._queue.pop(slot)
+        dst.copy_(src)
+        self.records.append(CopyRecord(slot, demand, 0.0, 0.0, src.numel() * src.element_size(), "copy"))
+
+    def poll(self) -> list[int]:
+        done = [s for s, (_, _, demand) in self._queue.items() if not demand]
+        for s in done:
+            self._copy(s)
+        return done
+
+    def wait(self, slot: int) -> None:
+        if slot in self._queue:
+            self._copy(slot)
+
+    def slot_released(self, slot: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.poll()
 
 
 def make_copy_engine(n_slots: int, device: torch.device | str, stream_depth: int = 2):

@@ -9,10 +9,11 @@ Contract:
   allocates no tensor, only the cache's slot table changes.
 - ``begin_step(start, n)`` opens a forward pass over positions start..start+n-1
   (a prefill chunk or one decode token); every MoE layer then calls
-  ``experts(layer, ids, hidden)`` and ``end_layer(layer)``. Per layer, in order:
-  access_layer -> demand copies for misses -> cancel stale queued prefetches ->
-  predict layers l+1..l+D and issue prefetches -> wait for this layer's missing
-  and late slots (the only place the compute waits for copies) -> views.
+  ``experts(layer, ids, hidden)`` and ``end_layer(layer)``. What happens at a
+  layer is decided by ``cache/protocol.py`` (the simulator runs the same one);
+  this provider is its ``CopyLink`` (withdraw, demand, promote, prefetch on the
+  copy engine), then waits for the layer's missing and late slots (the only
+  place the compute waits for copies) and returns their views.
 - Outputs never depend on the policy: the views returned always hold the
   experts asked for, complete, and no slot in use or loading is overwritten.
 - ``report()`` gives counts (``CacheStats``), stall time per layer and per step
@@ -33,11 +34,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_runtime.offload.engines import achieved_gbps, make_copy_engine
-from moe_runtime.cache.expert_cache import ExpertCache, Outcome
-from moe_runtime.model.experts import ExpertWeights, HostExpertStore
+from moe_runtime.cache.expert_cache import ExpertCache
 from moe_runtime.cache.policies import Key
-from moe_runtime.predictors import PredictContext, Predictor, RoutingHistory, plan_prefetch
+from moe_runtime.cache.protocol import LayerProtocol
+from moe_runtime.model.experts import ExpertWeights, HostExpertStore
+from moe_runtime.offload.engines import achieved_gbps, make_copy_engine
+from moe_runtime.predictors import Predictor
 from moe_runtime.timeline import Timeline
 
 
@@ -51,7 +53,8 @@ class LayerClock:
 
     def __init__(self, n_layers: int, device: torch.device, base) -> None:
         self.cuda = device.type == "cuda"
-        self.base = base
+        # on CPU the base is the engine's perf_counter origin (0 for an engine without one, e.g. a test's)
+        self.base = base if self.cuda or isinstance(base, float) else 0.0
         self.t = [[0.0, 0.0, 0.0] for _ in range(n_layers)]
         self.pending = [False] * n_layers
         if self.cuda:
@@ -86,7 +89,9 @@ class OffloadedExperts:
                  policy: str = "lru", scope: str = "global", predictor: Predictor | None = None,
                  lookahead: int = 1, prefetch_width: int | None = None, max_inflight: int = 4,
                  future: Sequence[Key] | None = None, popularity: dict[Key, float] | None = None,
-                 timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None) -> None:
+                 timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None,
+                 make_engine: Callable = make_copy_engine) -> None:
+        """``make_engine(n_slots, device)`` builds the copy engine (tests pass a deterministic or fake one)."""
         self.store, self.device = store, torch.device(device)
         self.n_layers, self.top_k = store.n_layers, store.top_k
         layout = store.layout
@@ -103,17 +108,12 @@ class OffloadedExperts:
         self.slot_flat = [self.pool[s] for s in range(self.n_slots)]  # [numel] views, built once
         self.views = [layout.views(f) for f in self.slot_flat]  # (w1, w3, w2) views, built once
         self.host_flat = [[store.flat(m, e) for e in range(store.n_experts)] for m in range(store.n_layers)]
-        self.engine = make_copy_engine(self.n_slots, self.device)
+        self.engine = make_engine(self.n_slots, self.device)
         self.clock = LayerClock(self.n_layers, self.device, self.engine.base)
-        self.predictor = predictor
-        self.prefetching = predictor is not None and predictor.name != "none"
-        self.lookahead, self.width = lookahead, prefetch_width or store.top_k
-        self.history = RoutingHistory(self.n_layers)
-        self.future_fn: Callable[[int], Sequence[int]] | None = None
-        self.token: int | None = None
-        self.record_predictions = record_predictions
-        self.predicts = self.prefetching or record_predictions  # the predictor runs at every layer
-        self.step_predictions: list[list[np.ndarray]] = [[] for _ in range(self.n_layers)]
+        self.protocol = LayerProtocol(self.cache, self, predictor, lookahead=lookahead,
+                                      prefetch_width=prefetch_width, record_predictions=record_predictions)
+        self.predictor, self.prefetching = predictor, self.protocol.prefetching
+        self.lookahead, self.width = lookahead, self.protocol.width
         self.timeline = Timeline("moe-runtime") if timeline else None
         if self.timeline is not None:
             self.timeline.lane("compute")
@@ -121,10 +121,21 @@ class OffloadedExperts:
                 self.timeline.lane(lane)
         self.layer_stall_s = [0.0] * self.n_layers
         self.step_stall_s: list[float] = []
-        self._waits: list[int] = []
-        self._in_use: list = []  # (expert, slot, outcome) of the layer being computed
         self._steps = 0
         self._open = False  # a step has begun and is not yet folded into the counters
+
+    # -- the protocol's CopyLink: carry out its commands on the copy engine ----------------
+    def withdraw(self, slot: int) -> bool:
+        return self.engine.cancel_if_queued(slot)
+
+    def demand(self, slot: int, key: Key) -> None:
+        self.engine.submit(slot, self.host_flat[key[0]][key[1]], self.slot_flat[slot], demand=True)
+
+    def promote(self, slot: int) -> None:
+        self.engine.promote(slot)
+
+    def prefetch(self, slot: int, key: Key) -> None:
+        self.engine.submit(slot, self.host_flat[key[0]][key[1]], self.slot_flat[slot], demand=False)
 
     # -- steps ---------------------------------------------------------------------------
     def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None,
@@ -135,39 +146,16 @@ class OffloadedExperts:
         routing is forced (recorded predictions), else the position.
         """
         self._close_step()
-        self.cache.begin_step()
-        self.future_fn, self.token = future, start if token is None else token
+        self.protocol.begin_step(token=start if token is None else token, future=future)
         self._steps += 1
         self._open = True
         self.step_stall_s.append(0.0)
 
     def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
-        cache, engine, host, dev = self.cache, self.engine, self.host_flat, self.slot_flat
+        cache, engine = self.cache, self.engine
         for slot in engine.poll():  # copies finished since the last layer (no waiting)
             cache.copy_done(slot)
-        acc = cache.access_layer(layer, ids)
-        if self.predicts:  # only a running predictor reads the history
-            self.history.record(layer, ids)
-        waits = self._waits
-        waits.clear()
-        for e, slot, outcome in acc.outcomes:
-            if outcome == Outcome.MISS:  # demand copy, ahead of every queued prefetch
-                engine.submit(slot, host[layer][e], dev[slot], demand=True)
-                waits.append(slot)
-            elif outcome == Outcome.LATE:
-                waits.append(slot)
-        for slot in acc.stale:  # prefetches for layers already passed: drop those not started
-            if engine.cancel_if_queued(slot):
-                cache.cancel(slot)
-        if self.predicts:
-            preds = self.predictor.predict(PredictContext(
-                step=self._steps, layer=layer, history=self.history, hidden=hidden, token=self.token,
-                future=self.future_fn))
-            if self.record_predictions:
-                self.step_predictions[layer] = preds
-            if self.prefetching:
-                for key, slot in cache.prefetch(plan_prefetch(preds, layer, self.width), layer):
-                    engine.submit(slot, host[key[0]][key[1]], dev[slot], demand=False)
+        waits = self.protocol.layer(layer, ids, hidden)
         self.clock.mark(layer, 0)
         for slot in waits:
             # the compute waits here for this layer's missing and late experts only
@@ -175,15 +163,14 @@ class OffloadedExperts:
             engine.wait(slot)
             cache.copy_done(slot)
         self.clock.mark(layer, 1)
-        self._in_use = acc.outcomes
         views = self.views
-        return {e: views[slot] for e, slot, _ in acc.outcomes}
+        return {e: views[slot] for e, slot, _ in self.protocol.in_use}
 
     def end_layer(self, layer: int) -> None:
         self.clock.mark(layer, 2)
-        for _, slot, _ in self._in_use:
+        for _, slot, _ in self.protocol.in_use:
             self.engine.slot_released(slot)  # later copies into these slots wait for this layer's reads
-        self.cache.release_layer()
+        self.protocol.end_layer()
 
     def flush(self) -> None:
         """Close the open step (its stall time, timeline events, predictor update) so ``report()`` includes it."""
@@ -202,14 +189,12 @@ class OffloadedExperts:
                 if stall > 0:
                     self.timeline.add("compute", f"wait L{layer}", t0, stall, step=self._steps)
                 self.timeline.add("compute", f"moe L{layer}", t1, t2 - t1, step=self._steps)
-        if self.predicts:
-            self.predictor.observe(self.history)
-            self.history.end_step()
+        self.protocol.end_step()
 
     def predictions_array(self, layer_count: int, lookahead: int) -> np.ndarray:
         """The last step's predictions as int16 [L, D, P] (P = prefetch width), -1 padded, for traces."""
         out = np.full((layer_count, lookahead, self.width), -1, dtype=np.int16)
-        for layer, preds in enumerate(self.step_predictions):
+        for layer, preds in enumerate(self.protocol.predictions):
             for d, ranked in enumerate(preds[:lookahead]):
                 r = np.asarray(ranked)[: self.width]
                 out[layer, d, : len(r)] = r

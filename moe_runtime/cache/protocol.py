@@ -1,0 +1,123 @@
+"""The per-layer protocol: everything that is decided at a MoE layer, in one place, for both clocks.
+
+At each MoE layer of a step, in this order (DESIGN.md):
+
+1. classify and pin: every expert of the (step, layer) (a batch's union) is a
+   hit, a late prefetch or a miss, and all of them are pinned before any
+   eviction;
+2. withdraw stale queued prefetches (their layer has passed unused); a
+   withdrawn slot is free again, so the misses below can take it;
+3. demand copies for misses, ahead of every queued prefetch; a late prefetch
+   not yet started is promoted to demand;
+4. ask the predictor (which has seen this layer's experts) and admit the
+   prefetches the cache allows;
+5. the caller waits for the slots returned (this layer's misses and late
+   prefetches), computes, then calls ``end_layer`` (unpin).
+
+``LayerProtocol`` makes these decisions; a ``CopyLink`` carries them out. The
+executor's link is its copy engine (CUDA streams or a copy thread) and the
+simulator's is simpy; neither re-decides anything. This module imports no
+torch and reads no clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+from moe_runtime.cache.expert_cache import ExpertCache, Outcome
+from moe_runtime.cache.policies import Key
+from moe_runtime.predictors.base import PredictContext, Predictor, RoutingHistory, plan_prefetch
+
+_HIT, _MISS = Outcome.HIT, Outcome.MISS
+
+
+class CopyLink(Protocol):
+    """What the protocol commands of the link that moves experts into the cache's slots."""
+
+    def withdraw(self, slot: int) -> bool:
+        """Withdraw the prefetch into ``slot`` if its copy has not started; True if withdrawn."""
+
+    def demand(self, slot: int, key: Key) -> None:
+        """Copy ``key`` into ``slot`` ahead of every queued prefetch."""
+
+    def promote(self, slot: int) -> None:
+        """The compute needs the prefetch into ``slot`` now: if still queued, it becomes a demand copy."""
+
+    def prefetch(self, slot: int, key: Key) -> None:
+        """Queue a copy of ``key`` into ``slot`` behind every demand copy."""
+
+
+class LayerProtocol:
+    """Drives one ``ExpertCache`` and one predictor through the per-layer order above.
+
+    ``predictor`` None (or named ``none``) prefetches nothing; ``record_predictions`` runs the
+    predictor anyway (shadow mode) and keeps its output per layer in ``predictions``.
+    """
+
+    def __init__(self, cache: ExpertCache, link: CopyLink, predictor: Predictor | None = None, *,
+                 lookahead: int = 1, prefetch_width: int | None = None,
+                 record_predictions: bool = False) -> None:
+        self.cache, self.link, self.predictor = cache, link, predictor
+        self.lookahead = lookahead
+        self.width = prefetch_width or cache.experts_per_layer
+        self.prefetching = predictor is not None and predictor.name != "none"
+        self.record_predictions = record_predictions
+        self.predicts = self.prefetching or record_predictions  # the predictor runs at every layer
+        self.history = RoutingHistory(cache.n_layers)
+        self.predictions: list[list] = [[] for _ in range(cache.n_layers)]
+        self.step = 0
+        self._token: int | None = None
+        self._future: Callable[[int], Sequence[int]] | None = None
+        self.waits: list[int] = []  # reused: the slots the compute must wait for at this layer
+        self.in_use: list[list] = []  # [expert, slot, outcome] of the layer being computed
+
+    def begin_step(self, *, token: int | None = None,
+                   future: Callable[[int], Sequence[int]] | None = None) -> None:
+        """A step (one forward pass) begins; ``token`` is its first token's trace index (recorded
+        predictions), ``future(layer)`` its true routing (oracles)."""
+        self.step += 1
+        self.cache.begin_step()
+        self._token, self._future = token, future
+
+    def layer(self, layer: int, ids: Sequence[int], hidden: Any = None) -> list[int]:
+        """Steps 1-4 at ``layer`` for the experts ``ids`` (in access order); returns the slots to wait for.
+
+        ``in_use`` then holds [expert, slot, outcome] per access. ``hidden`` is the residual
+        entering the layer's MoE block (router-based predictors; None in the simulator).
+        """
+        cache, link, waits = self.cache, self.link, self.waits
+        waits.clear()
+        outcomes = self.in_use = cache.classify(layer, ids)  # 1. classify, pin the whole set
+        for slot in cache.stale_prefetches(layer):  # 2. withdraw stale prefetches not yet started
+            if link.withdraw(slot):
+                cache.cancel(slot)
+        cache.admit_misses(outcomes)  # 3. misses take slots (a withdrawn one too) ...
+        for o in outcomes:
+            if o[2] is _HIT:
+                continue
+            if o[2] is _MISS:
+                link.demand(o[1], (layer, o[0]))  # ... and are copied ahead of every queued prefetch
+            else:
+                link.promote(o[1])  # a late prefetch still queued moves ahead
+            waits.append(o[1])
+        if self.predicts:  # 4. the predictor sees this layer's experts, then predicts l+1..l+D
+            self.history.record(layer, ids)
+            preds = self.predictor.predict(PredictContext(
+                step=self.step, layer=layer, history=self.history, hidden=hidden, token=self._token,
+                future=self._future))
+            if self.record_predictions:
+                self.predictions[layer] = preds
+            if self.prefetching and preds:
+                for key, slot in cache.prefetch(plan_prefetch(preds, layer, self.width), layer):
+                    link.prefetch(slot, key)
+        return waits
+
+    def end_layer(self) -> None:
+        """The layer's compute is done (issued): unpin its experts."""
+        self.cache.release_layer()
+
+    def end_step(self) -> None:
+        """The step is complete: the predictor learns from its routing (online predictors)."""
+        if self.predicts:
+            self.predictor.observe(self.history)
+            self.history.end_step()
