@@ -36,7 +36,7 @@ TMP_PREFIX = ".moe-tmp-"
 
 
 def _reason(e: OSError) -> str:
-    return e.strerror or type(e).__name__
+    return e.strerror or str(e) or type(e).__name__
 
 
 def _existing_ancestor(path: Path, label: str) -> Path:
@@ -120,6 +120,8 @@ def write_atomic(path, write: Callable) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise MoeError(f"cannot write {path}: it is a directory")
+    if not os.path.isdir(directory):  # commands create it up front, with check_output
+        raise MoeError(f"cannot write {path}: directory {directory} does not exist")
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}-")
     except OSError as e:

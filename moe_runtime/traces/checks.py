@@ -1,7 +1,8 @@
 """Array checks shared by trace validation, building and recording.
 
-Each raises MoeError naming the array and the first offending index. Knows
-nothing about files or trace metadata.
+Each raises MoeError naming the array and the first offending index (or, for
+``check_declared_size``, its declared shape). Knows nothing about files or
+trace metadata.
 """
 
 from __future__ import annotations
@@ -32,6 +33,26 @@ def check_ids(name: str, ids: np.ndarray, n_experts: int, allow_none: bool) -> N
     if np.any(dup):
         idx = tuple(int(i) for i in np.argwhere(dup)[0][:-1])
         raise MoeError(f"{name} repeats an expert id within one (token, layer) at index {idx}")
+
+
+def check_declared_size(name: str, shape: tuple, dtype, available: int) -> int:
+    """Bytes an array of ``shape`` x ``dtype`` needs; MoeError naming it when that exceeds ``available``
+    (what its file can hold) or the dtype needs pickle. Counts with Python ints: no overflow."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise MoeError(f"array {name!r} holds Python objects (Object arrays cannot be loaded without pickle, "
+                       "which traces never use)")
+    n = 1
+    for d in shape:
+        n *= int(d)
+    need = n * dtype.itemsize
+    if need > max(available, 0):
+        shown = str(tuple(shape))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a forged header may list 1000s of dims
+        size = f"{need:,} bytes" if need < 10**15 else "over a petabyte"
+        raise MoeError(f"array {name!r} declares shape {shown} of {dtype} ({size}) but its file holds at "
+                       f"most {max(available, 0):,} bytes (truncated or forged header)")
+    return need
 
 
 def cast_int(a, dtype, name: str) -> np.ndarray:

@@ -8,7 +8,10 @@ for layers l+1..l+D. See traces/FORMAT.md for the file layout.
 Contract: ``load_trace`` returns only traces that pass ``Trace.validate``; every
 problem with a file (missing, not a zip, truncated, unknown version, missing
 key, bad metadata, inconsistent arrays) raises ``MoeError`` naming the file and
-the problem. Files are read with ``allow_pickle=False`` and written atomically.
+the problem. Before any array is read, each member's .npy header is checked:
+a declared shape whose bytes the member cannot hold, or that exceed
+``MAX_TRACE_BYTES``, is refused without allocating. Files are read with
+``allow_pickle=False`` and written atomically (``moe_runtime.outputs``).
 This module knows nothing about models or where traces come from.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field, fields
@@ -24,7 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from moe_runtime.errors import MoeError
-from moe_runtime.traces.checks import check_array, check_ids
+from moe_runtime.outputs import write_atomic  # noqa: F401  (the one atomic writer; re-exported)
+from moe_runtime.traces.checks import check_declared_size, check_array, check_ids
 
 PHASE_PREFILL = 0
 PHASE_DECODE = 1
@@ -32,6 +35,8 @@ FORMAT_VERSION = 1
 
 _PRED_PREFIX = "pred."
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+MAX_TRACE_BYTES = 16 << 30  # all arrays of one trace file, as declared in their headers
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than this
 
 
 @dataclass(frozen=True)
@@ -246,43 +251,6 @@ def save_trace(trace: Trace, path) -> None:
     write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def write_atomic(path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it over ``path``.
-
-    A failure leaves ``path`` as it was (absent or the old content) and no temp file;
-    OS errors become MoeError naming ``path``.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise MoeError(f"cannot write {path}: directory {directory} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    except OSError as e:
-        raise MoeError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):  # disk full, target is a directory, ...: one line for the user
-            raise MoeError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def load_trace(path) -> Trace:
     """Read and validate a trace file; every problem raises MoeError naming ``path``."""
     path = os.fspath(path)
@@ -300,10 +268,14 @@ def _load(path: str) -> Trace:
     try:
         with open(path, "rb") as f:  # numpy calls any other file "pickled data", which misleads
             magic = f.read(6)
-        if not magic.startswith((b"PK", b"\x93NUMPY")):
+        if magic.startswith(b"\x93NUMPY"):  # refused before numpy reads (and allocates) its array
+            raise MoeError("not a trace file (a single .npy array, not an .npz archive)")
+        if not magic.startswith(b"PK"):
             raise MoeError("not a trace file (not a readable .npz archive)")
+        _check_members(path)
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method
         raise MoeError(f"not a trace file (not a readable .npz archive: {_short(e)})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise MoeError("not a trace file (a single .npy array, not an .npz archive)")
@@ -337,7 +309,8 @@ def _load(path: str) -> Trace:
                 predictions={k[len(_PRED_PREFIX):]: _read(data, k) for k in sorted(keys)
                              if k.startswith(_PRED_PREFIX)},
             )
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError,
+            NotImplementedError) as e:
         raise MoeError(f"corrupt, truncated or unreadable trace file ({_short(e)})") from None
     unknown = sorted(k for k in keys - {"format_version", "meta", "expert_ids", "weights", "seq_id",
                                         "position", "phase"} if not k.startswith(_PRED_PREFIX))
@@ -345,6 +318,37 @@ def _load(path: str) -> Trace:
         raise MoeError(f"unknown key(s) in trace file: {', '.join(unknown)}")
     trace.validate()
     return trace
+
+
+def _check_members(path: str) -> None:
+    """Read each .npy member's header, not its data, and refuse a declared size the file cannot hold.
+
+    numpy allocates the declared shape before reading a zip member, so this runs first. Raises
+    MoeError naming the array; zip and header errors propagate to the caller's handler.
+    """
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-4]
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version in ((2, 0), (3, 0)):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise MoeError(f"array {name!r} has an unknown .npy version {version}")
+                header = f.tell()
+            if info.compress_type == zipfile.ZIP_STORED:
+                most = info.compress_size
+            else:
+                most = info.compress_size * _DEFLATE_MAX_RATIO + 1024
+            total += check_declared_size(name, shape, dtype, min(info.file_size, most) - header)
+    if total > MAX_TRACE_BYTES:
+        raise MoeError(f"arrays declare {total:,} bytes in all, over the {MAX_TRACE_BYTES >> 30} GiB "
+                       "a trace file may hold")
 
 
 def _read(data, key: str) -> np.ndarray:
