@@ -3,8 +3,9 @@
 Contract: ``load_model_spec(name_or_path)`` reads ``configs/models/<name>.yaml``
 (relative to the repository that holds this package) or a YAML path and returns
 a validated frozen ``ModelSpec``; ``ModelSpec.from_hf_config(d)`` builds one
-from a Hugging Face config.json dict of the mixtral, qwen2_moe, qwen3_moe or
-olmoe families. Errors raise ``MoeError`` naming the file and field.
+from a Hugging Face config.json dict, parsed by ``ModelConfig.from_hf_dict``
+(the families' one parser) and derived from the result by ``from_config``.
+Errors raise ``MoeError`` naming the file and field.
 
 The derived sizes and FLOP counts assume SwiGLU experts (three matrices),
 grouped-query attention with q/k/v/o projections, untied input and output
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 
 from moe_runtime import config_files
-from moe_runtime.model.config import FAMILIES
+from moe_runtime.model.config import ModelConfig
 from moe_runtime.errors import MoeError
 from moe_runtime.traces import TraceMeta
 
@@ -26,7 +27,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One MoE decoder's shape. ``n_layers`` counts all decoder layers."""
+    """One MoE decoder's shape. ``n_layers`` counts all decoder layers, ``n_moe_layers`` the MoE ones."""
 
     name: str
     n_layers: int
@@ -176,46 +177,28 @@ class ModelSpec:
                          source=source, extra=dict(extra or {}))
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, name: str | None = None) -> "ModelSpec":
-        """Build from a HF config.json dict (mixtral, qwen2_moe, qwen3_moe, olmoe)."""
-        if not isinstance(cfg, dict):
-            raise MoeError("HF config must be a JSON object")
-        family = cfg.get("model_type")
-        if family not in FAMILIES:
-            raise MoeError(f"unsupported model_type {family!r} (supported: {', '.join(FAMILIES)})")
+    def from_config(cls, cfg: ModelConfig, name: str, dtype: str) -> "ModelSpec":
+        """The spec of a parsed model config, its weights stored as ``dtype``.
 
-        def get(key, default=None):
-            if key in cfg and cfg[key] is not None:
-                return cfg[key]
-            if default is None:
-                raise MoeError(f"HF config ({family}) is missing field {key!r}")
-            return default
+        One gated shared expert counts as one shared expert; ``dense_intermediate_size``
+        is kept only when some layer is dense, as the YAML specs write it.
+        """
+        shared = cfg.shared_expert_intermediate_size
+        return cls(name=name, n_layers=cfg.n_layers, moe_layers=cfg.moe_layers, n_experts=cfg.n_experts,
+                   top_k=cfg.top_k, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
+                   n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                   vocab_size=cfg.vocab_size, dtype=dtype, n_shared_experts=1 if shared else 0,
+                   shared_intermediate_size=shared,
+                   dense_intermediate_size=cfg.dense_intermediate_size if cfg.n_moe_layers < cfg.n_layers else 0)
 
-        H, n_layers, heads = get("hidden_size"), get("num_hidden_layers"), get("num_attention_heads")
-        dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+    @classmethod
+    def from_hf_config(cls, d: dict, name: str | None = None) -> "ModelSpec":
+        """Build from a HF config.json dict of a family in ``FAMILIES``: parsed once by ``ModelConfig``."""
+        cfg = ModelConfig.from_hf_dict(d)
+        dtype = d.get("torch_dtype") or d.get("dtype")
         if dtype is None:
-            raise MoeError(f"HF config ({family}) is missing field 'torch_dtype' (or 'dtype')")
-        kw = dict(name=name or cfg.get("_name_or_path") or family, n_layers=n_layers, hidden_size=H,
-                  n_heads=heads, n_kv_heads=get("num_key_value_heads", heads),
-                  head_dim=get("head_dim", H // heads if isinstance(H, int) and isinstance(heads, int) else 0),
-                  vocab_size=get("vocab_size"), top_k=get("num_experts_per_tok"), dtype=str(dtype))
-        if family == "mixtral":
-            kw.update(n_experts=get("num_local_experts"), moe_intermediate_size=get("intermediate_size"),
-                      moe_layers=tuple(range(n_layers)))
-        elif family == "olmoe":
-            kw.update(n_experts=get("num_experts"), moe_intermediate_size=get("intermediate_size"),
-                      moe_layers=tuple(range(n_layers)))
-        else:  # qwen2_moe / qwen3_moe: sparse every decoder_sparse_step-th layer, minus mlp_only_layers
-            step, mlp_only = get("decoder_sparse_step", 1), set(get("mlp_only_layers", []))
-            moe = tuple(i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0)
-            kw.update(n_experts=get("num_experts"), moe_intermediate_size=get("moe_intermediate_size"),
-                      moe_layers=moe)
-            if len(moe) < n_layers:
-                kw["dense_intermediate_size"] = get("intermediate_size")
-            shared = cfg.get("shared_expert_intermediate_size") or 0
-            if family == "qwen2_moe" and shared:
-                kw.update(n_shared_experts=1, shared_intermediate_size=shared)
-        return cls(**kw)
+            raise MoeError(f"HF config ({cfg.model_type}) is missing field 'torch_dtype' (or 'dtype')")
+        return cls.from_config(cfg, name or d.get("_name_or_path") or cfg.model_type, str(dtype))
 
 
 _FIELDS = {f.name for f in fields(ModelSpec)}
