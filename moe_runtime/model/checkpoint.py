@@ -12,7 +12,8 @@ Contract: ``load_model(path, device, dtype=None) -> (model, store)``.
   in ``ResidentExperts`` or a cache to run the model.
 - ``dtype=None`` keeps the checkpoint's dtype (of its embedding table);
   otherwise every tensor is converted to ``dtype``.
-- Expert tensors may be in the classic per-expert layout (mixtral
+- Tensor names come from the family's ``TensorNames`` (families.py). Expert
+  tensors may be in the classic per-expert layout (e.g. mixtral
   ``block_sparse_moe.experts.{e}.w1/w2/w3``; qwen/olmoe
   ``mlp.experts.{e}.gate_proj/up_proj/down_proj``), which transformers 5.23
   still writes with save_pretrained, or the fused layout of transformers 5's
@@ -34,6 +35,7 @@ from torch import Tensor
 from moe_runtime.model.config import ModelConfig, load_config
 from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.model.families import TensorNames
 from moe_runtime.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,41 +110,29 @@ class SafetensorsReader:
         return self._handles[self._where[name]].get_slice(name)
 
 
-def _hf_name(cfg: ModelConfig, reader: SafetensorsReader, name: str) -> str:
-    """Checkpoint name of one of our dense parameters (our names are HF's without the ``model.`` prefix)."""
-    if name.startswith("lm_head."):
-        return name
-    hf = "model." + name
-    if cfg.model_type == "mixtral" and ".mlp.gate." in hf and hf not in reader:
-        hf = hf.replace(".mlp.gate.", ".block_sparse_moe.gate.")  # the classic mixtral router name
-    return hf
+def _hf_name(names: TensorNames, reader: SafetensorsReader, name: str) -> str:
+    """Checkpoint name of one of our dense parameters: ours plus ``model.``, else the family's alias."""
+    hf = names.dense(name)
+    return hf if hf in reader else names.dense(name, classic=True)
 
 
 def _load_experts(cfg: ModelConfig, reader: SafetensorsReader, store: HostExpertStore) -> None:
     """Copy every routed expert from the mapped files into its flat host buffer."""
-    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    h, i, names = cfg.hidden_size, cfg.moe_intermediate_size, cfg.family.names
     for m, layer in enumerate(cfg.moe_layers):
-        prefixes = [f"model.layers.{layer}.mlp"]
-        if cfg.model_type == "mixtral":
-            prefixes.insert(0, f"model.layers.{layer}.block_sparse_moe")
-        fused = next((p for p in prefixes if f"{p}.experts.gate_up_proj" in reader), None)
+        fused = next((f for f in (names.fused(layer, b) for b in names.fused_blocks) if f[0] in reader), None)
         for e in range(cfg.n_experts):
             w1, w3, w2 = store.weights(m, e)
             if fused is not None:
-                gate_up = reader.get(f"{fused}.experts.gate_up_proj", (2 * i, h), index=e)  # [2I, H]
+                gate_up = reader.get(fused[0], (2 * i, h), index=e)  # [2I, H]
                 w1.copy_(gate_up[:i])
                 w3.copy_(gate_up[i:])
-                w2.copy_(reader.get(f"{fused}.experts.down_proj", (h, i), index=e))  # [H, I]
-            elif cfg.model_type == "mixtral":
-                p = f"{prefixes[0]}.experts.{e}"
-                w1.copy_(reader.get(f"{p}.w1.weight", (i, h)))
-                w3.copy_(reader.get(f"{p}.w3.weight", (i, h)))
-                w2.copy_(reader.get(f"{p}.w2.weight", (h, i)))
+                w2.copy_(reader.get(fused[1], (h, i), index=e))  # [H, I]
             else:
-                p = f"{prefixes[-1]}.experts.{e}"
-                w1.copy_(reader.get(f"{p}.gate_proj.weight", (i, h)))
-                w3.copy_(reader.get(f"{p}.up_proj.weight", (i, h)))
-                w2.copy_(reader.get(f"{p}.down_proj.weight", (h, i)))
+                n1, n3, n2 = names.per_expert(layer, e)
+                w1.copy_(reader.get(n1, (i, h)))
+                w3.copy_(reader.get(n3, (i, h)))
+                w2.copy_(reader.get(n2, (h, i)))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
@@ -162,7 +152,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         model = Transformer(cfg)
     state = {}
     for name, p in model.state_dict().items():
-        t = reader.get(_hf_name(cfg, reader, name), tuple(p.shape))
+        t = reader.get(_hf_name(cfg.family.names, reader, name), tuple(p.shape))
         state[name] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)

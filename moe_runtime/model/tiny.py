@@ -8,8 +8,9 @@ per-expert layout (or transformers 5's fused ``experts.gate_up_proj`` /
 and a character-level ``tokenizer.json``. The same seed gives the same bytes.
 ``config_overrides`` are config.json keys (e.g. ``num_experts_per_tok=3``).
 
-The tensor names and shapes come from the model itself (on the meta device),
-so the file always matches what checkpoint.py expects.
+The tensor shapes come from the model itself (on the meta device) and the
+names from the family's ``TensorNames``, as checkpoint.py reads them; the
+family's own config.json fields come from its ``Family.tiny_config``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from moe_runtime.model.checkpoint import DTYPES
-from moe_runtime.model.config import FAMILIES, ModelConfig
+from moe_runtime.model.config import ModelConfig
+from moe_runtime.model.families import FAMILIES
 from moe_runtime.errors import MoeError
 from moe_runtime.model.transformer import Transformer
 
@@ -30,32 +32,22 @@ from moe_runtime.model.transformer import Transformer
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHARS = [chr(c) for c in range(32, 127)]
 
+# the fields every family shares; each family's own come from its Family.tiny_config
 BASE = dict(vocab_size=len(SPECIALS) + len(CHARS) + 2, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=2048, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, hidden_act="silu")
-FAMILY_CONFIG = {
-    "mixtral": dict(architectures=["MixtralForCausalLM"], intermediate_size=96, num_local_experts=8,
-                    rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None),
-    "qwen2_moe": dict(architectures=["Qwen2MoeForCausalLM"], intermediate_size=128, moe_intermediate_size=48,
-                      shared_expert_intermediate_size=96, num_experts=8, decoder_sparse_step=1, mlp_only_layers=[],
-                      norm_topk_prob=False, qkv_bias=True, rms_norm_eps=1e-6, rope_theta=1e4,
-                      use_sliding_window=False),
-    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], intermediate_size=128, moe_intermediate_size=48,
-                      num_experts=8, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
-                      attention_bias=False, rms_norm_eps=1e-6, rope_theta=1e4, use_sliding_window=False),
-    "olmoe": dict(architectures=["OlmoeForCausalLM"], intermediate_size=48, num_experts=8, norm_topk_prob=False,
-                  attention_bias=False, clip_qkv=None, rms_norm_eps=1e-5, rope_theta=1e4),
-}
 
 
 def tiny_config_dict(family: str, **overrides) -> dict:
     """The config.json dict of a tiny model of ``family``, with ``overrides`` applied."""
-    if family not in FAMILY_CONFIG:
+    if family not in FAMILIES:
         raise MoeError(f"unknown family {family!r} (choose {', '.join(FAMILIES)})")
-    return {"model_type": family, **BASE, **FAMILY_CONFIG[family], **overrides}
+    fam = FAMILIES[family]
+    return {"model_type": family, **BASE, "architectures": [fam.architecture], **fam.tiny_config, **overrides}
 
 
 def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool) -> dict[str, torch.Tensor]:
+    names = cfg.family.names
     with torch.device("meta"):
         model = Transformer(cfg)
     tensors = {}
@@ -64,26 +56,18 @@ def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool) -> dict
             t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)  # norms near 1, not exactly 1
         else:
             t = 0.02 * torch.randn(p.shape, generator=gen)
-        hf = name if name.startswith("lm_head.") else "model." + name
-        if cfg.model_type == "mixtral" and ".mlp.gate." in hf and not fused:
-            hf = hf.replace(".mlp.", ".block_sparse_moe.")
-        tensors[hf] = t
+        tensors[names.dense(name, classic=not fused)] = t
     h, i, n_e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_experts
     for layer in cfg.moe_layers:
         w1, w3, w2 = (0.02 * torch.randn(n_e, *s, generator=gen) for s in ((i, h), (i, h), (h, i)))
         if fused:
-            p = f"model.layers.{layer}.mlp.experts"
-            tensors[f"{p}.gate_up_proj"] = torch.cat([w1, w3], dim=1)  # [E, 2I, H], gate rows first
-            tensors[f"{p}.down_proj"] = w2  # [E, H, I]
+            gate_up, down = names.fused(layer)
+            tensors[gate_up] = torch.cat([w1, w3], dim=1)  # [E, 2I, H], gate rows first
+            tensors[down] = w2  # [E, H, I]
             continue
         for e in range(n_e):
-            if cfg.model_type == "mixtral":
-                p = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
-                tensors.update({f"{p}.w1.weight": w1[e], f"{p}.w3.weight": w3[e], f"{p}.w2.weight": w2[e]})
-            else:
-                p = f"model.layers.{layer}.mlp.experts.{e}"
-                tensors.update({f"{p}.gate_proj.weight": w1[e], f"{p}.up_proj.weight": w3[e],
-                                f"{p}.down_proj.weight": w2[e]})
+            n1, n3, n2 = names.per_expert(layer, e)
+            tensors.update({n1: w1[e], n3: w3[e], n2: w2[e]})
     return tensors
 
 
@@ -117,7 +101,7 @@ def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", required=True, choices=FAMILIES, help="model family (config.json model_type)")
+    p.add_argument("--family", required=True, choices=list(FAMILIES), help="model family (config.json model_type)")
     p.add_argument("--out", required=True, help="directory to write the checkpoint to")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
