@@ -7,7 +7,7 @@ Contract:
   then w2 (down proj, [H, I]); ``layout.views(flat)`` slices it without copying.
 - ``HostExpertStore`` holds every expert of every MoE layer in host memory
   (pinned when CUDA is available), one flat contiguous buffer per
-  (moe_layer, expert). MoE layers are numbered 0..n_layers-1 over the MoE
+  (moe_layer, expert). MoE layers are numbered 0..n_moe_layers-1 over the MoE
   layers only; ``model_layers[m]`` is the model layer index of MoE layer m.
 - An expert provider (``ExpertProvider``) answers
   ``experts(layer, ids, hidden) -> {id: ExpertWeights}`` with weights on the
@@ -89,13 +89,18 @@ class HostExpertStore:
         ]
 
     @property
-    def n_layers(self) -> int:
+    def n_moe_layers(self) -> int:
         """Number of MoE layers (dense layers excluded)."""
         return len(self.model_layers)
 
     @property
+    def n_layers(self) -> int:
+        """Alias of ``n_moe_layers`` for callers outside the model package (the offload provider, CLIs)."""
+        return self.n_moe_layers
+
+    @property
     def nbytes(self) -> int:
-        return self.n_layers * self.n_experts * self.layout.nbytes
+        return self.n_moe_layers * self.n_experts * self.layout.nbytes
 
     def moe_index(self, model_layer: int) -> int:
         """MoE-layer index of a model layer; ValueError if that layer is dense."""
@@ -128,7 +133,7 @@ class ResidentExperts:
     def __init__(self, store: HostExpertStore, device: torch.device | str):
         self.store = store
         self.device = torch.device(device)
-        self._buffers = [store.layer_buffer(m).to(self.device) for m in range(store.n_layers)]  # [E, numel] each
+        self._buffers = [store.layer_buffer(m).to(self.device) for m in range(store.n_moe_layers)]  # [E, numel] each
         # views built once, so a step does no per-expert slicing
         self._views = [[store.layout.views(buf[e]) for e in range(store.n_experts)] for buf in self._buffers]
 

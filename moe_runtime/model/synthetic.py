@@ -3,13 +3,14 @@
 Contract:
 
 - ``config_from_spec(spec, n_moe_layers=None) -> ModelConfig`` maps a
-  ``ModelSpec`` (configs/models/*.yaml) to the runtime's config: a spec with
-  shared experts becomes the qwen2_moe family (one gated shared MLP of the
-  spec's total shared intermediate size), ``olmoe*`` the olmoe family,
-  ``mixtral*`` mixtral, anything else qwen3_moe. MLA attention (DeepSeek) is
-  replaced by the spec's plain-attention approximation. ``n_moe_layers`` keeps
-  only the first layers of the model, up to that many MoE layers, so a big
-  model fits a small machine.
+  ``ModelSpec`` (configs/models/*.yaml) to the runtime's config. The family is
+  ``families.synthetic_family``'s pick (a spec with shared experts becomes
+  qwen2_moe, with one gated shared MLP of the spec's total shared intermediate
+  size; ``olmoe*`` olmoe, ``mixtral*`` mixtral, anything else qwen3_moe), with
+  that family's default switches (as its config.json would give with no
+  optional fields). MLA attention (DeepSeek) is replaced by the spec's
+  plain-attention approximation. ``n_moe_layers`` keeps only the first layers
+  of the model, up to that many MoE layers, so a big model fits a small machine.
 - ``synthetic_model(cfg, device, dtype, seed)`` builds ``(Transformer, HostExpertStore)``
   with seeded random weights (dense weights on ``device``, experts in the host
   store, pinned when CUDA is available), scaled so activations stay O(1).
@@ -26,6 +27,7 @@ import torch
 from moe_runtime.model.config import ModelConfig
 from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.model.families import synthetic_family
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.model.spec import ModelSpec
 
@@ -37,24 +39,16 @@ def config_from_spec(spec: ModelSpec, n_moe_layers: int | None = None) -> ModelC
             raise MoeError(f"need at least one MoE layer, got {n_moe_layers}")
         moe = moe[:n_moe_layers]
     n_layers = moe[-1] + 1
-    if spec.shared_intermediate_size:
-        family = "qwen2_moe"
-    elif spec.name.startswith("olmoe"):
-        family = "olmoe"
-    elif spec.name.startswith("mixtral"):
-        family = "mixtral"
-    else:
-        family = "qwen3_moe"
-    if family == "mixtral" and moe != list(range(n_layers)):
-        raise MoeError("a mixtral-family spec must have every layer MoE")
+    fam = synthetic_family(spec.name, spec.shared_intermediate_size > 0)
+    if fam.dense_size_key is None and moe != list(range(n_layers)):
+        raise MoeError(f"a {fam.model_type}-family spec must have every layer MoE")
     return ModelConfig(
-        model_type=family, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, n_layers=n_layers,
+        model_type=fam.model_type, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, n_layers=n_layers,
         n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, n_experts=spec.n_experts,
         top_k=spec.top_k, moe_intermediate_size=spec.moe_intermediate_size, moe_layers=tuple(moe),
         dense_intermediate_size=spec.dense_intermediate_size,
         shared_expert_intermediate_size=spec.shared_intermediate_size,
-        qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(family, "none"),
-        qkv_bias=family == "qwen2_moe", max_position_embeddings=4096)
+        max_position_embeddings=4096, **fam.switches({}))
 
 
 @torch.no_grad()
@@ -83,7 +77,7 @@ def synthetic_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype:
     base[: 2 * h * i] *= h ** -0.5  # w1, w3 read the hidden state
     base[2 * h * i:] *= i ** -0.5  # w2 reads the intermediate (scales mix a little under rotation: harmless)
     base = base.to(dtype)
-    for m in range(store.n_layers):
+    for m in range(store.n_moe_layers):
         buf = store.layer_buffer(m)  # [E, numel]
         for e in range(cfg.n_experts):  # distinct bytes per expert, at memcpy speed rather than randn's
             shift = (m * cfg.n_experts + e) * 7919 % layout.numel
