@@ -8,9 +8,9 @@ Open the file in https://ui.perfetto.dev or chrome://tracing.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+
+from moe_runtime.outputs import write_json_atomic
 
 
 class Timeline:
@@ -37,19 +37,5 @@ class Timeline:
         return {"traceEvents": meta + self.events, "displayTimeUnit": "ms"}
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write atomically: a crash never leaves a half-written file under ``path``."""
+        """Write atomically (``moe_runtime.outputs``): a crash never leaves a half-written file."""
         write_json_atomic(path, self.to_json())
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Serialise ``obj`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

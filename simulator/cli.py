@@ -13,7 +13,8 @@ import sys
 from dataclasses import fields
 
 from moe_runtime.errors import MoeError, run_cli
-from moe_runtime.timeline import Timeline, write_json_atomic
+from moe_runtime.outputs import check_output, write_json_atomic
+from moe_runtime.timeline import Timeline
 
 from .cost_model import CostModel
 from .device import load_device
@@ -53,6 +54,9 @@ def options_from_args(args) -> ReplayOptions:
 
 def run_replay(args) -> int:
     opts = options_from_args(args)
+    for flag, path in (("--out", args.out), ("--timeline", args.timeline)):
+        if path:  # before the work: a report that cannot be written is found out now
+            check_output(path, flag)
     trace, spec = load_inputs(args.trace, args.model, opts.tokens)
     device = load_device(args.device)
     timeline = Timeline("moe-sim") if args.timeline else None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
+from moe_runtime.outputs import write_atomic
+
 STYLES = ("-", "--", "-.", ":")
 
 
@@ -63,8 +65,8 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> str | None:
         fig.suptitle(title)
     fig.tight_layout()
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
