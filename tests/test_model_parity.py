@@ -188,6 +188,11 @@ def test_host_store_layout_and_views():
     assert w1.data_ptr() == flat.data_ptr() and w3[0, 0] == 12 and w2[0, 0] == 24 and w2[3, 2] == 35
 
 
+def test_host_store_counts_moe_layers_only():
+    store = HostExpertStore(ExpertLayout(4, 3, torch.float16), n_experts=2, top_k=1, model_layers=[1, 3], pin=False)
+    assert store.n_moe_layers == 2 and store.n_layers == 2  # n_layers: the alias the offload provider reads
+
+
 def test_sampling_is_seeded_and_stops_at_eos(tmp_path):
     path = write_tiny_checkpoint("olmoe", tmp_path / "m", seed=1)
     model, _, provider = ours(path)

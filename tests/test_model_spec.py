@@ -71,6 +71,46 @@ def test_from_hf_config_families():
         ModelSpec.from_hf_config({**MIXTRAL_HF, "torch_dtype": "int4"})
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_family_table_drives_parsing_spec_and_tensor_names(family):
+    """One table entry per family: its tiny config parses, and the HF spec is derived from the parsed config."""
+    from moe_runtime.model.config import ModelConfig
+    from moe_runtime.model.families import FAMILIES
+
+    fam = FAMILIES[family]
+    d = {"model_type": family, "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts_per_tok": 2, "torch_dtype": "bfloat16",
+         **fam.tiny_config}
+    cfg = ModelConfig.from_hf_dict(d)
+    spec = ModelSpec.from_hf_config(d, name="t")
+    assert spec == ModelSpec.from_config(cfg, "t", "bfloat16")
+    assert (cfg.n_layers, cfg.n_moe_layers, spec.n_layers, spec.n_moe_layers, cfg.n_experts) == (3, 3, 3, 3, 8)
+    assert spec.expert_bytes == 3 * 64 * cfg.moe_intermediate_size * 2
+    switches = {"mixtral": (True, True, "none", False), "qwen2_moe": (False, False, "none", True),
+                "qwen3_moe": (True, False, "head", False), "olmoe": (False, False, "full", False)}
+    assert (cfg.norm_topk_prob, cfg.route_weights_fp32, cfg.qk_norm, cfg.qkv_bias) == switches[family]
+    assert spec.shared_intermediate_size == (96 if family == "qwen2_moe" else 0)
+    w1, w3, w2 = fam.names.per_expert(2, 5)
+    router = fam.names.dense("layers.2.mlp.gate.weight", classic=True)
+    if family == "mixtral":
+        assert (w1, w2, router) == ("model.layers.2.block_sparse_moe.experts.5.w1.weight",
+                                    "model.layers.2.block_sparse_moe.experts.5.w2.weight",
+                                    "model.layers.2.block_sparse_moe.gate.weight")
+    else:
+        assert (w1, w3, router) == ("model.layers.2.mlp.experts.5.gate_proj.weight",
+                                    "model.layers.2.mlp.experts.5.up_proj.weight", "model.layers.2.mlp.gate.weight")
+    assert fam.names.fused(2) == ("model.layers.2.mlp.experts.gate_up_proj", "model.layers.2.mlp.experts.down_proj")
+
+
+def test_synthetic_family_of_bundled_specs():
+    from moe_runtime.model.families import synthetic_family
+
+    want = {"deepseek-v2-lite": "qwen2_moe", "mixtral-8x7b": "mixtral", "olmoe-1b-7b": "olmoe",
+            "qwen1.5-moe-a2.7b": "qwen2_moe", "qwen3-30b-a3b": "qwen3_moe"}
+    assert {n: synthetic_family(n, load_model_spec(n).n_shared_experts > 0).model_type for n in want} == want
+    assert synthetic_family("some-new-model", False).model_type == "qwen3_moe"
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\nn_layers: 2\n", "missing field\\(s\\): n_experts"),
     ("[1, 2]\n", "must be a mapping"),
