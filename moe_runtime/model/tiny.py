@@ -16,6 +16,7 @@ family's own config.json fields come from its ``Family.tiny_config``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def tiny_config_dict(family: str, **overrides) -> dict:
     if family not in FAMILIES:
         raise MoeError(f"unknown family {family!r} (choose {', '.join(FAMILIES)})")
     fam = FAMILIES[family]
-    return {"model_type": family, **BASE, "architectures": [fam.architecture], **fam.tiny_config, **overrides}
+    # a deep copy: the table's lists (mlp_only_layers) must not change when a caller edits the dict
+    return copy.deepcopy({"model_type": family, **BASE, "architectures": [fam.architecture], **fam.tiny_config,
+                          **overrides})
 
 
 def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool) -> dict[str, torch.Tensor]:
