@@ -34,6 +34,11 @@ def parse_budget(text: str, *, expert_bytes: int, total_experts: int) -> int:
     return min(slots, total_experts)
 
 
+def layer_demand(*, top_k: int, batch: int, n_experts: int) -> int:
+    """Slots one layer of a step may need at once: a batch's union, min(B x top-k, experts)."""
+    return min(batch * top_k, n_experts)
+
+
 def minimum_slots(*, experts_per_layer: int, max_inflight: int, prefetching: bool,
                   scope: str, n_layers: int) -> int:
     """The smallest slot count that can run: one layer's experts plus in-flight prefetches."""

@@ -16,6 +16,8 @@ import heapq
 from collections import OrderedDict, defaultdict
 from typing import Callable, ClassVar, Iterable, Sequence
 
+import numpy as np
+
 from moe_runtime.errors import MoeError
 
 Key = tuple[int, int]  # (MoE layer, expert id)
@@ -217,6 +219,17 @@ class Belady(EvictionPolicy):
 
     def victim(self, evictable: Evictable, layer: int) -> Key | None:
         return self._heap.first(evictable)
+
+
+def popularity_counts(expert_ids) -> dict[Key, float]:
+    """Uses per (layer, expert) in routed ids [T, L, K] (``static``'s profile); unused experts omitted."""
+    ids = np.asarray(expert_ids, dtype=np.int64)
+    out: dict[Key, float] = {}
+    for layer in range(ids.shape[1]):
+        counts = np.bincount(ids[:, layer].ravel())
+        for e in np.flatnonzero(counts):
+            out[(layer, int(e))] = float(counts[e])
+    return out
 
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from moe_runtime.errors import MoeError
 from moe_runtime.cache.expert_cache import access_sequence
-from moe_runtime.cache.policies import Key
+from moe_runtime.cache.policies import Key, popularity_counts
 from moe_runtime.traces import Trace
 
 
@@ -88,18 +88,9 @@ class ForcedRouting:
 
     def popularity(self, n_positions: int | None = None) -> dict[Key, float]:
         """Uses per (layer, expert) over the first ``n_positions`` tokens (all by default)."""
-        return _count_uses(self.ids[: n_positions or self.n_tokens])
+        return popularity_counts(self.ids[: n_positions or self.n_tokens])
 
 
 def popularity_from_trace(trace: Trace) -> dict[Key, float]:
     """Uses per (layer, expert) over every token of a trace (``--popularity-trace``)."""
-    return _count_uses(trace.expert_ids.astype(np.int64))
-
-
-def _count_uses(ids: np.ndarray) -> dict[Key, float]:
-    out: dict[Key, float] = {}
-    for layer in range(ids.shape[1]):  # ids [T, L, K]
-        counts = np.bincount(ids[:, layer].ravel())
-        for e in np.flatnonzero(counts):
-            out[(layer, int(e))] = float(counts[e])
-    return out
+    return popularity_counts(trace.expert_ids)
