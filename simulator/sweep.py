@@ -32,21 +32,25 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from moe_runtime import config_files
+from moe_runtime.cache.budget import parse_budget
+from moe_runtime.config_files import check_number, short
 from moe_runtime.errors import MoeError
-from moe_runtime.traces import write_atomic
-from moe_runtime.timeline import write_json_atomic
+from moe_runtime.outputs import check_output_dir, remove_stale_temps, write_json_atomic, write_text_atomic
 
 from .cost_model import CostModel
 from .device import load_device
 from .replay import Replay, ReplayOptions, build_workload, load_inputs
 
 _OPT = {f.name: f.default for f in fields(ReplayOptions)}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SWEPT = {"budgets": "budget", "evictions": "eviction", "predictors": "predictor", "lookaheads": "lookahead",
          "scopes": "scope"}
 FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed")
@@ -80,10 +84,29 @@ class Experiment:
         for f in ("name", "trace"):
             if not isinstance(getattr(self, f), str) or not getattr(self, f):
                 raise MoeError(f"{f} must be a non-empty string")
+        if not _NAME.fullmatch(self.name):  # it names the folder out/<name>: no way out of out/
+            raise MoeError(f"name must be a plain name (letters, digits, '.', '_', '-', starting with a letter "
+                           f"or digit), got {short(self.name)}")
+        if self.out is not None and (not isinstance(self.out, str) or not self.out):
+            raise MoeError(f"out must be a non-empty string, got {short(self.out)}")
         for f in ("budgets", "evictions", "predictors", "devices", "lookaheads", "scopes"):
             v = getattr(self, f)
             if not isinstance(v, tuple) or not v:
                 raise MoeError(f"{f} must be a non-empty list")
+            for x in v:  # a list or mapping inside would reach the options as something else
+                if f == "lookaheads":
+                    check_number("lookahead", x, lo=1, integer=True)
+                elif not isinstance(x, str) and not (f == "budgets" and isinstance(x, int)
+                                                     and not isinstance(x, bool)):
+                    raise MoeError(f"{f} must hold {'budgets' if f == 'budgets' else 'names'}, got {short(x)}")
+        for b in self.budgets:  # syntax and "buys nothing", before anything runs; the model's sizes later
+            if parse_budget(str(b), expert_bytes=1, total_experts=1 << 62) < 1:
+                raise MoeError(f"budget {short(b)} buys no experts")
+        for f in ("recall", "precision"):
+            check_number(f, getattr(self, f), lo=0, hi=1)
+        if self.tokens is not None:
+            check_number("tokens", self.tokens, lo=1, integer=True)
+        check_number("seed", self.seed, lo=0, hi=2**32 - 1, integer=True)
         for p in self.points():  # validates every option combination (no I/O)
             pass
 
@@ -147,18 +170,40 @@ def _init_worker(trace_path: str, model, tokens) -> None:
     _STATE["workloads"], _STATE["devices"] = {}, {}
 
 
-def _run_point(point) -> dict:
+def _replay(point) -> Replay:
+    """The point's Replay, built (which checks its budget) but not run; reuses devices and workloads."""
     key, dev_name, opts = point
     trace, spec = _STATE["inputs"]
+    if dev_name not in _STATE["devices"]:
+        _STATE["devices"][dev_name] = CostModel(spec, load_device(config_files.bundled(dev_name) if "/" in dev_name
+                                                                  else dev_name))
+    w = _STATE["workloads"].get(opts.batch) or _STATE["workloads"].setdefault(
+        opts.batch, build_workload(trace, opts.batch))
+    return Replay(trace, _STATE["devices"][dev_name], opts, workload=w)
+
+
+def _check_budgets(exp: Experiment) -> None:
+    """Refuse up front a budget that buys no expert of this model, and a grid in which no point can run."""
+    trace, spec = _STATE["inputs"]
+    for b in exp.budgets:
+        if parse_budget(str(b), expert_bytes=spec.expert_bytes, total_experts=trace.n_layers * trace.n_experts) < 1:
+            raise MoeError(f"budget {short(b)} buys no expert of {spec.name} ({spec.expert_bytes:,} bytes each)")
+    first = None
+    for point in exp.points():
+        try:
+            _replay(point)
+            return
+        except MoeError as e:
+            first = first or e
+    raise MoeError(f"no point of the grid can run: {first}")
+
+
+def _run_point(point) -> dict:
+    key, dev_name, opts = point
     row = {"key": key, "device": dev_name, "scope": opts.scope, "budget": opts.budget,
            "eviction": opts.eviction, "predictor": opts.predictor, "lookahead": opts.lookahead}
     try:
-        if dev_name not in _STATE["devices"]:
-            _STATE["devices"][dev_name] = CostModel(spec, load_device(config_files.bundled(dev_name) if "/" in dev_name
-                                                                      else dev_name))
-        w = _STATE["workloads"].get(opts.batch) or _STATE["workloads"].setdefault(
-            opts.batch, build_workload(trace, opts.batch))
-        rep = Replay(trace, _STATE["devices"][dev_name], opts, workload=w).run()
+        rep = _replay(point).run()
     except MoeError as e:
         row["error"] = str(e)
         return row
@@ -177,7 +222,7 @@ def _save(out: Path, exp: Experiment, results: dict) -> None:
     wr = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     wr.writeheader()
     wr.writerows(rows)
-    write_atomic(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
+    write_text_atomic(out / "results.csv", buf.getvalue())
 
 
 def _load_previous(out: Path, exp: Experiment) -> dict:
@@ -187,12 +232,36 @@ def _load_previous(out: Path, exp: Experiment) -> dict:
     try:
         prev = json.loads(path.read_text())
         rows, fp = prev["results"], prev["fingerprint"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise MoeError(f"{path}: not a sweep results file ({e}); delete it or use another --out") from None
+        if not isinstance(rows, list):
+            raise TypeError("'results' is not a list")
+    except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
+        raise MoeError(f"{path}: not a sweep results file ({short(str(e), 80)}); delete it or use another --out"
+                       ) from None
     if fp != exp.fingerprint():
         raise MoeError(f"{out} holds results of a different experiment (trace, model, tokens or fixed options "
                        "differ); use another --out or delete it")
-    return {r["key"]: r for r in rows if isinstance(r, dict) and "key" in r}
+    for i, r in enumerate(rows):
+        why = _bad_row(r)
+        if why:
+            raise MoeError(f"{path}: result {i} is not a sweep result ({why}); delete the file or use another "
+                           "--out")
+    return {r["key"]: r for r in rows}
+
+
+def _bad_row(r) -> str | None:
+    """Why a stored row cannot be resumed from (a tampered or foreign file), or None."""
+    if not isinstance(r, dict):
+        return "not a mapping"
+    for k in ("key", "device", "scope", "budget", "eviction", "predictor"):
+        if not isinstance(r.get(k), str):
+            return f"{k} is {short(r.get(k), 40)}, not a string"
+    if r.get("error") is not None:
+        return None if isinstance(r["error"], str) else "error is not a string"
+    for k in ("tokens_per_s", "best_tokens_per_s", "all_resident_tokens_per_s", "budget_fraction", "lookahead"):
+        v = r.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"{k} is {short(v, 40)}, not a finite number"
+    return None
 
 
 def run_experiment(path, out: str | None = None, workers: int | None = None) -> int:
@@ -201,15 +270,19 @@ def run_experiment(path, out: str | None = None, workers: int | None = None) -> 
     from .plots import plot_sweep
 
     exp = load_experiment(path)
-    workers = workers or min(2, os.cpu_count() or 1)
-    if workers < 1:
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise MoeError(f"--workers must be >= 1, got {workers}")
-    out_dir = Path(out or exp.out or f"out/{exp.name}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     trace_path = config_files.bundled(exp.trace)
     _init_worker(trace_path, exp.model, exp.tokens)  # fails early, in this process, on bad inputs
     for d in exp.devices:
         load_device(config_files.bundled(d) if "/" in d else d)
+    _check_budgets(exp)
+    out_dir = check_output_dir(out or exp.out or f"out/{exp.name}", "sweep output directory")
+    removed = remove_stale_temps(out_dir)  # left by a run killed while writing
+    if removed:
+        print(f"removed {removed} temporary file(s) left in {out_dir} by an interrupted run")
     points = exp.points()
     results = _load_previous(out_dir, exp)
     todo = [p for p in points if p[0] not in results]
