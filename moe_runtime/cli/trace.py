@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from moe_runtime.errors import MoeError, run_cli
+from moe_runtime.outputs import check_output
 from moe_runtime.model.spec import load_model_spec
 from moe_runtime.traces import TraceMeta, load_trace, save_trace
 from moe_runtime.traces.importers import import_routing
@@ -34,6 +35,7 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 
 
 def cmd_import(args) -> int:
+    check_output(args.out, "--out")  # before the work: creates missing folders, refuses what cannot be written
     spec = load_model_spec(args.model)
     result = import_routing(args.src, spec, source=args.source)
     save_trace(result.trace, args.out)
@@ -110,6 +112,7 @@ def _synth_meta(args, like) -> TraceMeta:
 
 
 def cmd_synth(args) -> int:
+    check_output(args.out, "--out")
     like = load_trace(args.like) if args.like else None
     explicit = {k: getattr(args, k) for k in ("skew", "locality", "correlation") if getattr(args, k) is not None}
     if like is not None and explicit:
