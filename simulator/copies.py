@@ -17,7 +17,8 @@ and withdrawn; a copy model only says *when* copies finish. Each model has:
 a process that holds an engine for latency + bytes / bandwidth.
 
 ``LockstepCopies``: no time at all; demand (and promoted) copies complete at
-the wait, prefetches in issue order at the next layer. The executor's
+the wait, prefetches in issue order at the next layer (all, or the first
+``per_layer``). The executor's
 ``LockstepEngine`` follows the same rule, so the two halves' decisions can be
 compared one for one (tests/test_differential.py).
 """
@@ -140,8 +141,8 @@ class EventCopies:
 class LockstepCopies:
     """Copies that complete by rule, not by time; see the module docstring."""
 
-    def __init__(self, cache: ExpertCache) -> None:
-        self.cache = cache
+    def __init__(self, cache: ExpertCache, per_layer: int | None = None) -> None:
+        self.cache, self.per_layer = cache, per_layer
         self._queue: dict[int, bool] = {}  # slot -> demand, in issue order
 
     def withdraw(self, slot: int) -> bool:
@@ -157,7 +158,7 @@ class LockstepCopies:
         self._queue[slot] = False
 
     def begin_layer(self) -> None:
-        for slot in [s for s, demand in self._queue.items() if not demand]:
+        for slot in [s for s, demand in self._queue.items() if not demand][: self.per_layer]:
             del self._queue[slot]
             self.cache.copy_done(slot)
 

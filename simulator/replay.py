@@ -99,11 +99,13 @@ class Replay:
     """One simulation of ``workload`` on ``cost``'s device; ``run()`` returns the report dict."""
 
     def __init__(self, trace, cost: CostModel, opts: ReplayOptions, *, workload: Workload | None = None,
-                 timeline: Timeline | None = None, fast: bool = True, copies: str = "event") -> None:
+                 timeline: Timeline | None = None, fast: bool = True, copies: str = "event",
+                 lockstep_per_layer: int | None = None) -> None:
         """``copies``: ``event`` (simpy copy engines) or ``lockstep`` (copies complete by rule, for the
-        differential test against the executor's LockstepEngine)."""
+        differential test against the executor's LockstepEngine; ``lockstep_per_layer`` prefetches
+        complete per layer, None: all)."""
         self.trace, self.cost, self.opts, self.timeline, self.fast = trace, cost, opts, timeline, fast
-        self.copy_model = copies
+        self.copy_model, self.lockstep_per_layer = copies, lockstep_per_layer
         spec, dev = cost.spec, cost.device
         if workload is None and opts.tokens is not None and opts.tokens < trace.n_tokens:
             self.trace = trace = trace.slice(0, opts.tokens)
@@ -176,7 +178,7 @@ class Replay:
         self.env = simpy.Environment()
         self.cache = self._make_cache()
         if self.copy_model == "lockstep":
-            self.link = LockstepCopies(self.cache)
+            self.link = LockstepCopies(self.cache, self.lockstep_per_layer)
         else:
             self.link = EventCopies(self.env, self.cache, engines=dev.copy_engines, copy_s=self.copy_s,
                                     timeline=self.timeline, fast=self.fast)

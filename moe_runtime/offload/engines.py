@@ -296,14 +296,16 @@ class LockstepEngine:
     """A deterministic engine for differential tests: copies complete by rule, not by time.
 
     A demand (or promoted) copy completes when the compute waits for it; prefetches complete
-    in issue order at the next ``poll`` (the start of the next MoE layer), so every queued
-    prefetch is still withdrawable until then. The simulator's ``lockstep`` copy model
-    follows the same rule, which makes their decisions comparable one for one.
+    in issue order at the next ``poll`` (the start of the next MoE layer), all of them or the
+    first ``per_poll``, so a queued prefetch stays withdrawable (and can be late) until then.
+    The simulator's ``lockstep`` copy model follows the same rule, which makes their decisions
+    comparable one for one.
     """
 
     lanes = ("copy",)
 
-    def __init__(self, n_slots: int) -> None:
+    def __init__(self, n_slots: int, per_poll: int | None = None) -> None:
+        self.per_poll = per_poll
         self._queue: dict[int, tuple[Tensor, Tensor, bool]] = {}  # slot -> (src, dst, demand), issue order
         self.records: list[CopyRecord] = []
         self.base = 0.0
@@ -323,7 +325,7 @@ class LockstepEngine:
         self.records.append(CopyRecord(slot, demand, 0.0, 0.0, src.numel() * src.element_size(), "copy"))
 
     def poll(self) -> list[int]:
-        done = [s for s, (_, _, demand) in self._queue.items() if not demand]
+        done = [s for s, (_, _, demand) in self._queue.items() if not demand][: self.per_poll]
         for s in done:
             self._copy(s)
         return done
@@ -336,7 +338,8 @@ class LockstepEngine:
         pass
 
     def close(self) -> None:
-        self.poll()
+        for s in list(self._queue):
+            self._copy(s)
 
 
 def make_copy_engine(n_slots: int, device: torch.device | str, stream_depth: int = 2):
