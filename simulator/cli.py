@@ -1,8 +1,9 @@
 """`moe-sim`: replay routing traces on modelled devices (``replay``), or sweep a grid (``sweep``).
 
-Flags are defined once, in ``OPTION_FLAGS``: each maps a ``ReplayOptions``
-field to its flag and help, and takes its default from the dataclass, so no
-default is typed twice. Errors are one line (``moe-sim: error: ...``, exit 2).
+Flags are defined once, by the fields of ``ReplayOptions`` (the runtime's
+``OffloadOptions`` plus the replay's own; ``moe_runtime/cli/options.py`` turns
+them into flags), so the shared options have the same names, help and
+defaults as in ``moe-runtime generate`` and no default is typed twice. Errors are one line (``moe-sim: error: ...``, exit 2).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 
-from moe_runtime.errors import MoeError, run_cli
+from moe_runtime.cache.options import DEFAULT_BUDGET
+from moe_runtime.cli.options import add_option_flags, options_from_args
+from moe_runtime.errors import run_cli
 from moe_runtime.outputs import check_output, write_json_atomic
 from moe_runtime.timeline import Timeline
 
@@ -20,40 +22,8 @@ from .cost_model import CostModel
 from .device import load_device
 from .replay import Replay, ReplayOptions, load_inputs
 
-_DEFAULTS = {f.name: f.default for f in fields(ReplayOptions)}
-
-# ReplayOptions field -> (flag, type, help)
-OPTION_FLAGS = {
-    "budget": ("--budget", str, "expert cache budget: bytes (2GiB), a share of all experts (25%%) "
-                                "or a count of experts (48)"),
-    "eviction": ("--eviction", str, "eviction policy: lru, lfu, fifo, layer-cyclic, static, belady"),
-    "predictor": ("--predictor", str, "none, popularity, history, oracle, noisy-oracle or recorded:NAME"),
-    "lookahead": ("--lookahead", int, "layers ahead the predictor predicts"),
-    "scope": ("--cache-scope", str, "global (one pool) or per-layer (equal share per layer)"),
-    "batch": ("--batch", int, "tokens per step, one from each of B sequences decoded together"),
-    "max_inflight": ("--max-inflight", int, "prefetches in flight at most"),
-    "prefetch_width": ("--prefetch-width", int, "experts prefetched per predicted layer "
-                                                "(default: what one layer needs)"),
-    "tokens": ("--tokens", int, "replay only the first N tokens of the trace"),
-    "recall": ("--recall", float, "noisy-oracle recall"),
-    "precision": ("--precision", float, "noisy-oracle precision"),
-    "seed": ("--seed", int, "random seed (noisy-oracle)"),
-}
-
-
-def add_option_flags(p: argparse.ArgumentParser) -> None:
-    for name, (flag, typ, help_text) in OPTION_FLAGS.items():
-        d = _DEFAULTS[name]
-        p.add_argument(flag, dest=name, type=typ, default=d,
-                       help=help_text + ("" if d is None else f" (default: {d})".replace("%", "%%")))
-
-
-def options_from_args(args) -> ReplayOptions:
-    return ReplayOptions(**{name: getattr(args, name) for name in OPTION_FLAGS})
-
-
 def run_replay(args) -> int:
-    opts = options_from_args(args)
+    opts = options_from_args(ReplayOptions, args)
     for flag, path in (("--out", args.out), ("--timeline", args.timeline)):
         if path:  # before the work: a report that cannot be written is found out now
             check_output(path, flag)
@@ -104,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. one written by moe-runtime profile)")
     r.add_argument("--model", default=None, help="model name in configs/models, a YAML file or a checkpoint "
                                                  "directory (default: the trace's meta.model)")
-    add_option_flags(r)
+    add_option_flags(r.add_argument_group("offloading and replay options"), ReplayOptions,
+                     default_note={"budget": DEFAULT_BUDGET["replay"].replace("%", "%%")}, executor=False)
     r.add_argument("--json", action="store_true", help="print the full report as JSON")
     r.add_argument("--out", default=None, help="also write the JSON report to this file (atomically)")
     r.add_argument("--timeline", default=None, help="write a Chrome/Perfetto trace-event JSON here")

@@ -42,6 +42,7 @@ import simpy
 
 from moe_runtime.cache.budget import check_budget, layer_demand, parse_budget
 from moe_runtime.cache.expert_cache import ExpertCache, access_sequence
+from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions, option
 from moe_runtime.cache.policies import EVICTION_POLICIES, popularity_counts
 from moe_runtime.cache.protocol import LayerProtocol
 from moe_runtime.errors import MoeError
@@ -56,43 +57,36 @@ from .workload import Workload, build_workload, load_inputs  # noqa: F401  (load
 
 
 @dataclass(frozen=True)
-class ReplayOptions:
-    """One simulated configuration; the CLI and the sweep take their defaults from here."""
+class ReplayOptions(OffloadOptions):
+    """One simulated configuration: the shared offloading options plus the replay's own.
 
-    budget: str = "25%"
-    eviction: str = "lru"
-    predictor: str = "none"
-    lookahead: int = 1  # as moe-runtime generate
-    scope: str = "global"
-    batch: int = 1
-    max_inflight: int = 4
-    prefetch_width: int | None = None  # experts per predicted layer; None: what one layer needs
-    tokens: int | None = None  # replay only the first N tokens
-    recall: float = 0.9  # noisy-oracle
-    precision: float = 0.9  # noisy-oracle
-    seed: int = 0
+    The CLI and the sweep take their flags and defaults from these fields; a budget left None
+    is ``DEFAULT_BUDGET["replay"]``.
+    """
+
+    batch: int = option(1, "--batch", type=int, help="tokens per step, one from each of B sequences "
+                                                     "decoded together")
+    tokens: int | None = option(None, "--tokens", type=int, help="replay only the first N tokens of the trace")
+    recall: float = option(0.9, "--recall", type=float, help="noisy-oracle recall")
+    precision: float = option(0.9, "--precision", type=float, help="noisy-oracle precision")
+    seed: int = option(0, "--seed", type=int, help="random seed (noisy-oracle)")
 
     def __post_init__(self) -> None:
-        if self.eviction not in EVICTION_POLICIES:
-            raise MoeError(f"unknown eviction policy {self.eviction!r}; choose one of {', '.join(EVICTION_POLICIES)}")
+        if self.budget is None:
+            object.__setattr__(self, "budget", DEFAULT_BUDGET["replay"])
+        super().__post_init__()
         name = self.predictor.split(":", 1)[0]
-        cls = PREDICTORS.get(name)
-        if cls is None or (name == "recorded") != self.predictor.startswith("recorded:"):
-            known = ", ".join(n for n, c in PREDICTORS.items() if not c.needs_hidden and n != "recorded")
-            raise MoeError(f"unknown predictor {self.predictor!r}; the simulator can use {known} or recorded:NAME")
-        if cls.needs_hidden:
+        if name in PREDICTORS and PREDICTORS[name].needs_hidden:
             raise MoeError(f"predictor {self.predictor!r} reads hidden states, so it runs only in the executor; "
                            f"replay its recorded predictions instead with --predictor recorded:{self.predictor}")
-        if self.scope not in ("global", "per-layer"):
-            raise MoeError(f"cache scope must be 'global' or 'per-layer', not {self.scope!r}")
-        for f, lo in (("lookahead", 1), ("batch", 1), ("max_inflight", 1), ("prefetch_width", 1), ("tokens", 1)):
+        for f, lo in (("batch", 1), ("tokens", 1), ("seed", 0)):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 raise MoeError(f"{f} must be an integer >= {lo}, got {v!r}")
-
-    @property
-    def prefetching(self) -> bool:
-        return self.predictor != "none"
+        for f in ("recall", "precision"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise MoeError(f"{f} must be a number in [0, 1], got {v!r}")
 
 
 class Replay:
@@ -115,6 +109,7 @@ class Replay:
         self.expert_bytes = spec.expert_bytes
         self.n_slots = parse_budget(opts.budget, expert_bytes=self.expert_bytes, total_experts=L * E)
         self.epl = layer_demand(top_k=trace.top_k, batch=opts.batch, n_experts=E)
+        opts.check_model(L)
         check_budget(self.n_slots, experts_per_layer=self.epl, max_inflight=opts.max_inflight,
                      prefetching=opts.prefetching, scope=opts.scope, n_layers=L, expert_bytes=self.expert_bytes)
         self.copy_s = dev.copy_seconds(self.expert_bytes)

@@ -35,8 +35,9 @@ from moe_runtime.offload.forced_routing import ForcedRouting, popularity_from_tr
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
-from moe_runtime.cache.policies import EVICTION_POLICIES
-from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
+from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions
+from moe_runtime.cli.options import add_option_flags, options_from_args
+from moe_runtime.predictors import PredictorOptions, make_predictor
 from moe_runtime.offload.telemetry import gpu_telemetry
 from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
 
@@ -45,16 +46,8 @@ _DEFAULTS: dict[str, object] = {}  # dest -> default of every offloading flag, f
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offloading (any of these turns it on; without them every expert is resident)")
-    g.add_argument("--budget", help="device expert cache: bytes (4GiB), share of all experts (25%%) or a count "
-                                    "of experts (48); default 100%% when another offloading flag is given")
-    g.add_argument("--policy", default="lru", choices=list(EVICTION_POLICIES), help="eviction policy (default lru)")
-    g.add_argument("--cache-scope", default="global", choices=["global", "per-layer"],
-                   help="one pool for all layers, or an equal share per layer (default global)")
-    names = ", ".join(n for n in PREDICTORS if n != "recorded")
-    g.add_argument("--predictor", default="none", help=f"prefetch predictor: {names} or recorded:NAME (default none)")
-    g.add_argument("--lookahead", type=int, default=1, help="predict layers l+1..l+D (default 1)")
-    g.add_argument("--prefetch-width", type=int, default=None, help="experts prefetched per layer (default top-k)")
-    g.add_argument("--max-inflight", type=int, default=4, help="prefetches in flight at once (default 4)")
+    add_option_flags(g, OffloadOptions, default_note={
+        "budget": DEFAULT_BUDGET["generate"].replace("%", "%%") + " when another offloading option is given"})
     g.add_argument("--route-from-trace", metavar="FILE", help="force each layer's routing from a trace (.npz)")
     g.add_argument("--trace-seq", type=int, default=0, help="which sequence of that trace (default 0)")
     g.add_argument("--popularity-trace", metavar="FILE", help="trace giving the 'static' policy's hot set")
@@ -69,20 +62,13 @@ def offloading(args: argparse.Namespace) -> bool:
     return any(getattr(args, dest, default) != default for dest, default in _DEFAULTS.items())
 
 
-def _check_ints(args: argparse.Namespace) -> None:
-    if args.lookahead < 1:
-        raise MoeError(f"--lookahead must be at least 1, got {args.lookahead}")
-    if args.max_inflight < 1:
-        raise MoeError(f"--max-inflight must be at least 1, got {args.max_inflight}")
-    if args.prefetch_width is not None and args.prefetch_width < 1:
-        raise MoeError(f"--prefetch-width must be at least 1, got {args.prefetch_width}")
-
-
-def budget_slots(args: argparse.Namespace, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int) -> int:
+def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int) -> int:
     """Slots the budget buys, checked against the minimum (MoeError naming it in bytes and experts)."""
-    n = parse_budget(args.budget or "100%", expert_bytes=expert_bytes, total_experts=n_layers * n_experts)
-    check_budget(n, experts_per_layer=top_k, max_inflight=args.max_inflight, prefetching=args.predictor != "none",
-                 scope=args.cache_scope, n_layers=n_layers, expert_bytes=expert_bytes)
+    opts.check_model(n_layers)
+    n = parse_budget(opts.budget or DEFAULT_BUDGET["generate"], expert_bytes=expert_bytes,
+                     total_experts=n_layers * n_experts)
+    check_budget(n, experts_per_layer=top_k, max_inflight=opts.max_inflight, prefetching=opts.prefetching,
+                 scope=opts.scope, n_layers=n_layers, expert_bytes=expert_bytes)
     return n
 
 
@@ -90,7 +76,7 @@ def preflight(args: argparse.Namespace) -> None:
     """Refuse bad offloading flags and a too-small budget from config.json alone, before loading weights."""
     if not offloading(args):
         return
-    _check_ints(args)
+    opts = options_from_args(OffloadOptions, args)
     cfg = load_config(args.model)
     named = read_json(Path(args.model) / "config.json")
     named = named.get("torch_dtype") or named.get("dtype")
@@ -98,7 +84,7 @@ def preflight(args: argparse.Namespace) -> None:
     if dtype is None:  # no dtype in config.json: the safetensors header says (no weight is read)
         dtype = SafetensorsReader(args.model).dtype("model.embed_tokens.weight")
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype)
-    budget_slots(args, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
+    budget_slots(opts, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
                  expert_bytes=layout.nbytes)
 
 
@@ -108,6 +94,7 @@ class OffloadRun:
     model: SteppedModel
     recorder: TraceRecorder | None
     args: argparse.Namespace
+    opts: OffloadOptions
     device: torch.device
 
     @classmethod
@@ -115,65 +102,65 @@ class OffloadRun:
               prompt_len: int) -> "OffloadRun | None":
         if not offloading(args):
             return None
-        _check_ints(args)
+        opts = options_from_args(OffloadOptions, args)
         if torch.device(args.device).type == "cpu":
             # the copy thread needs a core of its own: compute threads spinning on every core starve it
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         L, E, K = store.n_layers, store.n_experts, store.top_k
-        n_slots = budget_slots(args, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes)
+        n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes)
         forced = trace = None
         if args.route_from_trace:
             trace = load_trace(args.route_from_trace)
             forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K, seq=args.trace_seq)
             forced.check_length(prompt_len + args.max_new_tokens - 1)
-        prefetching = args.predictor != "none"
-        pool = n_slots if args.cache_scope == "global" else n_slots // L
+        prefetching = opts.prefetching
+        pool = n_slots if opts.scope == "global" else n_slots // L
         chunk = prefill_chunk(prompt_len=prompt_len, pool_slots=pool, n_experts=E, top_k=K,
-                              inflight=args.max_inflight if prefetching else 0)
+                              inflight=opts.max_inflight if prefetching else 0)
         future = popularity = None
-        if args.policy == "belady":
+        if opts.eviction == "belady":
             if forced is None:
-                raise MoeError("--policy belady needs the future: give --route-from-trace FILE")
+                raise MoeError("--eviction belady needs the future: give --route-from-trace FILE")
             future = forced.future(steps(prompt_len, args.max_new_tokens, chunk))
-        if args.policy == "static":
+        if opts.eviction == "static":
             if args.popularity_trace:
                 popularity = popularity_from_trace(load_trace(args.popularity_trace))
             elif forced is not None:
                 popularity = forced.popularity()
             else:
-                raise MoeError("--policy static needs a popularity profile: give --popularity-trace FILE "
+                raise MoeError("--eviction static needs a popularity profile: give --popularity-trace FILE "
                                "or --route-from-trace FILE")
         adapters = None
         if args.adapters:
             from moe_runtime.predictors.calibrate import load_adapters_for  # checks shape and router weights
-            adapters = load_adapters_for(model, args.adapters, args.lookahead)
+            adapters = load_adapters_for(model, args.adapters, opts.lookahead)
         # only recorded:NAME reads the forced trace; a prior from it would hand history/popularity the future
-        predictor = make_predictor(args.predictor, PredictorOptions(
-            n_layers=L, n_experts=E, top_k=K, lookahead=args.lookahead, model=model, adapters=adapters,
-            trace=trace if args.predictor.startswith("recorded:") else None))
+        predictor = make_predictor(opts.predictor, PredictorOptions(
+            n_layers=L, n_experts=E, top_k=K, lookahead=opts.lookahead, model=model, adapters=adapters,
+            trace=trace if opts.predictor.startswith("recorded:") else None))
         if predictor.needs_future and forced is None:  # say so now, not mid-decode with copies in flight
-            raise MoeError(f"--predictor {args.predictor} needs the true routing: give --route-from-trace FILE")
+            raise MoeError(f"--predictor {opts.predictor} needs the true routing: give --route-from-trace FILE")
         recorder = None
         if args.record_trace:
             recorder = TraceRecorder(TraceMeta(
                 model=str(args.model), n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
                 dtype=str(store.layout.dtype).removeprefix("torch."), source="moe-runtime generate",
-                extra={"predictor": args.predictor, "lookahead": args.lookahead}))
-        record_preds = recorder is not None and args.predictor != "none" and L > 1
+                extra={"predictor": opts.predictor, "lookahead": opts.lookahead}))
+        record_preds = recorder is not None and prefetching and L > 1
         provider = OffloadedExperts(
-            store, args.device, n_slots, policy=args.policy, scope=args.cache_scope, predictor=predictor,
-            lookahead=args.lookahead, prefetch_width=args.prefetch_width, max_inflight=args.max_inflight,
+            store, args.device, n_slots, policy=opts.eviction, scope=opts.scope, predictor=predictor,
+            lookahead=opts.lookahead, prefetch_width=opts.prefetch_width, max_inflight=opts.max_inflight,
             future=future, popularity=popularity, timeline=args.timeline is not None,
             record_predictions=record_preds)
         stepped = SteppedModel(model, provider, chunk=chunk, forced=forced, recorder=recorder,
-                               predictor_name=args.predictor if record_preds else None, lookahead=args.lookahead)
-        return cls(provider, stepped, recorder, args, torch.device(args.device))
+                               predictor_name=opts.predictor if record_preds else None, lookahead=opts.lookahead)
+        return cls(provider, stepped, recorder, args, opts, torch.device(args.device))
 
     def finish(self) -> dict:
         """Drain, write the trace and timeline if asked, and return the --json fields of the offloading run."""
         out = self.provider.finish()
-        a = self.args
-        out.update(policy=a.policy, cache_scope=a.cache_scope, predictor=a.predictor, lookahead=a.lookahead,
+        a, o = self.args, self.opts
+        out.update(policy=o.eviction, cache_scope=o.scope, predictor=o.predictor, lookahead=o.lookahead,
                    prefill_chunk=self.model.chunk)
         if self.recorder is not None:
             self.recorder.save(a.record_trace)
