@@ -20,7 +20,12 @@ finished point) and ``results.csv``, both rewritten atomically after every
 finished point, so an interrupted sweep resumes where it stopped (finished
 points are kept and skipped; a directory holding another experiment's results
 is refused); ``tokens_per_s.png`` at the end. A point whose budget is below the
-minimum is recorded with its error, not fatal.
+minimum is recorded with its error, not fatal; but a budget that cannot be read
+or buys no expert, and a grid in which no point can run, are refused before
+anything runs. ``name`` is a plain name (it names ``out/<name>``). Files are
+written through ``moe_runtime.outputs``; temporary files left by a killed run
+are removed when the sweep starts again, and a results.json that is not one
+this module wrote is one error line.
 
 This module knows nothing about how a replay works inside.
 """
