@@ -239,7 +239,7 @@ def _load_previous(out: Path, exp: Experiment) -> dict:
         rows, fp = prev["results"], prev["fingerprint"]
         if not isinstance(rows, list):
             raise TypeError("'results' is not a list")
-    except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError, OSError) as e:  # ValueError: bad JSON or UTF-8
         raise MoeError(f"{path}: not a sweep results file ({short(str(e), 80)}); delete it or use another --out"
                        ) from None
     if fp != exp.fingerprint():

@@ -258,6 +258,8 @@ def load_trace(path) -> Trace:
         raise MoeError(f"trace file not found: {path}")
     if os.path.isdir(path):
         raise MoeError(f"{path}: is a directory, not a trace file")
+    if not os.path.isfile(path):  # a FIFO would block the read forever, a device never end
+        raise MoeError(f"{path}: not a regular file, not a trace file")
     try:
         return _load(path)
     except MoeError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 
 import numpy as np
@@ -90,3 +91,6 @@ def test_directory_and_device_as_trace(trace_cli, tmp_path):
     assert_one_error(code, err, "moe-trace", "is a directory")
     code, _, err = trace_cli("stats", "/dev/null")
     assert_one_error(code, err, "moe-trace", "/dev/null")
+    os.mkfifo(tmp_path / "fifo.npz")  # opening it to read would wait for a writer forever
+    code, _, err = trace_cli("info", tmp_path / "fifo.npz")
+    assert_one_error(code, err, "moe-trace", "fifo.npz", "not a regular file")

@@ -148,6 +148,12 @@ def test_workers_zero_is_refused(sim, tmp_path):
     assert_one_error(code, err, "moe-sim", "--workers must be >= 1")
 
 
+def test_results_json_that_is_a_directory(sim, tmp_path):
+    (tmp_path / "out" / "results.json").mkdir(parents=True)
+    code, _, err = sim("sweep", _experiment(tmp_path), "--out", tmp_path / "out")
+    assert_one_error(code, err, "moe-sim", "results.json", "not a sweep results file")
+
+
 @pytest.mark.parametrize("tamper", [
     lambda d: d["results"].append({"key": 3}),
     lambda d: d["results"].append({**d["results"][0], "key": "x", "tokens_per_s": "fast"}),
