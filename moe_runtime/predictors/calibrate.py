@@ -34,7 +34,6 @@ of the adapter file layout (predictors/adapters.py).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from dataclasses import dataclass, field
@@ -45,13 +44,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.config import ModelConfig, load_config
 from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore, ResidentExperts
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize
-from moe_runtime.predictors.text_data import add_data_arguments, load_tokens, token_chunks
 
 MAX_INFLIGHT = 4  # copies in flight of an offloaded provider (no prefetching during calibration)
 
@@ -253,46 +250,3 @@ def load_adapters_for(model: Transformer | ModelConfig | str | Path | dict, path
             raise MoeError(f"{path} was fitted for a model of this shape with other router weights "
                            f"(router digest {got}, this model {want}); recalibrate")
     return adapters
-
-
-# -- CLI --
-
-def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    """--device and --expert-slots, shared with eval-predictors."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                   help="compute device (default cuda when available)")
-    p.add_argument("--expert-slots", type=int, default=None, metavar="N",
-                   help="serve experts from N device slots (offloaded) instead of all resident "
-                        "(default: resident when they fit in device memory, else as many slots as fit)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    add_data_arguments(p)
-    p.add_argument("--lookahead", type=int, required=True, metavar="D", help="fit distances 1..D")
-    p.add_argument("--rank", type=int, required=True, metavar="R", help="adapter rank (U, V are [H, R])")
-    p.add_argument("--ridge", type=float, default=1e-3,
-                   help="ridge, relative to the mean diagonal of X^T X (default 1e-3)")
-    p.add_argument("--refine-steps", type=int, default=0, help="KL refinement Adam steps per pair (default 0)")
-    p.add_argument("--refine-samples", type=int, default=2048,
-                   help="tokens kept (reservoir sample) for KL refinement (default 2048)")
-    p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam learning rate of KL refinement (default 1e-3)")
-    add_device_arguments(p)
-    p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (safetensors)")
-
-
-def run(args: argparse.Namespace) -> int:
-    model, store = load_model(args.model, args.device)
-    tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
-    chunks = token_chunks(tokens, args.seq_len)
-    provider = make_provider(store, args.device, args.expert_slots)
-    cal = calibrate(model, provider, chunks, args.lookahead, args.rank, args.ridge, args.refine_steps,
-                    args.refine_samples, args.refine_lr, args.seed, progress=True)
-    source = f"data:{Path(args.data).name}" if args.data else f"random:{args.random_tokens}:seed{args.seed}"
-    save_adapters(cal, model, args.out, {"source": source, "ridge": args.ridge, "seq_len": args.seq_len,
-                                          "refine_steps": args.refine_steps,
-                                          "refine_lr": args.refine_lr})
-    ev = np.mean(list(cal.explained.values()))
-    print(f"wrote {len(cal.adapters.pairs())} adapters (lookahead {args.lookahead}, rank {args.rank}) to {args.out}; "
-          f"{cal.tokens} tokens, mean explained variance {ev:.3f}")
-    return 0

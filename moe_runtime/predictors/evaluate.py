@@ -29,8 +29,6 @@ This module does not fit adapters (calibrate.py) or define predictors.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -40,14 +38,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from moe_runtime.predictors.calibrate import add_device_arguments, forward_chunks, load_adapters_for, make_provider
-from moe_runtime.model.checkpoint import load_model
+from moe_runtime.predictors.calibrate import forward_chunks
 from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor
-from moe_runtime.predictors.text_data import add_data_arguments, load_tokens, token_chunks
-from moe_runtime.traces import load_trace
 
 DEFAULT_PREDICTORS = ("gate", "aligned", "history", "popularity", "oracle")
 
@@ -201,41 +196,3 @@ def save_plot(res: EvalResult, path: str | Path) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-# -- CLI --
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    p.add_argument("--adapters", metavar="FILE", help="aligned adapters from `moe-runtime calibrate`")
-    add_data_arguments(p)
-    p.add_argument("--lookahead", type=int, required=True, metavar="D", help="evaluate distances 1..D")
-    p.add_argument("--predictors", default=None,
-                   help=f"comma-separated registry names (default {','.join(DEFAULT_PREDICTORS)}; "
-                        "aligned only with --adapters)")
-    p.add_argument("--history-trace", metavar="FILE", help="trace whose routing primes history/popularity")
-    add_device_arguments(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--plot", metavar="FILE.png", help="write recall vs distance per predictor")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.predictors is None:
-        names = [n for n in DEFAULT_PREDICTORS if n != "aligned" or args.adapters]
-    else:
-        names = [n.strip() for n in args.predictors.split(",") if n.strip()]
-        if not names or len(set(names)) != len(names):
-            raise MoeError(f"--predictors must be distinct comma-separated names, got {args.predictors!r}")
-    model, store = load_model(args.model, args.device)
-    adapters = load_adapters_for(model, args.adapters, args.lookahead) if args.adapters else None
-    if adapters is not None:
-        adapters.to(model.device, model.dtype)
-    trace = load_trace(args.history_trace) if args.history_trace else None
-    tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
-    provider = make_provider(store, args.device, args.expert_slots)
-    res = evaluate(model, provider, token_chunks(tokens, args.seq_len), names, args.lookahead, adapters, trace,
-                   args.seed, progress=True)
-    if args.plot:
-        save_plot(res, args.plot)
-    print(json.dumps(res.to_json()) if args.json else format_table(res))
-    return 0

@@ -2,10 +2,9 @@
 
 Contract:
 
-- ``add_data_arguments(parser)`` defines the data flags shared by
-  ``moe-runtime calibrate`` and ``moe-runtime eval-predictors`` (defined once
-  here): ``--data FILE.txt`` or ``--random-tokens N`` (exactly one),
-  ``--seed``, ``--seq-len``, ``--max-tokens``.
+- The data flags of ``moe-runtime calibrate`` and ``eval-predictors``
+  (``--data FILE.txt`` or ``--random-tokens N``, ``--seed``, ``--seq-len``,
+  ``--max-tokens``) are defined once, in ``cli/predictors.py``.
 - ``load_tokens(model_dir, vocab_size, data=..., random_tokens=..., seed=...,
   max_tokens=...)`` returns a 1-D int64 numpy array of token ids, every id in
   ``[0, vocab_size)``. Text is read as UTF-8 and encoded with
@@ -22,7 +21,6 @@ This module does not run the model.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +29,6 @@ from moe_runtime.errors import MoeError
 from moe_runtime.model.generate import load_tokenizer
 
 DEFAULT_SEQ_LEN = 256
-
-
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """The data flags of calibrate and eval-predictors (see the module docstring)."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="FILE.txt", help="UTF-8 text, tokenized with the checkpoint's tokenizer.json")
-    src.add_argument("--random-tokens", type=int, metavar="N",
-                     help="N uniformly random token ids instead of text (checkpoints without a tokenizer)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-tokens (default 0)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                   help=f"tokens per forward; each chunk is an independent sequence (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens (default: all)")
 
 
 def load_tokens(model_dir: str | Path, vocab_size: int, data: str | Path | None = None,

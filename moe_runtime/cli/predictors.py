@@ -1,0 +1,113 @@
+"""`moe-runtime calibrate` and `moe-runtime eval-predictors`: their flags and how they run.
+
+The work is in ``predictors/calibrate.py`` (fitting aligned adapters),
+``predictors/evaluate.py`` (recall/precision per distance) and
+``predictors/text_data.py`` (tokens from text or random ids); this module only
+parses flags and calls them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_runtime.errors import MoeError
+from moe_runtime.model.checkpoint import load_model
+from moe_runtime.predictors.calibrate import calibrate, load_adapters_for, make_provider, save_adapters
+from moe_runtime.predictors.evaluate import DEFAULT_PREDICTORS, evaluate, format_table, save_plot
+from moe_runtime.predictors.text_data import DEFAULT_SEQ_LEN, load_tokens, token_chunks
+from moe_runtime.traces import load_trace
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data flags of calibrate and eval-predictors (see the module docstring)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="FILE.txt", help="UTF-8 text, tokenized with the checkpoint's tokenizer.json")
+    src.add_argument("--random-tokens", type=int, metavar="N",
+                     help="N uniformly random token ids instead of text (checkpoints without a tokenizer)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-tokens (default 0)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per forward; each chunk is an independent sequence (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens (default: all)")
+
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --expert-slots, shared with eval-predictors."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="compute device (default cuda when available)")
+    p.add_argument("--expert-slots", type=int, default=None, metavar="N",
+                   help="serve experts from N device slots (offloaded) instead of all resident "
+                        "(default: resident when they fit in device memory, else as many slots as fit)")
+
+
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    add_data_arguments(p)
+    p.add_argument("--lookahead", type=int, required=True, metavar="D", help="fit distances 1..D")
+    p.add_argument("--rank", type=int, required=True, metavar="R", help="adapter rank (U, V are [H, R])")
+    p.add_argument("--ridge", type=float, default=1e-3,
+                   help="ridge, relative to the mean diagonal of X^T X (default 1e-3)")
+    p.add_argument("--refine-steps", type=int, default=0, help="KL refinement Adam steps per pair (default 0)")
+    p.add_argument("--refine-samples", type=int, default=2048,
+                   help="tokens kept (reservoir sample) for KL refinement (default 2048)")
+    p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam learning rate of KL refinement (default 1e-3)")
+    add_device_arguments(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (safetensors)")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    model, store = load_model(args.model, args.device)
+    tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
+    chunks = token_chunks(tokens, args.seq_len)
+    provider = make_provider(store, args.device, args.expert_slots)
+    cal = calibrate(model, provider, chunks, args.lookahead, args.rank, args.ridge, args.refine_steps,
+                    args.refine_samples, args.refine_lr, args.seed, progress=True)
+    source = f"data:{Path(args.data).name}" if args.data else f"random:{args.random_tokens}:seed{args.seed}"
+    save_adapters(cal, model, args.out, {"source": source, "ridge": args.ridge, "seq_len": args.seq_len,
+                                          "refine_steps": args.refine_steps,
+                                          "refine_lr": args.refine_lr})
+    ev = np.mean(list(cal.explained.values()))
+    print(f"wrote {len(cal.adapters.pairs())} adapters (lookahead {args.lookahead}, rank {args.rank}) to {args.out}; "
+          f"{cal.tokens} tokens, mean explained variance {ev:.3f}")
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--adapters", metavar="FILE", help="aligned adapters from `moe-runtime calibrate`")
+    add_data_arguments(p)
+    p.add_argument("--lookahead", type=int, required=True, metavar="D", help="evaluate distances 1..D")
+    p.add_argument("--predictors", default=None,
+                   help=f"comma-separated registry names (default {','.join(DEFAULT_PREDICTORS)}; "
+                        "aligned only with --adapters)")
+    p.add_argument("--history-trace", metavar="FILE", help="trace whose routing primes history/popularity")
+    add_device_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--plot", metavar="FILE.png", help="write recall vs distance per predictor")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.predictors is None:
+        names = [n for n in DEFAULT_PREDICTORS if n != "aligned" or args.adapters]
+    else:
+        names = [n.strip() for n in args.predictors.split(",") if n.strip()]
+        if not names or len(set(names)) != len(names):
+            raise MoeError(f"--predictors must be distinct comma-separated names, got {args.predictors!r}")
+    model, store = load_model(args.model, args.device)
+    adapters = load_adapters_for(model, args.adapters, args.lookahead) if args.adapters else None
+    if adapters is not None:
+        adapters.to(model.device, model.dtype)
+    trace = load_trace(args.history_trace) if args.history_trace else None
+    tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
+    provider = make_provider(store, args.device, args.expert_slots)
+    res = evaluate(model, provider, token_chunks(tokens, args.seq_len), names, args.lookahead, adapters, trace,
+                   args.seed, progress=True)
+    if args.plot:
+        save_plot(res, args.plot)
+    print(json.dumps(res.to_json()) if args.json else format_table(res))
+    return 0
