@@ -112,6 +112,9 @@ class Experiment:
         if self.tokens is not None:
             check_number("tokens", self.tokens, lo=1, integer=True)
         check_number("seed", self.seed, lo=0, hi=2**32 - 1, integer=True)
+        for f in ("batch", "max_inflight", "prefetch_width"):  # a batch of 10**9 would allocate 10**9 lanes
+            if getattr(self, f) is not None:
+                check_number(f, getattr(self, f), lo=1, hi=1 << 16, integer=True)
         for p in self.points():  # validates every option combination (no I/O)
             pass
 
@@ -144,7 +147,7 @@ def experiment_from_dict(d) -> Experiment:
     names = {f.name for f in fields(Experiment)}
     unknown = sorted(set(map(str, d)) - names)
     if unknown:
-        raise MoeError(f"unknown field(s): {', '.join(unknown)}")
+        raise MoeError(f"unknown field(s): {config_files.names(unknown)}")
     missing = [f for f in ("name", "trace", "budgets", "evictions", "predictors", "devices") if f not in d]
     if missing:
         raise MoeError(f"missing field(s): {', '.join(missing)}")

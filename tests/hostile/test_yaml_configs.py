@@ -128,6 +128,9 @@ def test_model_error_through_replay(sim, tmp_path):
     ({"tokens": float("inf")}, ["tokens must be an integer"]),
     ({"seed": -1}, ["seed must be an integer"]),
     ({"lookaheads": [1.5]}, ["lookahead must be an integer"]),
+    ({"batch": 10**9}, ["batch must be an integer"]),
+    ({"max_inflight": float("inf")}, ["max_inflight must be an integer"]),
+    ({"colour" * 1000: 1}, ["unknown field(s)"]),
 ])
 def test_bad_experiments_are_refused_before_running(sim, tmp_path, over, words):
     exp = _experiment(tmp_path, **over)
