@@ -136,8 +136,11 @@ def _load_experts(cfg: ModelConfig, reader: SafetensorsReader, store: HostExpert
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[Transformer, HostExpertStore]:
-    """Load config and weights; dense weights on ``device``, experts in a host store. See module docstring."""
+               dtype: torch.dtype | None = None, load_experts: bool = True) -> tuple[Transformer, HostExpertStore]:
+    """Load config and weights; dense weights on ``device``, experts in a host store. See module docstring.
+
+    ``load_experts=False`` leaves the experts on storage: the store then describes them but holds none
+    (the disk tier reads them into slots itself)."""
     path = Path(path)
     if not path.is_dir():
         raise MoeError(f"model directory not found: {path}")
@@ -157,8 +160,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     store = HostExpertStore(ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype), cfg.n_experts,
-                            cfg.top_k, cfg.moe_layers)
-    _load_experts(cfg, reader, store)
+                            cfg.top_k, cfg.moe_layers, allocate=load_experts)
+    if load_experts:
+        _load_experts(cfg, reader, store)
     return model, store
 
 

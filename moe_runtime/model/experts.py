@@ -77,7 +77,8 @@ class HostExpertStore:
     """
 
     def __init__(self, layout: ExpertLayout, n_experts: int, top_k: int, model_layers: list[int] | tuple[int, ...],
-                 pin: bool | None = None):
+                 pin: bool | None = None, allocate: bool = True):
+        """``allocate=False``: a store that describes the experts but holds none (they stay on storage)."""
         self.layout = layout
         self.n_experts = n_experts
         self.top_k = top_k
@@ -86,7 +87,7 @@ class HostExpertStore:
         self._buffers = [
             torch.empty(n_experts, layout.numel, dtype=layout.dtype, pin_memory=self.pinned)  # [E, numel]
             for _ in self.model_layers
-        ]
+        ] if allocate else []
 
     @property
     def n_moe_layers(self) -> int:
