@@ -118,21 +118,27 @@ def _hf_name(names: TensorNames, reader: SafetensorsReader, name: str) -> str:
 
 def _load_experts(cfg: ModelConfig, reader: SafetensorsReader, store: HostExpertStore) -> None:
     """Copy every routed expert from the mapped files into its flat host buffer."""
+    for m in range(len(cfg.moe_layers)):
+        load_layer_experts(cfg, reader, m, store.layer_buffer(m), store.layout)
+
+
+def load_layer_experts(cfg: ModelConfig, reader: SafetensorsReader, m: int, out: Tensor, layout) -> None:
+    """Copy MoE layer ``m``'s experts into ``out`` [E, numel] (one layer at a time: ``moe-runtime pack``)."""
     h, i, names = cfg.hidden_size, cfg.moe_intermediate_size, cfg.family.names
-    for m, layer in enumerate(cfg.moe_layers):
-        fused = next((f for f in (names.fused(layer, b) for b in names.fused_blocks) if f[0] in reader), None)
-        for e in range(cfg.n_experts):
-            w1, w3, w2 = store.weights(m, e)
-            if fused is not None:
-                gate_up = reader.get(fused[0], (2 * i, h), index=e)  # [2I, H]
-                w1.copy_(gate_up[:i])
-                w3.copy_(gate_up[i:])
-                w2.copy_(reader.get(fused[1], (h, i), index=e))  # [H, I]
-            else:
-                n1, n3, n2 = names.per_expert(layer, e)
-                w1.copy_(reader.get(n1, (i, h)))
-                w3.copy_(reader.get(n3, (i, h)))
-                w2.copy_(reader.get(n2, (h, i)))
+    layer = cfg.moe_layers[m]
+    fused = next((f for f in (names.fused(layer, b) for b in names.fused_blocks) if f[0] in reader), None)
+    for e in range(cfg.n_experts):
+        w1, w3, w2 = layout.views(out[e])
+        if fused is not None:
+            gate_up = reader.get(fused[0], (2 * i, h), index=e)  # [2I, H]
+            w1.copy_(gate_up[:i])
+            w3.copy_(gate_up[i:])
+            w2.copy_(reader.get(fused[1], (h, i), index=e))  # [H, I]
+        else:
+            n1, n3, n2 = names.per_expert(layer, e)
+            w1.copy_(reader.get(n1, (i, h)))
+            w3.copy_(reader.get(n3, (i, h)))
+            w2.copy_(reader.get(n2, (h, i)))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
