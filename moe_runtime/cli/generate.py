@@ -17,7 +17,7 @@ from moe_runtime.model.checkpoint import DTYPES, load_model, parse_dtype
 from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.generate import generate, load_tokenizer, parse_prompt_ids
-from moe_runtime.cli.offload import OffloadRun, add_arguments as add_offload_arguments, preflight
+from moe_runtime.cli.offload import OffloadRun, add_arguments as add_offload_arguments, expert_source, preflight
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
     preflight(args)  # a budget below the minimum is refused before any weight is loaded
-    model, store = load_model(args.model, args.device, parse_dtype(args.dtype))
+    on_disk = expert_source(args)[0] == "disk"  # experts stay on storage: the store holds none
+    model, store = load_model(args.model, args.device, parse_dtype(args.dtype), load_experts=not on_disk)
     off = OffloadRun.build(args, model, store, len(prompt_ids))
     provider = off.provider if off else ResidentExperts(store, args.device)
     try:

@@ -33,7 +33,10 @@ from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
 from moe_runtime.offload.forced_routing import ForcedRouting, popularity_from_trace
 from moe_runtime.model.transformer import Transformer
+from moe_runtime.offload.packed import read_header
 from moe_runtime.offload.provider import OffloadedExperts
+from moe_runtime.offload.storage import DiskReadEngine, aligned_pool
+from moe_runtime.offload.tiers import disk_source, parse_expert_source
 from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
 from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions
 from moe_runtime.cli.options import add_option_flags, options_from_args
@@ -48,6 +51,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offloading (any of these turns it on; without them every expert is resident)")
     add_option_flags(g, OffloadOptions, default_note={
         "budget": DEFAULT_BUDGET["generate"].replace("%", "%%") + " when another offloading option is given"})
+    g.add_argument("--expert-source", default="memory", metavar="memory|disk|disk:FILE",
+                   help="where experts live: host memory (default), or storage: disk reads them from the "
+                        "checkpoint's safetensors files, disk:FILE from a file made by `moe-runtime pack`; "
+                        "reads bypass the page cache")
+    g.add_argument("--host-budget", default=None, metavar="BUDGET",
+                   help="host-RAM tier between storage and the GPU (GPU runs only; on CPU the expert budget "
+                        "is the RAM tier)")
+    g.add_argument("--read-depth", type=int, default=4, metavar="N",
+                   help="reads from storage in flight at once (default 4)")
     g.add_argument("--route-from-trace", metavar="FILE", help="force each layer's routing from a trace (.npz)")
     g.add_argument("--trace-seq", type=int, default=0, help="which sequence of that trace (default 0)")
     g.add_argument("--popularity-trace", metavar="FILE", help="trace giving the 'static' policy's hot set")
@@ -72,11 +84,29 @@ def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: 
     return n
 
 
+def expert_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(kind, packed file) of ``--expert-source``, checked (MoeError) with the tiers it allows."""
+    kind, path = parse_expert_source(args.expert_source)
+    if args.read_depth < 1:
+        raise MoeError(f"--read-depth must be at least 1, got {args.read_depth}")
+    if args.host_budget is not None:
+        if kind == "memory":
+            raise MoeError("--host-budget sizes the host tier under --expert-source disk; experts in memory "
+                           "are all in host memory already")
+        if torch.device(args.device).type == "cpu":
+            raise MoeError("--host-budget: on a CPU-only run there is no separate host tier; the expert budget "
+                           "(--expert-budget) is the RAM cache above the disk")
+    return kind, path
+
+
 def preflight(args: argparse.Namespace) -> None:
     """Refuse bad offloading flags and a too-small budget from config.json alone, before loading weights."""
     if not offloading(args):
         return
     opts = options_from_args(OffloadOptions, args)
+    kind, packed = expert_source(args)
+    if packed is not None:
+        read_header(packed)  # a missing, foreign or truncated packed file is refused before loading
     cfg = load_config(args.model)
     named = read_json(Path(args.model) / "config.json")
     named = named.get("torch_dtype") or named.get("dtype")
@@ -147,11 +177,23 @@ class OffloadRun:
                 dtype=str(store.layout.dtype).removeprefix("torch."), source="moe-runtime generate",
                 extra={"predictor": opts.predictor, "lookahead": opts.lookahead}))
         record_preds = recorder is not None and prefetching and L > 1
+        source = make_engine = pool = None
+        kind, packed = expert_source(args)
+        if kind == "disk":
+            if torch.device(args.device).type != "cpu":
+                raise MoeError("--expert-source disk runs on the CPU in this version (the RAM slot pool is the "
+                               "compute tier); the GPU's host tier is not built yet")
+            disk = disk_source(args.model, store, packed)
+            source = disk.segments
+            make_engine = lambda n, dev: DiskReadEngine(n, disk.paths, threads=args.read_depth,  # noqa: E731
+                                                        max_read=store.layout.nbytes)
+            pool = aligned_pool(n_slots, store.layout.numel, store.layout.dtype)  # slots aligned for O_DIRECT
         provider = OffloadedExperts(
             store, args.device, n_slots, policy=opts.eviction, scope=opts.scope, predictor=predictor,
             lookahead=opts.lookahead, prefetch_width=opts.prefetch_width, max_inflight=opts.max_inflight,
             future=future, popularity=popularity, timeline=args.timeline is not None,
-            record_predictions=record_preds)
+            record_predictions=record_preds, pool=pool, source=source,
+            **({"make_engine": make_engine} if make_engine else {}))
         stepped = SteppedModel(model, provider, chunk=chunk, forced=forced, recorder=recorder,
                                predictor_name=opts.predictor if record_preds else None, lookahead=opts.lookahead)
         return cls(provider, stepped, recorder, args, opts, torch.device(args.device))
@@ -161,7 +203,7 @@ class OffloadRun:
         out = self.provider.finish()
         a, o = self.args, self.opts
         out.update(policy=o.eviction, cache_scope=o.scope, predictor=o.predictor, lookahead=o.lookahead,
-                   prefill_chunk=self.model.chunk)
+                   prefill_chunk=self.model.chunk, expert_source=a.expert_source)
         if self.recorder is not None:
             self.recorder.save(a.record_trace)
         if a.timeline is not None:

@@ -90,8 +90,11 @@ class OffloadedExperts:
                  lookahead: int = 1, prefetch_width: int | None = None, max_inflight: int = 4,
                  future: Sequence[Key] | None = None, popularity: dict[Key, float] | None = None,
                  timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None,
-                 make_engine: Callable = make_copy_engine) -> None:
-        """``make_engine(n_slots, device)`` builds the copy engine (tests pass a deterministic or fake one)."""
+                 make_engine: Callable = make_copy_engine,
+                 source: Callable[[int, int], object] | None = None) -> None:
+        """``make_engine(n_slots, device)`` builds the copy engine (tests pass a deterministic or fake one);
+        ``source(layer, expert)`` is what the engine copies from (default: the store's flat host buffer;
+        the storage engine takes the expert's byte ranges on disk, and the store then holds no experts)."""
         self.store, self.device = store, torch.device(device)
         self.n_layers, self.top_k = store.n_layers, store.top_k
         layout = store.layout
@@ -107,7 +110,8 @@ class OffloadedExperts:
         self.pool = pool[: self.n_slots]
         self.slot_flat = [self.pool[s] for s in range(self.n_slots)]  # [numel] views, built once
         self.views = [layout.views(f) for f in self.slot_flat]  # (w1, w3, w2) views, built once
-        self.host_flat = [[store.flat(m, e) for e in range(store.n_experts)] for m in range(store.n_layers)]
+        source = source or store.flat
+        self.src = [[source(m, e) for e in range(store.n_experts)] for m in range(store.n_layers)]
         self.engine = make_engine(self.n_slots, self.device)
         self.clock = LayerClock(self.n_layers, self.device, self.engine.base)
         self.protocol = LayerProtocol(self.cache, self, predictor, lookahead=lookahead,
@@ -129,13 +133,13 @@ class OffloadedExperts:
         return self.engine.cancel_if_queued(slot)
 
     def demand(self, slot: int, key: Key) -> None:
-        self.engine.submit(slot, self.host_flat[key[0]][key[1]], self.slot_flat[slot], demand=True)
+        self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=True)
 
     def promote(self, slot: int) -> None:
         self.engine.promote(slot)
 
     def prefetch(self, slot: int, key: Key) -> None:
-        self.engine.submit(slot, self.host_flat[key[0]][key[1]], self.slot_flat[slot], demand=False)
+        self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=False)
 
     # -- steps ---------------------------------------------------------------------------
     def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None,
@@ -221,6 +225,8 @@ class OffloadedExperts:
         out["budget_bytes"] = self.n_slots * self.store.layout.nbytes
         out["copies"] = len(recs)
         out["copy_gbps"] = achieved_gbps(recs)
+        if hasattr(self.engine, "bytes_read"):  # the storage link: bytes fetched from disk (over-reads included)
+            out["bytes_read"], out["read_mode"] = self.engine.bytes_read, self.engine.mode
         out["step_stall_s"] = list(self.step_stall_s)
         out["layers"] = [
             {"layer": m, "hits": st.layer_hits[m], "late": st.layer_late[m], "misses": st.layer_misses[m],
