@@ -152,7 +152,7 @@ class ThreadCopyEngine:
             with self._cv:
                 while not self._stop and not self._heap:
                     self._cv.wait()
-                if self._stop:
+                if not self._heap:  # stopped, and every queued copy done: close() drains, so counts are whole
                     return
                 entry = heapq.heappop(self._heap)
                 if entry[6]:
