@@ -28,7 +28,8 @@ def test_calibrate_cli_writes_a_file_that_loads_for_its_model(mixtral4, adapters
     ad = load_adapters_for(mixtral4, adapters_file, D)  # by directory: shape fingerprint
     assert (ad.n_layers, ad.hidden, ad.lookahead, ad.rank) == (4, 64, D, 8)
     assert ad.pairs() == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
-    assert ad.metadata["tokens"] == 192 and len(ad.metadata["explained"]) == 5
+    # 3 chunks of 64: two fit the adapters, the last (--holdout 0.25) validates them
+    assert ad.metadata["tokens"] == 128 and ad.metadata["heldout_tokens"] == 64 and len(ad.metadata["explained"]) == 5
     model, _ = load_model(mixtral4)
     assert load_adapters_for(model, adapters_file, 1).metadata["router_digest"] == router_digest(model)
     with pytest.raises(MoeError, match="lookahead 3 is needed"):
@@ -51,7 +52,7 @@ def test_adapter_predicts_later_residual_better_than_identity(mixtral4):
     model, store = load_model(mixtral4)
     provider = make_provider(store, "cpu")
     chunks = token_chunks(load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=256, seed=3), 64)
-    cal = calibrate(model, provider, chunks, lookahead=D, rank=64, ridge=1e-4)
+    cal = calibrate(model, provider, chunks, lookahead=D, rank=64, ridge=1e-4, holdout=0)  # the fit alone
     assert cal.tokens == 256 and all(v > 0.5 for v in cal.explained.values())
     for _, hidden in forward_chunks(model, provider, chunks[:1]):
         for l, d in cal.adapters.pairs():
@@ -105,3 +106,24 @@ def test_offloaded_experts_calibrate_like_resident_ones(mixtral4):
         assert torch.allclose(resident.V[pair], offloaded.V[pair], atol=1e-5)
     with pytest.raises(MoeError, match="cannot hold one layer's 8 experts"):
         make_provider(store, "cpu", slots=11)
+
+
+def test_aligned_never_predicts_worse_than_the_gate(mixtral4):
+    """Held-out validation keeps the zero adapter (the plain gate) wherever the fitted one is not better:
+    aligned >= gate on the held-out split at every pair, and within 0.005 of gate (or above) on other text."""
+    from moe_runtime.predictors.evaluate import evaluate
+
+    model, store = load_model(mixtral4)
+    provider = make_provider(store, "cpu")
+    calib = load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=4096, seed=1)
+    cal = calibrate(model, provider, token_chunks(calib, 256), 3, 8, holdout=0.25)
+    assert cal.heldout_tokens == 1024 and len(cal.recall) == len(cal.adapters.pairs())
+    for pair, (gate, aligned) in cal.recall.items():
+        after = gate if pair in cal.fallback else aligned
+        assert after >= gate
+        if pair in cal.fallback:
+            assert torch.count_nonzero(cal.adapters.U[pair]) == 0
+    other = load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=2048, seed=2)
+    res = evaluate(model, provider, token_chunks(other, 256), ["gate", "aligned"], 3, cal.adapters)
+    for g, a in zip(res.metric("recall", "gate"), res.metric("recall", "aligned")):
+        assert a >= g - 0.005, (g, a)

@@ -56,6 +56,9 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-samples", type=int, default=2048,
                    help="tokens kept (reservoir sample) for KL refinement (default 2048)")
     p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam learning rate of KL refinement (default 1e-3)")
+    p.add_argument("--holdout", type=float, default=0.25,
+                   help="share of the chunks held out to validate each adapter; one that does not beat the "
+                        "plain gate there is kept at zero (default 0.25; 0 keeps every fitted adapter)")
     add_device_arguments(p)
     p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (safetensors)")
 
@@ -66,14 +69,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
     chunks = token_chunks(tokens, args.seq_len)
     provider = make_provider(store, args.device, args.expert_slots)
     cal = calibrate(model, provider, chunks, args.lookahead, args.rank, args.ridge, args.refine_steps,
-                    args.refine_samples, args.refine_lr, args.seed, progress=True)
+                    args.refine_samples, args.refine_lr, args.seed, progress=True, holdout=args.holdout)
     source = f"data:{Path(args.data).name}" if args.data else f"random:{args.random_tokens}:seed{args.seed}"
     save_adapters(cal, model, args.out, {"source": source, "ridge": args.ridge, "seq_len": args.seq_len,
                                           "refine_steps": args.refine_steps,
-                                          "refine_lr": args.refine_lr})
+                                          "refine_lr": args.refine_lr, "holdout": args.holdout})
     ev = np.mean(list(cal.explained.values()))
     print(f"wrote {len(cal.adapters.pairs())} adapters (lookahead {args.lookahead}, rank {args.rank}) to {args.out}; "
           f"{cal.tokens} tokens, mean explained variance {ev:.3f}")
+    if cal.heldout_tokens:
+        fell = ", ".join(f"({l},{d})" for l, d in cal.fallback) or "none"
+        print(f"validated on {cal.heldout_tokens} held-out tokens; kept the plain gate (zero adapter) for: {fell}")
     return 0
 
 

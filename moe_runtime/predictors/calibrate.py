@@ -149,13 +149,18 @@ class Calibration:
     adapters: AlignedAdapters
     tokens: int
     explained: dict[tuple[int, int], float] = field(default_factory=dict)  # fraction of sum (h_{l+d}-h_l)^2
+    heldout_tokens: int = 0
+    recall: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # held out: (gate, fitted)
+    fallback: list[tuple[int, int]] = field(default_factory=list)  # pairs kept at zero (the plain gate)
     kl: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # [before, after] refinement
 
 
 def calibrate(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.ndarray], lookahead: int, rank: int,
               ridge: float = 1e-3, refine_steps: int = 0, refine_samples: int = 2048, refine_lr: float = 1e-3,
-              seed: int = 0, progress: bool = False) -> Calibration:
-    """Fit adapters for every (l, d); see the module docstring."""
+              seed: int = 0, progress: bool = False, holdout: float = 0.25) -> Calibration:
+    """Fit adapters for every (l, d) on the chunks but the last ``holdout`` share, then validate each on
+    those: a pair whose fitted adapter does not beat the plain gate's top-k recall there is set to zero
+    (h' = h, exactly the gate), so ``aligned`` never predicts worse than ``gate`` on the held-out split."""
     cfg = model.cfg
     L, H = cfg.n_moe_layers, cfg.hidden_size
     if not isinstance(lookahead, int) or not 1 <= lookahead < L:
@@ -168,6 +173,10 @@ def calibrate(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.
         raise MoeError(f"--refine-steps must be >= 0, got {refine_steps}")
     if not chunks:
         raise MoeError("no calibration tokens")
+    if not 0.0 <= holdout < 1.0:
+        raise MoeError(f"--holdout must be in [0, 1), got {holdout}")
+    n_held = min(len(chunks) - 1, max(1, round(holdout * len(chunks)))) if holdout > 0 and len(chunks) > 1 else 0
+    chunks, held = list(chunks[: len(chunks) - n_held]), list(chunks[len(chunks) - n_held:])
     adapters = AlignedAdapters(L, H, lookahead, rank)
     if progress:
         print(f"{sum(len(c) for c in chunks)} tokens in {len(chunks)} chunks; {len(adapters.pairs())} adapters; "
@@ -189,7 +198,33 @@ def calibrate(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.
     del accs
     if refine_steps > 0:
         _refine(model, adapters, reservoir.sample(), refine_steps, refine_lr, result, progress)
+    if held:
+        _validate(model, provider, adapters, held, result, progress)
     return result
+
+
+@torch.no_grad()
+def _validate(model: Transformer, provider: ExpertProvider, adapters: AlignedAdapters, held: Sequence[np.ndarray],
+              result: Calibration, progress: bool) -> None:
+    """Top-k recall of gate and fitted adapter per pair on held-out chunks; zero the pairs not better."""
+    k = model.cfg.top_k
+    hits = {pair: [0, 0] for pair in adapters.pairs()}  # (gate, fitted) true experts among the top-k
+    n = 0
+    for chunk, hidden in forward_chunks(model, provider, held, progress, "validate"):
+        truth = [model.route(m, model.router_logits(m, h))[0] for m, h in enumerate(hidden)]  # [T, k] each
+        for (l, d), c in hits.items():
+            true = truth[l + d]
+            for i, h in enumerate((hidden[l], adapters.apply(l, d, hidden[l]))):
+                top = torch.topk(model.router_logits(l + d, h).float(), k, dim=-1).indices  # [T, k]
+                c[i] += int((top.unsqueeze(-1) == true.unsqueeze(-2)).any(-1).sum())
+        n += len(chunk)
+    result.heldout_tokens = n
+    for (l, d), (gate, fitted) in hits.items():
+        result.recall[(l, d)] = (gate / (n * k), fitted / (n * k))
+        if fitted <= gate:
+            result.fallback.append((l, d))
+            zero = torch.zeros_like(adapters.U[(l, d)])
+            adapters.set(l, d, zero, torch.zeros_like(adapters.V[(l, d)]))
 
 
 def _refine(model: Transformer, adapters: AlignedAdapters, sample: Tensor, steps: int, lr: float,
@@ -224,7 +259,9 @@ def router_digest(model: Transformer) -> str:
 
 def save_adapters(cal: Calibration, model: Transformer, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Atomically write ``cal.adapters`` with the model's fingerprint and router digest (see module docstring)."""
-    meta = {"router_digest": router_digest(model), "tokens": cal.tokens,
+    meta = {"router_digest": router_digest(model), "tokens": cal.tokens, "heldout_tokens": cal.heldout_tokens,
+            "fallback": [f"{l}.{d}" for l, d in cal.fallback],
+            "heldout_recall": {f"{l}.{d}": [round(g, 6), round(a, 6)] for (l, d), (g, a) in cal.recall.items()},
             "explained": {f"{l}.{d}": round(v, 6) for (l, d), v in cal.explained.items()},
             "kl": {f"{l}.{d}": [round(x, 6) for x in v] for (l, d), v in cal.kl.items()}, **(extra or {})}
     cal.adapters.save(str(path), model_fingerprint(model.cfg), meta)
