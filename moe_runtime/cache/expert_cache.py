@@ -37,6 +37,9 @@ class Outcome(IntEnum):
     MISS = 2
 
 
+_HIT, _LATE, _MISS = Outcome.HIT, Outcome.LATE, Outcome.MISS
+
+
 @dataclass
 class CacheStats:
     """Counters of one run; ``prefetch_issued == prefetch_used + prefetch_wasted`` after ``finish``."""
@@ -134,39 +137,49 @@ class ExpertCache:
         missed key is inserted there too, holding no slot yet), so recency, counts and
         Belady's cursor are those of a plain one-access-at-a-time cache.
         """
-        pool = self._pool(layer)
-        policy, st = self.pools[pool], self.stats
-        slot_of, state, pinned, unused = self.slot_of, self.state, self._pinned, self._unused_prefetch
+        policy = self.pools[0 if self.scope == "global" else layer]
+        access, slot_of, state = policy.access, self.slot_of, self.state
+        pin, unused = self._pinned.add, self._unused_prefetch
         out = []
+        hits = late = misses = used = 0  # counted here, added to the stats once per layer (host time)
         for e in ids:
-            key = (layer, int(e))
-            policy.access(key)
+            key = (layer, e)
+            access(key)
             slot = slot_of.get(key)
             if slot is None:
                 policy.insert(key)
                 self._pending.append(key)
-                outcome, slot = Outcome.MISS, -1
-                st.misses += 1
-                st.layer_misses[layer] += 1
-                st.bytes_h2d += self.expert_bytes
+                out.append([e, -1, _MISS])
+                misses += 1
+                continue
+            if state[slot] == READY:
+                out.append([e, slot, _HIT])
+                hits += 1
             else:
-                if state[slot] == READY:
-                    outcome = Outcome.HIT
-                    st.hits += 1
-                    st.layer_hits[layer] += 1
-                else:
-                    outcome = Outcome.LATE
-                    st.late += 1
-                    st.layer_late[layer] += 1
-                if unused.pop(slot, None) is not None:
-                    st.prefetch_used += 1
-                pinned.add(slot)
-            st.accesses += 1
-            out.append([key[1], slot, outcome])
+                out.append([e, slot, _LATE])
+                late += 1
+            if unused and unused.pop(slot, None) is not None:
+                used += 1
+            pin(slot)
+        st = self.stats
+        st.accesses += hits + late + misses
+        if hits:
+            st.hits += hits
+            st.layer_hits[layer] += hits
+        if late:
+            st.late += late
+            st.layer_late[layer] += late
+        if misses:
+            st.misses += misses
+            st.layer_misses[layer] += misses
+            st.bytes_h2d += misses * self.expert_bytes
+        st.prefetch_used += used
         return out
 
     def stale_prefetches(self, layer: int) -> list[int]:
         """Prefetch slots still loading whose target layer has passed unused (or an earlier step's)."""
+        if not self._unused_prefetch:
+            return []
         step, loading = self.step, self._loading_prefetch
         return [s for s, (st, target) in self._unused_prefetch.items()
                 if s in loading and (st < step or target <= layer)]

@@ -38,8 +38,10 @@ class EvictionPolicy:
         self._lru[key] = None
 
     def access(self, key: Key) -> None:
-        if key in self._lru:
+        try:
             self._lru.move_to_end(key)
+        except KeyError:  # not resident (a miss is inserted after its access)
+            pass
 
     def remove(self, key: Key) -> None:
         self._lru.pop(key, None)

@@ -64,6 +64,7 @@ class ThreadCopyEngine:
     """
 
     lanes = ("copy",)
+    needs_release = False  # the compute is synchronous: a released slot is no longer read
 
     def __init__(self, n_slots: int) -> None:
         self._done = [threading.Event() for _ in range(n_slots)]  # set when the slot's copy finished
@@ -103,6 +104,8 @@ class ThreadCopyEngine:
             return True
 
     def poll(self) -> list[int]:
+        if not self._finished:  # nothing finished since the last poll: no lock taken (host time per layer)
+            return []
         out = []
         with self._lock:
             while self._finished:
@@ -186,6 +189,7 @@ class CudaCopyEngine:
     """
 
     lanes = ("copy:demand", "copy:prefetch")
+    needs_release = True  # the compute stream may still read a slot after the host moved on
 
     def __init__(self, n_slots: int, device: torch.device, stream_depth: int = 2) -> None:
         lo, hi = torch.cuda.Stream.priority_range()  # (lowest, highest); higher priority is more negative
@@ -303,6 +307,7 @@ class LockstepEngine:
     """
 
     lanes = ("copy",)
+    needs_release = False
 
     def __init__(self, n_slots: int, per_poll: int | None = None) -> None:
         self.per_poll = per_poll

@@ -113,6 +113,7 @@ class OffloadedExperts:
         source = source or store.flat
         self.src = [[source(m, e) for e in range(store.n_experts)] for m in range(store.n_layers)]
         self.engine = make_engine(self.n_slots, self.device)
+        self._release = getattr(self.engine, "needs_release", True)
         self.clock = LayerClock(self.n_layers, self.device, self.engine.base)
         self.protocol = LayerProtocol(self.cache, self, predictor, lookahead=lookahead,
                                       prefetch_width=prefetch_width, record_predictions=record_predictions)
@@ -172,8 +173,9 @@ class OffloadedExperts:
 
     def end_layer(self, layer: int) -> None:
         self.clock.mark(layer, 2)
-        for _, slot, _ in self.protocol.in_use:
-            self.engine.slot_released(slot)  # later copies into these slots wait for this layer's reads
+        if self._release:  # later copies into these slots wait for this layer's reads (CUDA)
+            for _, slot, _ in self.protocol.in_use:
+                self.engine.slot_released(slot)
         self.protocol.end_layer()
 
     def flush(self) -> None:

@@ -100,6 +100,7 @@ class DiskReadEngine:
     """
 
     lanes = ("read",)
+    needs_release = False  # the compute is synchronous on CPU
 
     def __init__(self, n_slots: int, paths: list[str], *, threads: int = 4, max_read: int,
                  direct: bool = True) -> None:
@@ -163,6 +164,8 @@ class DiskReadEngine:
                 self._cv.notify_all()
 
     def poll(self) -> list[int]:
+        if not self._finished and self._error is None:
+            return []
         out = []
         with self._cv:
             while self._finished:
