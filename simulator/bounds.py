@@ -6,40 +6,172 @@
   or not) with a perfect prefetcher limited only by bandwidth: no latency,
   copies fully overlapped with compute. Computed, not simulated.
 
-``belady_misses`` runs the runtime's own ``ExpertCache`` with the ``belady``
-policy and no prefetch, so the bound follows exactly the cache's rules
-(pinning, per-layer pools) that the replay uses.
+``belady_misses`` follows the runtime ``ExpertCache``'s rules with the
+``belady`` policy and no prefetch exactly (tests/test_sim_bounds.py checks it
+against the cache): a (step, layer)'s experts are all pinned while its misses
+take slots, so a miss evicts the resident expert of *another* layer-step whose
+next use is furthest away; per-layer scope runs one such pool per layer. It is
+a vectorised next-use table plus one heap, not a cache replay.
+
+``BoundsCache`` keeps the miss count on disk per (trace digest, slots, scope,
+tokens, batch), one small JSON file each written through
+``moe_runtime.outputs``, so the points of a sweep that share a budget compute
+it once; ``bounds`` also memoises in the process.
 
 This module knows nothing about simpy or devices beyond the numbers it is given.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import json
+from itertools import chain
+from pathlib import Path
 from typing import Sequence
 
-from moe_runtime.cache.expert_cache import ExpertCache, Outcome, access_sequence
+import numpy as np
+
+from moe_runtime.errors import MoeError
+from moe_runtime.outputs import write_json_atomic
+
+DEFAULT_CACHE_DIR = "out/cache/bounds"
+_VERSION = 1  # bump when the count's definition changes: old cache files are then not read
+_MEMO: dict[str, int] = {}
+
+
+def _flatten(ids, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, group ends): key = layer * E + expert per access in order, and where each (step, layer) ends."""
+    lens = [len(x) for step in ids for x in step]
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable(ids)), dtype=np.int64, count=sum(lens))
+    n_layers = len(ids[0]) if len(ids) else 0
+    layer_of = np.repeat(np.tile(np.arange(n_layers, dtype=np.int64), len(ids)), lens)
+    return layer_of * n_experts + flat, np.cumsum(lens)
+
+
+def _next_use(keys: np.ndarray) -> np.ndarray:
+    """nxt[i] = the next position holding keys[i], or len(keys) (never again)."""
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    nxt = np.full(n, n, dtype=np.int64)
+    same = keys[order[1:]] == keys[order[:-1]]
+    nxt[order[:-1][same]] = order[1:][same]
+    return nxt
 
 
 def belady_misses(ids: Sequence[Sequence[Sequence[int]]], n_slots: int, scope: str, n_layers: int) -> int:
     """Belady's miss count for ``ids[step][layer]`` (experts in access order) with ``n_slots`` slots."""
-    per_layer = max((len(layer_ids) for step in ids for layer_ids in step), default=1)
-    cache = ExpertCache(n_slots=n_slots, n_layers=n_layers, n_experts=1 + max(
-        (e for step in ids for layer_ids in step for e in layer_ids), default=0),
-        experts_per_layer=per_layer, expert_bytes=0, policy="belady", scope=scope, future=access_sequence(ids))
-    for step in ids:
-        cache.begin_step()
-        for layer, layer_ids in enumerate(step):
-            for _, slot, outcome in cache.access_layer(layer, layer_ids).outcomes:
-                if outcome == Outcome.MISS:
-                    cache.copy_done(slot)  # no clock here: a copy completes before the compute needs it
-            cache.release_layer()
-    return cache.finish().misses
+    if scope not in ("global", "per-layer"):
+        raise ValueError(f"cache scope must be 'global' or 'per-layer', not {scope!r}")
+    if not len(ids):
+        return 0
+    n_experts = 1 + max((e for step in ids for x in step for e in x), default=0)
+    keys_a, ends_a = _flatten(ids, n_experts)
+    nxt = _next_use(keys_a).tolist()
+    keys, ends = keys_a.tolist(), ends_a.tolist()
+    n_pools = 1 if scope == "global" else n_layers
+    cap = n_slots // n_pools
+    resident = bytearray(n_layers * n_experts)
+    prio = [0] * (n_layers * n_experts)  # a resident key's next use; heap entries not matching it are stale
+    heaps = [[] for _ in range(n_pools)]
+    used = [0] * n_pools
+    misses = 0
+    push, pop = heapq.heappush, heapq.heappop
+    start = 0
+    for g, end in enumerate(ends):
+        pool = 0 if n_pools == 1 else g % n_layers
+        heap = heaps[pool]
+        group_missed = []
+        for i in range(start, end):  # classify: hits move to their next use, misses wait for a slot
+            k = keys[i]
+            if resident[k]:
+                prio[k] = nxt[i]
+                push(heap, (-nxt[i], k))
+            else:
+                group_missed.append(i)
+        if group_missed:
+            pinned = set(keys[start:end])
+            for i in group_missed:
+                k = keys[i]
+                if used[pool] < cap:
+                    used[pool] += 1
+                else:  # evict the furthest next use outside this layer-step (its experts are pinned)
+                    held = []
+                    while True:
+                        p, v = pop(heap)
+                        if not resident[v] or prio[v] != -p:
+                            continue  # stale
+                        if v in pinned:
+                            held.append((p, v))
+                            continue
+                        resident[v] = 0
+                        break
+                    for item in held:
+                        push(heap, item)
+                resident[k] = 1
+                prio[k] = nxt[i]
+                push(heap, (-nxt[i], k))
+            misses += len(group_missed)
+        start = end
+    return misses
+
+
+def trace_digest(trace) -> str:
+    """What a Belady count depends on in a trace: its routing and how tokens form sequences."""
+    h = hashlib.sha256()
+    for arr in (trace.expert_ids, trace.seq_id, trace.position):
+        a = np.ascontiguousarray(arr)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:24]
+
+
+class BoundsCache:
+    """Belady miss counts on disk under ``directory``, one JSON file per key (see the module docstring)."""
+
+    def __init__(self, directory=DEFAULT_CACHE_DIR) -> None:
+        self.dir = Path(directory)
+
+    @staticmethod
+    def key(digest: str, n_slots: int, scope: str, tokens: int, batch: int) -> str:
+        return f"v{_VERSION}-{digest}-{n_slots}-{scope}-{tokens}-{batch}"
+
+    def get(self, key: str) -> int | None:
+        try:
+            d = json.loads((self.dir / f"{key}.json").read_text())
+            v = d["belady_misses"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent or unreadable: computed again and rewritten
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+    def put(self, key: str, misses: int) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.dir / f"{key}.json", {"key": key, "belady_misses": misses})
+        except (OSError, MoeError):
+            pass  # a cache that cannot be written only costs time
+
+
+def cached_belady_misses(ids, *, n_slots: int, scope: str, n_layers: int, key: str | None = None,
+                         cache: BoundsCache | None = None) -> int:
+    """``belady_misses`` through the process memo and, when given, the disk cache (both by ``key``)."""
+    if key is not None and key in _MEMO:
+        return _MEMO[key]
+    misses = cache.get(key) if cache is not None and key is not None else None
+    if misses is None:
+        misses = belady_misses(ids, n_slots, scope, n_layers)
+        if cache is not None and key is not None:
+            cache.put(key, misses)
+    if key is not None:
+        _MEMO[key] = misses
+    return misses
 
 
 def bounds(ids, *, n_slots: int, scope: str, n_layers: int, expert_bytes: int, compute_s: float,
-           n_tokens: int, h2d_bytes_per_s: float, copy_engines: int) -> dict:
+           n_tokens: int, h2d_bytes_per_s: float, copy_engines: int, key: str | None = None,
+           cache: BoundsCache | None = None) -> dict:
     """The report's ``bounds`` entry (see the module docstring for the definitions)."""
-    misses = belady_misses(ids, n_slots, scope, n_layers)
+    misses = cached_belady_misses(ids, n_slots=n_slots, scope=scope, n_layers=n_layers, key=key, cache=cache)
     best = max(compute_s, misses * expert_bytes / (h2d_bytes_per_s * copy_engines))
     return {"all_resident_s": compute_s, "all_resident_tokens_per_s": n_tokens / compute_s,
             "best_s": best, "best_tokens_per_s": n_tokens / best, "belady_misses": misses,

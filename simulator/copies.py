@@ -4,32 +4,72 @@ The per-layer protocol (``moe_runtime.cache.protocol``) decides what is copied
 and withdrawn; a copy model only says *when* copies finish. Each model has:
 
 - the ``CopyLink`` commands: ``withdraw`` answers at once (is the copy still
-  queued?); ``demand``, ``promote`` and ``prefetch`` are orders, carried out
-  by ``serve`` at the compute's current instant, in the order given;
-- ``begin_layer()``, called before the protocol runs a layer;
-- ``serve(waits, layer, pending)``, a simpy generator that carries out the
-  layer's orders and waits for ``waits``; it returns (stall seconds, compute
-  seconds still pending). ``pending`` is compute time not yet yielded to
-  simpy (the replay batches it; see replay.py).
+  queued?); ``demand``, ``promote`` and ``prefetch`` are orders for the
+  compute's current instant, in the order given;
+- ``begin_layer(t)``, called before the protocol runs a layer, with the
+  compute's instant ``t`` (which simpy's clock may not have reached yet: the
+  replay yields only when a copy event falls at or before t; see replay.py);
+- ``serve(waits, layer, t)``: carries out the layer's orders at ``t`` and
+  waits for ``waits``; returns the instant the compute goes on (t + stall).
+  A simpy generator, except where ``synchronous`` is True.
 
-``EventCopies``: the copy engines are one simpy ``PriorityResource`` (capacity
-= copy engines, demand before prefetch, FIFO within a priority); each copy is
-a process that holds an engine for latency + bytes / bandwidth.
+Ties: at an instant t the compute sees every copy event of t first (its
+wake-ups, ``wake_at``, have a priority after simpy's own): a copy finishing
+at t is done, and an engine freed at t has already taken the next queued
+copy. Both models compute every time with the same float operations in the
+same order (start = max(engine free, issue instant), finish = start + copy
+time), so their ties are the same ties.
+
+``AnalyticCopies`` (the default): no simpy event per copy. Per engine the time
+it is next free; a FIFO of queued prefetches; running copies in a heap of
+finish times. Demand (and promoted) copies take the earliest-free engine at
+once, so they go ahead of every queued prefetch; queued prefetches are given
+engines lazily, in order, when the compute next looks (``begin_layer(t)``:
+those whose engine is free at or before t start then, at that engine's free
+time), and copies that finish by t mark their slots ready. The compute waits
+for the latest finish of its waits: no simpy event at all. It equals
+``EventCopies`` exactly (tests/test_sim_analytic.py).
+
+``EventCopies`` (the reference): the copy engines are one simpy
+``PriorityResource`` (capacity = copy engines, demand before prefetch, FIFO
+within a priority); each copy is a process that holds an engine for latency +
+bytes / bandwidth.
 
 ``LockstepCopies``: no time at all; demand (and promoted) copies complete at
 the wait, prefetches in issue order at the next layer (all, or the first
-``per_layer``). The executor's
-``LockstepEngine`` follows the same rule, so the two halves' decisions can be
-compared one for one (tests/test_differential.py).
+``per_layer``). The executor's ``LockstepEngine`` follows the same rule, so
+the two halves' decisions can be compared one for one
+(tests/test_differential.py).
 """
 
 from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
 
 from moe_runtime.cache.expert_cache import READY, ExpertCache
 from moe_runtime.cache.policies import Key
 from moe_runtime.timeline import Timeline
 
 DEMAND, PREFETCH, PROMOTE = 0, 1, 2  # PriorityResource: lower runs first
+_AFTER_COPIES = 2  # event priority of the compute's wake-ups (simpy's own are URGENT=0, NORMAL=1)
+
+
+def wake_at(env, t: float):
+    """A simpy event at exactly ``t`` (>= env.now), processed after every other event of that instant,
+    so the compute sees each copy that finishes at t done and each engine freed at t taken."""
+    import simpy
+
+    d = t - env.now
+    while env.now + d < t:  # the delay whose sum with now is t itself, not a neighbouring float
+        d = math.nextafter(d, math.inf)
+    while env.now + d > t:
+        d = math.nextafter(d, -math.inf)
+    ev = simpy.Event(env)
+    ev._ok, ev._value = True, None  # a triggered event, as simpy's Timeout makes one
+    env.schedule(ev, _AFTER_COPIES, d)
+    return ev
 
 
 class EventCopies:
@@ -64,20 +104,19 @@ class EventCopies:
         self.orders.append((PREFETCH, slot, key))
 
     # -- the compute's side ----------------------------------------------------------------
-    def begin_layer(self) -> None:
+    def begin_layer(self, t: float = 0.0) -> None:
         pass  # copies mark their slots ready themselves, at their finish time
 
-    def serve(self, waits: list[int], layer: int, pending: float):
-        """Carry out the layer's orders at env.now + pending and wait for ``waits``; (stall, pending)."""
+    def serve(self, waits: list[int], layer: int, t: float):
+        """Carry out the layer's orders at instant ``t`` and wait for ``waits``; returns the instant after."""
         env, orders = self.env, self.orders
         if not orders and not waits:
-            return 0.0, pending
+            return t
         if self.fast and orders and not (self.engines.count or self.engines.queue) \
                 and all(kind == DEMAND for kind, _, _ in orders):
-            stall = self._demand_on_idle_engines(layer, env.now + pending)
-            return stall, pending + stall  # nothing else can happen while the compute waits
-        if pending:
-            yield env.timeout(pending)
+            return self._demand_on_idle_engines(layer, t)  # nothing else can happen while the compute waits
+        if t > env.now:
+            yield wake_at(env, t)
         for kind, slot, key in orders:
             if kind == PROMOTE:  # a late prefetch not started: re-queued as demand, same done event
                 req, done = self._copies[slot]
@@ -86,12 +125,11 @@ class EventCopies:
             else:
                 self._issue(slot, key, kind)
         orders.clear()
-        t0 = env.now
         state, copies = self.cache.state, self._copies
         for slot in waits:
             if state[slot] != READY:
                 yield copies[slot][1]  # the compute waits for this expert's copy
-        return env.now - t0, 0.0
+        return env.now
 
     # -- internals -------------------------------------------------------------------------
     def _key_of(self, slot: int) -> Key:
@@ -126,16 +164,19 @@ class EventCopies:
 
     def _demand_on_idle_engines(self, layer: int, now: float) -> float:
         """Demand copies when no copy is running or queued: engine j takes copies j, j+n, ... back to
-        back, so the stall is known without simpy events (same result as the event path)."""
+        back, so the instant they are all done is known without simpy events (the same float as the
+        event path: each copy starts when the one before it on its engine finishes)."""
         n, cs = self.n_engines, self.copy_s
+        end = now
         for i, (_, slot, key) in enumerate(self.orders):
+            if i % n == 0:
+                start, end = end, end + cs
             self.cache.copy_done(slot)
             if self.timeline is not None:
-                self.timeline.add(f"copy engine {i % n}", f"L{layer} e{key[1]}", now + (i // n) * cs, cs,
+                self.timeline.add(f"copy engine {i % n}", f"L{layer} e{key[1]}", start, cs,
                                   kind="demand", issued_us=now * 1e6)
-        stall = -(-len(self.orders) // n) * cs
         self.orders.clear()
-        return stall
+        return end
 
 
 class LockstepCopies:
@@ -157,14 +198,109 @@ class LockstepCopies:
     def prefetch(self, slot: int, key: Key) -> None:
         self._queue[slot] = False
 
-    def begin_layer(self) -> None:
+    def begin_layer(self, t: float = 0.0) -> None:
         for slot in [s for s, demand in self._queue.items() if not demand][: self.per_layer]:
             del self._queue[slot]
             self.cache.copy_done(slot)
 
-    def serve(self, waits: list[int], layer: int, pending: float):
+    def serve(self, waits: list[int], layer: int, t: float):
         for slot in waits:
             self._queue.pop(slot, None)
             self.cache.copy_done(slot)
-        return 0.0, pending
+        return t
         yield  # a generator, like EventCopies.serve
+
+
+class AnalyticCopies:
+    """Copy engines as computed start and finish times; see the module docstring."""
+
+    synchronous = True  # serve is a plain function: the compute waits on finish times it is told
+
+    def __init__(self, cache: ExpertCache, *, engines: int, copy_s: float, timeline: Timeline | None = None) -> None:
+        self.cache, self.copy_s, self.timeline = cache, copy_s, timeline
+        self.free_at = [0.0] * engines  # when each engine finishes the last copy given to it
+        self.running: list[tuple] = []  # heap of (finish, seq, slot, engine, start, issued, demand)
+        self.queue: deque = deque()  # queued prefetches, FIFO: [slot, key, issued]
+        self.queued: dict[int, list] = {}  # slot -> its queue entry
+        self.finish = [0.0] * cache.n_slots  # finish time of each slot's started copy
+        self.now = 0.0  # the compute's instant, set by begin_layer
+        self._seq = 0
+
+    # -- CopyLink --------------------------------------------------------------------------
+    def withdraw(self, slot: int) -> bool:
+        entry = self.queued.pop(slot, None)
+        if entry is None:
+            return False
+        self.queue.remove(entry)
+        return True
+
+    def demand(self, slot: int, key: Key) -> None:
+        self._start(slot, key, self.now, self.now, True)
+
+    def promote(self, slot: int) -> None:
+        entry = self.queued.pop(slot, None)
+        if entry is not None:  # not started: it becomes a demand copy, issued now
+            self.queue.remove(entry)
+            self._start(slot, entry[1], self.now, self.now, True)
+
+    def prefetch(self, slot: int, key: Key) -> None:
+        entry = [slot, key, self.now]
+        self.queue.append(entry)
+        self.queued[slot] = entry
+
+    # -- the compute's side ----------------------------------------------------------------
+    def begin_layer(self, t: float) -> None:
+        """Bring the engines to instant ``t``: start queued prefetches whose engine freed before t,
+        and mark ready the slots whose copy finished at or before t, in finish order."""
+        self.now = t
+        if self.queue:
+            self._start_queued(t)
+        run = self.running
+        while run and run[0][0] <= t:
+            self._done(heapq.heappop(run))
+
+    def serve(self, waits: list[int], layer: int, t: float) -> float:
+        """The compute waits until the last of ``waits`` finishes (each started or demanded by now)."""
+        if not waits:
+            return t
+        fin = self.finish
+        end = max(fin[s] for s in waits)
+        return end if end > t else t
+
+    def close(self, t: float) -> None:
+        """The run ended at ``t``: copies finished by then are done (for the timeline)."""
+        self.begin_layer(t)
+
+    # -- internals -------------------------------------------------------------------------
+    def _engine(self) -> int:
+        f = self.free_at
+        return 0 if len(f) == 1 else min(range(len(f)), key=f.__getitem__)
+
+    def _start(self, slot: int, key: Key, issued: float, t: float, demand: bool) -> None:
+        """Give the copy the earliest-free engine, starting no earlier than ``t``."""
+        e = self._engine()
+        start = self.free_at[e] if self.free_at[e] > t else t
+        self.free_at[e] = end = start + self.copy_s
+        self.finish[slot] = end
+        self._seq += 1
+        heapq.heappush(self.running, (end, self._seq, slot, e, start, issued, demand, key))
+
+    def _start_queued(self, t: float) -> None:
+        """Start queued prefetches, in order, on engines free at or before ``t``."""
+        q, free = self.queue, self.free_at
+        while q:
+            e = self._engine()
+            slot, key, issued = q[0]
+            start = free[e] if free[e] > issued else issued
+            if start > t:
+                return
+            q.popleft()
+            del self.queued[slot]
+            self._start(slot, key, issued, start, False)
+
+    def _done(self, rec: tuple) -> None:
+        end, _, slot, engine, start, issued, demand, key = rec
+        self.cache.copy_done(slot)
+        if self.timeline is not None:
+            self.timeline.add(f"copy engine {engine}", f"L{key[0]} e{key[1]}", start, self.copy_s,
+                              kind="demand" if demand else "prefetch", issued_us=issued * 1e6)

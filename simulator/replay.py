@@ -15,21 +15,28 @@ Contract (DESIGN.md's semantics, the runtime's own decisions):
   computes (``env.timeout(cost)``) and unpins. After the last layer: the
   step's dense layers and output head (cost model ``overhead``), and the
   predictor learns from the step. The cache starts empty (cold).
-- When copies finish is the copy model's business (``copies.py``): simpy
-  copy engines by default, or the lockstep rule of the differential test.
+- When copies finish is the copy model's business (``copies.py``): computed
+  copy engines by default (``analytic``: per engine the next free time, a
+  queue of prefetches, finish times the compute waits on), the simpy
+  process-per-copy engines they are tested equal to (``event``), or the
+  lockstep rule of the differential test.
 - total_s = compute_s + stall_s. With no prefetch and one engine every stall is
   whole demand copies, so total_s = compute_s + misses x (bytes/bw + latency).
 
-Speed: hits create no simpy events. Compute time is accumulated in ``pending``
-and yielded as one ``env.timeout`` only when something must happen at the
-right instant (a copy to issue or wait for, or a scheduled event that falls
-before the next access), which is exact because nothing else can change the
-cache in between.
+Time: the compute's instant ``t`` is one float summed layer by layer (a stall
+sets it to the finish time it waited for), the same operations in the same
+order under every copy model, so the models' times are the same floats and
+their ties the same ties. simpy stays the clock: the compute yields
+(``wake_at(t)``) only when a copy event falls at or before its next access,
+and once at the end; with analytic copies there are no copy events, so hits
+and misses alike create no simpy events.
 
 Bounds (``bounds``): all-resident time = compute time with no copies; best
 possible = max(all-resident time, Belady's miss bytes / aggregate copy
 bandwidth): Belady eviction with a perfect prefetcher limited only by bandwidth
-(no latency, copies fully overlapped), computed, not simulated.
+(no latency, copies fully overlapped), computed, not simulated; the Belady
+count is cached by (trace digest, slots, scope, tokens, batch) in the process
+and, given a ``BoundsCache``, on disk.
 """
 
 from __future__ import annotations
@@ -50,8 +57,8 @@ from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
 from moe_runtime.timeline import Timeline
 from moe_runtime.traces import PHASE_DECODE
 
-from .bounds import bounds
-from .copies import EventCopies, LockstepCopies
+from .bounds import BoundsCache, bounds, trace_digest
+from .copies import AnalyticCopies, EventCopies, LockstepCopies, wake_at
 from .cost_model import CostModel, StepCosts
 from .workload import Workload, build_workload, load_inputs  # noqa: F401  (load_inputs: re-exported)
 
@@ -93,16 +100,21 @@ class Replay:
     """One simulation of ``workload`` on ``cost``'s device; ``run()`` returns the report dict."""
 
     def __init__(self, trace, cost: CostModel, opts: ReplayOptions, *, workload: Workload | None = None,
-                 timeline: Timeline | None = None, fast: bool = True, copies: str = "event",
-                 lockstep_per_layer: int | None = None) -> None:
-        """``copies``: ``event`` (simpy copy engines) or ``lockstep`` (copies complete by rule, for the
-        differential test against the executor's LockstepEngine; ``lockstep_per_layer`` prefetches
-        complete per layer, None: all)."""
+                 timeline: Timeline | None = None, fast: bool = True, copies: str = "analytic",
+                 lockstep_per_layer: int | None = None, bounds_cache: BoundsCache | None = None) -> None:
+        """``copies``: ``analytic`` (computed copy times, the default), ``event`` (a simpy process per
+        copy: the reference the analytic model is tested against) or ``lockstep`` (copies complete by
+        rule, for the differential test against the executor's LockstepEngine; ``lockstep_per_layer``
+        prefetches complete per layer, None: all). ``bounds_cache``: where the Belady count is kept
+        on disk across runs (None: computed here, memoised only in this process)."""
+        if copies not in ("analytic", "event", "lockstep"):
+            raise ValueError(f"copies must be analytic, event or lockstep, not {copies!r}")
         self.trace, self.cost, self.opts, self.timeline, self.fast = trace, cost, opts, timeline, fast
-        self.copy_model, self.lockstep_per_layer = copies, lockstep_per_layer
+        self.copy_model, self.lockstep_per_layer, self.bounds_cache = copies, lockstep_per_layer, bounds_cache
         spec, dev = cost.spec, cost.device
         if workload is None and opts.tokens is not None and opts.tokens < trace.n_tokens:
             self.trace = trace = trace.slice(0, opts.tokens)
+        self._own_workload = workload is None or workload.n_tokens.sum() == trace.n_tokens
         self.w = workload or build_workload(trace, opts.batch)
         self.costs: StepCosts = cost.step_costs(self.w.n_tokens, self.w.ctx_sum, self.w.n_unique)
         L, E = trace.n_layers, trace.n_experts
@@ -128,36 +140,40 @@ class Replay:
 
     def _compute(self):
         env, tl, proto, link = self.env, self.timeline, self.protocol, self.link
+        sync, serve, begin_layer = getattr(link, "synchronous", False), link.serve, link.begin_layer
         layer_cost, overhead = self.costs.layer.tolist(), self.costs.overhead.tolist()
         stall_l = self.layer_stall
         first_token = self.w.first_token.tolist()
         step_end = self.step_end = []
-        pending = 0.0  # compute not yet yielded: nothing can happen before env.now + pending
+        # t: the compute's instant, summed layer by layer in this one order by every copy model, so
+        # that their times are the same floats; simpy's clock catches up only when a copy event
+        # falls at or before t (wake_at: after the copy events of that instant)
+        t = 0.0
         for s, step_ids in enumerate(self.w.ids):
             proto.begin_step(token=first_token[s], future=step_ids.__getitem__)
             costs_s = layer_cost[s]
             for l, ids in enumerate(step_ids):
-                if pending and env.peek() <= env.now + pending:
-                    yield env.timeout(pending)  # let copies that finish before this access finish
-                    pending = 0.0
-                link.begin_layer()
+                if not sync and t > env.now and env.peek() <= t:
+                    yield wake_at(env, t)  # let copies that finish by this access finish
+                begin_layer(t)
                 waits = proto.layer(l, ids)
-                stall, pending = yield from link.serve(waits, l, pending)
-                if stall > 0:
-                    stall_l[l] += stall
+                t1 = serve(waits, l, t) if sync else (yield from serve(waits, l, t))
+                if t1 > t:
+                    stall_l[l] += t1 - t
                     if tl is not None:
-                        tl.add("compute", "stall", env.now + pending - stall, stall, layer=l)
+                        tl.add("compute", "stall", t, t1 - t, layer=l)
+                    t = t1
                 if tl is not None:
-                    tl.add("compute", f"L{l}", env.now + pending, costs_s[l], step=s)
-                pending += costs_s[l]
+                    tl.add("compute", f"L{l}", t, costs_s[l], step=s)
+                t += costs_s[l]
                 proto.end_layer()
             if tl is not None:
-                tl.add("compute", "dense+head", env.now + pending, overhead[s], step=s)
-            pending += overhead[s]
-            step_end.append(env.now + pending)
+                tl.add("compute", "dense+head", t, overhead[s], step=s)
+            t += overhead[s]
+            step_end.append(t)
             proto.end_step()
-        if pending:
-            yield env.timeout(pending)
+        if t > env.now:
+            yield wake_at(env, t)
 
     def _phase_times(self) -> dict:
         """Simulated seconds of steps whose first token was recorded as prefill, and as decode."""
@@ -167,6 +183,13 @@ class Replay:
         return {"prefill": float(dur[~decode].sum()), "decode": float(dur[decode].sum()),
                 "decode_steps": int(decode.sum())}
 
+    def _bounds_key(self) -> str | None:
+        """The Belady count's cache key; None for a workload passed in that was not cut from the trace."""
+        if self._own_workload is False:
+            return None
+        return BoundsCache.key(trace_digest(self.trace), self.n_slots, self.opts.scope, self.trace.n_tokens,
+                               self.opts.batch)
+
     def run(self) -> dict:
         t_wall = time.perf_counter()
         opts, dev = self.opts, self.cost.device
@@ -174,6 +197,9 @@ class Replay:
         self.cache = self._make_cache()
         if self.copy_model == "lockstep":
             self.link = LockstepCopies(self.cache, self.lockstep_per_layer)
+        elif self.copy_model == "analytic":
+            self.link = AnalyticCopies(self.cache, engines=dev.copy_engines, copy_s=self.copy_s,
+                                       timeline=self.timeline)
         else:
             self.link = EventCopies(self.env, self.cache, engines=dev.copy_engines, copy_s=self.copy_s,
                                     timeline=self.timeline, fast=self.fast)
@@ -184,6 +210,8 @@ class Replay:
             self.timeline.lane("compute")
         done = self.env.process(self._compute())
         self.env.run(until=done)
+        if hasattr(self.link, "close"):
+            self.link.close(self.env.now)
         stats = self.cache.finish().as_dict()
         wall = time.perf_counter() - t_wall
         n_tok = int(self.w.n_tokens.sum())
@@ -203,6 +231,7 @@ class Replay:
             "phase_s": self._phase_times(),
             "per_layer": per_layer,
             "bounds": bounds(self.w.ids, n_slots=self.n_slots, scope=opts.scope, n_layers=self.trace.n_layers,
+                             key=self._bounds_key(), cache=self.bounds_cache,
                              expert_bytes=self.expert_bytes, compute_s=compute_s, n_tokens=n_tok,
                              h2d_bytes_per_s=dev.h2d_bytes_per_s, copy_engines=dev.copy_engines),
             "wall_s": wall, "accesses_per_wall_s": stats["accesses"] / wall if wall > 0 else float("inf"),
