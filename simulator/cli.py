@@ -18,6 +18,7 @@ from moe_runtime.errors import run_cli
 from moe_runtime.outputs import check_output, write_json_atomic
 from moe_runtime.timeline import Timeline
 
+from .bounds import DEFAULT_CACHE_DIR, BoundsCache
 from .cost_model import CostModel
 from .device import load_device
 from .replay import Replay, ReplayOptions, load_inputs
@@ -30,7 +31,8 @@ def run_replay(args) -> int:
     trace, spec = load_inputs(args.trace, args.model, opts.tokens)
     device = load_device(args.device)
     timeline = Timeline("moe-sim") if args.timeline else None
-    rep = Replay(trace, CostModel(spec, device), opts, timeline=timeline).run()
+    cache = BoundsCache(args.bounds_cache) if args.bounds_cache else None
+    rep = Replay(trace, CostModel(spec, device), opts, timeline=timeline, bounds_cache=cache).run()
     rep["trace"] = str(args.trace)
     if timeline is not None:
         timeline.write(args.timeline)
@@ -62,7 +64,8 @@ def run_replay(args) -> int:
 
 def run_sweep(args) -> int:
     from .sweep import run_experiment
-    return run_experiment(args.experiment, out=args.out, workers=args.workers)
+    return run_experiment(args.experiment, out=args.out, workers=args.workers, backend=args.backend,
+                          address=args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the full report as JSON")
     r.add_argument("--out", default=None, help="also write the JSON report to this file (atomically)")
     r.add_argument("--timeline", default=None, help="write a Chrome/Perfetto trace-event JSON here")
+    r.add_argument("--bounds-cache", default=DEFAULT_CACHE_DIR, metavar="DIR",
+                   help=f"keep the Belady bound here across runs (default {DEFAULT_CACHE_DIR}; '' for none)")
     r.set_defaults(_run=run_replay)
     s = sub.add_parser("sweep", help="run an experiment grid (budgets x policies x predictors x ...)")
     s.add_argument("experiment", help="experiment YAML (see configs/experiments/quickstart.yaml)")
     s.add_argument("--out", default=None, help="output directory (default: the experiment's out, "
                                                "or out/<name>)")
-    s.add_argument("--workers", type=int, default=None, help="parallel processes (default: min(2, CPUs))")
+    s.add_argument("--workers", type=int, default=None, help="parallel processes (default: min(2, CPUs)); "
+                                                              "with --backend ray, the CPUs of a local Ray instance")
+    s.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: a process pool on this machine (default); ray: each point a Ray task")
+    s.add_argument("--address", default=None, help="with --backend ray: the Ray cluster to join (e.g. auto, or "
+                                                   "HOST:6379 after `ray start --head`); default a local instance")
     s.set_defaults(_run=run_sweep)
     return parser
 

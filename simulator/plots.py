@@ -1,10 +1,12 @@
 """Plots of sweep results (matplotlib, Agg backend: no display needed).
 
-``plot_sweep(rows, path)``: tokens/s against the budget (% of all experts), one
-panel per (predictor, lookahead, scope), one line per eviction policy (colour),
-one line style per device; per device the all-resident bound as a horizontal
-dashed line and the best possible at each budget as a dotted black line.
-Rows are the dicts ``sweep`` writes. This module knows nothing about replays.
+``plot_sweep(rows, path)``: a grid of panels, a row per trace and a column per
+predictor (``none`` first, then in order of appearance); in a panel, tokens/s
+against the budget (% of all experts), one colour per eviction policy and one
+line style per (lookahead, scope, device); per (scope, device) the all-resident
+bound as a grey dashed line and the best possible at each budget as a dotted
+black line. Rows are the dicts ``sweep`` writes (rows of old results have no
+``trace``: one row of panels). This module knows nothing about replays.
 """
 
 from __future__ import annotations
@@ -25,42 +27,43 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["predictor"], r["lookahead"] if r["predictor"] != "none" else 0, r["scope"])
-                     for r in rows})
-    devices = sorted({r["device"] for r in rows})
+    traces = list(dict.fromkeys(r.get("trace") or "" for r in rows))
+    preds = list(dict.fromkeys(r["predictor"] for r in rows))
+    preds.sort(key=lambda p: p != "none")  # stable: none first, the others as they came
+    variants = sorted({(r["lookahead"] if r["predictor"] != "none" else 0, r["scope"], r["device"]) for r in rows})
     policies = sorted({r["eviction"] for r in rows})
     colours = {p: f"C{i % 10}" for i, p in enumerate(policies)}
-    n = len(panels)
-    cols = min(3, n)
-    nrows = -(-n // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False, sharey=True)
-    for ax, (pred, la, scope) in zip(axes.flat, panels):
-        sel = [r for r in rows if r["predictor"] == pred and r["scope"] == scope
-               and (pred == "none" or r["lookahead"] == la)]
-        lines = defaultdict(list)
-        for r in sel:
-            lines[(r["device"], r["eviction"])].append((100 * r["budget_fraction"], r["tokens_per_s"]))
-        for (dev, pol), pts in sorted(lines.items()):
-            pts.sort()
-            ax.plot(*zip(*pts), STYLES[devices.index(dev) % len(STYLES)], color=colours[pol], marker="o",
-                    ms=3, label=pol if len(devices) == 1 else f"{pol} ({dev})")
-        for i, dev in enumerate(devices):
-            drows = [r for r in sel if r["device"] == dev]
-            if not drows:
-                continue
-            ax.axhline(drows[0]["all_resident_tokens_per_s"], color="grey", ls="--", lw=1,
-                       label="all resident" if len(devices) == 1 else f"all resident ({dev})")
-            best = sorted({(100 * r["budget_fraction"], r["best_tokens_per_s"]) for r in drows})
-            ax.plot(*zip(*best), ":", color="black", lw=1.2,
-                    label="best possible" if len(devices) == 1 else f"best possible ({dev})")
-        ax.set_title(f"predictor {pred}" + (f", lookahead {la}" if pred != "none" else "") + f", {scope}",
-                     fontsize=9)
-        ax.set_xlabel("expert budget (% of all experts)")
-        ax.set_ylabel("tokens/s")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
+    fig, axes = plt.subplots(len(traces), len(preds), figsize=(4.6 * len(preds), 3.6 * len(traces)),
+                             squeeze=False)
+    for i, tr in enumerate(traces):
+        for j, pred in enumerate(preds):
+            ax = axes[i][j]
+            sel = [r for r in rows if (r.get("trace") or "") == tr and r["predictor"] == pred]
+            lines = defaultdict(list)
+            for r in sel:
+                la = r["lookahead"] if pred != "none" else 0
+                lines[(r["eviction"], la, r["scope"], r["device"])].append(
+                    (100 * r["budget_fraction"], r["tokens_per_s"]))
+            for (pol, la, scope, dev), pts in sorted(lines.items()):
+                pts.sort()
+                style = STYLES[variants.index((la, scope, dev)) % len(STYLES)]
+                extra = ", ".join(x for x in (f"la {la}" if la else "", scope if len(variants) > 1 else "",
+                                              dev if len({v[2] for v in variants}) > 1 else "") if x)
+                ax.plot(*zip(*pts), style, color=colours[pol], marker="o", ms=3,
+                        label=pol + (f" ({extra})" if extra else ""))
+            for scope, dev in sorted({(r["scope"], r["device"]) for r in sel}):
+                drows = [r for r in sel if r["scope"] == scope and r["device"] == dev]
+                ax.axhline(drows[0]["all_resident_tokens_per_s"], color="grey", ls="--", lw=1,
+                           label="all resident")
+                best = sorted({(100 * r["budget_fraction"], r["best_tokens_per_s"]) for r in drows})
+                ax.plot(*zip(*best), ":", color="black", lw=1.2, label="best possible")
+            name = os.path.basename(tr)
+            ax.set_title((f"{name}: " if name else "") + f"predictor {pred}", fontsize=9)
+            ax.set_xlabel("expert budget (% of all experts)")
+            ax.set_ylabel("tokens/s")
+            ax.grid(alpha=0.3)
+            if sel:
+                ax.legend(fontsize=6)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
