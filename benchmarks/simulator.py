@@ -1,6 +1,17 @@
 """How fast the simulator replays: expert accesses per second of wall time, on the bundled law trace.
 
     python3 benchmarks/simulator.py [--tokens 2000] [--device rtx-4060-8gb] [--quick]
+    python3 benchmarks/simulator.py --json      # the issue's figures as one JSON object
+
+``--json`` prints ``accesses_per_s`` (``none``, ``history``, ``oracle``: LRU,
+budget 25%, lookahead 2, analytic copy engines), their ratios to ``none``,
+``replay_s`` and ``bounds_s`` (the no-prefetch replay, and the Belady count of
+the same trace, budget and scope), and ``startup_ratio``: a whole ``moe-sim
+replay`` process (imports, trace loading, bounds with a cold cache, JSON out)
+over the in-process ``Replay.run()`` of the same replay with its bounds (memo
+cleared), on the whole law trace. Every figure is the best of ``--repeats``
+rounds, the configurations interleaved within a round (a shared machine is
+noisy); the load average is printed beside them.
 
 Prints (1) accesses/s with LRU and no prefetch, and with history prefetch,
 against the target of 300,000 accesses/s on one core without prefetch; (2) how
@@ -13,13 +24,18 @@ with time.perf_counter in this one process; the bounds pass is timed apart.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 # this file is named like the package it measures: keep its own folder off the import path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from simulator import bounds as B  # noqa: E402
 from simulator.cost_model import CostModel
 from simulator.device import load_device
 from simulator.replay import Replay, ReplayOptions, build_workload, load_inputs
@@ -47,7 +63,11 @@ def main() -> None:
     ap.add_argument("--device", default="rtx-4060-8gb")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="shorter traces (for a smoke run)")
+    ap.add_argument("--json", action="store_true", help="print the issue's figures as one JSON object")
     args = ap.parse_args()
+    if args.json:
+        print(json.dumps(figures(args), indent=1))
+        return
     full, spec = load_inputs(REPO / "traces/deepseek-v2-lite-law.npz")
     cost = CostModel(spec, load_device(args.device))
     n = 500 if args.quick else args.tokens
@@ -83,6 +103,52 @@ def main() -> None:
         rate = rep["accesses_per_wall_s"]
         print(f"{b:>7} {rep['misses'] / rep['accesses']:>10.3f} {rep['wall_s']:>8.2f} {rate:>12,.0f} "
               f"{rate / TARGET:>9.2f}x")
+
+
+def figures(args) -> dict:
+    """accesses/s per predictor, replay vs bounds time, and the start-up ratio (see the module docstring)."""
+    full, spec = load_inputs(REPO / "traces/deepseek-v2-lite-law.npz")
+    cost = CostModel(spec, load_device(args.device))
+    trace = full.slice(0, min(500 if args.quick else args.tokens, full.n_tokens))
+    w = build_workload(trace, 1)
+    rates: dict = {}
+    replay_s = bounds_s = float("inf")
+    for _ in range(args.repeats):  # rounds; within one, every configuration once
+        for pred in ("none", "history", "oracle"):
+            r = Replay(trace, cost, ReplayOptions(budget="25%", predictor=pred, lookahead=2), workload=w)
+            rep = r.run()
+            rates[pred] = max(rates.get(pred, 0.0), rep["accesses_per_wall_s"])
+            if pred == "none":
+                replay_s = min(replay_s, rep["wall_s"])
+                t0 = time.perf_counter()
+                B.belady_misses(w.ids, r.n_slots, "global", trace.n_layers)
+                bounds_s = min(bounds_s, time.perf_counter() - t0)
+    startup = startup_ratio(full if not args.quick else trace, cost, args)
+    return {"trace": "deepseek-v2-lite-law.npz", "tokens": trace.n_tokens, "accesses": int(w.n_unique.sum()),
+            "device": args.device, "budget": "25%", "lookahead": 2, "repeats": args.repeats,
+            "accesses_per_s": {k: round(v) for k, v in rates.items()},
+            "ratio_to_none": {k: round(v / rates["none"], 3) for k, v in rates.items()},
+            "replay_s": round(replay_s, 4), "bounds_s": round(bounds_s, 4),
+            "bounds_over_replay": round(bounds_s / replay_s, 3), **startup,
+            "load_average": os.getloadavg()[0]}
+
+
+def startup_ratio(trace, cost, args) -> dict:
+    """A `moe-sim replay` process (cold bounds cache) over the in-process Replay.run() with bounds."""
+    inproc = proc = float("inf")
+    argv = ["moe-sim", "replay", "--trace", str(REPO / "traces/deepseek-v2-lite-law.npz"), "--device", args.device,
+            "--budget", "25%", "--tokens", str(trace.n_tokens), "--json"]
+    for _ in range(args.repeats):
+        B._MEMO.clear()
+        t0 = time.perf_counter()
+        Replay(trace, cost, ReplayOptions(budget="25%", tokens=trace.n_tokens)).run()
+        inproc = min(inproc, time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as cache:  # cold: nothing cached
+            t0 = time.perf_counter()
+            subprocess.run(argv + ["--bounds-cache", cache], check=True, stdout=subprocess.DEVNULL)
+            proc = min(proc, time.perf_counter() - t0)
+    return {"startup_tokens": trace.n_tokens, "process_s": round(proc, 3), "in_process_run_s": round(inproc, 3),
+            "startup_ratio": round(proc / inproc, 3)}
 
 
 if __name__ == "__main__":
