@@ -54,8 +54,9 @@ def names(items, limit: int = 5) -> str:
 def check_number(field: str, value, *, lo=None, hi=None, lo_open: bool = False, integer: bool = False):
     """``value`` if it is a finite number (an int when ``integer``) in the range; else MoeError
     "<field> must be a number > 0 and <= 1e+06, got inf". ``lo_open`` makes ``lo`` exclusive."""
-    parts = ([f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []) + \
-            ([f"<= {hi:g}"] if hi is not None else [])
+    fmt = lambda v: str(v) if isinstance(v, int) else f"{v:g}"  # noqa: E731  (an int bound as written)
+    parts = ([f"{'>' if lo_open else '>='} {fmt(lo)}"] if lo is not None else []) + \
+            ([f"<= {fmt(hi)}"] if hi is not None else [])
     want = f"{field} must be {'an integer' if integer else 'a number'}" + \
            (" " + " and ".join(parts) if parts else "")
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -123,6 +124,8 @@ def resolve(name_or_path, directory: Path, kind: str, file_kind: str | None = No
         if not path.is_file():
             raise MoeError(f"unknown {kind} {s!r} (known: {', '.join(available(directory)) or 'none'}; "
                            "or give a YAML file)")
+    else:
+        path = Path(bundled(s))  # configs/devices/t4.yaml from any working directory
     if not path.is_file():
         raise MoeError(f"{file_kind or kind} file not found: {path}")
     return path

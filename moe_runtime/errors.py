@@ -4,11 +4,13 @@ Anything the user can get wrong (a missing file, a malformed trace, config or
 checkpoint, a budget too small) raises ``MoeError`` with a message that names
 the problem. The command-line entry points print ``error: <message>`` and exit
 with status 2; they never show a traceback for such input. A closed stdout
-(``| head``) ends the command quietly, as Unix tools do.
+(``| head``) ends the command quietly, as Unix tools do. ``ArgumentParser``
+reports a flag argparse refuses the same way: one line, no usage block.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, NoReturn
@@ -16,6 +18,18 @@ from typing import Callable, NoReturn
 
 class MoeError(Exception):
     """Bad input or an impossible request; the message is shown to the user as is."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a refused flag reported as one line ``<prog>: error: ... (see --help)``, exit 2.
+
+    Subcommand parsers inherit the class; the line names the program (``moe-runtime``), as run_cli does.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        prog = self.prog.split()[0] if self.prog else "error"
+        _error(prog, f"{message} (see {self.prog} --help)")
+        sys.exit(2)
 
 
 def _quiet_stdout() -> None:

@@ -3,7 +3,10 @@
 ``add_option_flags(group, cls)`` adds a flag per field of ``cls`` that carries
 one (name, type, choices from the registries, help with the default, hidden
 aliases); ``options_from_args(cls, args)`` builds the dataclass back, so its
-validation is the one that runs. Imports no torch.
+validation is the one that runs. ``number(...)`` and ``integer(...)`` are the
+argparse types of every other numeric flag: the value must parse, be finite
+and lie in the range (``config_files.check_number``, the rule config files
+follow), else argparse's one-line error names the flag. Imports no torch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,37 @@ import argparse
 from dataclasses import MISSING, fields
 
 from moe_runtime.cache.options import predictor_names
+from moe_runtime.config_files import check_number, short
+from moe_runtime.errors import MoeError
+
+SEED_MAX = 2**32 - 1  # numpy's and the sweep's seed range; torch takes it too
+
+
+def _typed(parse, kind: str, **limits):
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {short(text)}") from None
+        try:
+            return check_number("value", value, integer=parse is int, **limits)
+        except MoeError as e:  # "value must be a number >= 0, got nan" -> "must be ..."
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+    convert.__name__ = kind  # argparse names the type in some messages
+    return convert
+
+
+def number(lo=None, hi=None, *, lo_open: bool = False):
+    """argparse type: a finite float in the range (``lo`` exclusive when ``lo_open``)."""
+    return _typed(float, "a number", lo=lo, hi=hi, lo_open=lo_open)
+
+
+def integer(lo=None, hi=None):
+    """argparse type: an int in the range."""
+    return _typed(int, "an integer", lo=lo, hi=hi)
+
+
+SEED = integer(0, SEED_MAX)
 
 
 def option_fields(cls) -> list:
