@@ -83,8 +83,8 @@ def test_errors_are_one_line_exit_2(capsys, tmp_path):
         (["synth", "--out", tmp_path / "s.npz"], "give --model, --like, or all of"),
         (["synth", "--out", tmp_path / "s.npz", "--model", "mixtral-8x7b", "--experts", 4], "--experts 4 contradicts"),
         (["synth", "--out", tmp_path / "s.npz", "--like", HUMANEVAL, "--skew", 1], "--like fits the knobs"),
-        (["synth", "--out", tmp_path / "s.npz", "--model", "mixtral-8x7b", "--locality", 2], "locality must be in"),
-        (["synth", "--out", tmp_path / "s.npz", "--model", "mixtral-8x7b", "--tokens", 0], "tokens must be >= 1"),
+        (["synth", "--out", tmp_path / "s.npz", "--model", "mixtral-8x7b", "--locality", 2], "--locality: must be a number >= 0 and <= 1"),
+        (["synth", "--out", tmp_path / "s.npz", "--model", "mixtral-8x7b", "--tokens", 0], "--tokens: must be an integer >= 1"),
         # a missing folder is created (issue 10); one under a regular file cannot be
         (["synth", "--out", tmp_path / "junk.npz" / "s.npz", "--model", "mixtral-8x7b"], "is a file, not a directory"),
     ]

@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 
-from moe_runtime.errors import MoeError, run_cli
+from moe_runtime.cli.options import SEED, integer, number
+from moe_runtime.errors import ArgumentParser, MoeError, run_cli
 from moe_runtime.outputs import check_output
 from moe_runtime.model.spec import load_model_spec
 from moe_runtime.traces import TraceMeta, load_trace, save_trace
@@ -148,7 +149,7 @@ def cmd_synth(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("import", help="convert recorded routing (ESFT npz or routing JSONL) to a trace")
@@ -169,15 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="generate a synthetic trace (optionally fitted to a real one)")
     s.add_argument("--out", required=True, help="trace file to write (.npz)")
-    s.add_argument("--tokens", type=int, help="tokens to generate (default: --like's count, else 1000)")
-    s.add_argument("--layers", type=int, help="MoE layers (default: from --model / --like)")
-    s.add_argument("--experts", type=int, help="experts per layer (default: from --model / --like)")
-    s.add_argument("--top-k", type=int, dest="top_k", help="experts per token and layer")
-    s.add_argument("--skew", type=float, help="Zipf exponent of per-layer popularity (default 0: uniform)")
-    s.add_argument("--locality", type=float, help="P(reuse the previous token's expert at a layer), 0..1")
-    s.add_argument("--correlation", type=float, help="P(follow the previous layer's expert mapping), 0..1")
-    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same trace)")
-    s.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default: all in one)")
+    s.add_argument("--tokens", type=integer(1), help="tokens to generate (default: --like's count, else 1000)")
+    s.add_argument("--layers", type=integer(1), help="MoE layers (default: from --model / --like)")
+    s.add_argument("--experts", type=integer(1), help="experts per layer (default: from --model / --like)")
+    s.add_argument("--top-k", type=integer(1), dest="top_k", help="experts per token and layer")
+    s.add_argument("--skew", type=number(0, 10), help="Zipf exponent of per-layer popularity (default 0: uniform)")
+    s.add_argument("--locality", type=number(0, 1), help="P(reuse the previous token's expert at a layer), 0..1")
+    s.add_argument("--correlation", type=number(0, 1), help="P(follow the previous layer's expert mapping), 0..1")
+    s.add_argument("--seed", type=SEED, default=0, help="random seed (same seed, same trace)")
+    s.add_argument("--seq-len", type=integer(1), dest="seq_len", help="tokens per sequence (default: all in one)")
     s.add_argument("--model", help="model name or YAML for shape and metadata")
     s.add_argument("--like", help="real trace to fit skew/locality/correlation and shape to")
     s.set_defaults(fn=cmd_synth)

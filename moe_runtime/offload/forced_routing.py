@@ -37,10 +37,7 @@ from moe_runtime.traces import Trace
 
 class ForcedRouting:
     def __init__(self, trace: Trace, *, n_layers: int, n_experts: int, top_k: int, seq: int = 0) -> None:
-        got = (trace.n_layers, trace.n_experts, trace.top_k)
-        if got != (n_layers, n_experts, top_k):
-            raise MoeError(f"trace shape (MoE layers, experts, top-k) = {got} does not match the model's "
-                           f"{(n_layers, n_experts, top_k)}")
+        trace.check_model("--route-from-trace", n_layers=n_layers, n_experts=n_experts, top_k=top_k)
         seqs = trace.sequences()
         if not 0 <= seq < len(seqs):
             raise MoeError(f"--trace-seq {seq} is out of range: the trace has {len(seqs)} sequences")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from moe_runtime.config_files import bundled
 from moe_runtime.errors import MoeError
 from moe_runtime.outputs import write_atomic  # noqa: F401  (the one atomic writer; re-exported)
 from moe_runtime.traces.checks import check_declared_size, check_array, check_ids
@@ -143,6 +144,14 @@ class Trace:
     def top_k(self) -> int:
         return self.meta.top_k
 
+    def check_model(self, what: str, *, n_layers: int, n_experts: int, top_k: int) -> None:
+        """MoeError unless the trace was recorded on a model of this shape (a trace of another
+        model would index experts that do not exist, or silently mean nothing)."""
+        got, want = (self.n_layers, self.n_experts, self.top_k), (n_layers, n_experts, top_k)
+        if got != want:
+            raise MoeError(f"{what}: trace shape (MoE layers, experts, top-k) = {got} does not match the "
+                           f"model's {want}")
+
     def lookahead(self, name: str) -> int:
         """Number of future layers (D) predictor ``name`` predicts for."""
         if name not in self.predictions:
@@ -252,8 +261,9 @@ def save_trace(trace: Trace, path) -> None:
 
 
 def load_trace(path) -> Trace:
-    """Read and validate a trace file; every problem raises MoeError naming ``path``."""
-    path = os.fspath(path)
+    """Read and validate a trace file; every problem raises MoeError naming ``path``. A relative path
+    that is not found here but is in the checkout (``traces/...``) is the bundled file."""
+    path = bundled(os.fspath(path))
     if not os.path.exists(path):
         raise MoeError(f"trace file not found: {path}")
     if os.path.isdir(path):
