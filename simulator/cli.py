@@ -14,7 +14,7 @@ import sys
 
 from moe_runtime.cache.options import DEFAULT_BUDGET
 from moe_runtime.cli.options import add_option_flags, options_from_args
-from moe_runtime.errors import run_cli
+from moe_runtime.errors import ArgumentParser, run_cli
 from moe_runtime.outputs import check_output, write_json_atomic
 from moe_runtime.timeline import Timeline
 
@@ -69,7 +69,7 @@ def run_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-sim", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="moe-sim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("replay", help="replay one trace with one configuration")
     r.add_argument("--trace", required=True, help="trace file (.npz, see traces/FORMAT.md)")

@@ -52,6 +52,7 @@ from moe_runtime.cache.expert_cache import ExpertCache, access_sequence
 from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions, option
 from moe_runtime.cache.policies import EVICTION_POLICIES, popularity_counts
 from moe_runtime.cache.protocol import LayerProtocol
+from moe_runtime.config_files import check_number
 from moe_runtime.errors import MoeError
 from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
 from moe_runtime.timeline import Timeline
@@ -90,6 +91,7 @@ class ReplayOptions(OffloadOptions):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 raise MoeError(f"{f} must be an integer >= {lo}, got {v!r}")
+        check_number("batch", self.batch, lo=1, hi=1 << 16, integer=True)  # the sweep's cap: 10**9 lanes hang
         for f in ("recall", "precision"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
