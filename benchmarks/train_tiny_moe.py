@@ -37,11 +37,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
+
+from moe_runtime.errors import run_cli
+from moe_runtime.outputs import check_output_dir, write_text_atomic
 
 EOT = "<|endoftext|>"
 
@@ -69,14 +71,6 @@ def read_joined(paths: list[str], max_chars: int | None = None) -> str:
             break
     text = EOT.join(parts)
     return text[:max_chars] if max_chars is not None else text
-
-
-def write_atomic(path: str, data: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    os.replace(tmp, path)
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -166,7 +160,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    check_output_dir(args.out, "--out")  # before minutes of training: created, or one line why not
 
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -175,13 +169,12 @@ def main() -> int:
     train_text = read_joined(train_f, cap)
     calib_text = read_joined(calib_f, 300_000)
     held_text = read_joined(held_f, 300_000)
-    write_atomic(os.path.join(args.out, "calib.txt"), calib_text)
-    write_atomic(os.path.join(args.out, "heldout.txt"), held_text)
+    write_text_atomic(os.path.join(args.out, "calib.txt"), calib_text)
+    write_text_atomic(os.path.join(args.out, "heldout.txt"), held_text)
 
     vocab = 4096
     tok = train_tokenizer(train_text, vocab)
-    tok.save(os.path.join(args.out, ".tokenizer.json.tmp"))
-    os.replace(os.path.join(args.out, ".tokenizer.json.tmp"), os.path.join(args.out, "tokenizer.json"))
+    write_text_atomic(os.path.join(args.out, "tokenizer.json"), tok.to_str(pretty=True))
     train_ids, held_ids = encode(tok, train_text), encode(tok, held_text)
     print(f"text: train {len(train_f)} files {len(train_ids)} tokens, calib {len(calib_f)} files, "
           f"heldout {len(held_f)} files {len(held_ids)} tokens; tokenizer {time.time() - t0:.1f}s")
@@ -253,10 +246,10 @@ def main() -> int:
         "heldout_before": before, "heldout_after": after, "curve": curve,
         "train_seconds": train_s, "wall_seconds": wall,
     }
-    write_atomic(os.path.join(args.out, "train_report.json"), json.dumps(report, indent=1))
+    write_text_atomic(os.path.join(args.out, "train_report.json"), json.dumps(report, indent=1))
     print(f"wall {wall:.0f}s (training {train_s:.0f}s, {done} steps); wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "train_tiny_moe.py")

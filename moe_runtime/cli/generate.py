@@ -3,6 +3,10 @@
 Prints the generated text (or token ids without a tokenizer), or with
 ``--json`` one JSON object: token_ids (generated only), text (when the
 checkpoint has a tokenizer.json), prefill_s, decode_s, tokens_per_s.
+Before any weight is loaded, a decode longer than the model's
+``max_position_embeddings`` or whose KV cache cannot fit in memory is refused;
+the CPU thread rule (``resources.use_cpu_threads``) is the same for the
+resident and the offloading paths, so their speeds compare.
 """
 
 from __future__ import annotations
@@ -10,14 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from moe_runtime.model.checkpoint import DTYPES, load_model, parse_dtype
+from moe_runtime.model.config import ModelConfig, load_config
 from moe_runtime.errors import MoeError
+from moe_runtime.cli.options import SEED, integer, number
+from moe_runtime.resources import check_fits, use_cpu_threads
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.generate import generate, load_tokenizer, parse_prompt_ids
-from moe_runtime.cli.offload import OffloadRun, add_arguments as add_offload_arguments, expert_source, preflight
+from moe_runtime.cli.offload import (OffloadRun, add_arguments as add_offload_arguments, checkpoint_dtype,
+                                     expert_source, preflight)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,10 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max-new-tokens", type=integer(1), default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="compute device (default cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute dtype (default: checkpoint's)")
@@ -36,7 +45,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_offload_arguments(p)  # --budget, --policy, --predictor, ... (offload_cli.py)
 
 
+def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max_new_tokens: int, device) -> None:
+    """Refuse (MoeError) a decode past the model's positions, or whose KV cache and mask cannot fit."""
+    n = n_prompt + max_new_tokens  # what generate() preallocates
+    if n > cfg.max_position_embeddings:
+        raise MoeError(f"prompt ({n_prompt} tokens) + --max-new-tokens {max_new_tokens} = {n} positions exceeds "
+                       f"the model's max_position_embeddings ({cfg.max_position_embeddings})")
+    item = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * n * cfg.head_dim * item  # Transformer.setup_cache: k and v per layer
+    tables = n * n + 2 * n * cfg.head_dim * (4 + item)  # the [n, n] bool causal mask; RoPE cos/sin
+    check_fits(f"a KV cache for {n} positions (--max-new-tokens {max_new_tokens})", kv + tables, device)
+
+
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.model).is_dir():  # load_model's words, said before config.json is read for the checks
+        raise MoeError(f"model directory not found: {args.model}")
     tokenizer = load_tokenizer(args.model)
     if args.prompt is not None:
         if tokenizer is None:
@@ -44,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode(args.prompt).ids
     else:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
+    check_decode_length(load_config(args.model), checkpoint_dtype(args.model, args.dtype), len(prompt_ids),
+                        args.max_new_tokens, args.device)
     preflight(args)  # a budget below the minimum is refused before any weight is loaded
+    use_cpu_threads(args.device)  # resident and offloaded alike
     on_disk = expert_source(args)[0] == "disk"  # experts stay on storage: the store holds none
     model, store = load_model(args.model, args.device, parse_dtype(args.dtype), load_experts=not on_disk)
     off = OffloadRun.build(args, model, store, len(prompt_ids))

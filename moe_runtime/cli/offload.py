@@ -7,20 +7,18 @@ Contract:
   profile, adapters, trace recording, timeline).
 - ``preflight(args)`` reads only config.json (and, when it names no dtype, the
   safetensors header) and refuses a budget below the minimum (one layer's top-k experts
-  plus the in-flight slots; times the layers with per-layer scope) before any
-  weight is loaded.
+  plus the in-flight slots; times the layers with per-layer scope), and a
+  ``--record-trace``/``--timeline`` that cannot be written, before any weight is loaded.
 - ``OffloadRun.build(args, model, store, prompt_len)`` returns None when no
   offloading flag is given (all experts resident, the reference) and otherwise
   the provider and the wrapped model to pass to ``generate()``; ``finish()``
   drains the copies, writes the recorded trace and the timeline, and returns
   the fields ``--json`` adds (see README).
-- On CPU, ``build`` leaves one core to the copy thread (``torch.set_num_threads``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +37,8 @@ from moe_runtime.offload.storage import DiskReadEngine, aligned_pool
 from moe_runtime.offload.tiers import disk_source, parse_expert_source
 from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
 from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions
-from moe_runtime.cli.options import add_option_flags, options_from_args
+from moe_runtime.cli.options import add_option_flags, integer, options_from_args
+from moe_runtime.outputs import check_output
 from moe_runtime.predictors import PredictorOptions, make_predictor
 from moe_runtime.offload.telemetry import gpu_telemetry
 from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
@@ -58,10 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-budget", default=None, metavar="BUDGET",
                    help="host-RAM tier between storage and the GPU (GPU runs only; on CPU the expert budget "
                         "is the RAM tier)")
-    g.add_argument("--read-depth", type=int, default=4, metavar="N",
+    g.add_argument("--read-depth", type=integer(1, 1024), default=4, metavar="N",
                    help="reads from storage in flight at once (default 4)")
     g.add_argument("--route-from-trace", metavar="FILE", help="force each layer's routing from a trace (.npz)")
-    g.add_argument("--trace-seq", type=int, default=0, help="which sequence of that trace (default 0)")
+    g.add_argument("--trace-seq", type=integer(0), default=0, help="which sequence of that trace (default 0)")
     g.add_argument("--popularity-trace", metavar="FILE", help="trace giving the 'static' policy's hot set")
     g.add_argument("--adapters", metavar="FILE", help="aligned adapters for --predictor aligned")
     g.add_argument("--record-trace", metavar="FILE", help="record the routing (and predictions) to a trace")
@@ -104,18 +103,26 @@ def preflight(args: argparse.Namespace) -> None:
     if not offloading(args):
         return
     opts = options_from_args(OffloadOptions, args)
+    for flag in ("--record-trace", "--timeline"):
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is not None:  # before the decode: text that took minutes is not thrown away at the end
+            check_output(path, flag)
     kind, packed = expert_source(args)
     if packed is not None:
         read_header(packed)  # a missing, foreign or truncated packed file is refused before loading
     cfg = load_config(args.model)
-    named = read_json(Path(args.model) / "config.json")
-    named = named.get("torch_dtype") or named.get("dtype")
-    dtype = parse_dtype(args.dtype) or (DTYPES[named] if named in DTYPES else None)
-    if dtype is None:  # no dtype in config.json: the safetensors header says (no weight is read)
-        dtype = SafetensorsReader(args.model).dtype("model.embed_tokens.weight")
+    dtype = checkpoint_dtype(args.model, args.dtype)
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype)
     budget_slots(opts, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
                  expert_bytes=layout.nbytes)
+
+
+def checkpoint_dtype(model_dir, flag: str | None) -> torch.dtype:
+    """The compute dtype: ``--dtype``, else config.json's, else the safetensors header's (no weight is read)."""
+    named = read_json(Path(model_dir) / "config.json")
+    named = named.get("torch_dtype") or named.get("dtype")
+    dtype = parse_dtype(flag) or (DTYPES[named] if named in DTYPES else None)
+    return dtype or SafetensorsReader(model_dir).dtype("model.embed_tokens.weight")
 
 
 @dataclass
@@ -133,9 +140,6 @@ class OffloadRun:
         if not offloading(args):
             return None
         opts = options_from_args(OffloadOptions, args)
-        if torch.device(args.device).type == "cpu":
-            # the copy thread needs a core of its own: compute threads spinning on every core starve it
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         L, E, K = store.n_layers, store.n_experts, store.top_k
         n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes)
         forced = trace = None
@@ -154,7 +158,9 @@ class OffloadRun:
             future = forced.future(steps(prompt_len, args.max_new_tokens, chunk))
         if opts.eviction == "static":
             if args.popularity_trace:
-                popularity = popularity_from_trace(load_trace(args.popularity_trace))
+                hot = load_trace(args.popularity_trace)
+                hot.check_model("--popularity-trace", n_layers=L, n_experts=E, top_k=K)
+                popularity = popularity_from_trace(hot)
             elif forced is not None:
                 popularity = forced.popularity()
             else:

@@ -3,7 +3,8 @@
 The work is in ``predictors/calibrate.py`` (fitting aligned adapters),
 ``predictors/evaluate.py`` (recall/precision per distance) and
 ``predictors/text_data.py`` (tokens from text or random ids); this module only
-parses flags and calls them.
+parses flags and calls them. Outputs (``--out``, ``--plot``) are checked before
+the model is loaded; numeric flags are finite and in range (``cli/options.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_runtime.cli.options import SEED, integer, number
 from moe_runtime.errors import MoeError
+from moe_runtime.outputs import check_output
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.predictors.calibrate import calibrate, load_adapters_for, make_provider, save_adapters
 from moe_runtime.predictors.evaluate import DEFAULT_PREDICTORS, evaluate, format_table, save_plot
@@ -27,12 +30,12 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The data flags of calibrate and eval-predictors (see the module docstring)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", metavar="FILE.txt", help="UTF-8 text, tokenized with the checkpoint's tokenizer.json")
-    src.add_argument("--random-tokens", type=int, metavar="N",
+    src.add_argument("--random-tokens", type=integer(1), metavar="N",
                      help="N uniformly random token ids instead of text (checkpoints without a tokenizer)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-tokens (default 0)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+    p.add_argument("--seed", type=SEED, default=0, help="seed of --random-tokens (default 0)")
+    p.add_argument("--seq-len", type=integer(1), default=DEFAULT_SEQ_LEN,
                    help=f"tokens per forward; each chunk is an independent sequence (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--max-tokens", type=int, default=None, help="use at most this many tokens (default: all)")
+    p.add_argument("--max-tokens", type=integer(1), default=None, help="use at most this many tokens (default: all)")
 
 
 
@@ -40,7 +43,7 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """--device and --expert-slots, shared with eval-predictors."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="compute device (default cuda when available)")
-    p.add_argument("--expert-slots", type=int, default=None, metavar="N",
+    p.add_argument("--expert-slots", type=integer(1), default=None, metavar="N",
                    help="serve experts from N device slots (offloaded) instead of all resident "
                         "(default: resident when they fit in device memory, else as many slots as fit)")
 
@@ -48,15 +51,15 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     add_data_arguments(p)
-    p.add_argument("--lookahead", type=int, required=True, metavar="D", help="fit distances 1..D")
-    p.add_argument("--rank", type=int, required=True, metavar="R", help="adapter rank (U, V are [H, R])")
-    p.add_argument("--ridge", type=float, default=1e-3,
+    p.add_argument("--lookahead", type=integer(1), required=True, metavar="D", help="fit distances 1..D")
+    p.add_argument("--rank", type=integer(1), required=True, metavar="R", help="adapter rank (U, V are [H, R])")
+    p.add_argument("--ridge", type=number(0), default=1e-3,
                    help="ridge, relative to the mean diagonal of X^T X (default 1e-3)")
-    p.add_argument("--refine-steps", type=int, default=0, help="KL refinement Adam steps per pair (default 0)")
-    p.add_argument("--refine-samples", type=int, default=2048,
+    p.add_argument("--refine-steps", type=integer(0), default=0, help="KL refinement Adam steps per pair (default 0)")
+    p.add_argument("--refine-samples", type=integer(1), default=2048,
                    help="tokens kept (reservoir sample) for KL refinement (default 2048)")
-    p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam learning rate of KL refinement (default 1e-3)")
-    p.add_argument("--holdout", type=float, default=0.25,
+    p.add_argument("--refine-lr", type=number(0, lo_open=True), default=1e-3, help="Adam learning rate of KL refinement (default 1e-3)")
+    p.add_argument("--holdout", type=number(0, 1), default=0.25,
                    help="share of the chunks held out to validate each adapter; one that does not beat the "
                         "plain gate there is kept at zero (default 0.25; 0 keeps every fitted adapter)")
     add_device_arguments(p)
@@ -64,6 +67,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    check_output(args.out, "--out")  # before the fit, which takes minutes
     model, store = load_model(args.model, args.device)
     tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
     chunks = token_chunks(tokens, args.seq_len)
@@ -87,7 +91,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--adapters", metavar="FILE", help="aligned adapters from `moe-runtime calibrate`")
     add_data_arguments(p)
-    p.add_argument("--lookahead", type=int, required=True, metavar="D", help="evaluate distances 1..D")
+    p.add_argument("--lookahead", type=integer(1), required=True, metavar="D", help="evaluate distances 1..D")
     p.add_argument("--predictors", default=None,
                    help=f"comma-separated registry names (default {','.join(DEFAULT_PREDICTORS)}; "
                         "aligned only with --adapters)")
@@ -104,6 +108,8 @@ def run_eval(args: argparse.Namespace) -> int:
         names = [n.strip() for n in args.predictors.split(",") if n.strip()]
         if not names or len(set(names)) != len(names):
             raise MoeError(f"--predictors must be distinct comma-separated names, got {args.predictors!r}")
+    if args.plot:
+        check_output(args.plot, "--plot")
     model, store = load_model(args.model, args.device)
     adapters = load_adapters_for(model, args.adapters, args.lookahead) if args.adapters else None
     if adapters is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from moe_runtime.errors import run_cli
+from moe_runtime.errors import ArgumentParser, run_cli
 
 # name -> (module, flags function, run function, one-line help)
 COMMANDS = {
@@ -30,7 +30,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-runtime", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="moe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, add, run, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

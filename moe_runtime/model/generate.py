@@ -13,6 +13,8 @@ top_p, seed, eos_ids, on_step=None) -> GenerationResult``.
 - ``on_step(step, token_id)`` is called after each step: step 0 is the prefill
   (which yields the first token), step s >= 1 the s-th decode step. Any
   provider (all-resident or an offloading cache) can be passed in.
+- Logits that become non-finite (NaN, +inf, or all -inf) stop the decode
+  with a MoeError naming the step: sampling from them would print garbage.
 - Timings bracket device work with a synchronisation so they measure work
   done, not work queued.
 
@@ -22,6 +24,7 @@ this module knows nothing of checkpoints' files beyond that.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from moe_runtime.config_files import short
 from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.transformer import Transformer
@@ -71,6 +75,16 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
+def finite(logits: Tensor, step: int) -> Tensor:
+    """``logits`` [V], after one max-reduction (NaN propagates through max, so it finds NaN, +inf, all -inf)."""
+    m = float(logits.max())  # CPU waits for one scalar; the token's own sync follows right after
+    if not math.isfinite(m):
+        raise MoeError(f"the model's logits became non-finite ({m}) at "
+                       f"{'the prefill' if step == 0 else f'decode step {step}'}; its weights or activations "
+                       "hold NaN or inf")
+    return logits
+
+
 @torch.inference_mode()
 def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[int], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -101,7 +115,7 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
     t0 = time.perf_counter()
     tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)  # [T]
     logits = model(tokens, torch.arange(n_prompt, device=device), provider, last_only=True)  # [1, V]
-    tok = int(sample(logits[0], temperature, top_p, generator))  # CPU waits for the first token
+    tok = int(sample(finite(logits[0], 0), temperature, top_p, generator))  # CPU waits for the first token
     prefill_s = time.perf_counter() - t0
     out = [tok]
     if on_step is not None:
@@ -117,7 +131,7 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
         cur.fill_(tok)
         pos.fill_(n_prompt + len(out) - 1)
         logits = model(cur, pos, provider)  # [1, V]
-        tok = int(sample(logits[0], temperature, top_p, generator))  # CPU waits for the token
+        tok = int(sample(finite(logits[0], len(out)), temperature, top_p, generator))  # CPU waits for the token
         out.append(tok)
         step_s.append(time.perf_counter() - ts)
         if on_step is not None:
@@ -143,11 +157,10 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def parse_prompt_ids(text: str) -> list[int]:
-    """``"1,2,3"`` -> [1, 2, 3]; MoeError on anything else."""
-    try:
-        ids = [int(p) for p in text.replace(" ", "").split(",") if p != ""]
-    except ValueError:
-        raise MoeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-    if not ids:
+    """``"1,2,3"`` -> [1, 2, 3]; MoeError on anything else (an empty item such as ``1,,2`` included)."""
+    if not text.strip():
         raise MoeError("--prompt-ids is empty")
-    return ids
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise MoeError(f"--prompt-ids must be comma-separated integers, got {short(text)}") from None

@@ -16,8 +16,11 @@ Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config 
   With ``--model-config`` the model is synthetic (random weights at the spec's
   shapes, only ``--layers`` MoE layers so it fits).
 
-and writes (atomically) a YAML in the simulator's device schema
-(simulator/device.py) with ``nominal: false``; without ``--out`` it prints it.
+and writes (atomically, ``moe_runtime.outputs``) a YAML in the simulator's device
+schema (simulator/device.py) with ``nominal: false``; without ``--out`` it prints
+it. ``--out`` is checked and the run's peak memory estimated (weights, a slot
+for every expert, the copy buffers) before anything is measured or allocated;
+a model that cannot fit is refused with its size and what the machine has.
 This module does not know the simulator's cost model.
 """
 
@@ -26,15 +29,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import torch
 import yaml
 
 from moe_runtime.offload.engines import make_copy_engine
+from moe_runtime.cli.options import integer
 from moe_runtime.errors import MoeError
 from moe_runtime.offload.provider import OffloadedExperts
+from moe_runtime.outputs import check_output, write_text_atomic
+from moe_runtime.resources import check_fits, use_cpu_threads
+
+_HBM_BYTES = 256 * 2**20  # measure_hbm's buffer (two of them)
 
 
 def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> tuple[float, float]:
@@ -74,7 +81,7 @@ def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: 
     return bw / 1e9, latency * 1e6
 
 
-def measure_hbm(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+def measure_hbm(device: torch.device, nbytes: int = _HBM_BYTES) -> float:
     """Device-memory GB/s of a large on-device copy (bytes read plus bytes written)."""
     a = torch.ones(nbytes // 4, device=device)
     b = torch.empty_like(a)
@@ -152,11 +159,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory (config.json + safetensors)")
     src.add_argument("--model-config", help="model spec YAML or name in configs/models (synthetic weights)")
-    p.add_argument("--layers", type=int, default=2, help="MoE layers of a synthetic model (default 2)")
+    p.add_argument("--layers", type=integer(1), default=2, help="MoE layers of a synthetic model (default 2)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: the checkpoint's; bfloat16 on cuda and float32 on cpu "
                         "for --model-config)")
-    p.add_argument("--repeats", type=int, default=10, help="copies timed per size (default 10)")
+    p.add_argument("--repeats", type=integer(1, 10000), default=10, help="copies timed per size (default 10)")
     p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
     p.add_argument("--out", help="YAML file to write (default: print)")
 
@@ -165,13 +172,17 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeError("--device cuda requested but CUDA is not available")
-    if args.layers < 1 or args.repeats < 1:
-        raise MoeError("--layers and --repeats must be at least 1")
-    if device.type == "cpu":  # leave a core to the copy thread, as the executor runs
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    if args.out:
+        check_output(args.out, "--out")  # before minutes of measuring
+    use_cpu_threads(device)  # as the executor runs: a core left to the copy thread
     from moe_runtime.model.checkpoint import DTYPES, load_model
 
     if args.model:
+        from moe_runtime.cli.offload import checkpoint_dtype
+        from moe_runtime.model.config import load_config
+
+        check_fits(f"profiling {args.model}", peak_bytes(load_config(args.model),
+                                                         checkpoint_dtype(args.model, args.dtype)), device)
         model, store = load_model(args.model, device, DTYPES[args.dtype] if args.dtype else None)
         model_name = os.path.basename(os.path.normpath(args.model))
     else:
@@ -180,7 +191,10 @@ def run(args: argparse.Namespace) -> int:
 
         spec = load_model_spec(args.model_config)
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model, store = synthetic_model(config_from_spec(spec, args.layers), device, dtype)
+        cfg = config_from_spec(spec, args.layers)
+        check_fits(f"a synthetic {spec.name} of {cfg.n_moe_layers} MoE layers (--layers {args.layers})",
+                   peak_bytes(cfg, dtype), device)
+        model, store = synthetic_model(cfg, device, dtype)
         model_name = spec.name
     gbps, latency_us = measure_copy(store.layout.numel, store.layout.dtype, device, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -210,14 +224,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write through a temporary file in the same directory and a rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def peak_bytes(cfg, dtype: torch.dtype) -> int:
+    """What a profile run holds at its peak, from shapes alone: the dense weights, the experts twice
+    (the host store and measure_layer_compute's slot for every expert), the copy and HBM buffers."""
+    from moe_runtime.model.experts import ExpertLayout
+    from moe_runtime.model.transformer import Transformer
+
+    with torch.device("meta"):  # shapes only, nothing allocated
+        dense = sum(t.numel() for t in Transformer(cfg).state_dict().values())
+    item = torch.empty((), dtype=dtype).element_size()
+    expert = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype).nbytes
+    return dense * item + (2 * cfg.n_moe_layers * cfg.n_experts + 2) * expert + 2 * _HBM_BYTES

@@ -37,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from moe_runtime.errors import MoeError
+from moe_runtime.outputs import check_output, write_atomic
 
 FORMAT = "moe-offload/aligned-adapters"
 VERSION = "1"
@@ -264,7 +264,7 @@ class AlignedAdapters:
 
     def save(self, path: str, fingerprint: str, metadata: Mapping[str, Any] | None = None) -> None:
         """Write all pairs to a safetensors file atomically, with the model fingerprint and shape."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         missing = [p for p in self.pairs() if p not in self.U]
         if missing:
@@ -277,17 +277,9 @@ class AlignedAdapters:
                 "lookahead": str(self.lookahead), "rank": str(self.rank), "n_layers": str(self.n_layers),
                 "hidden": str(self.hidden), "eps": repr(float(self.eps)),
                 "metadata_json": json.dumps(dict(metadata or {}), sort_keys=True)}
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".adapters-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        data = save(tensors, metadata=meta)  # bytes: the adapters are small
+        check_output(path, "adapters")  # creates missing folders; one line where it cannot
+        write_atomic(path, lambda f: f.write(data))
 
     @classmethod
     def load(cls, path: str, expected_fingerprint: str, needed_lookahead: int) -> "AlignedAdapters":

@@ -29,8 +29,6 @@ This module does not fit adapters (calibrate.py) or define predictors.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +38,7 @@ import torch
 
 from moe_runtime.predictors.calibrate import forward_chunks
 from moe_runtime.errors import MoeError
+from moe_runtime.outputs import check_output, write_atomic
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor
@@ -186,13 +185,8 @@ def save_plot(res: EvalResult, path: str | Path) -> None:
            title=f"expert prediction recall, top-k = {res.top_k}, {res.tokens} tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        check_output(path, "plot")
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

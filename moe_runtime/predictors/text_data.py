@@ -42,6 +42,9 @@ def load_tokens(model_dir: str | Path, vocab_size: int, data: str | Path | None 
         if random_tokens <= 0:
             raise MoeError(f"--random-tokens must be positive, got {random_tokens}")
         n = random_tokens if max_tokens is None else min(random_tokens, max_tokens)
+        from moe_runtime.resources import check_fits
+
+        check_fits(f"--random-tokens {n}", 8 * n)  # the ids alone, before a forward pass sees them
         return np.random.default_rng(seed).integers(0, vocab_size, size=n, dtype=np.int64)
     path = Path(data)
     if not path.is_file():
