@@ -123,3 +123,17 @@ def test_recorded_predictions_replay_like_the_live_predictor_on_a_later_sequence
     # what the replay predicted (recorded in shadow mode) is what the live gate predicted, token by token
     # (hit/miss counts with prefetching depend on copy timing, so they are not compared)
     assert np.array_equal(load_trace(str(again)).predictions["recorded:gate"], t.predictions["gate"])
+
+
+@pytest.mark.parametrize("flags", [(), ("--expert-budget", "100%")], ids=["resident", "offloaded"])
+def test_one_thread_rule_for_resident_and_offloaded_runs(capsys, ckpt, monkeypatch, flags):
+    """Both paths compute on cores - 1 threads on CPU, so their speeds compare (issue 10, point 9)."""
+    import os
+
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    code, _, err = gen(capsys, ckpt, "--device", "cpu", *flags)
+    assert code == 0, err
+    assert calls == [max(1, (os.cpu_count() or 2) - 1)]

@@ -66,3 +66,23 @@ def trace_cli(capsys):
     """Run ``moe-trace ARGV`` in-process: (code, stdout, stderr)."""
     from moe_runtime.cli.trace import main
     return lambda *argv: call_main(main, argv, capsys)
+
+
+@pytest.fixture
+def runtime(capsys):
+    """Run ``moe-runtime ARGV`` in-process: (code, stdout, stderr)."""
+    from moe_runtime.cli.runtime import main
+    return lambda *argv: call_main(main, argv, capsys)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny mixtral (2 MoE layers x 8 experts, top-2) written by make-tiny's writer; do not modify it."""
+    from moe_runtime.model.tiny import write_tiny_checkpoint
+    return write_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("hostile-tiny") / "m")
+
+
+def precious(path: Path, text: str = "precious") -> Path:
+    """An existing output that a failing run must leave as it was."""
+    path.write_text(text)
+    return path

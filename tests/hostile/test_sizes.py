@@ -1,0 +1,70 @@
+"""Sizes asked on the command line: refused up front with the size and what the machine has
+(``moe_runtime.resources.check_fits``), before anything is allocated; the bounded cases run under RLIMIT_DATA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from moe_runtime.errors import MoeError
+from moe_runtime.resources import available_bytes, check_fits
+
+from .conftest import DATA_LIMIT, LAW, assert_one_error, precious, run_bounded
+
+
+def test_check_fits_names_the_size_and_the_machine():
+    check_fits("a little", 1)
+    with pytest.raises(MoeError, match=r"^a lot needs .* of memory; this machine has .* available$"):
+        check_fits("a lot", available_bytes() + 1)
+
+
+def test_synth_tokens_beyond_memory(trace_cli, tmp_path):
+    out = precious(tmp_path / "s.npz")
+    code, _, err = trace_cli("synth", "--model", "mixtral-8x7b", "--tokens", 10**9, "--out", out)
+    assert_one_error(code, err, "moe-trace", "1000000000 tokens", "available")
+    assert out.read_text() == "precious"
+
+
+def test_profile_layers_beyond_memory(runtime, tmp_path):
+    out = precious(tmp_path / "dev.yaml")
+    code, _, err = runtime("profile", "--device", "cpu", "--model-config", "mixtral-8x7b", "--layers", 10000,
+                           "--out", out)
+    assert_one_error(code, err, "moe-runtime", "--layers 10000", "GiB", "available")
+    assert out.read_text() == "precious"
+
+
+def _long_context(tiny, tmp_path):
+    """The tiny model, claiming 10**9 positions: only memory can refuse a long decode."""
+    ck = tmp_path / "long"
+    shutil.copytree(tiny, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 10**9}))
+    return ck
+
+
+def test_generate_beyond_max_position_embeddings(runtime, tiny):
+    code, out, err = runtime("generate", "--model", tiny, "--prompt-ids", "1,2", "--max-new-tokens", 10**7)
+    assert_one_error(code, err, "moe-runtime", "10000002 positions", "max_position_embeddings (2048)")
+
+
+def test_generate_kv_cache_beyond_memory(runtime, tiny, tmp_path):
+    code, out, err = runtime("generate", "--model", _long_context(tiny, tmp_path), "--prompt-ids", "1,2",
+                             "--max-new-tokens", 10**7)
+    assert_one_error(code, err, "moe-runtime", "KV cache", "--max-new-tokens 10000000", "available")
+
+
+def test_bounded_processes_refuse_fast(tmp_path):
+    """Under a 1 GiB heap limit the estimate is held against the limit: one line, no MemoryError, no hang."""
+    p = run_bounded("moe_runtime.cli.trace", ["synth", "--model", "mixtral-8x7b", "--tokens", 10**6,
+                                              "--out", tmp_path / "s.npz"], timeout=60)
+    assert_one_error(p.returncode, p.stderr, "moe-trace", "1000000 tokens", f"{DATA_LIMIT / 2**30:.1f} GiB")
+    p = run_bounded("moe_runtime.cli.runtime", ["profile", "--device", "cpu", "--model-config", "mixtral-8x7b",
+                                                "--layers", 1], timeout=120)
+    assert_one_error(p.returncode, p.stderr, "moe-runtime", "--layers 1", "available")
+
+
+def test_replay_batch_is_capped(sim):
+    code, out, err = sim("replay", "--trace", LAW, "--device", "t4", "--tokens", 5, "--batch", 10**9)
+    assert_one_error(code, err, "moe-sim", "batch", "1000000000", "65536")
