@@ -2,7 +2,7 @@
 
 ``make_tiny_checkpoint(family, path, **overrides) -> Path`` writes a seeded
 float32 checkpoint of ``family`` ('mixtral', 'qwen2_moe', 'qwen3_moe',
-'olmoe') into directory ``path`` and returns it. ``overrides`` are HF config
+'olmoe', 'deepseek_v2', 'deepseek_v3', 'glm4_moe', 'gpt_oss') into directory ``path`` and returns it. ``overrides`` are HF config
 kwargs (e.g. ``num_experts_per_tok=3``, ``mlp_only_layers=[1]``) plus:
 
 - ``seed`` (default 0): torch seed for the random init;
@@ -32,6 +32,24 @@ FAMILY = {
     "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=24, num_experts=8, head_dim=16,
                       norm_topk_prob=True),
     "olmoe": dict(intermediate_size=24, num_experts=8, norm_topk_prob=False),
+    # MLA: every head expands its own K/V from the latent, so num_key_value_heads = num_attention_heads
+    "deepseek_v2": dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=2,
+                        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=8, first_k_dense_replace=1,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                        rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                          beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707)),
+    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+                        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, n_group=4, topk_group=2,
+                        routed_scaling_factor=2.5, norm_topk_prob=True),
+    "glm4_moe": dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+                     first_k_dense_replace=1, head_dim=16, n_group=2, topk_group=1, attention_bias=True,
+                     use_qk_norm=True),
+    "gpt_oss": dict(intermediate_size=32, num_local_experts=8, head_dim=8, sliding_window=3,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=64)),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -11,14 +11,27 @@ Contract: ``load_model(path, device, dtype=None) -> (model, store)``.
   on the device (a checkpoint larger than device memory loads). Wrap the store
   in ``ResidentExperts`` or a cache to run the model.
 - ``dtype=None`` keeps the checkpoint's dtype (of its embedding table);
-  otherwise every tensor is converted to ``dtype``.
+  otherwise every tensor is converted to ``dtype`` (DeepSeek-V3's
+  ``e_score_correction_bias`` stays float32, as in transformers).
+- ``expert_dtype`` picks the experts' format (formats.py): ``auto`` keeps the
+  checkpoint's (MXFP4 stays MXFP4; float experts take the compute dtype);
+  ``float32``/``bfloat16``/``float16`` store them so, ``int8``/``int4``
+  quantize them group-wise once, here (from the dequantized weights when the
+  checkpoint is MXFP4). The store holds them packed; the model computes them
+  in ``dtype``.
 - Tensor names come from the family's ``TensorNames`` (families.py). Expert
   tensors may be in the classic per-expert layout (e.g. mixtral
   ``block_sparse_moe.experts.{e}.w1/w2/w3``; qwen/olmoe
   ``mlp.experts.{e}.gate_proj/up_proj/down_proj``), which transformers 5.23
   still writes with save_pretrained, or the fused layout of transformers 5's
   modules (``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first, and
-  ``mlp.experts.down_proj`` [E, H, I]).
+  ``mlp.experts.down_proj`` [E, H, I]). GPT-OSS's are fused and transposed
+  (``gate_up_proj`` [E, H, 2I] with gate and up columns interleaved, plus
+  ``gate_up_proj_bias``/``down_proj_bias``), or MXFP4 (``*_blocks`` [E, out,
+  in/32, 16] and ``*_scales`` [E, out, in/32] uint8, ``quantization_config``
+  ``quant_method: mxfp4``), loaded as stored. Tensors the model does not use
+  (DeepSeek-V3's multi-token-prediction layer ``model.layers.{N}.*``) are
+  ignored.
 - Any missing or unreadable file, missing or mis-shaped tensor, or bad config
   raises ``MoeError`` naming it.
 """
@@ -34,8 +47,10 @@ from torch import Tensor
 
 from moe_runtime.model.config import ModelConfig, load_config
 from moe_runtime.errors import MoeError
-from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.model.families import TensorNames
+from moe_runtime.model.format_sizes import EXPERT_DTYPES
+from moe_runtime.model.formats import DenseExpert, ExpertFormat, Mxfp4Matrix, format_for
 from moe_runtime.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,11 +100,14 @@ class SafetensorsReader:
             raise MoeError(f"checkpoint tensor {name} has dtype {code}; supported: F32, BF16, F16")
         return SAFETENSORS_DTYPES[code]
 
-    def get(self, name: str, shape: tuple[int, ...], index: int | None = None) -> Tensor:
-        """Tensor ``name`` (or its row ``index`` for stacked expert tensors), checked against ``shape``."""
+    def get(self, name: str, shape: tuple[int, ...], index: int | None = None, raw: bool = False) -> Tensor:
+        """Tensor ``name`` (or its row ``index`` for stacked expert tensors), checked against ``shape``;
+        ``raw``: a U8 tensor (MXFP4 blocks and scales) instead of a float one."""
         full = self.shape(name)
         code = self._slice(name).get_dtype()
-        if code not in SAFETENSORS_DTYPES:
+        if raw and code != "U8":
+            raise MoeError(f"checkpoint tensor {name} has dtype {code}; MXFP4 blocks and scales are U8")
+        if not raw and code not in SAFETENSORS_DTYPES:
             raise MoeError(f"checkpoint tensor {name} has dtype {code}; supported: F32, BF16, F16")
         want = shape if index is None else None
         if index is not None:
@@ -117,32 +135,56 @@ def _hf_name(names: TensorNames, reader: SafetensorsReader, name: str) -> str:
 
 
 def _load_experts(cfg: ModelConfig, reader: SafetensorsReader, store: HostExpertStore) -> None:
-    """Copy every routed expert from the mapped files into its flat host buffer."""
+    """Pack every routed expert from the mapped files into its flat host buffer."""
     for m in range(len(cfg.moe_layers)):
         load_layer_experts(cfg, reader, m, store.layer_buffer(m), store.layout)
 
 
-def load_layer_experts(cfg: ModelConfig, reader: SafetensorsReader, m: int, out: Tensor, layout) -> None:
-    """Copy MoE layer ``m``'s experts into ``out`` [E, numel] (one layer at a time: ``moe-runtime pack``)."""
+def load_layer_experts(cfg: ModelConfig, reader: SafetensorsReader, m: int, out: Tensor, layout: ExpertFormat) -> None:
+    """Pack MoE layer ``m``'s experts into ``out`` [E, numel] (one layer at a time: ``moe-runtime pack``)."""
+    for e in range(cfg.n_experts):
+        layout.pack(out[e], read_expert(cfg, reader, m, e))
+
+
+def read_expert(cfg: ModelConfig, reader: SafetensorsReader, m: int, e: int) -> DenseExpert:
+    """Expert ``e`` of MoE layer ``m`` as the checkpoint stores it (float matrices, or MXFP4 as stored)."""
     h, i, names = cfg.hidden_size, cfg.moe_intermediate_size, cfg.family.names
     layer = cfg.moe_layers[m]
+    if cfg.expert_activation == "clamped_swiglu":  # GPT-OSS: fused, transposed, gate/up interleaved, biased
+        gate_up, down = names.fused(layer)
+        b13 = reader.get(gate_up + "_bias", (2 * i,), index=e)  # [2I], gate and up interleaved
+        b2 = reader.get(down + "_bias", (h,), index=e)  # [H]
+        if cfg.quantization == "mxfp4":
+            gu = Mxfp4Matrix(reader.get(gate_up + "_blocks", (2 * i, h // 32, 16), index=e, raw=True),
+                             reader.get(gate_up + "_scales", (2 * i, h // 32), index=e, raw=True))  # rows: out
+            d = Mxfp4Matrix(reader.get(down + "_blocks", (h, i // 32, 16), index=e, raw=True),
+                            reader.get(down + "_scales", (h, i // 32), index=e, raw=True))
+            w1, w3 = Mxfp4Matrix(gu.blocks[0::2], gu.scales[0::2]), Mxfp4Matrix(gu.blocks[1::2], gu.scales[1::2])
+            return DenseExpert(w1, w3, d, b13[0::2], b13[1::2], b2)
+        w13 = reader.get(gate_up, (h, 2 * i), index=e).t()  # [2I, H], gate and up rows interleaved
+        w2 = reader.get(down, (i, h), index=e).t()  # [H, I]
+        return DenseExpert(w13[0::2], w13[1::2], w2, b13[0::2], b13[1::2], b2)
     fused = next((f for f in (names.fused(layer, b) for b in names.fused_blocks) if f[0] in reader), None)
-    for e in range(cfg.n_experts):
-        w1, w3, w2 = layout.views(out[e])
-        if fused is not None:
-            gate_up = reader.get(fused[0], (2 * i, h), index=e)  # [2I, H]
-            w1.copy_(gate_up[:i])
-            w3.copy_(gate_up[i:])
-            w2.copy_(reader.get(fused[1], (h, i), index=e))  # [H, I]
-        else:
-            n1, n3, n2 = names.per_expert(layer, e)
-            w1.copy_(reader.get(n1, (i, h)))
-            w3.copy_(reader.get(n3, (i, h)))
-            w2.copy_(reader.get(n2, (h, i)))
+    if fused is not None:
+        gate_up = reader.get(fused[0], (2 * i, h), index=e)  # [2I, H], gate rows first
+        return DenseExpert(gate_up[:i], gate_up[i:], reader.get(fused[1], (h, i), index=e))  # w2 [H, I]
+    n1, n3, n2 = names.per_expert(layer, e)
+    return DenseExpert(reader.get(n1, (i, h)), reader.get(n3, (i, h)), reader.get(n2, (h, i)))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, load_experts: bool = True) -> tuple[Transformer, HostExpertStore]:
+def expert_format(cfg: ModelConfig, expert_dtype: str | None, dtype: torch.dtype) -> ExpertFormat:
+    """The format the experts are kept in (see the module docstring) for compute dtype ``dtype``."""
+    if expert_dtype not in (None, *EXPERT_DTYPES):
+        raise MoeError(f"unsupported expert dtype {expert_dtype!r} (choose {', '.join(EXPERT_DTYPES)})")
+    if expert_dtype in (None, "auto"):
+        codec = "mxfp4" if cfg.quantization == "mxfp4" else str(dtype).removeprefix("torch.")
+    else:
+        codec = expert_dtype
+    return format_for(cfg, codec, dtype)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               load_experts: bool = True, expert_dtype: str | None = None) -> tuple[Transformer, HostExpertStore]:
     """Load config and weights; dense weights on ``device``, experts in a host store. See module docstring.
 
     ``load_experts=False`` leaves the experts on storage: the store then describes them but holds none
@@ -162,11 +204,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     state = {}
     for name, p in model.state_dict().items():
         t = reader.get(_hf_name(cfg.family.names, reader, name), tuple(p.shape))
-        state[name] = t.to(device=device, dtype=dtype)
+        keep32 = name.endswith("e_score_correction_bias")  # transformers keeps it float32 in any dtype
+        state[name] = t.to(device=device, dtype=torch.float32 if keep32 else dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
-    store = HostExpertStore(ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype), cfg.n_experts,
-                            cfg.top_k, cfg.moe_layers, allocate=load_experts)
+    model.expert_format = expert_format(cfg, expert_dtype, dtype)
+    store = HostExpertStore(model.expert_format, cfg.n_experts, cfg.top_k, cfg.moe_layers, allocate=load_experts)
     if load_experts:
         _load_experts(cfg, reader, store)
     return model, store

@@ -32,7 +32,7 @@ from typing import Any
 
 from moe_runtime.errors import MoeError
 from moe_runtime.model.families import FAMILIES, Family, get_family
-from moe_runtime.model.hf_fields import eos_ids_from, read_bool, read_int
+from moe_runtime.model.hf_fields import Yarn, eos_ids_from, read_bool, read_int
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,30 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # the families after the first four (deepseek_v2/v3, glm4_moe, gpt_oss); defaults leave those unchanged
+    shared_expert_gated: bool = True  # qwen2_moe's sigmoid-gated shared expert; deepseek/glm add theirs ungated
+    attention: str = "gqa"  # "gqa" | "mla"
+    q_lora_rank: int = 0  # mla: 0 = a plain q projection
+    kv_lora_rank: int = 0  # mla: the cached latent's width
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0  # mla: the decoupled RoPE key, cached beside the latent
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # RoPE over interleaved pairs (x0, x1), (x2, x3)... (deepseek)
+    rotary_fraction: float = 1.0  # RoPE covers the first fraction of each head (glm4_moe: 0.5)
+    yarn: Yarn | None = None  # YaRN RoPE scaling
+    attention_sinks: bool = False
+    layer_types: tuple[str, ...] = ()  # per layer full_attention | sliding_attention; () = all alike
+    router: str = "softmax"  # softmax | sigmoid | topk_softmax
+    router_fp32: bool = False
+    router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_weight_fp32: bool = False
+    expert_activation: str = "silu"  # silu | clamped_swiglu (with expert biases)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    quantization: str | None = None  # the checkpoint's expert quantization (mxfp4)
 
     def __post_init__(self) -> None:
         if self.model_type not in FAMILIES:
@@ -95,6 +119,38 @@ class ModelConfig:
             raise MoeError("config: rope_theta and rms_norm_eps must be positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise MoeError(f"config: sliding_window must be positive or null, got {self.sliding_window}")
+        if self.layer_types and (len(self.layer_types) != self.n_layers or (
+                "sliding_attention" in self.layer_types and self.sliding_window is None)):
+            raise MoeError("config: layer_types needs one entry per layer, and sliding_window for sliding layers")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    raise MoeError(f"config: {name} must be a positive integer, got {getattr(self, name)!r}")
+            if self.qk_rope_head_dim % 2:
+                raise MoeError(f"config: qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
+        if self.rotary_dim % 2 or self.rotary_dim <= 0:
+            raise MoeError(f"config: the rotary part of a head ({self.rotary_dim}) must be even and positive")
+        if self.n_group < 1 or self.topk_group < 1 or self.topk_group > self.n_group or self.n_experts % self.n_group:
+            raise MoeError(f"config: n_group ({self.n_group}) must divide the {self.n_experts} experts and "
+                           f"topk_group ({self.topk_group}) lie in [1, n_group]")
+        if self.router == "sigmoid" and self.n_experts // self.n_group < 2:
+            raise MoeError("config: sigmoid group routing needs at least 2 experts per group")
+        if self.n_experts // self.n_group * self.topk_group < self.top_k:
+            raise MoeError(f"config: topk_group ({self.topk_group}) groups of {self.n_experts // self.n_group} "
+                           f"experts hold fewer than num_experts_per_tok ({self.top_k})")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of a head that RoPE rotates (MLA: the decoupled rope key)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.rotary_fraction)
+
+    def kv_elements_per_token(self) -> int:
+        """KV-cache elements one token adds in one layer: k and v of every KV head, or MLA's latent and rope key."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.n_kv_heads * self.head_dim
 
     @property
     def n_moe_layers(self) -> int:
@@ -134,13 +190,17 @@ class ModelConfig:
         n_experts = read_int(d, next((k for k in keys if d.get(k) is not None), keys[0]))
         switches = fam.switches(d)
         moe_layers = fam.moe_layers(d, n_layers)
+        head_dim, kv = switches.pop("head_dim", head_dim), switches.pop("n_kv_heads", kv)  # mla sets its own
+        shared = read_int(d, fam.shared_expert_key) if fam.shared_expert_key else 0
+        if fam.shared_experts_key:  # deepseek/glm: n ungated shared experts of the routed size, as one MLP
+            shared = read_int(d, fam.shared_experts_key, 0) * read_int(d, fam.expert_size_key)
         return cls(
             model_type=fam.model_type, vocab_size=read_int(d, "vocab_size"), hidden_size=hidden,
             n_layers=n_layers, n_heads=heads, n_kv_heads=kv, head_dim=head_dim, n_experts=n_experts,
             top_k=read_int(d, "num_experts_per_tok"), moe_intermediate_size=read_int(d, fam.expert_size_key),
             moe_layers=moe_layers,
             dense_intermediate_size=int(d.get(fam.dense_size_key) or 0) if fam.dense_size_key else 0,
-            shared_expert_intermediate_size=read_int(d, fam.shared_expert_key) if fam.shared_expert_key else 0,
+            shared_expert_intermediate_size=shared,
             max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
             tie_word_embeddings=read_bool(d, "tie_word_embeddings", False),
             eos_token_ids=eos_ids_from(d.get("eos_token_id"), "config.json"),

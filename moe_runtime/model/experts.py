@@ -2,9 +2,10 @@
 
 Contract:
 
-- ``ExpertLayout`` is the shape and dtype of one SwiGLU expert; one expert is
-  one flat 1-D tensor holding w1 (gate proj, [I, H]), then w3 (up proj, [I, H]),
-  then w2 (down proj, [H, I]); ``layout.views(flat)`` slices it without copying.
+- ``ExpertLayout`` (= ``formats.ExpertFormat``) is the format of one expert:
+  one flat 1-D buffer per expert (plain: w1 (gate proj, [I, H]), then w3 (up
+  proj, [I, H]), then w2 (down proj, [H, I]); quantized: a byte buffer);
+  ``layout.views(flat)`` slices it without copying, ``layout.forward`` computes.
 - ``HostExpertStore`` holds every expert of every MoE layer in host memory
   (pinned when CUDA is available), one flat contiguous buffer per
   (moe_layer, expert). MoE layers are numbered 0..n_moe_layers-1 over the MoE
@@ -25,48 +26,17 @@ eviction policy; a cache is another provider behind the same interface.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-
-class ExpertWeights(NamedTuple):
-    """The three matrices of one SwiGLU expert: down(silu(x @ w1.T) * (x @ w3.T))."""
-
-    w1: Tensor  # gate proj [I, H]
-    w3: Tensor  # up proj [I, H]
-    w2: Tensor  # down proj [H, I]
+from moe_runtime.model.formats import ExpertFormat, ExpertWeights  # noqa: F401  (ExpertWeights: re-exported)
 
 
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Shape and dtype of one expert packed flat as w1 | w3 | w2."""
-
-    hidden_size: int  # H
-    intermediate_size: int  # I
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return 3 * self.hidden_size * self.intermediate_size
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-    def views(self, flat: Tensor) -> ExpertWeights:
-        """Slice a flat [numel] tensor into (w1, w3, w2) views sharing its storage."""
-        if flat.dim() != 1 or flat.numel() != self.numel:
-            raise ValueError(f"expected a flat tensor of {self.numel} elements, got shape {tuple(flat.shape)}")
-        h, i = self.hidden_size, self.intermediate_size
-        n = h * i
-        return ExpertWeights(
-            w1=flat[:n].view(i, h),  # [I, H]
-            w3=flat[n : 2 * n].view(i, h),  # [I, H]
-            w2=flat[2 * n :].view(h, i),  # [H, I]
-        )
+# An expert's layout is its format (formats.py): ``ExpertLayout(H, I, dtype)`` is the plain SwiGLU
+# w1 | w3 | w2 buffer; quantized and biased formats are ExpertFormat(..., codec=...).
+ExpertLayout = ExpertFormat
 
 
 class HostExpertStore:
@@ -115,8 +85,8 @@ class HostExpertStore:
         """All experts of one MoE layer as one [n_experts, numel] host tensor."""
         return self._buffers[layer]
 
-    def weights(self, layer: int, expert: int) -> ExpertWeights:
-        """Host views (w1, w3, w2) of one expert."""
+    def weights(self, layer: int, expert: int):
+        """Host views of one expert's pieces (``ExpertWeights`` (w1, w3, w2) for a plain format)."""
         return self.layout.views(self._buffers[layer][expert])
 
 

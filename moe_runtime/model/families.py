@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from moe_runtime.errors import MoeError
-from moe_runtime.model.hf_fields import read_bool, read_float, read_int, read_int_list, read_rope_theta
+from moe_runtime.model.hf_fields import read_bool, read_float, read_int, read_int_list, read_rope
 
 
 # ---- which decoder layers have a sparse MoE block ------------------------------------------
@@ -43,6 +43,64 @@ def sparse_step_layers(d: dict, n_layers: int) -> tuple[int, ...]:
         raise MoeError(f"config: decoder_sparse_step must be >= 1, got {step}")
     only = set(read_int_list(d, "mlp_only_layers"))
     return tuple(i for i in range(n_layers) if i not in only and (i + 1) % step == 0)
+
+
+def first_k_dense_layers(d: dict, n_layers: int) -> tuple[int, ...]:
+    """deepseek / glm4_moe: layers from ``first_k_dense_replace`` on are MoE (the first k have a dense MLP)."""
+    k = read_int(d, "first_k_dense_replace", 0)
+    if not 0 <= k < n_layers:
+        raise MoeError(f"config: first_k_dense_replace must be in [0, {n_layers}), got {k}")
+    return tuple(range(k, n_layers))
+
+
+# ---- family-specific config fields -----------------------------------------------------------
+
+def mla_fields(d: dict) -> dict[str, Any]:
+    """Multi-head latent attention (deepseek_v2/v3): the latent ranks and head dims. Every head has its own
+    K/V expanded from the shared latent, so n_kv_heads = n_heads; head_dim is the query head (nope + rope)."""
+    q_rank = d.get("q_lora_rank")
+    f = dict(q_lora_rank=0 if q_rank is None else read_int(d, "q_lora_rank"),
+             kv_lora_rank=read_int(d, "kv_lora_rank"), qk_nope_head_dim=read_int(d, "qk_nope_head_dim"),
+             qk_rope_head_dim=read_int(d, "qk_rope_head_dim"), v_head_dim=read_int(d, "v_head_dim"))
+    return dict(f, head_dim=f["qk_nope_head_dim"] + f["qk_rope_head_dim"], n_kv_heads=read_int(d, "num_attention_heads"))
+
+
+def group_routing(d: dict) -> dict[str, Any]:
+    """Group-limited top-k (deepseek, glm4_moe): experts in ``n_group`` groups, only ``topk_group`` searched."""
+    n_group, topk_group = read_int(d, "n_group", 1), read_int(d, "topk_group", 1)
+    return dict(n_group=n_group, topk_group=topk_group,
+                routed_scaling_factor=read_float(d, "routed_scaling_factor", 1.0))
+
+
+def deepseek_v2_fields(d: dict) -> dict[str, Any]:
+    method = d.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise MoeError(f"config: topk_method {method!r} is not supported for deepseek_v2 "
+                       f"(greedy, group_limited_greedy)")
+    f = dict(mla_fields(d), **group_routing(d))
+    if method == "greedy":  # transformers ignores n_group/topk_group then
+        f.update(n_group=1, topk_group=1)
+    return f
+
+
+def deepseek_v3_fields(d: dict) -> dict[str, Any]:
+    return dict(mla_fields(d), **group_routing(d), rope_interleave=read_bool(d, "rope_interleave", True))
+
+
+def glm4_moe_fields(d: dict) -> dict[str, Any]:
+    return dict(group_routing(d), qk_norm="head" if read_bool(d, "use_qk_norm", False) else "none")
+
+
+def gpt_oss_fields(d: dict) -> dict[str, Any]:
+    n = read_int(d, "num_hidden_layers")
+    types = d.get("layer_types")
+    if types is None:  # transformers' default: even layers slide, odd layers attend fully
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise MoeError(f"config: layer_types must list sliding_attention/full_attention for each of the {n} "
+                       f"layers, got {types!r}")
+    return dict(layer_types=tuple(types), swiglu_alpha=read_float(d, "swiglu_alpha", 1.702),
+                swiglu_limit=read_float(d, "swiglu_limit", 7.0))
 
 
 # ---- checkpoint tensor names -----------------------------------------------------------------
@@ -114,6 +172,20 @@ class Family:
     reads_clip_qkv: bool = False
     sliding_window_key: str | None = None
     refused_flags: tuple[str, ...] = ()  # config keys that must not be true: features we do not implement
+    norm_topk_default: bool = False  # "norm_topk_prob" when config.json omits it
+    shared_experts_key: str | None = None  # ungated shared experts: this many x the routed expert's size
+    attention: str = "gqa"  # "gqa" | "mla" (multi-head latent attention)
+    attention_sinks: bool = False  # one learned sink logit per head joins the softmax (gpt_oss)
+    router: str = "softmax"  # "softmax" | "sigmoid" (with e_score_correction_bias) | "topk_softmax" (gpt_oss)
+    router_fp32: bool = False  # router logits computed in float32 from float32 weights
+    router_bias: bool = False
+    norm_weight_fp32: bool = False  # RMSNorm multiplies the weight in float32, then casts (gpt_oss)
+    expert_activation: str = "silu"  # "silu" | "clamped_swiglu" (gpt_oss, with expert biases)
+    yarn: bool = False  # YaRN RoPE scaling accepted
+    rope_defaults: dict[str, Any] = field(default_factory=dict, hash=False)  # when config.json has none
+    partial_rotary_default: float = 1.0
+    quantizations: tuple[str, ...] = ()  # quantization_config.quant_method values the loader reads
+    fields: Callable[[dict], dict[str, Any]] | None = None  # family-specific ModelConfig fields
     rms_norm_eps: float = 1e-6  # defaults for when config.json omits them
     rope_theta: float = 1e4
     names: TensorNames = TensorNames()
@@ -131,19 +203,41 @@ class Family:
         topk = self.norm_topk_prob
         clip = d.get("clip_qkv") if self.reads_clip_qkv else None
         window = d.get(self.sliding_window_key) if self.sliding_window_key else None
+        theta, yarn, partial = read_rope({"partial_rotary_factor": self.partial_rotary_default, **d},
+                                         self.rope_theta, self.yarn, self.rope_defaults)
+        quant = d.get("quantization_config")
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        if quant is not None and method not in self.quantizations:
+            raise MoeError(f"config: quantization {method!r} is not supported for {self.model_type} "
+                           f"(supported: {', '.join(self.quantizations) or 'none'}; give the unquantized weights)")
+        extra = dict(
+            attention=self.attention, attention_sinks=self.attention_sinks, router=self.router,
+            router_fp32=self.router_fp32, router_bias=self.router_bias, norm_weight_fp32=self.norm_weight_fp32,
+            expert_activation=self.expert_activation, yarn=yarn, quantization=method,
+            shared_expert_gated=self.shared_experts_key is None,
+            rotary_fraction=partial, rope_interleave=self.attention == "mla")
         return dict(
-            norm_topk_prob=read_bool(d, "norm_topk_prob", False) if topk is None else topk,
+            norm_topk_prob=read_bool(d, "norm_topk_prob", self.norm_topk_default) if topk is None else topk,
             route_weights_fp32=self.route_weights_fp32, qk_norm=self.qk_norm,
             qkv_bias=bias, o_bias=bias and self.o_bias,
             clip_qkv=None if clip is None else float(clip),
             sliding_window=None if window is None else int(window),
             rms_norm_eps=read_float(d, "rms_norm_eps", self.rms_norm_eps),
-            rope_theta=read_rope_theta(d, self.rope_theta),
-        )
+            rope_theta=theta,
+            **extra,
+        ) | (self.fields(d) if self.fields else {})  # family-specific fields override the generic ones
 
 
 _QWEN = dict(expert_count_keys=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
              moe_layers=sparse_step_layers, dense_size_key="intermediate_size", refused_flags=("use_sliding_window",))
+
+_DEEPSEEK = dict(expert_count_keys=("n_routed_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
+                 moe_layers=first_k_dense_layers, dense_size_key="intermediate_size",
+                 shared_experts_key="n_shared_experts", route_weights_fp32=True, bias_key="attention_bias",
+                 o_bias=True, attention="mla", router_fp32=True, yarn=True)
+_DEEPSEEK_TINY = dict(intermediate_size=128, moe_intermediate_size=48, n_routed_experts=8, first_k_dense_replace=1,
+                      num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=16, attention_bias=False, rms_norm_eps=1e-6, rope_theta=1e4)
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(
@@ -177,6 +271,45 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         tiny_config=dict(intermediate_size=48, num_experts=8, norm_topk_prob=False, attention_bias=False,
                          clip_qkv=None, rms_norm_eps=1e-5, rope_theta=1e4),
         spec_prefixes=("olmoe",)),
+    Family(
+        "deepseek_v2", "DeepseekV2ForCausalLM", **_DEEPSEEK,
+        norm_topk_prob=False,  # transformers' DeepseekV2 router never renormalises (its config key is unused)
+        router="softmax", fields=deepseek_v2_fields,
+        tiny_config=dict(_DEEPSEEK_TINY, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
+                         n_group=4, topk_group=2, routed_scaling_factor=1.0,
+                         rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=512,
+                                           beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707))),
+    Family(
+        "deepseek_v3", "DeepseekV3ForCausalLM", **_DEEPSEEK,
+        norm_topk_default=True, router="sigmoid", fields=deepseek_v3_fields,
+        tiny_config=dict(_DEEPSEEK_TINY, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2,
+                         routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+                         num_nextn_predict_layers=1)),
+    Family(
+        "glm4_moe", "Glm4MoeForCausalLM",
+        expert_count_keys=("n_routed_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
+        moe_layers=first_k_dense_layers, dense_size_key="intermediate_size", shared_experts_key="n_shared_experts",
+        norm_topk_default=True, route_weights_fp32=True, bias_key="attention_bias", router="sigmoid",
+        router_fp32=True, partial_rotary_default=0.5, rms_norm_eps=1e-5, fields=glm4_moe_fields,
+        tiny_config=dict(intermediate_size=128, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1,
+                         first_k_dense_replace=1, head_dim=16, n_group=2, topk_group=1, routed_scaling_factor=1.0,
+                         norm_topk_prob=True, use_qk_norm=False, attention_bias=True, partial_rotary_factor=0.5,
+                         rms_norm_eps=1e-5, rope_theta=1e4)),
+    Family(
+        "gpt_oss", "GptOssForCausalLM",
+        expert_count_keys=("num_local_experts", "num_experts"), expert_size_key="intermediate_size",
+        bias_key="attention_bias", bias_default=True, o_bias=True, sliding_window_key="sliding_window",
+        attention_sinks=True, router="topk_softmax", router_bias=True, norm_weight_fp32=True,
+        expert_activation="clamped_swiglu", yarn=True, rms_norm_eps=1e-5, rope_theta=150000.0,
+        rope_defaults=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                           original_max_position_embeddings=4096),
+        quantizations=("mxfp4",), fields=gpt_oss_fields,
+        names=TensorNames(fused_weights=("gate_up_proj", "down_proj"), aliases=((".mlp.gate.", ".mlp.router."),)),
+        tiny_config=dict(intermediate_size=64, num_local_experts=8, head_dim=16, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"], attention_bias=True,
+                         swiglu_alpha=1.702, swiglu_limit=7.0, rms_norm_eps=1e-5,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                              beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
 )}
 
 

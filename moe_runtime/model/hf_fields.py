@@ -8,6 +8,7 @@ requires the key. This module knows no model family and does no I/O.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from moe_runtime.errors import MoeError
@@ -49,19 +50,62 @@ def read_int_list(d: dict, key: str) -> list[int]:
 
 
 def read_rope_theta(d: dict, default: float) -> float:
-    """RoPE base: transformers 5 writes ``rope_parameters``; older configs ``rope_theta``/``rope_scaling``."""
+    """RoPE base of a config with default RoPE (a scaled RoPE is refused): see ``read_rope``."""
+    return read_rope(d, default)[0]
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling as transformers 5.23 reads ``rope_parameters`` (rope_type yarn)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0  # with mscale_all_dim, the attention factor is mscale(mscale) / mscale(mscale_all_dim)
+    mscale_all_dim: float = 0.0  # MLA also scales its softmax by mscale(mscale_all_dim)^2
+    attention_factor: float | None = None  # scales cos/sin; None: derived as above
+    truncate: bool = True
+
+
+def read_rope(d: dict, default: float, allow_yarn: bool = False,
+              defaults: dict | None = None) -> tuple[float, Yarn | None, float]:
+    """(theta, yarn or None, partial_rotary_factor) of a config.
+
+    transformers 5 writes ``rope_parameters``; older configs ``rope_theta``/``rope_scaling``. ``defaults``
+    stands in for an absent ``rope_parameters``/``rope_scaling`` (GPT-OSS's config class supplies YaRN)."""
     params = d.get("rope_parameters")
     if params is None:
-        params = d.get("rope_scaling") or {}
+        params = d.get("rope_scaling") or dict(defaults or {})
         if not isinstance(params, dict):
             raise MoeError(f"config: rope_scaling must be an object or null, got {params!r}")
         params = {**params, "rope_theta": d.get("rope_theta", params.get("rope_theta", default))}
     if not isinstance(params, dict):
         raise MoeError(f"config: rope_parameters must be an object, got {params!r}")
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise MoeError(f"config: rope_type {kind!r} is not supported (only default RoPE)")
-    return read_float(params, "rope_theta", default)
+    theta = read_float(params, "rope_theta", default)
+    partial = read_float(params, "partial_rotary_factor", read_float(d, "partial_rotary_factor", 1.0))
+    if not 0.0 < partial <= 1.0:
+        raise MoeError(f"config: partial_rotary_factor must be in (0, 1], got {partial}")
+    if kind == "default":
+        return theta, None, partial
+    if kind != "yarn" or not allow_yarn:
+        raise MoeError(f"config: rope_type {kind!r} is not supported for {d.get('model_type')} "
+                       f"(supported: default{', yarn' if allow_yarn else ''})")
+    max_pos = read_int(d, "max_position_embeddings", 4096)
+    orig = read_int(params, "original_max_position_embeddings", d.get("original_max_position_embeddings") or max_pos)
+    factor = params.get("factor")
+    factor = max_pos / orig if factor is None else read_float(params, "factor", 1.0)
+    af = params.get("attention_factor")
+    yarn = Yarn(factor=factor, original_max_position_embeddings=orig,
+                beta_fast=read_float(params, "beta_fast", 32.0) or 32.0,
+                beta_slow=read_float(params, "beta_slow", 1.0) or 1.0,
+                mscale=read_float(params, "mscale", 0.0), mscale_all_dim=read_float(params, "mscale_all_dim", 0.0),
+                attention_factor=None if af is None else read_float(params, "attention_factor", 1.0),
+                truncate=read_bool(params, "truncate", True))
+    if yarn.factor <= 0 or orig <= 0:
+        raise MoeError("config: rope_parameters factor and original_max_position_embeddings must be positive")
+    return theta, yarn, partial
 
 
 def eos_ids_from(value: Any, where: str) -> tuple[int, ...]:
