@@ -7,7 +7,10 @@ kwargs (e.g. ``num_experts_per_tok=3``, ``mlp_only_layers=[1]``) plus:
 
 - ``seed`` (default 0): torch seed for the random init;
 - ``dtype`` ("float32", "bfloat16", "float16"): dtype the weights are saved in;
-- ``max_shard_size`` (e.g. "20KB"): shard the safetensors file.
+- ``max_shard_size`` (e.g. "20KB"): shard the safetensors file;
+- ``nonzero`` (e.g. ``("bias", "e_score_correction_bias")``): parameters and
+  buffers whose names contain one of these and that transformers initialises
+  to zero get random values instead, so the test sees them.
 
 ``hf_model(path, dtype)`` loads the same checkpoint into transformers
 (eager attention) for comparisons. Tests that must not import transformers can
@@ -48,7 +51,7 @@ FAMILY = {
                      use_qk_norm=True),
     "gpt_oss": dict(intermediate_size=32, num_local_experts=8, head_dim=8, sliding_window=3,
                     layer_types=["sliding_attention", "full_attention"],
-                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
                                          beta_slow=1.0, truncate=False, original_max_position_embeddings=64)),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,9 +64,15 @@ def make_tiny_checkpoint(family: str, path: str | Path, **overrides) -> Path:
     seed = overrides.pop("seed", 0)
     dtype = overrides.pop("dtype", "float32")
     shard = overrides.pop("max_shard_size", None)
+    nonzero = overrides.pop("nonzero", ())
     cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILY[family], **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).to(DTYPES[dtype])
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if any(n in name for n in nonzero) and not t.any():
+                t.normal_(0.0, 0.2)
+    model = model.to(DTYPES[dtype])
     path = Path(path)
     kw = {} if shard is None else {"max_shard_size": shard}
     model.save_pretrained(path, **kw)
