@@ -28,16 +28,18 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 _cache: dict = {}
 
 
-def reference(family: str, device: str = "cpu"):
-    """(model, store, resident tokens, trace recorded from the resident run), built once per family."""
-    key = (family, device)
+def reference(family: str, device: str = "cpu", expert_dtype: str = "auto"):
+    """(model, store, resident tokens, trace recorded from the resident run), built once per family and
+    expert dtype. ``gpt_oss-mxfp4``: gpt_oss with MXFP4 experts as released."""
+    key = (family, device, expert_dtype)
     if key not in _cache:
         import tempfile
 
         tmp = tempfile.TemporaryDirectory(prefix=f"offload-{family}-")  # removed when the session ends
         _cache[("dir", key)] = tmp
-        path = write_tiny_checkpoint(family, tmp.name, seed=4, num_hidden_layers=3)
-        model, store = load_model(path, device)
+        name, _, stored = family.partition("-")
+        path = write_tiny_checkpoint(name, tmp.name, seed=4, num_hidden_layers=3, expert_dtype=stored or "auto")
+        model, store = load_model(path, device, expert_dtype=expert_dtype)
         L, E, K = store.n_layers, store.n_experts, store.top_k
         rec = TraceRecorder(TraceMeta(model=family, n_layers=L, n_experts=E, top_k=K,
                                       expert_bytes=store.layout.nbytes, dtype="float32", source="test"))
@@ -48,8 +50,8 @@ def reference(family: str, device: str = "cpu"):
     return _cache[key]
 
 
-def run_offloaded(family, policy, predictor, budget, scope, device="cpu"):
-    model, store, ref_tokens, trace = reference(family, device)
+def run_offloaded(family, policy, predictor, budget, scope, device="cpu", expert_dtype="auto"):
+    model, store, ref_tokens, trace = reference(family, device, expert_dtype)
     L, E, K = store.n_layers, store.n_experts, store.top_k
     prefetching = predictor != "none"
     need = minimum_slots(experts_per_layer=K, max_inflight=INFLIGHT, prefetching=prefetching, scope=scope, n_layers=L)
@@ -125,6 +127,52 @@ def forced_run(predictor: str, *, n_slots: int, lookahead: int, prior: bool = Fa
 @pytest.mark.parametrize("policy,predictor,budget,scope", SUBSET)
 def test_qwen2_moe_subset(policy, predictor, budget, scope):
     check(*run_offloaded("qwen2_moe", policy, predictor, budget, scope), budget, predictor)
+
+
+NEW_FAMILIES = ("deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "gpt_oss-mxfp4")
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("policy,predictor,budget,scope", SUBSET[:4])
+def test_new_families_subset(family, policy, predictor, budget, scope):
+    check(*run_offloaded(family, policy, predictor, budget, scope), budget, predictor)
+
+
+QUANTIZED = [("mixtral", "int8"), ("mixtral", "int4"), ("qwen2_moe", "int4"), ("deepseek_v3", "int4"),
+             ("gpt_oss-mxfp4", "int4"), ("gpt_oss", "bfloat16")]
+
+
+@pytest.mark.parametrize("family,expert_dtype", QUANTIZED)
+@pytest.mark.parametrize("policy,predictor,budget,scope", [SUBSET[0], SUBSET[3]])
+def test_quantized_offloaded_equals_quantized_resident(family, expert_dtype, policy, predictor, budget, scope):
+    check(*run_offloaded(family, policy, predictor, budget, scope, expert_dtype=expert_dtype), budget, predictor)
+
+
+@pytest.mark.parametrize("family,expert_dtype", QUANTIZED[:2] + QUANTIZED[4:5])
+def test_quantized_experts_equal_a_reference_of_their_dequantized_weights(family, expert_dtype):
+    """int8/int4 decoding is exactly a plain float32 model whose experts are the dequantized weights."""
+    from moe_runtime.model.experts import HostExpertStore
+    from moe_runtime.model.formats import DenseExpert, format_for
+
+    model, store, tokens, _ = reference(family, "cpu", expert_dtype)
+    plain = format_for(model.cfg, "float32", torch.float32)
+    ref = HostExpertStore(plain, store.n_experts, store.top_k, store.model_layers, pin=False)
+    for m in range(store.n_layers):
+        for e in range(store.n_experts):
+            plain.pack(ref.flat(m, e), DenseExpert(*store.layout.dense(store.weights(m, e))))
+    fmt = model.expert_format
+    try:
+        model.expert_format = plain
+        assert generate(model, ResidentExperts(ref, "cpu"), PROMPT, NEW).token_ids == tokens
+        model.setup_cache(len(PROMPT))
+        with torch.inference_mode():
+            a = model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), ResidentExperts(ref, "cpu"))
+            model.expert_format = fmt
+            b = model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), ResidentExperts(store, "cpu"))
+        assert torch.equal(a, b)
+    finally:
+        model.expert_format = fmt
+    assert store.layout.nbytes < ref.layout.nbytes * (0.3 if expert_dtype == "int4" else 0.6)
 
 
 def test_forced_routing_reproduces_and_oracle_prefetches():

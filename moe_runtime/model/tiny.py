@@ -4,7 +4,10 @@ Contract: ``write_tiny_checkpoint(family, out, seed=0, dtype="float32",
 fused_experts=False, **config_overrides) -> Path`` writes ``config.json``
 (HF field names of the family), ``model.safetensors`` in the real Hugging Face
 per-expert layout (or transformers 5's fused ``experts.gate_up_proj`` /
-``experts.down_proj`` with ``fused_experts=True``), ``generation_config.json``
+``experts.down_proj`` with ``fused_experts=True``; GPT-OSS always in its own
+fused, transposed, gate/up-interleaved layout with biases, or with
+``expert_dtype="mxfp4"`` as ``*_blocks``/``*_scales`` plus
+``quantization_config``, as openai/gpt-oss-* ship), ``generation_config.json``
 and a character-level ``tokenizer.json``. The same seed gives the same bytes.
 ``config_overrides`` are config.json keys (e.g. ``num_experts_per_tok=3``).
 
@@ -26,9 +29,11 @@ from safetensors.torch import save_file
 from moe_runtime.model.checkpoint import DTYPES
 from moe_runtime.model.config import ModelConfig
 from moe_runtime.model.families import FAMILIES
+from moe_runtime.model.formats import quantize_mxfp4
 from moe_runtime.errors import MoeError
 from moe_runtime.model.transformer import Transformer
 
+TINY_EXPERT_DTYPES = ("auto", "mxfp4")
 # printable ASCII, one token per character, after three specials
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHARS = [chr(c) for c in range(32, 127)]
@@ -49,7 +54,24 @@ def tiny_config_dict(family: str, **overrides) -> dict:
                           **overrides})
 
 
-def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool) -> dict[str, torch.Tensor]:
+def _gpt_oss_experts(cfg: ModelConfig, gen: torch.Generator, layer: int, mxfp4: bool) -> dict[str, torch.Tensor]:
+    """One layer's experts in GPT-OSS's layout: gate_up_proj [E, H, 2I] (gate, up columns interleaved)."""
+    h, i, n_e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_experts
+    gate_up, down = cfg.family.names.fused(layer)
+    w13, w2 = 0.02 * torch.randn(n_e, h, 2 * i, generator=gen), 0.02 * torch.randn(n_e, i, h, generator=gen)
+    out = {gate_up + "_bias": 0.02 * torch.randn(n_e, 2 * i, generator=gen),
+           down + "_bias": 0.02 * torch.randn(n_e, h, generator=gen)}
+    if not mxfp4:
+        return {**out, gate_up: w13, down: w2}
+    for name, w in ((gate_up, w13), (down, w2)):
+        qs = [quantize_mxfp4(r) for r in w.transpose(1, 2)]  # blocks run along the input dimension
+        out[name + "_blocks"] = torch.stack([q.blocks for q in qs])  # [E, out, in/32, 16]
+        out[name + "_scales"] = torch.stack([q.scales for q in qs])  # [E, out, in/32]
+    return out
+
+
+def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool,
+                    mxfp4: bool = False) -> dict[str, torch.Tensor]:
     names = cfg.family.names
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -59,9 +81,13 @@ def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool) -> dict
             t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)  # norms near 1, not exactly 1
         else:
             t = 0.02 * torch.randn(p.shape, generator=gen)
-        tensors[names.dense(name, classic=not fused)] = t
+        # HF's own names (aliases) in the per-expert layout; GPT-OSS has no other (its router is mlp.router)
+        tensors[names.dense(name, classic=not fused or cfg.expert_activation == "clamped_swiglu")] = t
     h, i, n_e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_experts
     for layer in cfg.moe_layers:
+        if cfg.expert_activation == "clamped_swiglu":
+            tensors.update(_gpt_oss_experts(cfg, gen, layer, mxfp4))
+            continue
         w1, w3, w2 = (0.02 * torch.randn(n_e, *s, generator=gen) for s in ((i, h), (i, h), (h, i)))
         if fused:
             gate_up, down = names.fused(layer)
@@ -85,14 +111,20 @@ def _tokenizer_json() -> str:
 
 
 def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: str = "float32",
-                          fused_experts: bool = False, **overrides) -> Path:
+                          fused_experts: bool = False, expert_dtype: str = "auto", **overrides) -> Path:
     """Write a tiny random checkpoint of ``family`` to directory ``out``; see the module docstring."""
     if dtype not in DTYPES:
         raise MoeError(f"unsupported dtype {dtype!r} (choose {', '.join(DTYPES)})")
+    if expert_dtype not in TINY_EXPERT_DTYPES or (expert_dtype == "mxfp4" and family != "gpt_oss"):
+        raise MoeError(f"make-tiny writes experts as auto (the --dtype) or, for gpt_oss, mxfp4; "
+                       f"not {expert_dtype!r} for {family}")
+    if expert_dtype == "mxfp4":
+        overrides = {"quantization_config": {"quant_method": "mxfp4"}, **overrides}
     d = tiny_config_dict(family, torch_dtype=dtype, **overrides)
     cfg = ModelConfig.from_hf_dict(d)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in _random_tensors(cfg, gen, fused_experts).items()}
+    tensors = {k: v.contiguous() if v.dtype == torch.uint8 else v.to(DTYPES[dtype]).contiguous()
+               for k, v in _random_tensors(cfg, gen, fused_experts, expert_dtype == "mxfp4").items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -110,6 +142,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory to write the checkpoint to")
     p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
+    p.add_argument("--expert-dtype", default="auto", choices=list(TINY_EXPERT_DTYPES),
+                   help="experts as --dtype (auto) or, for gpt_oss, MXFP4 blocks and scales as released")
     p.add_argument("--force", action="store_true", help="replace what --out already holds")
 
 
@@ -119,6 +153,6 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:  # a checkpoint is precious
         raise MoeError(f"--out {args.out} is not empty (a checkpoint?); give --force to replace it")
     check_output_dir(args.out, "--out")  # creates it; refuses a file or an unwritable place in one line
-    out = write_tiny_checkpoint(args.family, args.out, args.seed, args.dtype)
+    out = write_tiny_checkpoint(args.family, args.out, args.seed, args.dtype, expert_dtype=args.expert_dtype)
     print(f"wrote a tiny random {args.family} checkpoint to {out}")
     return 0
