@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moe_runtime.model.checkpoint import DTYPES, load_model, parse_dtype
+from moe_runtime.model.format_sizes import EXPERT_DTYPES
 from moe_runtime.model.config import ModelConfig, load_config
 from moe_runtime.errors import MoeError
 from moe_runtime.cli.options import SEED, integer, number
@@ -41,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="compute device (default cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute dtype (default: checkpoint's)")
+    p.add_argument("--expert-dtype", default="auto", choices=list(EXPERT_DTYPES),
+                   help="how experts are kept in host memory, copied and cached: auto keeps the checkpoint's "
+                        "(MXFP4 stays MXFP4, float experts take --dtype); int8/int4 quantize them group-wise at "
+                        "load (groups of 32, float16 scales) and dequantize on the device")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_offload_arguments(p)  # --budget, --policy, --predictor, ... (offload_cli.py)
 
@@ -52,7 +57,7 @@ def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max
         raise MoeError(f"prompt ({n_prompt} tokens) + --max-new-tokens {max_new_tokens} = {n} positions exceeds "
                        f"the model's max_position_embeddings ({cfg.max_position_embeddings})")
     item = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * n * cfg.head_dim * item  # Transformer.setup_cache: k and v per layer
+    kv = cfg.n_layers * cfg.kv_elements_per_token() * n * item  # Transformer.setup_cache: k and v (MLA: latent)
     tables = n * n + 2 * n * cfg.head_dim * (4 + item)  # the [n, n] bool causal mask; RoPE cos/sin
     check_fits(f"a KV cache for {n} positions (--max-new-tokens {max_new_tokens})", kv + tables, device)
 
@@ -72,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     preflight(args)  # a budget below the minimum is refused before any weight is loaded
     use_cpu_threads(args.device)  # resident and offloaded alike
     on_disk = expert_source(args)[0] == "disk"  # experts stay on storage: the store holds none
-    model, store = load_model(args.model, args.device, parse_dtype(args.dtype), load_experts=not on_disk)
+    model, store = load_model(args.model, args.device, parse_dtype(args.dtype), load_experts=not on_disk,
+                              expert_dtype=args.expert_dtype)
     off = OffloadRun.build(args, model, store, len(prompt_ids))
     provider = off.provider if off else ResidentExperts(store, args.device)
     try:

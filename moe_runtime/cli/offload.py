@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from moe_runtime.cache.budget import check_budget, parse_budget
-from moe_runtime.model.checkpoint import DTYPES, SafetensorsReader, parse_dtype
+from moe_runtime.model.checkpoint import DTYPES, SafetensorsReader, expert_format, parse_dtype
 from moe_runtime.model.config import load_config, read_json
 from moe_runtime.errors import MoeError
-from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.offload.forced_routing import ForcedRouting, popularity_from_trace
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.offload.packed import read_header
@@ -112,7 +112,7 @@ def preflight(args: argparse.Namespace) -> None:
         read_header(packed)  # a missing, foreign or truncated packed file is refused before loading
     cfg = load_config(args.model)
     dtype = checkpoint_dtype(args.model, args.dtype)
-    layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+    layout = expert_format(cfg, getattr(args, "expert_dtype", "auto"), dtype)  # the experts' bytes, as loaded
     budget_slots(opts, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
                  expert_bytes=layout.nbytes)
 
@@ -180,7 +180,7 @@ class OffloadRun:
         if args.record_trace:
             recorder = TraceRecorder(TraceMeta(
                 model=str(args.model), n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
-                dtype=str(store.layout.dtype).removeprefix("torch."), source="moe-runtime generate",
+                dtype=store.layout.name, source="moe-runtime generate",
                 extra={"predictor": opts.predictor, "lookahead": opts.lookahead}))
         record_preds = recorder is not None and prefetching and L > 1
         source = make_engine = pool = None
@@ -189,6 +189,9 @@ class OffloadRun:
             if torch.device(args.device).type != "cpu":
                 raise MoeError("--expert-source disk runs on the CPU in this version (the RAM slot pool is the "
                                "compute tier); the GPU's host tier is not built yet")
+            if store.layout.codec not in ("float32", "bfloat16", "float16"):
+                raise MoeError(f"--expert-source disk reads float experts; {store.layout.name} experts are "
+                               "kept in host memory (--expert-source memory)")
             disk = disk_source(args.model, store, packed)
             source = disk.segments
             make_engine = lambda n, dev: DiskReadEngine(n, disk.paths, threads=args.read_depth,  # noqa: E731
