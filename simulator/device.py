@@ -13,6 +13,12 @@ nominal device::
     peak_tflops: 30             # float > 0, required: dense bf16/fp16 tensor TFLOP/s
     memory_gib: 8               # float > 0, required: device memory, GiB
     layer_compute_ms: 0.42      # float > 0, optional: measured all-resident decode step of one token / MoE layers
+    host_layer_us: 0            # float >= 0, optional (0): host time per MoE layer that offloading adds with
+                                #   misses (classify, admit, evict, submit), beyond the all-hit path
+    demand_us: 0                # float >= 0, optional (0): hand-off per layer that waits on copies (the copy
+                                #   thread's wake-up), on top of the copies themselves
+    predictor_us:               # optional: host time per MoE layer of prediction and prefetch planning,
+      history: {1: 30, 2: 45}   #   per predictor and lookahead (a lookahead not listed: the nearest below)
     model: deepseek-v2-lite     # str, optional: the model layer_compute_ms was measured with
     source: "..."               # str, optional: where the numbers come from
 
@@ -41,7 +47,8 @@ from moe_runtime.errors import MoeError
 # so .inf, 1e308 or a negative value never reaches the cost model
 _NUMBERS = (("h2d_bandwidth_gbps", 0, True, 1e6), ("h2d_latency_us", 0, False, 1e7),
             ("copy_engines", 1, False, 1024), ("hbm_bandwidth_gbps", 0, True, 1e6),
-            ("peak_tflops", 0, True, 1e6), ("memory_gib", 0, True, 1e6), ("layer_compute_ms", 0, True, 1e7))
+            ("peak_tflops", 0, True, 1e6), ("memory_gib", 0, True, 1e6), ("layer_compute_ms", 0, True, 1e7),
+            ("host_layer_us", 0, False, 1e7), ("demand_us", 0, False, 1e7))
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,9 @@ class DeviceSpec:
     peak_tflops: float
     memory_gib: float
     layer_compute_ms: float | None = None
+    host_layer_us: float = 0.0
+    demand_us: float = 0.0
+    predictor_us: dict | None = None
     model: str | None = None
     source: str | None = None
 
@@ -67,6 +77,16 @@ class DeviceSpec:
             v = getattr(self, f)
             if v is not None or f != "layer_compute_ms":
                 check_number(f, v, lo=lo, lo_open=lo_open, hi=hi, integer=f == "copy_engines")
+        if self.predictor_us is not None:
+            if not isinstance(self.predictor_us, dict):
+                raise MoeError(f"predictor_us must map predictor names to {{lookahead: us}}, got "
+                               f"{short(self.predictor_us)}")
+            for name, per in self.predictor_us.items():
+                if not isinstance(name, str) or not isinstance(per, dict) or not per:
+                    raise MoeError(f"predictor_us.{short(name)} must map lookaheads to microseconds")
+                for la, us in per.items():
+                    check_number(f"predictor_us.{name} lookahead", la, lo=1, hi=64, integer=True)
+                    check_number(f"predictor_us.{name}.{la}", us, lo=0, hi=1e7)
         for f in ("model", "source"):
             v = getattr(self, f)
             if v is not None and not isinstance(v, str):
@@ -92,6 +112,15 @@ class DeviceSpec:
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * 2**30)
+
+    def predictor_seconds(self, predictor: str, lookahead: int) -> float:
+        """Host seconds per MoE layer of ``predictor`` (``name`` or ``name:arg``) at ``lookahead``: the
+        profiled value at the nearest lookahead at or below it (else the smallest); 0 if not profiled."""
+        per = (self.predictor_us or {}).get(predictor.split(":", 1)[0])
+        if not per:
+            return 0.0
+        below = [la for la in per if la <= lookahead]
+        return per[max(below) if below else min(per)] * 1e-6
 
     def copy_seconds(self, n_bytes: int) -> float:
         """Time one copy engine takes to move ``n_bytes``: latency + bytes / bandwidth."""

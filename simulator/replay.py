@@ -119,6 +119,14 @@ class Replay:
         self._own_workload = workload is None or workload.n_tokens.sum() == trace.n_tokens
         self.w = workload or build_workload(trace, opts.batch)
         self.costs: StepCosts = cost.step_costs(self.w.n_tokens, self.w.ctx_sum, self.w.n_unique)
+        self.resident_s = self.costs.total  # the all-resident bound: no predictor, no copies
+        # host time the executor spends that copies and layer compute do not show (profiled; 0 by default):
+        # prediction and prefetch planning at every layer, and per layer that waits on copies, the
+        # offloading bookkeeping of its misses and the copy thread's hand-off
+        pred_s = dev.predictor_seconds(opts.predictor, opts.lookahead) if opts.prefetching else 0.0
+        if pred_s:
+            self.costs = StepCosts(self.costs.layer + pred_s, self.costs.overhead)
+        self.wait_s = (dev.host_layer_us + dev.demand_us) * 1e-6
         L, E = trace.n_layers, trace.n_experts
         self.expert_bytes = spec.expert_bytes
         self.n_slots = parse_budget(opts.budget, expert_bytes=self.expert_bytes, total_experts=L * E)
@@ -143,6 +151,7 @@ class Replay:
     def _compute(self):
         env, tl, proto, link = self.env, self.timeline, self.protocol, self.link
         sync, serve, begin_layer = getattr(link, "synchronous", False), link.serve, link.begin_layer
+        wait_s, waited = self.wait_s, 0
         layer_cost, overhead = self.costs.layer.tolist(), self.costs.overhead.tolist()
         stall_l = self.layer_stall
         first_token = self.w.first_token.tolist()
@@ -160,6 +169,10 @@ class Replay:
                 begin_layer(t)
                 waits = proto.layer(l, ids)
                 t1 = serve(waits, l, t) if sync else (yield from serve(waits, l, t))
+                if waits:
+                    waited += 1
+                    if wait_s:
+                        t1 = max(t1, t) + wait_s
                 if t1 > t:
                     stall_l[l] += t1 - t
                     if tl is not None:
@@ -174,6 +187,7 @@ class Replay:
             t += overhead[s]
             step_end.append(t)
             proto.end_step()
+        self.layers_waited = waited
         if t > env.now:
             yield wake_at(env, t)
 
@@ -230,11 +244,11 @@ class Replay:
             "hit_rate": stats["hits"] / max(stats["accesses"], 1),
             "compute_s": compute_s, "stall_s": sum(self.layer_stall), "total_s": total_s,
             "tokens_per_s": n_tok / total_s if total_s > 0 else float("inf"),
-            "phase_s": self._phase_times(),
+            "phase_s": self._phase_times(), "layers_waited": self.layers_waited,
             "per_layer": per_layer,
             "bounds": bounds(self.w.ids, n_slots=self.n_slots, scope=opts.scope, n_layers=self.trace.n_layers,
                              key=self._bounds_key(), cache=self.bounds_cache,
-                             expert_bytes=self.expert_bytes, compute_s=compute_s, n_tokens=n_tok,
+                             expert_bytes=self.expert_bytes, compute_s=self.resident_s, n_tokens=n_tok,
                              h2d_bytes_per_s=dev.h2d_bytes_per_s, copy_engines=dev.copy_engines),
             "wall_s": wall, "accesses_per_wall_s": stats["accesses"] / wall if wall > 0 else float("inf"),
         }

@@ -12,7 +12,17 @@ Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config 
   trip from submit to the end of wait (hand-off to the copy thread included);
 - device-memory bandwidth (a large on-device copy) and dense matmul TFLOP/s;
 - ``layer_compute_ms``: one decode step of the all-resident model divided by its
-  MoE layer count (so attention and dense layers are included in the average).
+  MoE layer count (so attention and dense layers are included in the average);
+- what the executor spends on the host that neither copies nor layer compute
+  show, for the simulator to charge: ``demand_us``, the hand-off to and from
+  the copy thread per layer that waits (CPU: a small copy's round trip less its
+  span on the copy thread; taken out of ``h2d_latency_us`` so a lone miss costs
+  what it did; 0 on CUDA, where the compute stream waits on an event);
+  ``host_layer_us``, the per-layer cost of the offloading protocol's misses
+  (classify, admit, evict, submit) beyond an all-hit layer; ``predictor_us``,
+  per trace-only predictor and lookahead, prediction and prefetch planning per
+  layer (``measure_protocol``: the runtime's ``LayerProtocol`` on random routing
+  of the model's shape, copies completing at the next layer).
   With ``--model-config`` the model is synthetic (random weights at the spec's
   shapes, only ``--layers`` MoE layers so it fits).
 
@@ -79,6 +89,106 @@ def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: 
     bw = (big - small) / dt if dt > 0 else big / times[numel]
     latency = max(times[small_numel] - small / bw, 0.0)
     return bw / 1e9, latency * 1e6
+
+
+def measure_handoff(device: torch.device, repeats: int = 50) -> float:
+    """Microseconds a demand copy costs the compute beyond the copy itself (CPU: the copy thread's
+    hand-off there and back, median of small copies; CUDA: 0, the compute stream waits on an event)."""
+    if device.type == "cuda":
+        return 0.0
+    src, dst = torch.ones(64), torch.zeros(64)
+    engine = make_copy_engine(1, device)
+    out = []
+    try:
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            engine.submit(0, src, dst, demand=True)
+            engine.wait(0)
+            t1 = time.perf_counter()
+            engine.poll()
+            r = engine.records[-1]
+            if i:
+                out.append((t1 - t0) - (r.end_s - r.start_s))
+    finally:
+        engine.close()
+    return max(statistics.median(out), 0.0) * 1e6
+
+
+class _NullLink:
+    """Copies that complete when the next layer begins: the protocol's host work, without bytes."""
+
+    def __init__(self, cache) -> None:
+        self.cache, self.loading = cache, []
+
+    def withdraw(self, slot: int) -> bool:
+        return False
+
+    def demand(self, slot: int, key) -> None:
+        self.loading.append(slot)
+
+    def promote(self, slot: int) -> None:
+        pass
+
+    def prefetch(self, slot: int, key) -> None:
+        self.loading.append(slot)
+
+    def settle(self) -> None:
+        for slot in self.loading:
+            self.cache.copy_done(slot)
+        self.loading.clear()
+
+
+def measure_protocol(n_layers: int, n_experts: int, top_k: int, steps: int = 300,
+                     predictors=("history", "popularity", "oracle"), seed: int = 0) -> tuple[float, dict]:
+    """(host_layer_us, predictor_us): the LayerProtocol's host time per layer on random routing.
+
+    host_layer_us: per layer with misses, at a 25% budget without prediction, less an all-hit layer.
+    predictor_us[name][lookahead]: per layer, the same run with the predictor less without it.
+    """
+    import numpy as np
+
+    from moe_runtime.cache.expert_cache import ExpertCache
+    from moe_runtime.cache.protocol import LayerProtocol
+    from moe_runtime.predictors import PredictorOptions, make_predictor
+
+    rng = np.random.default_rng(seed)
+    routing = [[sorted(rng.choice(n_experts, top_k, replace=False).tolist()) for _ in range(n_layers)]
+               for _ in range(steps)]
+
+    def per_layer(n_slots: int, predictor: str, lookahead: int) -> tuple[float, int]:
+        """(seconds per layer, layers with misses), best of 3."""
+        best, missed = float("inf"), 0
+        for _ in range(3):
+            cache = ExpertCache(n_slots=n_slots, n_layers=n_layers, n_experts=n_experts, experts_per_layer=top_k,
+                                expert_bytes=1, policy="lru", max_inflight=4)
+            link = _NullLink(cache)
+            pred = make_predictor(predictor, PredictorOptions(n_layers=n_layers, n_experts=n_experts, top_k=top_k,
+                                                              lookahead=lookahead))
+            proto = LayerProtocol(cache, link, pred, lookahead=lookahead)
+            missed = 0
+            t0 = time.perf_counter()
+            for step in routing:
+                proto.begin_step(future=step.__getitem__)
+                for layer, ids in enumerate(step):
+                    link.settle()
+                    if proto.layer(layer, ids):
+                        missed += 1
+                    proto.end_layer()
+                proto.end_step()
+            best = min(best, (time.perf_counter() - t0) / (steps * n_layers))
+        return best, missed
+
+    total = n_layers * n_experts
+    hit, _ = per_layer(total, "none", 1)  # after the first step every layer hits
+    base, missed = per_layer(max(total // 4, top_k + 4), "none", 1)
+    host_us = max(base - hit, 0.0) * steps * n_layers / max(missed, 1) * 1e6
+    pred_us = {}
+    for name in predictors:
+        pred_us[name] = {}
+        for la in range(1, max(1, min(4, n_layers - 1)) + 1):
+            t, _ = per_layer(max(total // 4, top_k + 4), name, la)
+            pred_us[name][la] = round(max(t - base, 0.0) * 1e6, 2)
+    return host_us, pred_us
 
 
 def measure_hbm(device: torch.device, nbytes: int = _HBM_BYTES) -> float:
@@ -164,6 +274,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: the checkpoint's; bfloat16 on cuda and float32 on cpu "
                         "for --model-config)")
     p.add_argument("--repeats", type=integer(1, 10000), default=10, help="copies timed per size (default 10)")
+    p.add_argument("--vocab", type=integer(1), default=None,
+                   help="vocabulary of a synthetic model (default: the spec's; the LM head of a cut-down "
+                        "model must match the one it predicts)")
     p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
     p.add_argument("--out", help="YAML file to write (default: print)")
 
@@ -192,12 +305,18 @@ def run(args: argparse.Namespace) -> int:
         spec = load_model_spec(args.model_config)
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         cfg = config_from_spec(spec, args.layers)
+        if args.vocab:
+            import dataclasses
+            cfg = dataclasses.replace(cfg, vocab_size=args.vocab)
         check_fits(f"a synthetic {spec.name} of {cfg.n_moe_layers} MoE layers (--layers {args.layers})",
                    peak_bytes(cfg, dtype), device)
         model, store = synthetic_model(cfg, device, dtype)
         model_name = spec.name
     gbps, latency_us = measure_copy(store.layout.numel, store.layout.dtype, device, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    handoff_us = measure_handoff(device)
+    latency_us = max(latency_us - handoff_us, 0.0)  # the hand-off is charged once per waiting layer instead
+    host_us, pred_us = measure_protocol(store.n_layers, store.n_experts, store.top_k)
     profile = {
         "name": args.name or f"{args.device}-profiled",
         "nominal": False,
@@ -208,6 +327,9 @@ def run(args: argparse.Namespace) -> int:
         "peak_tflops": round(measure_tflops(device), 4),
         "memory_gib": round(memory_gib(device), 2),
         "layer_compute_ms": round(measure_layer_compute(model, store, device), 4),
+        "host_layer_us": round(host_us, 2),
+        "demand_us": round(handoff_us, 2),
+        "predictor_us": pred_us,
         "model": model_name,
         "source": f"moe-runtime profile on {name}: expert copies of {store.layout.nbytes} bytes "
                   f"({store.layout.dtype}), {args.repeats} repeats, "
