@@ -54,6 +54,7 @@ from moe_runtime.cache.policies import EVICTION_POLICIES, popularity_counts
 from moe_runtime.cache.protocol import LayerProtocol
 from moe_runtime.config_files import check_number
 from moe_runtime.errors import MoeError
+from moe_runtime.model.format_sizes import CODECS
 from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
 from moe_runtime.timeline import Timeline
 from moe_runtime.traces import PHASE_DECODE
@@ -78,6 +79,9 @@ class ReplayOptions(OffloadOptions):
     recall: float = option(0.9, "--recall", type=float, help="noisy-oracle recall")
     precision: float = option(0.9, "--precision", type=float, help="noisy-oracle precision")
     seed: int = option(0, "--seed", type=int, help="random seed (noisy-oracle)")
+    expert_dtype: str | None = option(None, "--expert-dtype", choices=lambda: list(CODECS),
+                                      help="how experts are stored and copied, which sets their bytes "
+                                           "(default: the model's expert_dtype, else its dtype)")
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -92,6 +96,8 @@ class ReplayOptions(OffloadOptions):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
                 raise MoeError(f"{f} must be an integer >= {lo}, got {v!r}")
         check_number("batch", self.batch, lo=1, hi=1 << 16, integer=True)  # the sweep's cap: 10**9 lanes hang
+        if self.expert_dtype is not None and self.expert_dtype not in CODECS:
+            raise MoeError(f"expert_dtype must be one of {', '.join(CODECS)}, got {self.expert_dtype!r}")
         for f in ("recall", "precision"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
@@ -111,6 +117,8 @@ class Replay:
         on disk across runs (None: computed here, memoised only in this process)."""
         if copies not in ("analytic", "event", "lockstep"):
             raise ValueError(f"copies must be analytic, event or lockstep, not {copies!r}")
+        if opts.expert_dtype is not None:  # the same model with its experts stored otherwise
+            cost = CostModel(cost.spec.with_expert_dtype(opts.expert_dtype), cost.device)
         self.trace, self.cost, self.opts, self.timeline, self.fast = trace, cost, opts, timeline, fast
         self.copy_model, self.lockstep_per_layer, self.bounds_cache = copies, lockstep_per_layer, bounds_cache
         spec, dev = cost.spec, cost.device

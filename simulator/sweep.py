@@ -74,7 +74,7 @@ _OPT = {f.name: f.default for f in fields(ReplayOptions)}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SWEPT = {"budgets": "budget", "evictions": "eviction", "predictors": "predictor", "lookaheads": "lookahead",
          "scopes": "scope"}
-FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed")
+FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed", "expert_dtype")
 CSV_COLUMNS = ("key", "trace", "device", "scope", "budget", "eviction", "predictor", "lookahead", "n_slots",
                "budget_fraction", "accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_used",
                "prefetch_wasted", "bytes_h2d", "compute_s", "stall_s", "total_s", "tokens_per_s",
@@ -99,6 +99,7 @@ class Experiment:
     recall: float = _OPT["recall"]
     precision: float = _OPT["precision"]
     seed: int = _OPT["seed"]
+    expert_dtype: str | None = _OPT["expert_dtype"]  # overrides the model's (int4, mxfp4, ...)
     out: str | None = None
     traces: tuple | None = None
 
@@ -169,6 +170,8 @@ class Experiment:
     def fingerprint(self) -> str:
         """What results depend on besides the grid: a resumed sweep must match it."""
         d = {k: v for k, v in asdict(self).items() if k not in SWEPT and k not in ("devices", "out", "name")}
+        if d["expert_dtype"] is None:
+            del d["expert_dtype"]  # as before it existed: old results still resume
         if d["traces"] is None:
             del d["traces"]  # as before traces existed: old results still resume
         else:

@@ -17,6 +17,7 @@ import numpy as np
 
 from moe_runtime import config_files
 from moe_runtime.errors import MoeError
+from moe_runtime.model.format_sizes import CODECS
 from moe_runtime.model.spec import ModelSpec, available_models, load_model_spec
 from moe_runtime.traces import load_trace
 
@@ -47,9 +48,11 @@ def load_inputs(trace_path, model: str | None = None, tokens: int | None = None)
                        ("top-k", spec.top_k, m.top_k)):
         if a != b:
             raise MoeError(f"model {spec.name} has {a} {what} but the trace {trace_path} has {b}")
-    if m.expert_bytes and m.expert_bytes != spec.expert_bytes:
-        raise MoeError(f"model {spec.name} has experts of {spec.expert_bytes:,} bytes but the trace records "
-                       f"{m.expert_bytes:,}")
+    # the trace records the bytes its own run moved: compare in the format it names (a bf16 trace replays int4)
+    recorded = spec.with_expert_dtype(m.dtype) if m.dtype in CODECS else spec
+    if m.expert_bytes and m.expert_bytes != recorded.expert_bytes:
+        raise MoeError(f"model {spec.name} has experts of {recorded.expert_bytes:,} bytes ({m.dtype}) but the "
+                       f"trace records {m.expert_bytes:,}")
     return trace, spec
 
 

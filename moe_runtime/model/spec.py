@@ -7,6 +7,12 @@ from a Hugging Face config.json dict, parsed by ``ModelConfig.from_hf_dict``
 (the families' one parser) and derived from the result by ``from_config``.
 Errors raise ``MoeError`` naming the file and field.
 
+An expert's bytes come from its format (``format_sizes``): ``expert_dtype``
+(default: ``dtype``) may be ``int8``, ``int4`` or ``mxfp4`` as well as a
+float dtype; ``expert_biases`` adds GPT-OSS's three bias vectors (in
+``dtype`` for quantized experts). ``with_expert_dtype(name)`` is the same
+model with its experts stored otherwise (``moe-sim replay --expert-dtype``).
+
 The derived sizes and FLOP counts assume SwiGLU experts (three matrices),
 grouped-query attention with q/k/v/o projections, untied input and output
 embeddings, and batch size 1. This module knows nothing about weights, tensors
@@ -15,11 +21,12 @@ or devices; it does not read config.json files itself.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 
 from moe_runtime import config_files
 from moe_runtime.model.config import ModelConfig
 from moe_runtime.errors import MoeError
+from moe_runtime.model.format_sizes import CODECS, PLAIN, expert_nbytes
 from moe_runtime.traces import TraceMeta
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
@@ -44,6 +51,8 @@ class ModelSpec:
     n_shared_experts: int = 0
     shared_intermediate_size: int = 0  # total intermediate of all shared experts together
     dense_intermediate_size: int = 0  # MLP of the non-MoE layers
+    expert_dtype: str = ""  # how routed experts are stored and moved ("" = dtype); see the module docstring
+    expert_biases: bool = False  # GPT-OSS: b1, b3, b2 per expert
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -65,6 +74,10 @@ class ModelSpec:
             raise MoeError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.dtype not in DTYPE_BYTES:
             raise MoeError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if not isinstance(self.expert_dtype, str) or self.expert_dtype not in ("", self.dtype, *CODECS):
+            raise MoeError(f"expert_dtype must be one of {', '.join(CODECS)}, got {self.expert_dtype!r}")
+        if not isinstance(self.expert_biases, bool):
+            raise MoeError(f"expert_biases must be true or false, got {self.expert_biases!r}")
         if not isinstance(self.moe_layers, tuple) or not self.moe_layers:
             raise MoeError("moe_layers must be a non-empty tuple of layer indices")
         if any(not isinstance(i, int) or isinstance(i, bool) for i in self.moe_layers):
@@ -97,7 +110,19 @@ class ModelSpec:
 
     @property
     def expert_bytes(self) -> int:
-        return self.expert_params * self.dtype_bytes
+        """Bytes of one routed expert as stored and copied, in its format."""
+        codec = self.expert_dtype or self.dtype
+        if codec not in CODECS:  # float8: no packed format of ours, counted per weight
+            return (self.expert_params + (2 * self.moe_intermediate_size + self.hidden_size) * self.expert_biases) \
+                * self.dtype_bytes
+        bias = (codec if codec in PLAIN else self.dtype) if self.expert_biases else None
+        if bias is not None and bias not in PLAIN:
+            raise MoeError(f"expert biases in {bias} are not supported")
+        return expert_nbytes(codec, self.hidden_size, self.moe_intermediate_size, bias)
+
+    def with_expert_dtype(self, expert_dtype: str | None) -> "ModelSpec":
+        """The same model with experts stored as ``expert_dtype`` (None: unchanged)."""
+        return self if expert_dtype is None else replace(self, expert_dtype=expert_dtype)
 
     @property
     def total_expert_bytes(self) -> int:
@@ -178,7 +203,8 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, name: str, dtype: str) -> "ModelSpec":
-        """The spec of a parsed model config, its weights stored as ``dtype``.
+        """The spec of a parsed model config, its weights stored as ``dtype`` (experts: MXFP4 when the
+        checkpoint quantizes them so).
 
         One gated shared expert counts as one shared expert; ``dense_intermediate_size``
         is kept only when some layer is dense, as the YAML specs write it.
@@ -189,7 +215,8 @@ class ModelSpec:
                    n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                    vocab_size=cfg.vocab_size, dtype=dtype, n_shared_experts=1 if shared else 0,
                    shared_intermediate_size=shared,
-                   dense_intermediate_size=cfg.dense_intermediate_size if cfg.n_moe_layers < cfg.n_layers else 0)
+                   dense_intermediate_size=cfg.dense_intermediate_size if cfg.n_moe_layers < cfg.n_layers else 0,
+                   expert_dtype=cfg.quantization or "", expert_biases=cfg.expert_activation == "clamped_swiglu")
 
     @classmethod
     def from_hf_config(cls, d: dict, name: str | None = None) -> "ModelSpec":
