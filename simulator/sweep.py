@@ -203,7 +203,7 @@ def experiment_from_dict(d) -> Experiment:
 
 
 def load_experiment(path) -> Experiment:
-    p = Path(path)
+    p = Path(config_files.bundled(path))  # configs/experiments/... from any working directory
     if not p.is_file():
         raise MoeError(f"experiment file not found: {path}")
     return config_files.load_yaml(p, experiment_from_dict)
