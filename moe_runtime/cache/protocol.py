@@ -79,11 +79,12 @@ class LayerProtocol:
         self.cache.begin_step()
         self._token, self._future = token, future
 
-    def layer(self, layer: int, ids: Sequence[int], hidden: Any = None) -> list[int]:
+    def layer(self, layer: int, ids: Sequence[int], hidden: Any = None, ranked: Any = None) -> list[int]:
         """Steps 1-4 at ``layer`` for the experts ``ids`` (in access order); returns the slots to wait for.
 
         ``in_use`` then holds [expert, slot, outcome] per access. ``hidden`` is the residual
-        entering the layer's MoE block (router-based predictors; None in the simulator).
+        entering the layer's MoE block (router-based predictors; None in the simulator); ``ranked``
+        their rankings when already fetched with the ids (``device_ranking``).
         """
         cache, link, waits = self.cache, self.link, self.waits
         waits.clear()
@@ -104,7 +105,7 @@ class LayerProtocol:
             self.history.record(layer, ids)
             preds = self.predictor.predict(PredictContext(
                 step=self.step, layer=layer, history=self.history, hidden=hidden, token=self._token,
-                future=self._future))
+                future=self._future, ranked=ranked))
             if self.record_predictions:
                 self.predictions[layer] = preds
             if self.prefetching and preds:

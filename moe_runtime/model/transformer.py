@@ -208,10 +208,20 @@ class Transformer(nn.Module):
         ids, weights = (self.router_override or self.route)(m, logits)  # [N, k], [N, k]
         k = ids.shape[1]
         flat = ids.flatten()  # [N*k], token-major
-        # CPU waits on the device here, once per layer: the provider needs the expert ids as Python ints
-        flat_ids = flat.tolist()
-        order = list(dict.fromkeys(flat_ids))  # unique, first appearance (token-major, then rank)
-        experts = provider.experts(m, order, h)
+        # a provider's predictor may want device-side rankings of later layers: fetched with the ids
+        ranked = provider.prepare(m, h) if hasattr(provider, "prepare") else None
+        if ranked is None:
+            # CPU waits on the device here, once per layer: the provider needs the expert ids as Python ints
+            flat_ids = flat.tolist()
+            order = list(dict.fromkeys(flat_ids))  # unique, first appearance (token-major, then rank)
+            experts = provider.experts(m, order, h)
+        else:
+            # CPU waits on the device here, once per layer: the ids and every distance's ranking together
+            both = torch.cat([flat, ranked.flatten()]).tolist()
+            flat_ids, rest = both[: flat.numel()], both[flat.numel():]
+            E = ranked.shape[1]
+            order = list(dict.fromkeys(flat_ids))
+            experts = provider.experts(m, order, h, [rest[i:i + E] for i in range(0, len(rest), E)])
         counts = Counter(flat_ids)
         # (token, rank) slots grouped by expert id; slicing it needs no further device sync
         by_expert = torch.argsort(flat, stable=True)  # [N*k]

@@ -156,11 +156,17 @@ class OffloadedExperts:
         self._open = True
         self.step_stall_s.append(0.0)
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
+    def prepare(self, layer: int, hidden: Tensor) -> Tensor | None:
+        """Device-side predictor output the model fetches together with the layer's expert ids (one
+        device-to-host transfer per layer); the host copy comes back as ``experts(..., ranked)``."""
+        proto = self.protocol
+        return proto.predictor.device_ranking(layer, hidden) if proto.predicts else None
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor, ranked=None) -> dict[int, ExpertWeights]:
         cache, engine = self.cache, self.engine
         for slot in engine.poll():  # copies finished since the last layer (no waiting)
             cache.copy_done(slot)
-        waits = self.protocol.layer(layer, ids, hidden)
+        waits = self.protocol.layer(layer, ids, hidden, ranked)
         self.clock.mark(layer, 0)
         for slot in waits:
             # the compute waits here for this layer's missing and late experts only

@@ -44,6 +44,7 @@ class PredictContext:
     hidden: Any = None  # torch.Tensor [N, H] entering layer's MoE block; None in the simulator
     token: int | None = None  # trace index of the step's first token, when replaying or forcing a trace
     future: Callable[[int], Sequence[int]] | None = None  # true ids of this step at a layer (oracles)
+    ranked: Any = None  # router-based predictors' rankings [D', E], already on the host (see model_based.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class Predictor(abc.ABC):
     @abc.abstractmethod
     def predict(self, ctx: PredictContext) -> list[np.ndarray]:
         """Ranked expert ids for layers l+1..l+D (clipped at the last layer); [] predicts nothing."""
+
+    def device_ranking(self, layer: int, hidden: Any) -> Any:
+        """Device-side rankings to fetch with the layer's expert ids (router-based predictors); None here."""
+        return None
 
     def observe(self, history: RoutingHistory) -> None:
         """Called once a step is complete (its routing is in ``history.current``): online learning."""

@@ -41,13 +41,23 @@ class Gate(Predictor):
             h = self.residual(layer, d, hidden)  # [N, H]
             return self.torch.softmax(self.opts.model.router_logits(layer + d, h).float(), dim=-1)  # [N, E]
 
-    def predict(self, ctx: PredictContext) -> list[np.ndarray]:
-        torch, out = self.torch, []
+    def device_ranking(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Experts of layers l+1..l+D ranked best first, [D', E] long on the device (no transfer), so the
+        caller can fetch them in the one device-to-host transfer of the layer; None past the last layer."""
+        torch = self.torch
+        dists = self.distances(layer)
+        if not dists:
+            return None
         with torch.no_grad():
-            for d in self.distances(ctx.layer):
-                score = self.scores(ctx.layer, d, ctx.hidden).sum(dim=0)  # [E]
-                out.append(torch.argsort(score, descending=True, stable=True).cpu().numpy())
-        return out
+            scores = torch.stack([self.scores(layer, d, hidden).sum(dim=0) for d in dists])  # [D', E]
+            return torch.argsort(scores, dim=-1, descending=True, stable=True)  # [D', E]
+
+    def predict(self, ctx: PredictContext) -> list[np.ndarray]:
+        if ctx.ranked is not None:  # fetched with the layer's expert ids (one transfer)
+            return list(ctx.ranked)
+        ranked = self.device_ranking(ctx.layer, ctx.hidden)
+        # CPU waits on the device here (callers that did not fetch the ranking with the ids)
+        return [] if ranked is None else list(ranked.cpu().numpy())
 
 
 class Aligned(Gate):
