@@ -107,6 +107,11 @@ class ResidentExperts:
         self._buffers = [store.layer_buffer(m).to(self.device) for m in range(store.n_moe_layers)]  # [E, numel] each
         # views built once, so a step does no per-expert slicing
         self._views = [[store.layout.views(buf[e]) for e in range(store.n_experts)] for buf in self._buffers]
+        self._identity = torch.arange(store.n_experts, device=self.device)  # expert e sits in row e
+
+    def expert_table(self, layer: int) -> tuple[Tensor, Tensor]:
+        """(expert -> row [E] long, rows [E, numel]) on the device, for the fixed-shape expert compute."""
+        return self._identity, self._buffers[layer]
 
     def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
         views = self._views[layer]

@@ -40,6 +40,10 @@ from moe_runtime.model.config import ModelConfig
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.formats import format_for
 
+# On CPU the fixed-shape expert compute gathers a copy of every (token, rank)'s expert: worth it only while
+# that copy is small (it removes the per-expert Python); larger steps compute each expert in place.
+FIXED_SHAPE_MAX = 1 << 22  # elements gathered per MoE layer
+
 
 class MLP(nn.Module):
     """Dense SwiGLU MLP (qwen's dense layers and shared expert)."""
@@ -222,20 +226,29 @@ class Transformer(nn.Module):
             E = ranked.shape[1]
             order = list(dict.fromkeys(flat_ids))
             experts = provider.experts(m, order, h, [rest[i:i + E] for i in range(0, len(rest), E)])
-        counts = Counter(flat_ids)
-        # (token, rank) slots grouped by expert id; slicing it needs no further device sync
-        by_expert = torch.argsort(flat, stable=True)  # [N*k]
-        out = torch.zeros_like(x)  # [N, H]
         fmt = self.expert_format  # knows the experts' packing and computes them
-        start = 0
-        # accumulate in expert-id order, as HF does, so sums round identically
-        for e in sorted(order):
-            slots = by_expert[start : start + counts[e]]  # [n_e]
-            start += counts[e]
-            tok = slots // k  # [n_e]
-            ye = fmt.forward(x[tok], experts[e])  # [n_e, H]
-            w = weights.reshape(-1)[slots, None]  # [n_e, 1]
-            out.index_add_(0, tok, (ye * w).to(out.dtype))
+        table = getattr(provider, "expert_table", None)
+        if table is not None and (x.device.type == "cuda" or flat.numel() * fmt.numel <= FIXED_SHAPE_MAX):
+            # fixed shapes: every (token, rank) gathers its expert's slot by index and all run as one batched
+            # matmul; no per-expert Python, no further sync (on CPU only while the gathered copy is small)
+            rows, pool = table(m)
+            w = fmt.views(pool[rows[flat]])  # stacked [N*k, ...] weights of each (token, rank)
+            y = fmt.forward(x.repeat_interleave(k, dim=0)[:, None, :], w)[:, 0, :]  # [N*k, H]
+            out = (y.view(-1, k, y.shape[-1]) * weights[..., None]).sum(dim=1).to(x.dtype)  # [N, H]
+        else:
+            counts = Counter(flat_ids)
+            # (token, rank) slots grouped by expert id; slicing it needs no further device sync
+            by_expert = torch.argsort(flat, stable=True)  # [N*k]
+            out = torch.zeros_like(x)  # [N, H]
+            start = 0
+            # accumulate in expert-id order, as HF does, so sums round identically
+            for e in sorted(order):
+                slots = by_expert[start : start + counts[e]]  # [n_e]
+                start += counts[e]
+                tok = slots // k  # [n_e]
+                ye = fmt.forward(x[tok], experts[e])  # [n_e, H]
+                w = weights.reshape(-1)[slots, None]  # [n_e, 1]
+                out.index_add_(0, tok, (ye * w).to(out.dtype))
         provider.end_layer(m)
         if block.mlp.shared_expert is not None:
             out = out + torch.sigmoid(block.mlp.shared_expert_gate(x)) * block.mlp.shared_expert(x)
