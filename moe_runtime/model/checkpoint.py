@@ -32,8 +32,8 @@ Contract: ``load_model(path, device, dtype=None) -> (model, store)``.
   ``quant_method: mxfp4``), loaded as stored. Tensors the model does not use
   (DeepSeek-V3's multi-token-prediction layer ``model.layers.{N}.*``) are
   ignored.
-- Any missing or unreadable file, missing or mis-shaped tensor, or bad config
-  raises ``MoeError`` naming it.
+- Any missing or unreadable file, missing or mis-shaped tensor, tensor with a
+  NaN or inf, or bad config raises ``MoeError`` naming it.
 """
 
 from __future__ import annotations
@@ -118,9 +118,13 @@ class SafetensorsReader:
             raise MoeError(f"checkpoint tensor {name} has shape {list(full)}, expected {list(want)}")
         try:
             sl = self._slice(name)
-            return sl[index] if index is not None else sl[:]
+            t = sl[index] if index is not None else sl[:]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise MoeError(f"cannot read tensor {name} from {self._where[name]}: {e}") from None
+        if not raw and not torch.isfinite(t).all():  # garbage in would decode to garbage out with exit 0
+            raise MoeError(f"checkpoint tensor {name}{'' if index is None else f' [{index}]'} holds non-finite "
+                           f"values (NaN or inf)")
+        return t
 
     def _slice(self, name: str):
         if name not in self._where:
