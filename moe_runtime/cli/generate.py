@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(MXFP4 stays MXFP4, float experts take --dtype); int8/int4 quantize them group-wise at "
                         "load (groups of 32, float16 scales) and dequantize on the device")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--trust-weights", action="store_true",
+                   help="skip the check that every weight is finite (NaN/inf refused, naming the tensor): one "
+                        "pass over the weights at load, and over each expert read from disk the first time")
     add_offload_arguments(p)  # --budget, --policy, --predictor, ... (offload_cli.py)
 
 
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     use_cpu_threads(args.device)  # resident and offloaded alike
     on_disk = expert_source(args)[0] == "disk"  # experts stay on storage: the store holds none
     model, store = load_model(args.model, args.device, parse_dtype(args.dtype), load_experts=not on_disk,
-                              expert_dtype=args.expert_dtype)
+                              expert_dtype=args.expert_dtype, check_finite=not args.trust_weights)
     off = OffloadRun.build(args, model, store, len(prompt_ids))
     provider = off.provider if off else ResidentExperts(store, args.device)
     try:

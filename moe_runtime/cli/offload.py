@@ -195,7 +195,8 @@ class OffloadRun:
             disk = disk_source(args.model, store, packed)
             source = disk.segments
             make_engine = lambda n, dev: DiskReadEngine(n, disk.paths, threads=args.read_depth,  # noqa: E731
-                                                        max_read=store.layout.nbytes)
+                                                        max_read=store.layout.nbytes,
+                                                        check_finite=not args.trust_weights)
             pool = aligned_pool(n_slots, store.layout.numel, store.layout.dtype)  # slots aligned for O_DIRECT
         provider = OffloadedExperts(
             store, args.device, n_slots, policy=opts.eviction, scope=opts.scope, predictor=predictor,

@@ -43,6 +43,17 @@ VERSION = 1
 Segment = tuple[int, int, int]  # (file index, offset, nbytes)
 
 
+class Located(tuple):
+    """An expert's segments, with a name for messages (the checkpoint tensors, or the packed record)."""
+
+    name: str = "an expert"
+
+    def __new__(cls, segments, name: str):
+        obj = super().__new__(cls, segments)
+        obj.name = name
+        return obj
+
+
 def align_up(n: int, a: int = ALIGN) -> int:
     return -(-n // a) * a
 
@@ -94,7 +105,8 @@ class PackedHeader:
     data_start: int
 
     def segments(self, layer: int, expert: int) -> tuple[Segment, ...]:
-        return ((0, self.data_start + (layer * self.n_experts + expert) * self.stride, self.record_bytes),)
+        return Located(((0, self.data_start + (layer * self.n_experts + expert) * self.stride, self.record_bytes),),
+                       f"expert {expert} of MoE layer {layer} in {self.path}")
 
 
 def read_header(path) -> PackedHeader:
@@ -178,4 +190,4 @@ class SafetensorsLayout:
             else:
                 per = (end - start) // shape[0]
                 out.append((f, start + row * per, per))
-        return tuple(out)
+        return Located(out, ", ".join(name if row is None else f"{name}[{row}]" for name, row in parts))

@@ -80,10 +80,12 @@ def open_files(paths: list[str], *, direct: bool = True) -> tuple[list[int], str
 class _Read:
     """One expert's read: its pieces (file, offset, nbytes, position in the slot) are read by any threads."""
 
-    __slots__ = ("slot", "demand", "gen", "dst", "pieces", "next", "left", "priority", "cancelled", "t0", "fetched")
+    __slots__ = ("slot", "demand", "gen", "dst", "pieces", "next", "left", "priority", "cancelled", "t0", "fetched",
+                 "src", "tensor")
 
-    def __init__(self, slot, demand, gen, dst, pieces):
+    def __init__(self, slot, demand, gen, dst, pieces, src, tensor):
         self.slot, self.demand, self.gen, self.dst, self.pieces = slot, demand, gen, dst, pieces
+        self.src, self.tensor = src, tensor
         self.next = 0  # pieces started
         self.left = len(pieces)  # pieces not finished
         self.priority = 0 if demand else 1
@@ -103,8 +105,11 @@ class DiskReadEngine:
     needs_release = False  # the compute is synchronous on CPU
 
     def __init__(self, n_slots: int, paths: list[str], *, threads: int = 4, max_read: int,
-                 direct: bool = True) -> None:
+                 direct: bool = True, check_finite: bool = True) -> None:
+        """``check_finite``: the first read of each expert is checked for NaN/inf (a float expert)."""
         self.paths = list(paths)
+        self.check_finite = check_finite
+        self._checked: set[int] = set()  # ids of the sources already checked
         self.fds, self.mode = open_files(self.paths, direct=direct)
         self.chunk = max(ALIGN, align_up(-(-max_read // threads)))
         self._done = [threading.Event() for _ in range(n_slots)]
@@ -138,7 +143,7 @@ class DiskReadEngine:
         if pos != dst.numel() * dst.element_size():
             raise MoeError(f"internal: the expert's segments hold {pos:,} bytes, its slot "
                            f"{dst.numel() * dst.element_size():,}")
-        req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces)
+        req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, dst)
         with self._cv:
             self._outstanding.add(slot)
             self._active[slot] = req
@@ -242,6 +247,15 @@ class DiskReadEngine:
                 req.left -= 1
                 if req.left:
                     continue
+                first = self.check_finite and req.tensor.is_floating_point() and id(req.src) not in self._checked
+                self._checked.add(id(req.src))
+            if first and not bool(torch.isfinite(req.tensor).all()):  # garbage in would decode to garbage out
+                self._error = ValueError(f"{getattr(req.src, 'name', 'an expert')} holds non-finite values "
+                                         f"(NaN or inf)")
+                for done in self._done:
+                    done.set()
+                return
+            with self._cv:
                 t1 = time.perf_counter() - self.base
                 self.bytes_read += req.fetched
                 self.records.append(CopyRecord(req.slot, req.demand, req.t0, t1, req.fetched, "read"))
