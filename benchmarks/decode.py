@@ -95,7 +95,6 @@ def run(model, store, forced, device, prompt, new, *, n_slots=None, policy="lru"
             provider.flush()
             before, n_records = provider.report(), len(provider.engine.records)
         res = generate(stepped, provider, prompt, new)
-    model.router_override = None
     if n_slots is None:
         return res, {}
     report = provider.finish()

@@ -86,10 +86,7 @@ def decode(model, store, forced, hdr, new, *, n_slots=None, policy="lru", predic
             pool=pool, source=hdr.segments,
             make_engine=lambda n, dev: DiskReadEngine(n, [hdr.path], threads=depth, max_read=hdr.record_bytes))
     stepped = SteppedModel(model, provider, chunk=1, forced=forced)
-    try:
-        res = generate(stepped, provider, [1], new)
-    finally:
-        model.router_override = None
+    res = generate(stepped, provider, [1], new)
     if n_slots is None:
         return res.prefill_s + res.decode_s, None, res.token_ids
     rep = provider.finish()

@@ -24,23 +24,29 @@ def bytes_allocated_in_provider(predictor: str) -> int:
     prov = OffloadedExperts(store, "cpu", 8, predictor=pred, max_inflight=2)
     inner = prov.experts
 
-    def experts(layer, ids, hidden):
+    def experts(layer, ids, hidden, *ranked):
         with record_function("provider.experts"):
-            return inner(layer, ids, hidden)
+            return inner(layer, ids, hidden, *ranked)
 
     prov.experts = experts
+    prep = prov.prepare
+
+    def prepare(layer, hidden):  # a router-based predictor's device work runs here, before the ids are fetched
+        with record_function("provider.prepare"):
+            return prep(layer, hidden)
+
+    prov.prepare = prepare
     stepped = SteppedModel(model, prov, chunk=1, forced=forced)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            generate(stepped, prov, PROMPT, NEW)
-    finally:
-        model.router_override = None
-        prov.finish()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        generate(stepped, prov, PROMPT, NEW)
+    prov.finish()
     events = prof.events()
-    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == "provider.experts"]
-    assert len(spans) == L * (len(PROMPT) + NEW - 1)
+    spans = [(e.time_range.start, e.time_range.end) for e in events
+             if e.name in ("provider.experts", "provider.prepare")]
+    assert len(spans) == 2 * L * (len(PROMPT) + NEW - 1)
     # allocations are attributed to the op that made them (self), or stand alone as "[memory]" events
-    return sum(max(e.self_cpu_memory_usage, 0) for e in events if e.name != "provider.experts"
+    return sum(max(e.self_cpu_memory_usage, 0) for e in events
+               if e.name not in ("provider.experts", "provider.prepare")
                and any(a <= e.time_range.start <= b for a, b in spans))
 
 

@@ -45,7 +45,6 @@ def reference(family: str, device: str = "cpu", expert_dtype: str = "auto"):
                                       expert_bytes=store.layout.nbytes, dtype="float32", source="test"))
         stepped = SteppedModel(model, ResidentExperts(store, device), chunk=len(PROMPT), recorder=rec)
         tokens = generate(stepped, stepped.provider, PROMPT, NEW).token_ids
-        model.router_override = None
         _cache[key] = (model, store, tokens, rec.to_trace())
     return _cache[key]
 
@@ -68,10 +67,7 @@ def run_offloaded(family, policy, predictor, budget, scope, device="cpu", expert
     provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
     stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)
-    try:
-        tokens = generate(stepped, provider, PROMPT, NEW).token_ids
-    finally:
-        model.router_override = None
+    tokens = generate(stepped, provider, PROMPT, NEW).token_ids
     report = provider.finish()
     used = {(m, int(e)) for m in range(L) for e in trace.expert_ids[:, m].ravel()}
     return tokens, ref_tokens, report, used
@@ -117,10 +113,7 @@ def forced_run(predictor: str, *, n_slots: int, lookahead: int, prior: bool = Fa
                                                       trace=trace if prior else None))
     provider = OffloadedExperts(store, "cpu", n_slots, predictor=pred, lookahead=lookahead, max_inflight=INFLIGHT)
     stepped = SteppedModel(model, provider, chunk=1, forced=forced)
-    try:
-        assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
-    finally:
-        model.router_override = None
+    assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
     return provider.finish()
 
 
@@ -222,10 +215,7 @@ def test_executor_lru_misses_equal_a_plain_lru_over_the_same_accesses(n_slots):
     chunk = prefill_chunk(prompt_len=len(PROMPT), pool_slots=n_slots, n_experts=E, top_k=K, inflight=0)
     provider = OffloadedExperts(store, "cpu", n_slots, policy="lru")
     stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)
-    try:
-        assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
-    finally:
-        model.router_override = None
+    assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
     r = provider.finish()
     keys = forced.future(steps(len(PROMPT), NEW, chunk))
     assert r["accesses"] == len(keys)

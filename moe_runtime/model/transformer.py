@@ -17,8 +17,9 @@ Contract:
   fixed shapes (attention runs over the whole cache with a mask).
 - ``router_logits(m, hidden)`` and ``route(m, logits)`` are the router of MoE
   layer m, usable by predictors on any residual; the MoE block uses the same
-  two. ``router_override`` (moe_layer, logits) -> (ids, weights), when set,
-  replaces top-k routing (to force a recorded trace).
+  two. A forward's ``route`` (moe_layer, logits) -> (ids, weights), when given,
+  replaces top-k routing (to force a recorded trace, or to record it); the
+  model keeps no state of it.
 
 Numerics follow transformers 5.23 (eager attention): RMSNorm in float32, RoPE
 tables in float32 cast to the compute dtype, attention softmax in float32,
@@ -101,7 +102,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.moe_layers: tuple[int, ...] = cfg.moe_layers  # moe layer index -> model layer index
-        self.router_override: RouterOverride | None = None
         self.expert_format = format_for(cfg, "float32", torch.float32)  # load_model sets the store's
         self.max_len = 0
         self.cos: Tensor | None = None  # [max_len, R] in compute dtype (R: the rotated dims of a head)
@@ -184,8 +184,10 @@ class Transformer(nn.Module):
 
     # -- forward --
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, provider: ExpertProvider, last_only: bool = False) -> Tensor:
-        """tokens [T] long, input_pos [T] long -> logits [T, V] ([1, V] if last_only)."""
+    def forward(self, tokens: Tensor, input_pos: Tensor, provider: ExpertProvider, last_only: bool = False,
+                route: RouterOverride | None = None) -> Tensor:
+        """tokens [T] long, input_pos [T] long -> logits [T, V] ([1, V] if last_only); ``route`` replaces
+        the routers' top-k (see the module docstring)."""
         if self.causal_mask is None:
             raise RuntimeError("call setup_cache(max_len) before forward")
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # [T, R]
@@ -196,7 +198,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             h = h + block.self_attn(block.input_layernorm(h), input_pos, cos, sin, window if block.sliding else mask)
             if block.is_moe:
-                h = h + self._moe(m, block, h, provider)
+                h = h + self._moe(m, block, h, provider, route)
                 m += 1
             else:
                 h = h + block.mlp(block.post_attention_layernorm(h))
@@ -205,11 +207,12 @@ class Transformer(nn.Module):
         h = self.norm(h)  # [T, H]
         return F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)  # [T, V]
 
-    def _moe(self, m: int, block: Block, h: Tensor, provider: ExpertProvider) -> Tensor:
+    def _moe(self, m: int, block: Block, h: Tensor, provider: ExpertProvider,
+             route: RouterOverride | None = None) -> Tensor:
         # h [N, H]: the residual entering the MoE block, handed to the provider for prediction
         x = block.post_attention_layernorm(h)  # [N, H]
         logits = self._gate(block, x)  # [N, E]; same as router_logits(m, h) without normalising twice
-        ids, weights = (self.router_override or self.route)(m, logits)  # [N, k], [N, k]
+        ids, weights = (route or self.route)(m, logits)  # [N, k], [N, k]
         k = ids.shape[1]
         flat = ids.flatten()  # [N*k], token-major
         # a provider's predictor may want device-side rankings of later layers: fetched with the ids

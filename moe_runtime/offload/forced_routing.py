@@ -10,7 +10,7 @@ Contract:
 - ``bind(device, weight_dtype)`` uploads the sequence's ids [T, L, K] and
   weights once; ``set_step(start, n)`` selects the positions of the next
   forward pass; ``__call__(m, logits) -> (ids [n, K], weights [n, K])`` is the
-  model's ``router_override`` and returns views (nothing is allocated).
+  model forward's ``route`` and returns views (nothing is allocated).
 - ``step_ids(start, n, layer)`` is the list the MoE block hands the provider
   (unique ids, token-major then rank), so ``future(steps)`` is exactly the
   key sequence ``ExpertCache.access_layer`` will see for a list of

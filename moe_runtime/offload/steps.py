@@ -64,7 +64,7 @@ class SteppedModel:
             forced.bind(model.device, torch.float32 if cfg.route_weights_fp32 else model.dtype)
         self._route = forced if forced is not None else model.route
         self._captured: list[tuple[Tensor, Tensor] | None] = [None] * len(model.moe_layers)
-        model.router_override = self._capture if recorder is not None else forced
+        self._override = self._capture if recorder is not None else forced  # passed to each forward
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -96,7 +96,7 @@ class SteppedModel:
         begin = getattr(self.provider, "begin_step", None)
         if begin is not None:
             begin(start, n, future, token)
-        out = self.model(tokens, input_pos, provider, last_only=last_only)
+        out = self.model(tokens, input_pos, provider, last_only=last_only, route=self._override)
         if self.recorder is not None:
             self._record(start, n, phase)
         self.pos += n
