@@ -18,7 +18,12 @@
    times in interleaved rounds, its fastest round counts (a shared machine);
 4. replays each recorded trace on the profile (``Replay``, analytic copies) and
    compares the replay's decode time (``phase_s.decode``) with the executor's
-   ``decode_s``. No calibration is fitted on the points predicted.
+   ``decode_s``. No calibration is fitted on the points predicted. One thing is
+   re-measured: ``layer_compute_ms``, by the profile's own
+   ``measure_layer_compute`` on this process's model once per round, between
+   the decodes (its best round, like the decodes'), because on a shared machine
+   the load during a separate profile run is not the load during the decodes
+   (``--profile-compute-only`` keeps the separate run's value).
 
 ``--json`` prints ``points`` (budget, predictor, measured and simulated seconds,
 error, miss counts of both), ``worst_abs_error`` and ``mean_abs_error``.
@@ -47,6 +52,7 @@ from moe_runtime.model.generate import generate  # noqa: E402
 from moe_runtime.model.spec import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
+from moe_runtime.offload.profile import measure_layer_compute  # noqa: E402
 from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
 from moe_runtime.offload.steps import SteppedModel  # noqa: E402
 from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
@@ -76,7 +82,6 @@ def decode(model, store, forced, device, new: int, n_slots: int, predictor: str,
                                   source="benchmarks/fidelity.py"))
     stepped = SteppedModel(model, provider, chunk=1, forced=forced, recorder=rec)
     res = generate(stepped, provider, [1], new)
-    model.router_override = None
     return res, provider.finish(), rec.to_trace()
 
 
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trace", default=str(ROOT / "traces" / "deepseek-v2-lite-summary.npz"))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile-compute-only", action="store_true",
+                    help="use the separate profile run's layer_compute_ms, not the in-round re-measurement")
     args = ap.parse_args(argv)
     device = torch.device("cpu")
     work = Path(args.work)
@@ -127,12 +134,18 @@ def main(argv=None) -> int:
     pool.zero_()  # touch every page once, outside the timed runs
     decode(model, store, forced, device, 2, K + INFLIGHT, "none", pool)  # warm-up
     best: dict = {}
+    layer_ms = float("inf")
     for _ in range(args.repeats):  # interleaved rounds: a slow spell of the machine hits every configuration
+        layer_ms = min(layer_ms, measure_layer_compute(model, store, device, pool=pool))
         for b, p in configs:
             n_slots = max(L * E * b // 100, K + INFLIGHT)
             res, rep, trace = decode(model, store, forced, device, args.tokens, n_slots, p, pool)
             if (b, p) not in best or res.decode_s < best[b, p][0].decode_s:
                 best[b, p] = (res, rep, trace, n_slots)
+    if not args.profile_compute_only:
+        print(f"layer_compute_ms re-measured between the decodes (best of {args.repeats} rounds): {layer_ms:.3f} "
+              f"(the profile run measured {dev.layer_compute_ms})", file=log)
+        dev = dataclasses.replace(dev, layer_compute_ms=round(layer_ms, 4))
     cost = CostModel(sim_spec, dev)
     points = []
     for b, p in configs:
@@ -146,6 +159,7 @@ def main(argv=None) -> int:
                        "late_sim": sim["late"]})
     errs = [abs(pt["error"]) for pt in points]
     out = {"model": f"deepseek-v2-lite shapes, {L} MoE layers, {args.dtype}, vocab {args.vocab}",
+           "layer_compute_ms": dev.layer_compute_ms,
            "tokens": args.tokens, "repeats": args.repeats, "profile": str(profile), "points": points,
            "worst_abs_error": round(max(errs), 4), "mean_abs_error": round(statistics.mean(errs), 4),
            "load_average": os.getloadavg()[0]}

@@ -221,14 +221,15 @@ def measure_tflops(device: torch.device, n: int = 1024) -> float:
 
 
 @torch.no_grad()  # not inference_mode: the copy thread writes the slot pool made here
-def measure_layer_compute(model, store, device: torch.device, steps: int = 32) -> float:
+def measure_layer_compute(model, store, device: torch.device, steps: int = 32, pool=None) -> float:
     """Milliseconds per MoE layer of one decode step through the offloading executor, all experts hit (median).
 
     The provider holds every expert and is warmed first, so no copy happens; what
     is timed is the forward pass plus the executor's per-layer bookkeeping, which
-    every offloaded layer pays on top of the copies the simulator models.
+    every offloaded layer pays on top of the copies the simulator models. ``pool``: slot memory to
+    reuse (a caller that holds one already need not allocate every expert twice).
     """
-    provider = OffloadedExperts(store, device, store.n_layers * store.n_experts)
+    provider = OffloadedExperts(store, device, store.n_layers * store.n_experts, pool=pool)
     try:
         provider.begin_step(0, 1)
         for m in range(store.n_layers):  # warm: one demand copy of every expert
