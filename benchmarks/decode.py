@@ -72,7 +72,7 @@ COUNTERS = ("accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_u
 def run(model, store, forced, device, prompt, new, *, n_slots=None, policy="lru", scope="global",
         predictor="none", lookahead=1, inflight=4, pool=None, warm=False):
     """Decode once (twice with ``warm``: the first pass fills the cache and only the second is timed and counted)."""
-    L, E, K = store.n_layers, store.n_experts, store.top_k
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     passes = 2 if warm else 1
     if n_slots is None:  # all resident
         provider = ResidentExperts(store, device)
@@ -133,12 +133,12 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, vocab_size=vocab)
     t0 = time.perf_counter()
     model, store = synthetic_model(cfg, device, DTYPES[args.dtype])
-    trace = first_layers(load_trace(args.trace), store.n_layers)
-    forced = ForcedRouting(trace, n_layers=store.n_layers, n_experts=store.n_experts, top_k=store.top_k,
+    trace = first_layers(load_trace(args.trace), store.n_moe_layers)
+    forced = ForcedRouting(trace, n_layers=store.n_moe_layers, n_experts=store.n_experts, top_k=store.top_k,
                            seq=args.trace_seq)
     prompt = list(range(1, args.prompt_len + 1))
     forced.check_length(len(prompt) + args.new_tokens - 1)
-    L, E, K = store.n_layers, store.n_experts, store.top_k
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     budgets = [int(b) for b in args.budgets.split(",")]
     pool = torch.empty(max(L * E * max(budgets) // 100, L * (K + args.max_inflight)), store.layout.numel,
                        dtype=store.layout.dtype, device=device)

@@ -40,7 +40,7 @@ def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("diff")
     path = write_tiny_checkpoint("mixtral", tmp / "ckpt", seed=3, num_hidden_layers=4)
     model, store = load_model(path, "cpu")
-    rec = TraceRecorder(TraceMeta(model="tiny-mixtral", n_layers=store.n_layers, n_experts=store.n_experts,
+    rec = TraceRecorder(TraceMeta(model="tiny-mixtral", n_layers=store.n_moe_layers, n_experts=store.n_experts,
                                   top_k=store.top_k, expert_bytes=store.layout.nbytes, dtype="float32",
                                   source="test"))
     stepped = SteppedModel(model, ResidentExperts(store, "cpu"), chunk=1, recorder=rec)
@@ -51,7 +51,7 @@ def recorded(tmp_path_factory):
 
 def executor_counts(path, trace, policy, predictor, n_slots, scope, per_layer):
     model, store = load_model(path, "cpu")
-    L, E, K = store.n_layers, store.n_experts, store.top_k
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
     ids = trace.expert_ids.tolist()
     pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))

@@ -141,7 +141,7 @@ def test_mxfp4_experts_stay_mxfp4_and_match_the_dequantized_weights(mxfp4):
     weights = 3 * h * i
     assert store.layout.nbytes < weights * 4.25 / 8 + 3 * 16 + (2 * i + h) * 4 + 6 * 16  # ~4.25 bits, biases fp32
     dmodel, dstore, dprovider = ours(d_path)
-    for m in range(store.n_layers):
+    for m in range(store.n_moe_layers):
         for e in range(store.n_experts):
             a = store.layout.dense(store.weights(m, e))
             b = dstore.layout.dense(dstore.weights(m, e))

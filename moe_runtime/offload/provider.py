@@ -51,14 +51,14 @@ class LayerClock:
     seconds since the copy engine's ``base``, so they share the copies' clock.
     """
 
-    def __init__(self, n_layers: int, device: torch.device, base) -> None:
+    def __init__(self, n_moe_layers: int, device: torch.device, base) -> None:
         self.cuda = device.type == "cuda"
         # on CPU the base is the engine's perf_counter origin (0 for an engine without one, e.g. a test's)
         self.base = base if self.cuda or isinstance(base, float) else 0.0
-        self.t = [[0.0, 0.0, 0.0] for _ in range(n_layers)]
-        self.pending = [False] * n_layers
+        self.t = [[0.0, 0.0, 0.0] for _ in range(n_moe_layers)]
+        self.pending = [False] * n_moe_layers
         if self.cuda:
-            self.ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(n_layers)]
+            self.ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(n_moe_layers)]
 
     def mark(self, layer: int, i: int) -> None:
         if self.cuda:
@@ -96,10 +96,10 @@ class OffloadedExperts:
         ``source(layer, expert)`` is what the engine copies from (default: the store's flat host buffer;
         the storage engine takes the expert's byte ranges on disk, and the store then holds no experts)."""
         self.store, self.device = store, torch.device(device)
-        self.n_layers, self.top_k = store.n_layers, store.top_k
+        self.n_moe_layers, self.top_k = store.n_moe_layers, store.top_k
         layout = store.layout
         self.cache = ExpertCache(
-            n_slots=n_slots, n_layers=store.n_layers, n_experts=store.n_experts, experts_per_layer=store.top_k,
+            n_slots=n_slots, n_layers=store.n_moe_layers, n_experts=store.n_experts, experts_per_layer=store.top_k,
             expert_bytes=layout.nbytes, policy=policy, scope=scope, max_inflight=max_inflight,
             future=future, popularity=popularity)
         self.n_slots = self.cache.n_slots  # per-layer scope rounds down to equal shares
@@ -112,13 +112,13 @@ class OffloadedExperts:
         self.views = [layout.views(f) for f in self.slot_flat]  # (w1, w3, w2) views, built once
         # expert -> slot per MoE layer, on the device, for the fixed-shape compute: entries change only
         # when the host assigns a slot (demand or prefetch), and only those of resident experts are read
-        self.table = torch.zeros(store.n_layers, store.n_experts, dtype=torch.long, device=self.device)  # [L, E]
+        self.table = torch.zeros(store.n_moe_layers, store.n_experts, dtype=torch.long, device=self.device)  # [L, E]
         self._assigned: list[tuple[int, int, int]] = []  # (layer, expert, slot) not yet in the table
         source = source or store.flat
-        self.src = [[source(m, e) for e in range(store.n_experts)] for m in range(store.n_layers)]
+        self.src = [[source(m, e) for e in range(store.n_experts)] for m in range(store.n_moe_layers)]
         self.engine = make_engine(self.n_slots, self.device)
         self._release = getattr(self.engine, "needs_release", True)
-        self.clock = LayerClock(self.n_layers, self.device, self.engine.base)
+        self.clock = LayerClock(self.n_moe_layers, self.device, self.engine.base)
         self.protocol = LayerProtocol(self.cache, self, predictor, lookahead=lookahead,
                                       prefetch_width=prefetch_width, record_predictions=record_predictions)
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
@@ -128,7 +128,7 @@ class OffloadedExperts:
             self.timeline.lane("compute")
             for lane in self.engine.lanes:
                 self.timeline.lane(lane)
-        self.layer_stall_s = [0.0] * self.n_layers
+        self.layer_stall_s = [0.0] * self.n_moe_layers
         self.step_stall_s: list[float] = []
         self._steps = 0
         self._open = False  # a step has begun and is not yet folded into the counters
@@ -253,7 +253,7 @@ class OffloadedExperts:
         out["step_stall_s"] = list(self.step_stall_s)
         out["layers"] = [
             {"layer": m, "hits": st.layer_hits[m], "late": st.layer_late[m], "misses": st.layer_misses[m],
-             "stall_s": self.layer_stall_s[m]} for m in range(self.n_layers)]
+             "stall_s": self.layer_stall_s[m]} for m in range(self.n_moe_layers)]
         return out
 
     def write_timeline(self, path) -> None:

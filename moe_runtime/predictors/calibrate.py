@@ -79,7 +79,7 @@ def make_provider(store: HostExpertStore, device: str | torch.device, slots: int
         free, _ = torch.cuda.mem_get_info(device)
         if store.nbytes <= 0.8 * free:
             return ResidentExperts(store, device)
-        slots = min(int(0.8 * free) // store.layout.nbytes, store.n_layers * store.n_experts)
+        slots = min(int(0.8 * free) // store.layout.nbytes, store.n_moe_layers * store.n_experts)
     from moe_runtime.offload.provider import OffloadedExperts
 
     need = store.n_experts + MAX_INFLIGHT
