@@ -229,10 +229,10 @@ def measure_layer_compute(model, store, device: torch.device, steps: int = 32, p
     every offloaded layer pays on top of the copies the simulator models. ``pool``: slot memory to
     reuse (a caller that holds one already need not allocate every expert twice).
     """
-    provider = OffloadedExperts(store, device, store.n_layers * store.n_experts, pool=pool)
+    provider = OffloadedExperts(store, device, store.n_moe_layers * store.n_experts, pool=pool)
     try:
         provider.begin_step(0, 1)
-        for m in range(store.n_layers):  # warm: one demand copy of every expert
+        for m in range(store.n_moe_layers):  # warm: one demand copy of every expert
             for first in range(0, store.n_experts, store.top_k):
                 provider.experts(m, list(range(first, min(first + store.top_k, store.n_experts))), None)
                 provider.end_layer(m)
@@ -251,7 +251,7 @@ def measure_layer_compute(model, store, device: torch.device, steps: int = 32, p
                 times.append(time.perf_counter() - t0)
     finally:
         provider.engine.close()
-    return statistics.median(times) / store.n_layers * 1e3
+    return statistics.median(times) / store.n_moe_layers * 1e3
 
 
 def _sync(device: torch.device) -> None:
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     handoff_us = measure_handoff(device)
     latency_us = max(latency_us - handoff_us, 0.0)  # the hand-off is charged once per waiting layer instead
-    host_us, pred_us = measure_protocol(store.n_layers, store.n_experts, store.top_k)
+    host_us, pred_us = measure_protocol(store.n_moe_layers, store.n_experts, store.top_k)
     profile = {
         "name": args.name or f"{args.device}-profiled",
         "nominal": False,
