@@ -64,6 +64,7 @@ class LayerProtocol:
         self.record_predictions = record_predictions
         self.predicts = self.prefetching or record_predictions  # the predictor runs at every layer
         self.history = RoutingHistory(cache.n_layers)
+        self._ctx = PredictContext(step=0, layer=0, history=self.history)
         self.predictions: list[list] = [[] for _ in range(cache.n_layers)]
         self.step = 0
         self._token: int | None = None
@@ -103,9 +104,10 @@ class LayerProtocol:
             waits.append(o[1])
         if self.predicts:  # 4. the predictor sees this layer's experts, then predicts l+1..l+D
             self.history.record(layer, ids)
-            preds = self.predictor.predict(PredictContext(
-                step=self.step, layer=layer, history=self.history, hidden=hidden, token=self._token,
-                future=self._future, ranked=ranked))
+            ctx = self._ctx  # one context, refilled per layer (host time)
+            ctx.step, ctx.layer, ctx.hidden, ctx.token, ctx.future, ctx.ranked = \
+                self.step, layer, hidden, self._token, self._future, ranked
+            preds = self.predictor.predict(ctx)
             if self.record_predictions:
                 self.predictions[layer] = preds
             if self.prefetching and preds:

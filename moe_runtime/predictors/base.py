@@ -96,5 +96,6 @@ def plan_prefetch(predictions: Sequence[np.ndarray], layer: int, width: int) -> 
     """Keys to prefetch in priority order: nearest layer first, then rank; ``width`` per layer."""
     plan: list[Key] = []
     for d, ranked in enumerate(predictions, start=1):
-        plan.extend((layer + d, int(e)) for e in ranked[:width])
+        target = layer + d
+        plan += [(target, e) for e in (ranked[:width].tolist() if hasattr(ranked, "tolist") else ranked[:width])]
     return plan
