@@ -82,7 +82,7 @@ def run(model, store, forced, device, prompt, new, *, n_slots=None, policy="lru"
         prefetching = predictor != "none"
         chunk = prefill_chunk(prompt_len=len(prompt), pool_slots=pool_slots, n_experts=E, top_k=K,
                               inflight=inflight if prefetching else 0)
-        pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
+        pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                           model=model))
         future = forced.future(steps(len(prompt), new, chunk) * passes) if policy == "belady" else None
         provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred,
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, store = synthetic_model(cfg, device, DTYPES[args.dtype])
     trace = first_layers(load_trace(args.trace), store.n_moe_layers)
-    forced = ForcedRouting(trace, n_layers=store.n_moe_layers, n_experts=store.n_experts, top_k=store.top_k,
+    forced = ForcedRouting(trace, n_moe_layers=store.n_moe_layers, n_experts=store.n_experts, top_k=store.top_k,
                            seq=args.trace_seq)
     prompt = list(range(1, args.prompt_len + 1))
     forced.check_length(len(prompt) + args.new_tokens - 1)
@@ -152,11 +152,11 @@ def main(argv=None) -> int:
           f"({'pinned H2D, copy stream' if device.type == 'cuda' else 'host-to-host, copy thread'})")
 
     run(model, store, forced, device, prompt, 2, n_slots=K, pool=pool)  # warm-up
-    floor_slots = minimum_slots(experts_per_layer=K, max_inflight=0, prefetching=False, scope="global", n_layers=L)
+    floor_slots = minimum_slots(experts_per_layer=K, max_inflight=0, prefetching=False, scope="global", n_moe_layers=L)
     configs = [("all-resident", {}), ("on-demand (min budget)", dict(n_slots=floor_slots))]
     for scope in args.scopes.split(","):
         need = minimum_slots(experts_per_layer=K, max_inflight=args.max_inflight, prefetching=True, scope=scope,
-                             n_layers=L)
+                             n_moe_layers=L)
         for b in budgets:
             n_slots = max(L * E * b // 100, need)
             for policy in args.policies.split(","):

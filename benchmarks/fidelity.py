@@ -74,7 +74,7 @@ def first_layers(trace: Trace, n: int) -> Trace:
 def decode(model, store, forced, device, new: int, n_slots: int, predictor: str, pool):
     """One cold decode of ``new`` tokens after a 1-token prompt; (result, counters, recorded trace)."""
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
+    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
     provider = OffloadedExperts(store, device, n_slots, policy="lru", predictor=pred, lookahead=LOOKAHEAD,
                                 max_inflight=INFLIGHT, pool=pool)
     rec = TraceRecorder(TraceMeta(model="fidelity", n_layers=L, n_experts=E, top_k=K,
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     sim_spec = dataclasses.replace(spec, n_layers=cfg.n_layers, moe_layers=tuple(cfg.moe_layers),
                                    vocab_size=args.vocab, dtype=args.dtype)
     assert sim_spec.expert_bytes == store.layout.nbytes, (sim_spec.expert_bytes, store.layout.nbytes)
-    forced = ForcedRouting(first_layers(load_trace(args.trace), store.n_moe_layers), n_layers=store.n_moe_layers,
+    forced = ForcedRouting(first_layers(load_trace(args.trace), store.n_moe_layers), n_moe_layers=store.n_moe_layers,
                            n_experts=store.n_experts, top_k=store.top_k)
     forced.check_length(args.tokens)
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k

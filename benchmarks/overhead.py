@@ -88,7 +88,7 @@ def provider_for(kind: str, model, store):
         return ResidentExperts(store, "cpu")
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     policy, pred = {"lru": ("lru", "none"), "lfu": ("lfu", "none"), "gate": ("lru", "gate")}[kind]
-    predictor = make_predictor(pred, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=3, model=model))
+    predictor = make_predictor(pred, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=3, model=model))
     return OffloadedExperts(store, "cpu", L * E, policy=policy, predictor=predictor, lookahead=3)
 
 

@@ -77,7 +77,7 @@ def decode(model, store, forced, hdr, new, *, n_slots=None, policy="lru", predic
     if n_slots is None:
         provider = ResidentExperts(store, "cpu")
     else:
-        pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
+        pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                           model=model, recall=recall))
         future = forced.future(steps(1, new, 1)) if policy == "belady" else None
         provider = OffloadedExperts(
@@ -117,7 +117,7 @@ def part1(args) -> dict:
                  layers=(store.layer_buffer(m).view(torch.uint8).numpy().reshape(E, -1) for m in range(L)))
     hdr = read_header(pack)
     trace = first_layers(load_trace(ROOT / "traces" / "deepseek-v2-lite-summary.npz"), L)
-    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K, seq=0)
+    forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K, seq=0)
     sim_trace = trace.slice(0, args.new_tokens)
     segs = [hdr.segments(m, e) for m in range(L) for e in range(E)]
     profiles = []  # this shared disk's rate swings 2x from one second to the next: the profile is measured

@@ -44,8 +44,8 @@ def _flatten(ids, n_experts: int) -> tuple[np.ndarray, np.ndarray]:
     """(keys, group ends): key = layer * E + expert per access in order, and where each (step, layer) ends."""
     lens = [len(x) for step in ids for x in step]
     flat = np.fromiter(chain.from_iterable(chain.from_iterable(ids)), dtype=np.int64, count=sum(lens))
-    n_layers = len(ids[0]) if len(ids) else 0
-    layer_of = np.repeat(np.tile(np.arange(n_layers, dtype=np.int64), len(ids)), lens)
+    n_moe_layers = len(ids[0]) if len(ids) else 0
+    layer_of = np.repeat(np.tile(np.arange(n_moe_layers, dtype=np.int64), len(ids)), lens)
     return layer_of * n_experts + flat, np.cumsum(lens)
 
 
@@ -59,7 +59,7 @@ def _next_use(keys: np.ndarray) -> np.ndarray:
     return nxt
 
 
-def belady_misses(ids: Sequence[Sequence[Sequence[int]]], n_slots: int, scope: str, n_layers: int) -> int:
+def belady_misses(ids: Sequence[Sequence[Sequence[int]]], n_slots: int, scope: str, n_moe_layers: int) -> int:
     """Belady's miss count for ``ids[step][layer]`` (experts in access order) with ``n_slots`` slots."""
     if scope not in ("global", "per-layer"):
         raise ValueError(f"cache scope must be 'global' or 'per-layer', not {scope!r}")
@@ -69,17 +69,17 @@ def belady_misses(ids: Sequence[Sequence[Sequence[int]]], n_slots: int, scope: s
     keys_a, ends_a = _flatten(ids, n_experts)
     nxt = _next_use(keys_a).tolist()
     keys, ends = keys_a.tolist(), ends_a.tolist()
-    n_pools = 1 if scope == "global" else n_layers
+    n_pools = 1 if scope == "global" else n_moe_layers
     cap = n_slots // n_pools
-    resident = bytearray(n_layers * n_experts)
-    prio = [0] * (n_layers * n_experts)  # a resident key's next use; heap entries not matching it are stale
+    resident = bytearray(n_moe_layers * n_experts)
+    prio = [0] * (n_moe_layers * n_experts)  # a resident key's next use; heap entries not matching it are stale
     heaps = [[] for _ in range(n_pools)]
     used = [0] * n_pools
     misses = 0
     push, pop = heapq.heappush, heapq.heappop
     start = 0
     for g, end in enumerate(ends):
-        pool = 0 if n_pools == 1 else g % n_layers
+        pool = 0 if n_pools == 1 else g % n_moe_layers
         heap = heaps[pool]
         group_missed = []
         for i in range(start, end):  # classify: hits move to their next use, misses wait for a slot
@@ -152,14 +152,14 @@ class BoundsCache:
             pass  # a cache that cannot be written only costs time
 
 
-def cached_belady_misses(ids, *, n_slots: int, scope: str, n_layers: int, key: str | None = None,
+def cached_belady_misses(ids, *, n_slots: int, scope: str, n_moe_layers: int, key: str | None = None,
                          cache: BoundsCache | None = None) -> int:
     """``belady_misses`` through the process memo and, when given, the disk cache (both by ``key``)."""
     if key is not None and key in _MEMO:
         return _MEMO[key]
     misses = cache.get(key) if cache is not None and key is not None else None
     if misses is None:
-        misses = belady_misses(ids, n_slots, scope, n_layers)
+        misses = belady_misses(ids, n_slots, scope, n_moe_layers)
         if cache is not None and key is not None:
             cache.put(key, misses)
     if key is not None:
@@ -167,11 +167,11 @@ def cached_belady_misses(ids, *, n_slots: int, scope: str, n_layers: int, key: s
     return misses
 
 
-def bounds(ids, *, n_slots: int, scope: str, n_layers: int, expert_bytes: int, compute_s: float,
+def bounds(ids, *, n_slots: int, scope: str, n_moe_layers: int, expert_bytes: int, compute_s: float,
            n_tokens: int, h2d_bytes_per_s: float, copy_engines: int, key: str | None = None,
            cache: BoundsCache | None = None) -> dict:
     """The report's ``bounds`` entry (see the module docstring for the definitions)."""
-    misses = cached_belady_misses(ids, n_slots=n_slots, scope=scope, n_layers=n_layers, key=key, cache=cache)
+    misses = cached_belady_misses(ids, n_slots=n_slots, scope=scope, n_moe_layers=n_moe_layers, key=key, cache=cache)
     best = max(compute_s, misses * expert_bytes / (h2d_bytes_per_s * copy_engines))
     return {"all_resident_s": compute_s, "all_resident_tokens_per_s": n_tokens / compute_s,
             "best_s": best, "best_tokens_per_s": n_tokens / best, "belady_misses": misses,

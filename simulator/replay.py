@@ -141,10 +141,10 @@ class Replay:
         self.epl = layer_demand(top_k=trace.top_k, batch=opts.batch, n_experts=E)
         opts.check_model(L)
         check_budget(self.n_slots, experts_per_layer=self.epl, max_inflight=opts.max_inflight,
-                     prefetching=opts.prefetching, scope=opts.scope, n_layers=L, expert_bytes=self.expert_bytes)
+                     prefetching=opts.prefetching, scope=opts.scope, n_moe_layers=L, expert_bytes=self.expert_bytes)
         self.copy_s = dev.copy_seconds(self.expert_bytes)
         self.predictor = make_predictor(opts.predictor, PredictorOptions(
-            n_layers=L, n_experts=E, top_k=trace.top_k, lookahead=opts.lookahead,
+            n_moe_layers=L, n_experts=E, top_k=trace.top_k, lookahead=opts.lookahead,
             trace=trace if opts.predictor.startswith("recorded:") else None,
             seed=opts.seed, recall=opts.recall, precision=opts.precision))
 
@@ -152,7 +152,7 @@ class Replay:
         tr, policy = self.trace, self.opts.eviction
         future = access_sequence(self.w.ids) if EVICTION_POLICIES[policy].needs_future else None
         pop = popularity_counts(tr.expert_ids) if EVICTION_POLICIES[policy].needs_popularity else None
-        return ExpertCache(n_slots=self.n_slots, n_layers=tr.n_layers, n_experts=tr.n_experts,
+        return ExpertCache(n_slots=self.n_slots, n_moe_layers=tr.n_layers, n_experts=tr.n_experts,
                            experts_per_layer=self.epl, expert_bytes=self.expert_bytes, policy=policy,
                            scope=self.opts.scope, max_inflight=self.opts.max_inflight, future=future, popularity=pop)
 
@@ -254,7 +254,7 @@ class Replay:
             "tokens_per_s": n_tok / total_s if total_s > 0 else float("inf"),
             "phase_s": self._phase_times(), "layers_waited": self.layers_waited,
             "per_layer": per_layer,
-            "bounds": bounds(self.w.ids, n_slots=self.n_slots, scope=opts.scope, n_layers=self.trace.n_layers,
+            "bounds": bounds(self.w.ids, n_slots=self.n_slots, scope=opts.scope, n_moe_layers=self.trace.n_layers,
                              key=self._bounds_key(), cache=self.bounds_cache,
                              expert_bytes=self.expert_bytes, compute_s=self.resident_s, n_tokens=n_tok,
                              h2d_bytes_per_s=dev.h2d_bytes_per_s, copy_engines=dev.copy_engines),

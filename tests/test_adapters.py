@@ -118,7 +118,7 @@ def test_save_load_round_trip(tmp_path):
     ad.save(p, FP, {"calib_tokens": 1234, "ridge": 1e-3})
     assert [f for f in os.listdir(tmp_path)] == ["ad.safetensors"]  # no temp file left behind
     back = AlignedAdapters.load(p, FP, needed_lookahead=2)
-    assert (back.n_layers, back.hidden, back.lookahead, back.rank) == (4, H, 2, R)
+    assert (back.n_moe_layers, back.hidden, back.lookahead, back.rank) == (4, H, 2, R)
     assert back.metadata == {"calib_tokens": 1234, "ridge": 1e-3}
     for k in ad.pairs():
         assert torch.equal(back.U[k], ad.U[k]) and torch.equal(back.V[k], ad.V[k])

@@ -19,15 +19,15 @@ def test_parse_budget_rejects(text):
 
 
 def test_minimum():
-    assert minimum_slots(experts_per_layer=6, max_inflight=4, prefetching=True, scope="global", n_layers=26) == 10
-    assert minimum_slots(experts_per_layer=6, max_inflight=4, prefetching=False, scope="per-layer", n_layers=26) == 156
+    assert minimum_slots(experts_per_layer=6, max_inflight=4, prefetching=True, scope="global", n_moe_layers=26) == 10
+    assert minimum_slots(experts_per_layer=6, max_inflight=4, prefetching=False, scope="per-layer", n_moe_layers=26) == 156
 
 
 def test_check_budget_names_minimum_in_bytes_and_experts():
     with pytest.raises(MoeError) as e:
         check_budget(7, experts_per_layer=6, max_inflight=4, prefetching=True, scope="global",
-                     n_layers=26, expert_bytes=MB)
+                     n_moe_layers=26, expert_bytes=MB)
     msg = str(e.value)
     assert "minimum of 10 experts" in msg and f"{10 * MB:,} bytes" in msg
     check_budget(10, experts_per_layer=6, max_inflight=4, prefetching=True, scope="global",
-                 n_layers=26, expert_bytes=MB)
+                 n_moe_layers=26, expert_bytes=MB)

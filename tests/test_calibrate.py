@@ -26,7 +26,7 @@ def adapters_file(mixtral4, tmp_path_factory):
 
 def test_calibrate_cli_writes_a_file_that_loads_for_its_model(mixtral4, adapters_file):
     ad = load_adapters_for(mixtral4, adapters_file, D)  # by directory: shape fingerprint
-    assert (ad.n_layers, ad.hidden, ad.lookahead, ad.rank) == (4, 64, D, 8)
+    assert (ad.n_moe_layers, ad.hidden, ad.lookahead, ad.rank) == (4, 64, D, 8)
     assert ad.pairs() == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
     # 3 chunks of 64: two fit the adapters, the last (--holdout 0.25) validates them
     assert ad.metadata["tokens"] == 128 and ad.metadata["heldout_tokens"] == 64 and len(ad.metadata["explained"]) == 5

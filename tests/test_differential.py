@@ -52,9 +52,9 @@ def recorded(tmp_path_factory):
 def executor_counts(path, trace, policy, predictor, n_slots, scope, per_layer):
     model, store = load_model(path, "cpu")
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
+    forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
     ids = trace.expert_ids.tolist()
-    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
+    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
     provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,
                                 lookahead=LOOKAHEAD, max_inflight=INFLIGHT, future=access_sequence(ids),
                                 popularity=popularity_counts(trace.expert_ids),

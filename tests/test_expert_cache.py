@@ -51,7 +51,7 @@ def _groups(steps, layer=None):
 @pytest.mark.parametrize("slots", [2, 5, 12, 32])
 def test_lru_matches_reference(slots):
     steps = _steps(1)
-    cache = ExpertCache(n_slots=slots, n_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=10)
+    cache = ExpertCache(n_slots=slots, n_moe_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=10)
     stats = _run(cache, steps)
     assert stats.misses == _reference_lru_misses(_groups(steps), slots)
     assert stats.hits + stats.late + stats.misses == stats.accesses == 150 * 4 * 2
@@ -60,7 +60,7 @@ def test_lru_matches_reference(slots):
 
 def test_full_budget_misses_only_first_use():
     steps = _steps(2)
-    cache = ExpertCache(n_slots=32, n_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=1, policy="fifo")
+    cache = ExpertCache(n_slots=32, n_moe_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=1, policy="fifo")
     stats = _run(cache, steps)
     assert stats.misses == len(set(access_sequence(steps)))
     assert stats.evictions == 0
@@ -68,7 +68,7 @@ def test_full_budget_misses_only_first_use():
 
 def test_per_layer_scope_splits_budget():
     steps = _steps(3)
-    cache = ExpertCache(n_slots=10, n_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=1, scope="per-layer")
+    cache = ExpertCache(n_slots=10, n_moe_layers=4, n_experts=8, experts_per_layer=2, expert_bytes=1, scope="per-layer")
     assert cache.pool_size == 2 and cache.n_slots == 8
     stats = _run(cache, steps)
     ref = sum(_reference_lru_misses(_groups(steps, layer), 2) for layer in range(4))
@@ -76,7 +76,7 @@ def test_per_layer_scope_splits_budget():
 
 
 def test_prefetch_used_late_and_wasted():
-    cache = ExpertCache(n_slots=6, n_layers=3, n_experts=8, experts_per_layer=2, expert_bytes=1, max_inflight=2)
+    cache = ExpertCache(n_slots=6, n_moe_layers=3, n_experts=8, experts_per_layer=2, expert_bytes=1, max_inflight=2)
     cache.begin_step()
     acc = cache.access_layer(0, [0, 1])
     assert [o for *_, o in acc.outcomes] == [Outcome.MISS, Outcome.MISS]
@@ -100,7 +100,7 @@ def test_prefetch_used_late_and_wasted():
 
 
 def test_prefetch_never_evicts_pinned_or_loading():
-    cache = ExpertCache(n_slots=3, n_layers=2, n_experts=8, experts_per_layer=2, expert_bytes=1, max_inflight=1)
+    cache = ExpertCache(n_slots=3, n_moe_layers=2, n_experts=8, experts_per_layer=2, expert_bytes=1, max_inflight=1)
     cache.begin_step()
     acc = cache.access_layer(0, [0, 1])  # both pinned and loading
     assert cache.prefetch([(1, 5)], layer=0) != []  # the one free slot
@@ -121,7 +121,7 @@ def test_no_pinned_or_loading_slot_is_ever_taken(policy, slots, scope, seed, inf
     rng = random.Random(seed)
     steps = [[rng.sample(range(E), K) for _ in range(L)] for _ in range(25)]
     pop = {(layer, e): rng.random() for layer in range(L) for e in range(E)}
-    cache = ExpertCache(n_slots=slots, n_layers=L, n_experts=E, experts_per_layer=K, expert_bytes=1,
+    cache = ExpertCache(n_slots=slots, n_moe_layers=L, n_experts=E, experts_per_layer=K, expert_bytes=1,
                         policy=policy, scope=scope, max_inflight=inflight,
                         future=access_sequence(steps), popularity=pop)
     loading: set[int] = set()

@@ -19,8 +19,8 @@ from test_offload_parity import NEW, PROMPT, reference
 def bytes_allocated_in_provider(predictor: str) -> int:
     model, store, _, trace = reference("mixtral")
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
-    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=1, model=model))
+    forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
+    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=1, model=model))
     prov = OffloadedExperts(store, "cpu", 8, predictor=pred, max_inflight=2)
     inner = prov.experts
 

@@ -79,7 +79,7 @@ def test_aligned_predictor_with_adapters_file(capsys, ckpt, tmp_path):
     from moe_runtime.predictors.adapters import AlignedAdapters, model_fingerprint
 
     cfg = load_config(ckpt)
-    ad = AlignedAdapters(n_layers=3, hidden=cfg.hidden_size, lookahead=1, rank=2)
+    ad = AlignedAdapters(n_moe_layers=3, hidden=cfg.hidden_size, lookahead=1, rank=2)
     g = torch.Generator().manual_seed(0)
     for l, d in ad.pairs():
         ad.set(l, d, torch.randn(cfg.hidden_size, 2, generator=g), torch.randn(cfg.hidden_size, 2, generator=g))

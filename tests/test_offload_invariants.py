@@ -90,12 +90,12 @@ def test_no_slot_in_use_or_loading_is_overwritten(policy, scope, prefetch, extra
     # the union of a step's tokens must fit a pool: size the minimum for the largest step
     per_layer = max(len({e for tok in layer for e in tok}) for step in steps for layer in step)
     need = minimum_slots(experts_per_layer=per_layer, max_inflight=inflight, prefetching=prefetch,
-                         scope=scope, n_layers=L)
+                         scope=scope, n_moe_layers=L)
     n_slots = min(need + extra, L * E if scope == "global" else need + extra)
     keys = [[list(dict.fromkeys(e for tok in layer for e in tok)) for layer in step] for step in steps]
     future = [(m, e) for step in keys for m, ids in enumerate(step) for e in ids]
     popularity = {k: float(future.count(k)) for k in set(future)}
-    pred = RandomPredictor(PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=lookahead), seed) \
+    pred = RandomPredictor(PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead), seed) \
         if prefetch else None
     engines = []
     prov = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,

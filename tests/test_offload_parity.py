@@ -53,17 +53,17 @@ def run_offloaded(family, policy, predictor, budget, scope, device="cpu", expert
     model, store, ref_tokens, trace = reference(family, device, expert_dtype)
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     prefetching = predictor != "none"
-    need = minimum_slots(experts_per_layer=K, max_inflight=INFLIGHT, prefetching=prefetching, scope=scope, n_layers=L)
+    need = minimum_slots(experts_per_layer=K, max_inflight=INFLIGHT, prefetching=prefetching, scope=scope, n_moe_layers=L)
     n_slots = need if budget == "min" else max(need, L * E * int(budget[:-1]) // 100)
     pool = n_slots if scope == "global" else n_slots // L
     chunk = prefill_chunk(prompt_len=len(PROMPT), pool_slots=pool, n_experts=E, top_k=K,
                           inflight=INFLIGHT if prefetching else 0)
     forced = future = popularity = None
     if policy in ("belady", "static"):
-        forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
+        forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
         future = forced.future(steps(len(PROMPT), NEW, chunk))
         popularity = forced.popularity()
-    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
+    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
     provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
     stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)
@@ -108,8 +108,8 @@ def forced_run(predictor: str, *, n_slots: int, lookahead: int, prior: bool = Fa
     """
     model, store, ref_tokens, trace = reference("mixtral")
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
-    pred = make_predictor(predictor, PredictorOptions(n_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
+    forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
+    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                       trace=trace if prior else None))
     provider = OffloadedExperts(store, "cpu", n_slots, predictor=pred, lookahead=lookahead, max_inflight=INFLIGHT)
     stepped = SteppedModel(model, provider, chunk=1, forced=forced)
@@ -211,7 +211,7 @@ def plain_lru_misses(keys, capacity):
 def test_executor_lru_misses_equal_a_plain_lru_over_the_same_accesses(n_slots):
     model, store, ref_tokens, trace = reference("mixtral")
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K)
+    forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
     chunk = prefill_chunk(prompt_len=len(PROMPT), pool_slots=n_slots, n_experts=E, top_k=K, inflight=0)
     provider = OffloadedExperts(store, "cpu", n_slots, policy="lru")
     stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)

@@ -17,9 +17,9 @@ def test_registry_names():
 
 def test_lru_fifo_lfu_victims():
     keys = [(0, 0), (0, 1), (0, 2)]
-    lru = make_policy("lru", n_layers=1, capacity=3, stream_slots=1)
-    fifo = make_policy("fifo", n_layers=1, capacity=3, stream_slots=1)
-    lfu = make_policy("lfu", n_layers=1, capacity=3, stream_slots=1)
+    lru = make_policy("lru", n_moe_layers=1, capacity=3, stream_slots=1)
+    fifo = make_policy("fifo", n_moe_layers=1, capacity=3, stream_slots=1)
+    lfu = make_policy("lfu", n_moe_layers=1, capacity=3, stream_slots=1)
     for p in (lru, fifo, lfu):
         _fill(p, keys)
         for k in [(0, 0), (0, 0), (0, 2), (0, 1)]:
@@ -32,7 +32,7 @@ def test_lru_fifo_lfu_victims():
 
 
 def test_layer_cyclic_evicts_layer_just_computed_first():
-    p = make_policy("layer-cyclic", n_layers=4, capacity=4, stream_slots=1)
+    p = make_policy("layer-cyclic", n_moe_layers=4, capacity=4, stream_slots=1)
     _fill(p, [(0, 0), (1, 0), (2, 0), (3, 0)])
     always = lambda k: True  # noqa: E731
     assert p.victim(always, 2) == (1, 0)  # at layer 2, layer 1 is 3 steps ahead cyclically
@@ -42,7 +42,7 @@ def test_layer_cyclic_evicts_layer_just_computed_first():
 
 def test_static_protects_hot_set():
     pop = {(0, 0): 10, (0, 1): 5, (0, 2): 1, (0, 3): 0}
-    p = make_policy("static", n_layers=1, capacity=3, stream_slots=1, popularity=pop)
+    p = make_policy("static", n_moe_layers=1, capacity=3, stream_slots=1, popularity=pop)
     assert p.hot == {(0, 0), (0, 1)}
     _fill(p, [(0, 0), (0, 1), (0, 2)])
     assert p.victim(lambda k: True, 0) == (0, 2)
@@ -51,7 +51,7 @@ def test_static_protects_hot_set():
 
 def test_belady_evicts_furthest_next_use():
     future = [(0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 0), (0, 2)]
-    p = make_policy("belady", n_layers=1, capacity=2, stream_slots=1, future=future)
+    p = make_policy("belady", n_moe_layers=1, capacity=2, stream_slots=1, future=future)
     _fill(p, [(0, 0), (0, 1), (0, 2)])
     for k in future[:3]:
         p.access(k)
@@ -62,9 +62,9 @@ def test_belady_evicts_furthest_next_use():
 @pytest.mark.parametrize("name", ["static", "belady"])
 def test_policies_that_need_data_say_so(name):
     with pytest.raises(MoeError, match=name):
-        make_policy(name, n_layers=1, capacity=2, stream_slots=1)
+        make_policy(name, n_moe_layers=1, capacity=2, stream_slots=1)
 
 
 def test_unknown_policy():
     with pytest.raises(MoeError, match="unknown eviction policy 'mru'"):
-        make_policy("mru", n_layers=1, capacity=2, stream_slots=1)
+        make_policy("mru", n_moe_layers=1, capacity=2, stream_slots=1)

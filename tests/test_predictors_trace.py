@@ -16,7 +16,7 @@ def _trace(rows):
 
 
 def _opts(**kw):
-    return PredictorOptions(n_layers=3, n_experts=4, top_k=1, lookahead=2, **kw)
+    return PredictorOptions(n_moe_layers=3, n_experts=4, top_k=1, lookahead=2, **kw)
 
 
 def test_popularity_from_trace_alone():
@@ -59,7 +59,7 @@ def test_oracle_and_noisy_oracle():
     with pytest.raises(MoeError, match="oracle"):
         make_predictor("oracle", _opts()).predict(PredictContext(step=0, layer=0, history=RoutingHistory(3)))
     # Over many draws, a noisy oracle's recall and precision approach the asked values.
-    opts = PredictorOptions(n_layers=2, n_experts=64, top_k=8, lookahead=1, recall=0.75, precision=0.6, seed=1)
+    opts = PredictorOptions(n_moe_layers=2, n_experts=64, top_k=8, lookahead=1, recall=0.75, precision=0.6, seed=1)
     noisy = make_predictor("noisy-oracle", opts)
     true = list(range(8))
     hit = pred = 0

@@ -17,7 +17,7 @@ TRACES = Path(__file__).resolve().parent.parent / "traces"
 def cache_belady(ids, n_slots, scope, n_layers):
     """The count as the runtime cache makes it: ExpertCache, policy belady, no prefetch."""
     per_layer = max(len(x) for step in ids for x in step)
-    cache = ExpertCache(n_slots=n_slots, n_layers=n_layers, n_experts=1 + max(e for s in ids for x in s for e in x),
+    cache = ExpertCache(n_slots=n_slots, n_moe_layers=n_layers, n_experts=1 + max(e for s in ids for x in s for e in x),
                         experts_per_layer=per_layer, expert_bytes=0, policy="belady", scope=scope,
                         future=access_sequence(ids))
     for step in ids:
@@ -57,13 +57,13 @@ def test_disk_cache_round_trip(tmp_path):
     cache = B.BoundsCache(tmp_path / "c")
     key = B.BoundsCache.key(B.trace_digest(trace), 20, "global", 50, 1)
     B._MEMO.clear()
-    n = B.cached_belady_misses(ids, n_slots=20, scope="global", n_layers=32, key=key, cache=cache)
+    n = B.cached_belady_misses(ids, n_slots=20, scope="global", n_moe_layers=32, key=key, cache=cache)
     assert cache.get(key) == n == B.belady_misses(ids, 20, "global", 32)
     B._MEMO.clear()
     (tmp_path / "c" / f"{key}.json").write_text('{"belady_misses": 7}')  # what is stored is what is returned
-    assert B.cached_belady_misses(ids, n_slots=20, scope="global", n_layers=32, key=key, cache=cache) == 7
+    assert B.cached_belady_misses(ids, n_slots=20, scope="global", n_moe_layers=32, key=key, cache=cache) == 7
     (tmp_path / "c" / f"{key}.json").write_text("not json")  # unreadable: computed again and rewritten
     B._MEMO.clear()
-    assert B.cached_belady_misses(ids, n_slots=20, scope="global", n_layers=32, key=key, cache=cache) == n
+    assert B.cached_belady_misses(ids, n_slots=20, scope="global", n_moe_layers=32, key=key, cache=cache) == n
     assert cache.get(key) == n
     assert B.trace_digest(trace) != B.trace_digest(trace.slice(0, 49))

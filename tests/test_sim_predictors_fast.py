@@ -26,10 +26,10 @@ class OldPopularity(Predictor):
 
     def __init__(self, opts: PredictorOptions) -> None:
         super().__init__(opts)
-        self.counts = np.zeros((opts.n_layers, opts.n_experts), dtype=np.float64)
+        self.counts = np.zeros((opts.n_moe_layers, opts.n_experts), dtype=np.float64)
         if opts.trace is not None:
             ids = opts.trace.expert_ids.astype(np.int64)  # [T, L, K]
-            for layer in range(opts.n_layers):
+            for layer in range(opts.n_moe_layers):
                 self.counts[layer] += np.bincount(ids[:, layer].ravel(), minlength=opts.n_experts)
 
     def predict(self, ctx: PredictContext) -> list[np.ndarray]:
@@ -51,7 +51,7 @@ class OldHistory(Predictor):
 
     def __init__(self, opts: PredictorOptions) -> None:
         super().__init__(opts)
-        L, D, E = opts.n_layers, opts.lookahead, opts.n_experts
+        L, D, E = opts.n_moe_layers, opts.lookahead, opts.n_experts
         self.co = np.zeros((L, D, E, E), dtype=np.float32)
         self.pop = np.zeros((L, E), dtype=np.float32)
         if opts.trace is not None:
@@ -81,11 +81,11 @@ class OldHistory(Predictor):
 
     def observe(self, history: RoutingHistory) -> None:
         cur = history.current
-        for layer in range(self.opts.n_layers):
+        for layer in range(self.opts.n_moe_layers):
             if cur[layer] is None:
                 continue
             self.pop[layer, cur[layer]] += 1
-            for d in range(1, min(self.opts.lookahead, self.opts.n_layers - 1 - layer) + 1):
+            for d in range(1, min(self.opts.lookahead, self.opts.n_moe_layers - 1 - layer) + 1):
                 if cur[layer + d] is not None:
                     self.co[layer, d - 1][np.ix_(cur[layer], cur[layer + d])] += 1
 
@@ -123,7 +123,7 @@ def _drive(new, old, steps, n_layers):
 def test_fast_predictors_rank_as_the_plain_ones(trace_name, tokens, batch, lookahead, prior):
     trace, _ = load_inputs(TRACES / trace_name, None, tokens)
     steps = build_workload(trace, batch).ids
-    opts = PredictorOptions(n_layers=trace.n_layers, n_experts=trace.n_experts, top_k=trace.top_k,
+    opts = PredictorOptions(n_moe_layers=trace.n_layers, n_experts=trace.n_experts, top_k=trace.top_k,
                             lookahead=lookahead, trace=trace.slice(0, tokens // 2) if prior else None)
     for name, old_cls in (("history", OldHistory), ("popularity", OldPopularity)):
         n = _drive(make_predictor(name, opts), old_cls(opts), steps, trace.n_layers)

@@ -40,23 +40,23 @@ def layer_demand(*, top_k: int, batch: int, n_experts: int) -> int:
 
 
 def minimum_slots(*, experts_per_layer: int, max_inflight: int, prefetching: bool,
-                  scope: str, n_layers: int) -> int:
+                  scope: str, n_moe_layers: int) -> int:
     """The smallest slot count that can run: one layer's experts plus in-flight prefetches."""
     per_pool = experts_per_layer + (max_inflight if prefetching else 0)
-    return per_pool * (n_layers if scope == "per-layer" else 1)
+    return per_pool * (n_moe_layers if scope == "per-layer" else 1)
 
 
 def check_budget(n_slots: int, *, experts_per_layer: int, max_inflight: int, prefetching: bool,
-                 scope: str, n_layers: int, expert_bytes: int) -> None:
+                 scope: str, n_moe_layers: int, expert_bytes: int) -> None:
     """Raise MoeError naming the minimum in bytes and experts when ``n_slots`` is below it."""
     need = minimum_slots(experts_per_layer=experts_per_layer, max_inflight=max_inflight,
-                         prefetching=prefetching, scope=scope, n_layers=n_layers)
+                         prefetching=prefetching, scope=scope, n_moe_layers=n_moe_layers)
     if n_slots < need:
         what = f"{experts_per_layer} experts per layer"
         if prefetching:
             what += f" + {max_inflight} in flight"
         if scope == "per-layer":
-            what += f", times {n_layers} layers for per-layer scope"
+            what += f", times {n_moe_layers} layers for per-layer scope"
         raise MoeError(
             f"expert budget of {n_slots} experts ({n_slots * expert_bytes:,} bytes) is below the minimum of "
             f"{need} experts ({need * expert_bytes:,} bytes): {what}")

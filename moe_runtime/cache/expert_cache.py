@@ -75,7 +75,7 @@ class ExpertCache:
         self,
         *,
         n_slots: int,
-        n_layers: int,
+        n_moe_layers: int,
         n_experts: int,
         experts_per_layer: int,
         expert_bytes: int,
@@ -87,10 +87,10 @@ class ExpertCache:
     ) -> None:
         if scope not in ("global", "per-layer"):
             raise ValueError(f"cache scope must be 'global' or 'per-layer', not {scope!r}")
-        self.n_layers, self.n_experts = n_layers, n_experts
+        self.n_moe_layers, self.n_experts = n_moe_layers, n_experts
         self.experts_per_layer, self.expert_bytes = experts_per_layer, expert_bytes
         self.max_inflight, self.scope = max_inflight, scope
-        n_pools = 1 if scope == "global" else n_layers
+        n_pools = 1 if scope == "global" else n_moe_layers
         self.pool_size = n_slots // n_pools
         self.n_slots = self.pool_size * n_pools
         self.pools: list[EvictionPolicy] = []
@@ -99,7 +99,7 @@ class ExpertCache:
             pool_pop = popularity if n_pools == 1 or popularity is None else {
                 k: v for k, v in popularity.items() if k[0] == p}
             self.pools.append(make_policy(
-                policy, n_layers=n_layers, capacity=self.pool_size,
+                policy, n_moe_layers=n_moe_layers, capacity=self.pool_size,
                 stream_slots=experts_per_layer + max_inflight, future=pool_future, popularity=pool_pop))
         # Free slots per pool, popped from the end so slot 0 is used first.
         self._free = [list(range((p + 1) * self.pool_size - 1, p * self.pool_size - 1, -1)) for p in range(n_pools)]
@@ -112,7 +112,7 @@ class ExpertCache:
         self._loading_prefetch: set[int] = set()
         self._pending: list[Key] = []  # misses of the layer being classified, not yet given a slot
         self.step = 0
-        self.stats = CacheStats(layer_hits=[0] * n_layers, layer_late=[0] * n_layers, layer_misses=[0] * n_layers)
+        self.stats = CacheStats(layer_hits=[0] * n_moe_layers, layer_late=[0] * n_moe_layers, layer_misses=[0] * n_moe_layers)
 
     # -- queries -----------------------------------------------------------------
     def _pool(self, layer: int) -> int:

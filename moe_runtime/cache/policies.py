@@ -137,10 +137,10 @@ class LayerCyclic(EvictionPolicy):
 
     name = "layer-cyclic"
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_moe_layers: int) -> None:
         super().__init__()
-        self.n_layers = n_layers
-        self._by_layer: list[OrderedDict[Key, None]] = [OrderedDict() for _ in range(n_layers)]
+        self.n_moe_layers = n_moe_layers
+        self._by_layer: list[OrderedDict[Key, None]] = [OrderedDict() for _ in range(n_moe_layers)]
 
     def insert(self, key: Key) -> None:
         self._by_layer[key[0]][key] = None
@@ -154,8 +154,8 @@ class LayerCyclic(EvictionPolicy):
         self._by_layer[key[0]].pop(key, None)
 
     def victim(self, evictable: Evictable, layer: int) -> Key | None:
-        for ahead in range(self.n_layers - 1, -1, -1):
-            od = self._by_layer[(layer + ahead) % self.n_layers]
+        for ahead in range(self.n_moe_layers - 1, -1, -1):
+            od = self._by_layer[(layer + ahead) % self.n_moe_layers]
             k = next((k for k in od if evictable(k)), None)
             if k is not None:
                 return k
@@ -242,7 +242,7 @@ EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {
 def make_policy(
     name: str,
     *,
-    n_layers: int,
+    n_moe_layers: int,
     capacity: int,
     stream_slots: int,
     future: Iterable[Key] | None = None,
@@ -253,7 +253,7 @@ def make_policy(
     if cls is None:
         raise MoeError(f"unknown eviction policy {name!r}; choose one of {', '.join(EVICTION_POLICIES)}")
     if cls is LayerCyclic:
-        return LayerCyclic(n_layers)
+        return LayerCyclic(n_moe_layers)
     if cls is Static:
         if popularity is None:
             raise MoeError("eviction policy 'static' needs a popularity profile (a routing trace)")

@@ -63,9 +63,9 @@ class LayerProtocol:
         self.prefetching = predictor is not None and predictor.name != "none"
         self.record_predictions = record_predictions
         self.predicts = self.prefetching or record_predictions  # the predictor runs at every layer
-        self.history = RoutingHistory(cache.n_layers)
+        self.history = RoutingHistory(cache.n_moe_layers)
         self._ctx = PredictContext(step=0, layer=0, history=self.history)
-        self.predictions: list[list] = [[] for _ in range(cache.n_layers)]
+        self.predictions: list[list] = [[] for _ in range(cache.n_moe_layers)]
         self.step = 0
         self._token: int | None = None
         self._future: Callable[[int], Sequence[int]] | None = None

@@ -79,7 +79,7 @@ def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: 
     n = parse_budget(opts.budget or DEFAULT_BUDGET["generate"], expert_bytes=expert_bytes,
                      total_experts=n_layers * n_experts)
     check_budget(n, experts_per_layer=top_k, max_inflight=opts.max_inflight, prefetching=opts.prefetching,
-                 scope=opts.scope, n_layers=n_layers, expert_bytes=expert_bytes)
+                 scope=opts.scope, n_moe_layers=n_layers, expert_bytes=expert_bytes)
     return n
 
 
@@ -145,7 +145,7 @@ class OffloadRun:
         forced = trace = None
         if args.route_from_trace:
             trace = load_trace(args.route_from_trace)
-            forced = ForcedRouting(trace, n_layers=L, n_experts=E, top_k=K, seq=args.trace_seq)
+            forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K, seq=args.trace_seq)
             forced.check_length(prompt_len + args.max_new_tokens - 1)
         prefetching = opts.prefetching
         pool = n_slots if opts.scope == "global" else n_slots // L
@@ -172,7 +172,7 @@ class OffloadRun:
             adapters = load_adapters_for(model, args.adapters, opts.lookahead)
         # only recorded:NAME reads the forced trace; a prior from it would hand history/popularity the future
         predictor = make_predictor(opts.predictor, PredictorOptions(
-            n_layers=L, n_experts=E, top_k=K, lookahead=opts.lookahead, model=model, adapters=adapters,
+            n_moe_layers=L, n_experts=E, top_k=K, lookahead=opts.lookahead, model=model, adapters=adapters,
             trace=trace if opts.predictor.startswith("recorded:") else None))
         if predictor.needs_future and forced is None:  # say so now, not mid-decode with copies in flight
             raise MoeError(f"--predictor {opts.predictor} needs the true routing: give --route-from-trace FILE")

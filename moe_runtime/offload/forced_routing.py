@@ -2,7 +2,7 @@
 
 Contract:
 
-- ``ForcedRouting(trace, n_layers=, n_experts=, top_k=, seq=N)`` takes the N-th
+- ``ForcedRouting(trace, n_moe_layers=, n_experts=, top_k=, seq=N)`` takes the N-th
   sequence of the trace (maximal run of one ``seq_id``, in file order); prompt
   and decoded position p maps to that sequence's token p. A trace whose
   layers, experts or top-k differ from the model's raises ``MoeError``, and so
@@ -36,8 +36,8 @@ from moe_runtime.traces import Trace
 
 
 class ForcedRouting:
-    def __init__(self, trace: Trace, *, n_layers: int, n_experts: int, top_k: int, seq: int = 0) -> None:
-        trace.check_model("--route-from-trace", n_layers=n_layers, n_experts=n_experts, top_k=top_k)
+    def __init__(self, trace: Trace, *, n_moe_layers: int, n_experts: int, top_k: int, seq: int = 0) -> None:
+        trace.check_model("--route-from-trace", n_layers=n_moe_layers, n_experts=n_experts, top_k=top_k)
         seqs = trace.sequences()
         if not 0 <= seq < len(seqs):
             raise MoeError(f"--trace-seq {seq} is out of range: the trace has {len(seqs)} sequences")

@@ -159,10 +159,10 @@ def measure_protocol(n_layers: int, n_experts: int, top_k: int, steps: int = 300
         """(seconds per layer, layers with misses), best of 3."""
         best, missed = float("inf"), 0
         for _ in range(3):
-            cache = ExpertCache(n_slots=n_slots, n_layers=n_layers, n_experts=n_experts, experts_per_layer=top_k,
+            cache = ExpertCache(n_slots=n_slots, n_moe_layers=n_layers, n_experts=n_experts, experts_per_layer=top_k,
                                 expert_bytes=1, policy="lru", max_inflight=4)
             link = _NullLink(cache)
-            pred = make_predictor(predictor, PredictorOptions(n_layers=n_layers, n_experts=n_experts, top_k=top_k,
+            pred = make_predictor(predictor, PredictorOptions(n_moe_layers=n_layers, n_experts=n_experts, top_k=top_k,
                                                               lookahead=lookahead))
             proto = LayerProtocol(cache, link, pred, lookahead=lookahead)
             missed = 0

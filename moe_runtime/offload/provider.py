@@ -99,7 +99,7 @@ class OffloadedExperts:
         self.n_moe_layers, self.top_k = store.n_moe_layers, store.top_k
         layout = store.layout
         self.cache = ExpertCache(
-            n_slots=n_slots, n_layers=store.n_moe_layers, n_experts=store.n_experts, experts_per_layer=store.top_k,
+            n_slots=n_slots, n_moe_layers=store.n_moe_layers, n_experts=store.n_experts, experts_per_layer=store.top_k,
             expert_bytes=layout.nbytes, policy=policy, scope=scope, max_inflight=max_inflight,
             future=future, popularity=popularity)
         self.n_slots = self.cache.n_slots  # per-layer scope rounds down to equal shares

@@ -207,31 +207,33 @@ def model_fingerprint(config: Any, extra: str | None = None) -> str:
 
 
 class AlignedAdapters:
-    """U, V [H, r] for every (l, d) with 1 <= d <= lookahead and l + d < n_layers.
+    """U, V [H, r] for every (l, d) with 1 <= d <= lookahead and l + d < n_moe_layers.
 
-    ``l`` indexes MoE layers 0..n_layers-1. Built empty; ``set`` fills pairs;
+    ``l`` indexes MoE layers 0..n_moe_layers-1. Built empty; ``set`` fills pairs;
     ``save`` requires all pairs. Tensors are float32 on CPU until ``to``.
     """
 
-    def __init__(self, n_layers: int, hidden: int, lookahead: int, rank: int, eps: float = 1e-6) -> None:
-        for name, v in (("n_layers", n_layers), ("hidden", hidden), ("lookahead", lookahead), ("rank", rank)):
+    def __init__(self, n_moe_layers: int, hidden: int, lookahead: int, rank: int, eps: float = 1e-6) -> None:
+        for name, v in (("n_moe_layers", n_moe_layers), ("hidden", hidden), ("lookahead", lookahead), ("rank", rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise MoeError(f"adapters: {name} must be a positive integer, got {v!r}")
         if rank > hidden:
             raise MoeError(f"adapters: rank {rank} exceeds hidden size {hidden}")
-        self.n_layers, self.hidden, self.lookahead, self.rank, self.eps = n_layers, hidden, lookahead, rank, eps
+        self.n_moe_layers, self.hidden, self.lookahead = n_moe_layers, hidden, lookahead
+        self.rank, self.eps = rank, eps
         self.U: dict[tuple[int, int], torch.Tensor] = {}
         self.V: dict[tuple[int, int], torch.Tensor] = {}
         self.metadata: dict[str, Any] = {}  # user metadata read back by load()
 
     def pairs(self) -> list[tuple[int, int]]:
         """All (l, d) this set covers, layer-major."""
-        return [(l, d) for l in range(self.n_layers) for d in range(1, self.lookahead + 1) if l + d < self.n_layers]
+        return [(l, d) for l in range(self.n_moe_layers) for d in range(1, self.lookahead + 1)
+                if l + d < self.n_moe_layers]
 
     def _check_pair(self, l: int, d: int) -> None:
-        if not (0 <= l and 1 <= d <= self.lookahead and l + d < self.n_layers):
+        if not (0 <= l and 1 <= d <= self.lookahead and l + d < self.n_moe_layers):
             raise MoeError(f"adapters: no adapter for layer {l} distance {d} "
-                           f"(n_layers {self.n_layers}, lookahead {self.lookahead})")
+                           f"(n_moe_layers {self.n_moe_layers}, lookahead {self.lookahead})")
 
     def set(self, l: int, d: int, U: torch.Tensor, V: torch.Tensor) -> None:
         self._check_pair(l, d)
@@ -274,7 +276,7 @@ class AlignedAdapters:
             tensors[f"U.{l}.{d}"] = self.U[(l, d)].float().cpu().contiguous()
             tensors[f"V.{l}.{d}"] = self.V[(l, d)].float().cpu().contiguous()
         meta = {"format": FORMAT, "version": VERSION, "fingerprint": str(fingerprint),
-                "lookahead": str(self.lookahead), "rank": str(self.rank), "n_layers": str(self.n_layers),
+                "lookahead": str(self.lookahead), "rank": str(self.rank), "n_layers": str(self.n_moe_layers),
                 "hidden": str(self.hidden), "eps": repr(float(self.eps)),
                 "metadata_json": json.dumps(dict(metadata or {}), sort_keys=True)}
         data = save(tensors, metadata=meta)  # bytes: the adapters are small
@@ -301,7 +303,9 @@ class AlignedAdapters:
                     raise MoeError(f"{path} was fitted for another model (fingerprint {fp[:12]}, "
                                    f"this model {str(expected_fingerprint)[:12]})")
                 try:
-                    n_layers, hidden, D, rank = (int(meta[k]) for k in ("n_layers", "hidden", "lookahead", "rank"))
+                    # the file's key stays "n_layers" (format of files already written): MoE layers
+                    n_moe_layers, hidden, D, rank = (int(meta[k]) for k in ("n_layers", "hidden", "lookahead",
+                                                                            "rank"))
                     eps = float(meta.get("eps", "1e-6"))
                     user = json.loads(meta.get("metadata_json", "{}"))
                 except (KeyError, ValueError) as e:
@@ -309,7 +313,7 @@ class AlignedAdapters:
                 if D < needed_lookahead:
                     raise MoeError(f"{path} has adapters up to distance {D}, but lookahead {needed_lookahead} "
                                    "is needed; recalibrate with a larger lookahead")
-                ad = cls(n_layers, hidden, D, rank, eps)
+                ad = cls(n_moe_layers, hidden, D, rank, eps)
                 keys = set(f.keys())
                 for l, d in ad.pairs():
                     if f"U.{l}.{d}" not in keys or f"V.{l}.{d}" not in keys:

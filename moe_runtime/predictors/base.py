@@ -1,7 +1,7 @@
 """The predictor interface shared by the executor and the simulator.
 
 At MoE layer ``l`` of a step, a predictor returns, for each distance
-d = 1..D with l+d < n_layers, the expert ids of layer l+d ranked by score,
+d = 1..D with l+d < n_moe_layers, the expert ids of layer l+d ranked by score,
 best first; the prefetch planner takes as many as the budget allows. What a
 predictor may look at is in ``PredictContext``: the residual stream entering
 layer l's MoE block (executor only), the routing already seen
@@ -23,9 +23,9 @@ from moe_runtime.cache.policies import Key
 class RoutingHistory:
     """Expert ids chosen per layer by the current step so far, and by the last ``window`` steps."""
 
-    def __init__(self, n_layers: int, window: int = 4) -> None:
-        self.n_layers = n_layers
-        self.current: list[np.ndarray | None] = [None] * n_layers
+    def __init__(self, n_moe_layers: int, window: int = 4) -> None:
+        self.n_moe_layers = n_moe_layers
+        self.current: list[np.ndarray | None] = [None] * n_moe_layers
         self.recent: deque[list[np.ndarray | None]] = deque(maxlen=window)
 
     def record(self, layer: int, ids: Sequence[int]) -> None:
@@ -33,7 +33,7 @@ class RoutingHistory:
 
     def end_step(self) -> None:
         self.recent.append(self.current)
-        self.current = [None] * self.n_layers
+        self.current = [None] * self.n_moe_layers
 
 
 @dataclass
@@ -51,7 +51,7 @@ class PredictContext:
 class PredictorOptions:
     """Everything a predictor may be built from; each predictor checks what it needs."""
 
-    n_layers: int
+    n_moe_layers: int
     n_experts: int
     top_k: int
     lookahead: int
@@ -84,7 +84,7 @@ class Predictor(abc.ABC):
         """Called once a step is complete (its routing is in ``history.current``): online learning."""
 
     def distances(self, layer: int) -> range:
-        return range(1, min(self.opts.lookahead, self.opts.n_layers - 1 - layer) + 1)
+        return range(1, min(self.opts.lookahead, self.opts.n_moe_layers - 1 - layer) + 1)
 
 
 def rank_scores(scores: np.ndarray) -> np.ndarray:

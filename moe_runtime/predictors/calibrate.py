@@ -7,12 +7,12 @@ Contract:
   ``inner`` (any provider: all-resident or offloaded) for the experts, so the
   forward's outputs are the inner provider's. ``forward_chunks`` runs the model
   over token chunks (each an independent sequence from position 0) and yields
-  the T x n_layers residuals of one chunk at a time. ``make_provider`` gives
+  the T x n_moe_layers residuals of one chunk at a time. ``make_provider`` gives
   all-resident experts when they fit on the device, else (or with
   ``--expert-slots N``) an ``OffloadedExperts`` cache, so a checkpoint larger
   than the GPU calibrates with host memory = the expert store + the below.
 - ``calibrate(model, provider, chunks, lookahead, rank, ...)`` STREAMS: per
-  chunk, for every (l, d) with 1 <= d <= lookahead and l + d < n_layers it adds
+  chunk, for every (l, d) with 1 <= d <= lookahead and l + d < n_moe_layers it adds
   (RMSNorm(h_l), h_{l+d} - h_l) to one ``RidgeAccumulator`` and drops the
   chunk's hidden states. Memory is the accumulators (pairs x 3 x H^2 float64,
   on the host), one chunk's residuals, and a bounded reservoir sample of
@@ -56,9 +56,9 @@ MAX_INFLIGHT = 4  # copies in flight of an offloaded provider (no prefetching du
 class HiddenCapture:
     """Provider wrapper: ``hidden[l]`` is the residual [T, H] entering MoE layer l in the last forward."""
 
-    def __init__(self, inner: ExpertProvider, n_layers: int):
+    def __init__(self, inner: ExpertProvider, n_moe_layers: int):
         self.inner = inner
-        self.hidden: list[Tensor | None] = [None] * n_layers
+        self.hidden: list[Tensor | None] = [None] * n_moe_layers
 
     def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
         self.hidden[layer] = hidden  # the model never writes into it (h = h + ... makes a new tensor)
@@ -93,8 +93,8 @@ def make_provider(store: HostExpertStore, device: str | torch.device, slots: int
 def forward_chunks(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.ndarray],
                    progress: bool = False, desc: str = "") -> Iterator[tuple[np.ndarray, list[Tensor]]]:
     """Run each chunk as one sequence; yield (chunk ids, residuals entering each MoE block, [T, H] each)."""
-    n_layers = model.cfg.n_moe_layers
-    capture = HiddenCapture(provider, n_layers)
+    n_moe_layers = model.cfg.n_moe_layers
+    capture = HiddenCapture(provider, n_moe_layers)
     longest = max(len(c) for c in chunks)
     if model.max_len < longest:
         model.setup_cache(longest)
@@ -104,30 +104,30 @@ def forward_chunks(model: Transformer, provider: ExpertProvider, chunks: Sequenc
     for chunk in chunks:
         tokens = torch.as_tensor(chunk, dtype=torch.long, device=model.device)  # [T]
         pos = torch.arange(len(chunk), device=model.device)  # [T]
-        capture.hidden = [None] * n_layers
+        capture.hidden = [None] * n_moe_layers
         if hasattr(provider, "begin_step"):  # an offloading provider opens a step per forward
             provider.begin_step(0, len(chunk))
         model(tokens, pos, capture, last_only=True)  # logits unused; the residuals are what we want
         hidden = capture.hidden
-        capture.hidden = [None] * n_layers
+        capture.hidden = [None] * n_moe_layers
         yield chunk, hidden
         bar.update(len(chunk))
     bar.close()
 
 
 class Reservoir:
-    """A uniform sample of at most ``size`` token rows [n_layers, H] (algorithm R, seeded), kept on the host."""
+    """A uniform sample of at most ``size`` token rows [n_moe_layers, H] (algorithm R, seeded), kept on the host."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.seen = size, 0
         self.rng = np.random.default_rng(seed)
-        self.rows: Tensor | None = None  # [size, n_layers, H]
+        self.rows: Tensor | None = None  # [size, n_moe_layers, H]
         self.filled = 0
 
     def add(self, hidden: list[Tensor]) -> None:
         if self.size <= 0:
             return
-        stacked = torch.stack(hidden, dim=1).cpu()  # [T, n_layers, H]
+        stacked = torch.stack(hidden, dim=1).cpu()  # [T, n_moe_layers, H]
         if self.rows is None:
             self.rows = torch.empty(self.size, *stacked.shape[1:], dtype=stacked.dtype)
         for t in range(stacked.shape[0]):

@@ -104,7 +104,7 @@ def evaluate(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.n
     if trace is not None and (trace.n_layers, trace.n_experts) != (L, E):
         raise MoeError(f"the history trace has {trace.n_layers} layers x {trace.n_experts} experts, "
                        f"the model {L} x {E}")
-    opts = PredictorOptions(n_layers=L, n_experts=E, top_k=k, lookahead=lookahead, model=model,
+    opts = PredictorOptions(n_moe_layers=L, n_experts=E, top_k=k, lookahead=lookahead, model=model,
                             adapters=adapters, trace=trace, seed=seed)
     predictors = {n: make_predictor(n, opts) for n in names}
     histories = {n: RoutingHistory(L) for n in names}

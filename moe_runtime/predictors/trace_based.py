@@ -75,10 +75,10 @@ class Popularity(Predictor):
 
     def __init__(self, opts: PredictorOptions) -> None:
         super().__init__(opts)
-        self.counts = np.zeros((opts.n_layers, opts.n_experts), dtype=np.float64)
+        self.counts = np.zeros((opts.n_moe_layers, opts.n_experts), dtype=np.float64)
         if opts.trace is not None:
             ids = opts.trace.expert_ids.astype(np.int64)  # [T, L, K]
-            for layer in range(opts.n_layers):
+            for layer in range(opts.n_moe_layers):
                 self.counts[layer] += np.bincount(ids[:, layer].ravel(), minlength=opts.n_experts)
         self._ranked: list | None = None  # per layer, its experts best first; None: counts changed
 
@@ -110,7 +110,7 @@ class History(Predictor):
 
     def __init__(self, opts: PredictorOptions) -> None:
         super().__init__(opts)
-        L, D, E = opts.n_layers, opts.lookahead, opts.n_experts
+        L, D, E = opts.n_moe_layers, opts.lookahead, opts.n_experts
         self.co = np.zeros((L, D, E, E), dtype=np.float32)
         self.pop = np.zeros((L, E), dtype=np.float32)
         if opts.trace is not None:
@@ -174,7 +174,7 @@ class History(Predictor):
 
     def observe(self, history: RoutingHistory) -> None:
         cur = history.current
-        L, E = self.opts.n_layers, self.opts.n_experts
+        L = self.opts.n_moe_layers
         dense = _stack(cur)
         _add_ones(self.pop, cur, dense)
         for d in range(1, min(self.opts.lookahead, L - 1) + 1):
