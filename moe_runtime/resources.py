@@ -60,6 +60,8 @@ def available_bytes(device="cpu") -> int:
     if str(device).startswith("cuda"):
         import torch
 
+        if not torch.cuda.is_available():
+            raise MoeError("device cuda requested but CUDA is not available")
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
     return _host_available()

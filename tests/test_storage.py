@@ -86,9 +86,17 @@ def test_foreign_and_truncated_packed_files_are_refused(run_cli, ckpt, packed, t
     cut.write_bytes(packed.read_bytes()[:-5000])
     code, _, err = run_cli(["generate", "--model", path, "--prompt-ids", PROMPT, "--expert-source", f"disk:{cut}"])
     assert code == 2 and "truncated" in err and len(err.strip().splitlines()) == 1
-    for bad in ("disk:", "tape", "memory:x"):
+    for bad in ("disk:", "tape", "memory:x", "memory:"):
         code, _, err = run_cli(["generate", "--model", path, "--prompt-ids", PROMPT, "--expert-source", bad])
         assert code == 2 and "--expert-source" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+def test_cuda_without_cuda_is_one_line(run_cli, ckpt, packed):
+    path, _ = ckpt
+    for extra in ([], ["--expert-source", f"disk:{packed}"]):
+        code, _, err = run_cli(["generate", "--model", path, "--prompt-ids", PROMPT, "--device", "cuda", *extra])
+        assert code == 2 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
 
 
 def test_host_budget_is_refused_on_cpu(run_cli, ckpt, packed):

@@ -113,7 +113,7 @@ class OffloadedExperts:
         # expert -> slot per MoE layer, on the device, for the fixed-shape compute: entries change only
         # when the host assigns a slot (demand or prefetch), and only those of resident experts are read
         self.table = torch.zeros(store.n_moe_layers, store.n_experts, dtype=torch.long, device=self.device)  # [L, E]
-        self._assigned: list[tuple[int, int, int]] = []  # (layer, expert, slot) not yet in the table
+        self._assigned: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot not yet in the table
         source = source or store.flat
         self.src = [[source(m, e) for e in range(store.n_experts)] for m in range(store.n_moe_layers)]
         self.engine = make_engine(self.n_slots, self.device)
@@ -138,21 +138,21 @@ class OffloadedExperts:
         return self.engine.cancel_if_queued(slot)
 
     def demand(self, slot: int, key: Key) -> None:
-        self._assigned.append((key[0], key[1], slot))
+        self._assigned[key] = slot
         self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=True)
 
     def promote(self, slot: int) -> None:
         self.engine.promote(slot)
 
     def prefetch(self, slot: int, key: Key) -> None:
-        self._assigned.append((key[0], key[1], slot))
+        self._assigned[key] = slot  # the latest assignment of a key wins (bounded: one entry per expert)
         self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=False)
 
     def expert_table(self, layer: int) -> tuple[Tensor, Tensor]:
         """(expert -> slot [E] long, the slot pool [S, numel]) on the device, for the fixed-shape compute;
         valid for the experts of the layer just served by ``experts``."""
         if self._assigned:  # one small host-to-device update for every slot assigned since the last call
-            ls, es, ss = zip(*self._assigned)
+            (ls, es), ss = zip(*self._assigned), list(self._assigned.values())
             self._assigned.clear()
             self.table[list(ls), list(es)] = torch.tensor(ss, dtype=torch.long).to(self.device, non_blocking=True)
         return self.table[layer], self.pool

@@ -133,8 +133,6 @@ class DiskReadEngine:
 
     # -- the compute thread's side ------------------------------------------------------
     def submit(self, slot: int, src, dst: Tensor, demand: bool) -> None:
-        self._done[slot].clear()
-        self._gen[slot] += 1
         pieces, pos = [], 0
         for f, offset, n in src:
             for a in range(0, n, self.chunk):
@@ -143,8 +141,10 @@ class DiskReadEngine:
         if pos != dst.numel() * dst.element_size():
             raise MoeError(f"internal: the expert's segments hold {pos:,} bytes, its slot "
                            f"{dst.numel() * dst.element_size():,}")
-        req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, dst)
-        with self._cv:
+        with self._cv:  # under the lock: a reader finishing this slot's previous read cannot set it again
+            self._done[slot].clear()
+            self._gen[slot] += 1
+            req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, dst)
             self._outstanding.add(slot)
             self._active[slot] = req
             heapq.heappush(self._heap, [req.priority, next(self._seq), req])
@@ -259,11 +259,13 @@ class DiskReadEngine:
                 t1 = time.perf_counter() - self.base
                 self.bytes_read += req.fetched
                 self.records.append(CopyRecord(req.slot, req.demand, req.t0, t1, req.fetched, "read"))
+                # set before the report, under the lock: once the compute can see this read finished (and
+                # reuse the slot), no late set() from this thread can mark a newer read of the slot done
+                self._done[req.slot].set()
                 self._finished.append((req.slot, req.gen))
                 if self._active.get(req.slot) is req:
                     del self._active[req.slot]
                 self._cv.notify_all()  # a draining close() waits for this
-            self._done[req.slot].set()
 
     def _read(self, piece, out: np.ndarray, bounce: np.ndarray) -> int:
         """Read one piece into its place in the slot's bytes ``out``; returns the bytes fetched from storage."""

@@ -37,8 +37,8 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 
 
 def parse_expert_source(text: str) -> tuple[str, str | None]:
-    kind, _, path = str(text).partition(":")
-    if kind not in SOURCES or (kind == "memory" and path) or (kind == "disk" and _ and not path):
+    kind, colon, path = str(text).partition(":")
+    if kind not in SOURCES or (kind == "memory" and colon) or (kind == "disk" and colon and not path):
         raise MoeError(f"--expert-source must be memory, disk or disk:FILE, not {text!r}")
     return kind, path or None
 
