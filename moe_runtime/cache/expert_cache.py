@@ -191,10 +191,11 @@ class ExpertCache:
             return
         layer = self._pending[0][0]
         pool = self._pool(layer)
+        ok = self._evictable(())
         for o in outcomes:
             if o[1] == -1:
                 key = (layer, o[0])
-                o[1] = slot = self._take_slot(pool, layer, ())
+                o[1] = slot = self._take_slot(pool, layer, ok)
                 if slot is None:
                     raise RuntimeError(f"internal: no evictable slot for demand of {key}")
                 self._map(slot, key)
@@ -243,26 +244,30 @@ class ExpertCache:
         each other. ``layer`` is the layer the compute is at.
         """
         protect = set(plan)
+        ok = self._evictable(protect)  # one predicate for the whole plan (host time)
+        slot_of, loading, unused = self.slot_of, self._loading_prefetch, self._unused_prefetch
+        room, per_pool, step = self.pool_size - self.experts_per_layer, self._prefetch_loading, self.step
         issued = []
         for key in plan:
-            if key in self.slot_of:
+            if key in slot_of:
                 continue
-            if len(self._loading_prefetch) >= self.max_inflight:
+            if len(loading) >= self.max_inflight:
                 break
-            pool = self._pool(key[0])
-            if self._prefetch_loading[pool] >= self.pool_size - self.experts_per_layer:
+            pool = 0 if self.scope == "global" else key[0]
+            if per_pool[pool] >= room:
                 continue  # keep room for one layer's demand in this pool
-            slot = self._take_slot(pool, layer, protect)
+            slot = self._take_slot(pool, layer, ok)
             if slot is None:
                 continue
             self._map(slot, key)
             self.pools[pool].insert(key)
-            self._loading_prefetch.add(slot)
-            self._prefetch_loading[pool] += 1
-            self._unused_prefetch[slot] = (self.step, key[0])
-            self.stats.prefetch_issued += 1
-            self.stats.bytes_h2d += self.expert_bytes
+            loading.add(slot)
+            per_pool[pool] += 1
+            unused[slot] = (step, key[0])
             issued.append((key, slot))
+        if issued:
+            self.stats.prefetch_issued += len(issued)
+            self.stats.bytes_h2d += len(issued) * self.expert_bytes
         return issued
 
     def finish(self) -> CacheStats:
@@ -280,12 +285,13 @@ class ExpertCache:
             return s is not None and state[s] == READY and s not in pinned and key not in protect
         return ok
 
-    def _take_slot(self, pool: int, layer: int, protect) -> int | None:
-        """A free slot of ``pool``, else one freed by evicting the policy's victim; None if none may go."""
+    def _take_slot(self, pool: int, layer: int, ok) -> int | None:
+        """A free slot of ``pool``, else one freed by evicting the policy's victim among the keys for which
+        ``ok`` (an ``_evictable`` predicate) holds; None if none may go."""
         free = self._free[pool]
         if free:
             return free.pop()
-        victim = self.pools[pool].victim(self._evictable(protect), layer)
+        victim = self.pools[pool].victim(ok, layer)
         if victim is None:
             return None
         slot = self.slot_of[victim]

@@ -94,14 +94,14 @@ class LayerProtocol:
             if link.withdraw(slot):
                 cache.cancel(slot)
         cache.admit_misses(outcomes)  # 3. misses take slots (a withdrawn one too) ...
-        for o in outcomes:
-            if o[2] is _HIT:
+        for e, slot, outcome in outcomes:
+            if outcome is _HIT:
                 continue
-            if o[2] is _MISS:
-                link.demand(o[1], (layer, o[0]))  # ... and are copied ahead of every queued prefetch
+            if outcome is _MISS:
+                link.demand(slot, (layer, e))  # ... and are copied ahead of every queued prefetch
             else:
-                link.promote(o[1])  # a late prefetch still queued moves ahead
-            waits.append(o[1])
+                link.promote(slot)  # a late prefetch still queued moves ahead
+            waits.append(slot)
         if self.predicts:  # 4. the predictor sees this layer's experts, then predicts l+1..l+D
             self.history.record(layer, ids)
             ctx = self._ctx  # one context, refilled per layer (host time)
