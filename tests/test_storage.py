@@ -70,8 +70,10 @@ def test_disk_tokens_equal_ram_tokens(run_cli, ckpt, packed, policy, predictor, 
         assert r["copies"] == copies > 0
         if source.startswith("disk:"):  # aligned records: each copy reads exactly one record, withdrawn ones none
             assert r["bytes_read"] == copies * read_header(packed).stride
+            assert r["reads_from"] == f"packed file {packed}"
         else:  # the checkpoint's own files: aligned over-reads, never less than the experts themselves
             assert r["bytes_read"] >= r["bytes_h2d"]
+            assert r["reads_from"].startswith("the checkpoint's safetensors files")
 
 
 def test_foreign_and_truncated_packed_files_are_refused(run_cli, ckpt, packed, tmp_path):

@@ -133,6 +133,7 @@ class OffloadRun:
     args: argparse.Namespace
     opts: OffloadOptions
     device: torch.device
+    reads_from: str | None = None  # what the disk tier reads (the packed file, or the checkpoint's own files)
 
     @classmethod
     def build(cls, args: argparse.Namespace, model: Transformer, store: HostExpertStore,
@@ -206,7 +207,8 @@ class OffloadRun:
             **({"make_engine": make_engine} if make_engine else {}))
         stepped = SteppedModel(model, provider, chunk=chunk, forced=forced, recorder=recorder,
                                predictor_name=opts.predictor if record_preds else None, lookahead=opts.lookahead)
-        return cls(provider, stepped, recorder, args, opts, torch.device(args.device))
+        return cls(provider, stepped, recorder, args, opts, torch.device(args.device),
+                   disk.describe if kind == "disk" else None)
 
     def finish(self) -> dict:
         """Drain, write the trace and timeline if asked, and return the --json fields of the offloading run."""
@@ -214,6 +216,8 @@ class OffloadRun:
         a, o = self.args, self.opts
         out.update(policy=o.eviction, cache_scope=o.scope, predictor=o.predictor, lookahead=o.lookahead,
                    prefill_chunk=self.model.chunk, expert_source=a.expert_source)
+        if self.reads_from is not None:
+            out["reads_from"] = self.reads_from
         if self.recorder is not None:
             self.recorder.save(a.record_trace)
         if a.timeline is not None:
