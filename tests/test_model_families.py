@@ -80,7 +80,7 @@ def test_mla_caches_the_latent_and_rope_key_only(tiny_checkpoint):
     cfg = model.cfg
     for layer in model.layers:
         attn = layer.self_attn
-        assert attn.kv_cache.shape == (11, cfg.kv_lora_rank) and attn.pe_cache.shape == (11, cfg.qk_rope_head_dim)
+        assert attn.kv_cache.shape == (1, 11, cfg.kv_lora_rank) and attn.pe_cache.shape == (1, 11, cfg.qk_rope_head_dim)
         assert not hasattr(attn, "k_cache")
     per_token = sum(t.numel() for layer in model.layers for t in (layer.self_attn.kv_cache, layer.self_attn.pe_cache))
     assert per_token == 11 * cfg.n_layers * cfg.kv_elements_per_token() == 11 * 2 * (16 + 4)

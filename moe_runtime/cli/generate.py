@@ -1,8 +1,11 @@
 """`moe-runtime generate`: decode text with a local MoE checkpoint, every expert resident on the device.
 
 Prints the generated text (or token ids without a tokenizer), or with
-``--json`` one JSON object: token_ids (generated only), text (when the
-checkpoint has a tokenizer.json), prefill_s, decode_s, tokens_per_s.
+``--json`` one JSON object: sequences (one ``{token_ids, text}`` per prompt:
+generated tokens only, text when the checkpoint has a tokenizer.json; with
+one prompt both also at the top level), prefill_s, decode_s, tokens_per_s
+(every sequence's decoded tokens over the decode time). Repeated
+``--prompt``/``--prompt-ids`` decode together as one static batch.
 Before any weight is loaded, a decode longer than the model's
 ``max_position_embeddings`` or whose KV cache cannot fit in memory is refused;
 the CPU thread rule (``resources.use_cpu_threads``) is the same for the
@@ -33,8 +36,10 @@ from moe_runtime.cli.offload import (OffloadRun, add_arguments as add_offload_ar
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
-    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--prompt", action="append", help="prompt text (needs tokenizer.json in the checkpoint); "
+                     "repeat it to decode several prompts together as one batch")
+    src.add_argument("--prompt-ids", action="append", help="prompt as comma-separated token ids, e.g. 1,2,3; "
+                     "repeatable, as --prompt")
     p.add_argument("--max-new-tokens", type=integer(1), default=32, help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=number(0), default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass (default 1.0)")
@@ -53,14 +58,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_offload_arguments(p)  # --budget, --policy, --predictor, ... (offload_cli.py)
 
 
-def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max_new_tokens: int, device) -> None:
-    """Refuse (MoeError) a decode past the model's positions, or whose KV cache and mask cannot fit."""
+def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max_new_tokens: int, device,
+                        batch: int = 1) -> None:
+    """Refuse (MoeError) a decode past the model's positions, or whose KV cache (``batch`` sequences of the
+    longest prompt) and mask cannot fit."""
     n = n_prompt + max_new_tokens  # what generate() preallocates
     if n > cfg.max_position_embeddings:
         raise MoeError(f"prompt ({n_prompt} tokens) + --max-new-tokens {max_new_tokens} = {n} positions exceeds "
                        f"the model's max_position_embeddings ({cfg.max_position_embeddings})")
     item = torch.empty((), dtype=dtype).element_size()
-    kv = cfg.n_layers * cfg.kv_elements_per_token() * n * item  # Transformer.setup_cache: k and v (MLA: latent)
+    kv = batch * cfg.n_layers * cfg.kv_elements_per_token() * n * item  # setup_cache: k and v (MLA: latent)
     tables = n * n + 2 * n * cfg.head_dim * (4 + item)  # the [n, n] bool causal mask; RoPE cos/sin
     check_fits(f"a KV cache for {n} positions (--max-new-tokens {max_new_tokens})", kv + tables, device)
 
@@ -72,36 +79,45 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         if tokenizer is None:
             raise MoeError(f"--prompt needs {args.model}/tokenizer.json; give --prompt-ids instead")
-        prompt_ids = tokenizer.encode(args.prompt).ids
+        prompts = [tokenizer.encode(p).ids for p in args.prompt]
+        if not all(prompts):
+            raise MoeError("--prompt encodes to no tokens: give some text")
     else:
-        prompt_ids = parse_prompt_ids(args.prompt_ids)
-    check_decode_length(load_config(args.model), checkpoint_dtype(args.model, args.dtype), len(prompt_ids),
-                        args.max_new_tokens, args.device)
-    preflight(args)  # a budget below the minimum is refused before any weight is loaded
+        prompts = [parse_prompt_ids(p) for p in args.prompt_ids]
+    check_decode_length(load_config(args.model), checkpoint_dtype(args.model, args.dtype),
+                        max(map(len, prompts)), args.max_new_tokens, args.device, len(prompts))
+    preflight(args, len(prompts))  # a budget below the minimum is refused before any weight is loaded
     use_cpu_threads(args.device)  # resident and offloaded alike
     on_disk = expert_source(args)[0] == "disk"  # experts stay on storage: the store holds none
     model, store = load_model(args.model, args.device, parse_dtype(args.dtype), load_experts=not on_disk,
                               expert_dtype=args.expert_dtype, check_finite=not args.trust_weights)
-    off = OffloadRun.build(args, model, store, len(prompt_ids))
+    off = OffloadRun.build(args, model, store, [len(p) for p in prompts])
     provider = off.provider if off else ResidentExperts(store, args.device)
     try:
-        res = generate(off.model if off else model, provider, prompt_ids, args.max_new_tokens, args.temperature,
-                       args.top_p, args.seed, model.cfg.eos_token_ids)
+        res = generate(off.model if off else model, provider, prompts[0] if len(prompts) == 1 else prompts,
+                       args.max_new_tokens, args.temperature, args.top_p, args.seed, model.cfg.eos_token_ids)
     except BaseException:
         if off is not None:  # stop the copy thread before exiting: one left running can abort the interpreter
             off.provider.engine.close()
         raise
     offload = off.finish() if off else None
-    text = tokenizer.decode(res.token_ids) if tokenizer is not None else None
+    seqs = getattr(res, "sequences", [res])
+    sequences = [{"token_ids": s.token_ids} for s in seqs]
+    if tokenizer is not None:
+        for row, s in zip(sequences, seqs):
+            row["text"] = tokenizer.decode(s.token_ids)
     if args.json:
-        out = {"token_ids": res.token_ids}
-        if text is not None:
-            out["text"] = text
-        out.update(prefill_s=res.prefill_s, decode_s=res.decode_s, tokens_per_s=res.tokens_per_s)
+        out = dict(sequences[0]) if len(seqs) == 1 else {}  # one prompt: also at the top level, as before
+        out.update(sequences=sequences, prefill_s=res.prefill_s, decode_s=res.decode_s,
+                   tokens_per_s=res.tokens_per_s)
         out.update(offload or {})
         print(json.dumps(out))
     else:
-        print(text if text is not None else ",".join(map(str, res.token_ids)))
-        print(f"[{len(res.token_ids)} tokens; prefill {res.prefill_s:.3f} s; "
+        for i, row in enumerate(sequences):
+            if len(sequences) > 1:
+                print(f"--- sequence {i}")
+            print(row.get("text", ",".join(map(str, row["token_ids"]))))
+        n = sum(len(s.token_ids) for s in seqs)
+        print(f"[{n} tokens{f' in {len(seqs)} sequences' if len(seqs) > 1 else ''}; prefill {res.prefill_s:.3f} s; "
               f"decode {res.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ Contract:
   safetensors header) and refuses a budget below the minimum (one layer's top-k experts
   plus the in-flight slots; times the layers with per-layer scope), and a
   ``--record-trace``/``--timeline`` that cannot be written, before any weight is loaded.
-- ``OffloadRun.build(args, model, store, prompt_len)`` returns None when no
+- ``OffloadRun.build(args, model, store, prompt_lens)`` returns None when no
   offloading flag is given (all experts resident, the reference) and otherwise
   the provider and the wrapped model to pass to ``generate()``; ``finish()``
   drains the copies, writes the recorded trace and the timeline, and returns
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.cache.budget import check_budget, parse_budget
+from moe_runtime.cache.budget import check_budget, layer_demand, parse_budget
 from moe_runtime.model.checkpoint import DTYPES, SafetensorsReader, expert_format, parse_dtype
 from moe_runtime.model.config import load_config, read_json
 from moe_runtime.errors import MoeError
@@ -73,12 +73,15 @@ def offloading(args: argparse.Namespace) -> bool:
     return any(getattr(args, dest, default) != default for dest, default in _DEFAULTS.items())
 
 
-def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int) -> int:
-    """Slots the budget buys, checked against the minimum (MoeError naming it in bytes and experts)."""
+def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
+                 batch: int = 1) -> int:
+    """Slots the budget buys, checked against the minimum (MoeError naming it in bytes and experts); a batch
+    of B prompts needs a layer's union of B x top-k experts at once."""
     opts.check_model(n_layers)
     n = parse_budget(opts.budget or DEFAULT_BUDGET["generate"], expert_bytes=expert_bytes,
                      total_experts=n_layers * n_experts)
-    check_budget(n, experts_per_layer=top_k, max_inflight=opts.max_inflight, prefetching=opts.prefetching,
+    demand = layer_demand(top_k=top_k, batch=batch, n_experts=n_experts)
+    check_budget(n, experts_per_layer=demand, max_inflight=opts.max_inflight, prefetching=opts.prefetching,
                  scope=opts.scope, n_moe_layers=n_layers, expert_bytes=expert_bytes)
     return n
 
@@ -98,8 +101,9 @@ def expert_source(args: argparse.Namespace) -> tuple[str, str | None]:
     return kind, path
 
 
-def preflight(args: argparse.Namespace) -> None:
-    """Refuse bad offloading flags and a too-small budget from config.json alone, before loading weights."""
+def preflight(args: argparse.Namespace, batch: int = 1) -> None:
+    """Refuse bad offloading flags and a too-small budget (for a batch of ``batch`` prompts) from config.json
+    alone, before loading weights."""
     if not offloading(args):
         return
     opts = options_from_args(OffloadOptions, args)
@@ -114,7 +118,10 @@ def preflight(args: argparse.Namespace) -> None:
     dtype = checkpoint_dtype(args.model, args.dtype)
     layout = expert_format(cfg, getattr(args, "expert_dtype", "auto"), dtype)  # the experts' bytes, as loaded
     budget_slots(opts, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
-                 expert_bytes=layout.nbytes)
+                 expert_bytes=layout.nbytes, batch=batch)
+    if batch > 1 and opts.predictor.startswith("recorded:"):
+        raise MoeError(f"--predictor {opts.predictor} replays one sequence's recorded predictions; "
+                       "give one prompt")
 
 
 def checkpoint_dtype(model_dir, flag: str | None) -> torch.dtype:
@@ -137,17 +144,21 @@ class OffloadRun:
 
     @classmethod
     def build(cls, args: argparse.Namespace, model: Transformer, store: HostExpertStore,
-              prompt_len: int) -> "OffloadRun | None":
+              prompt_lens: int | list[int]) -> "OffloadRun | None":
         if not offloading(args):
             return None
+        lens = [prompt_lens] if isinstance(prompt_lens, int) else list(prompt_lens)
+        prompt_len = max(lens)
         opts = options_from_args(OffloadOptions, args)
         L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-        n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes)
+        n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
+                               batch=len(lens))
         forced = trace = None
-        if args.route_from_trace:
+        if args.route_from_trace:  # prompt b follows trace sequence --trace-seq + b
             trace = load_trace(args.route_from_trace)
-            forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K, seq=args.trace_seq)
-            forced.check_length(prompt_len + args.max_new_tokens - 1)
+            forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K, seq=args.trace_seq,
+                                   batch=len(lens))
+            forced.check_length([n + args.max_new_tokens - 1 for n in lens])
         prefetching = opts.prefetching
         pool = n_slots if opts.scope == "global" else n_slots // L
         chunk = prefill_chunk(prompt_len=prompt_len, pool_slots=pool, n_experts=E, top_k=K,
@@ -156,7 +167,7 @@ class OffloadRun:
         if opts.eviction == "belady":
             if forced is None:
                 raise MoeError("--eviction belady needs the future: give --route-from-trace FILE")
-            future = forced.future(steps(prompt_len, args.max_new_tokens, chunk))
+            future = forced.future(steps(lens, args.max_new_tokens, chunk))
         if opts.eviction == "static":
             if args.popularity_trace:
                 hot = load_trace(args.popularity_trace)

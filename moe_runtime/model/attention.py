@@ -1,9 +1,11 @@
 """Attention of the decoder, top to bottom: RMSNorm, RoPE (default and YaRN), grouped-query attention
 (optional q/k norms, clipping, biases, sinks, partial rotary) and multi-head latent attention (MLA).
 
-Contract: both attention modules take ``forward(x [T, H], input_pos [T], cos, sin, mask [T, L]) -> [T, H]``
-and write their preallocated cache (``setup_cache(max_len, device, dtype)``) at ``input_pos``; ``mask`` is
-bool (True = may attend) over the whole cache of L positions. ``rope_tables(cfg, max_len, device)`` gives
+Contract: both attention modules take ``forward(x [T, H], input_pos [T], cos, sin, mask [T, L], rows)
+-> [T, H]`` and write their preallocated cache (``setup_cache(max_len, device, dtype, batch)``: one row per
+sequence) at ``input_pos``; ``mask`` is bool (True = may attend) over the whole cache of L positions.
+``rows`` an int: every token belongs to that sequence (a prefill, or a batch of one); a LongTensor [T]:
+token i belongs to sequence ``rows[i]`` (a batched decode step, one token per sequence). ``rope_tables(cfg, max_len, device)`` gives
 the cos/sin tables [L, rotary_dim] in float32 (YaRN's attention factor included); ``Rope`` applies them.
 
 - GQA caches k and v per KV head: [n_kv, L, head_dim] each.
@@ -116,11 +118,12 @@ class Attention(nn.Module):
         self.k_cache: Tensor | None = None  # [n_kv, max_len, D]
         self.v_cache: Tensor | None = None  # [n_kv, max_len, D]
 
-    def setup_cache(self, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.k_cache = torch.zeros(self.n_kv, max_len, self.head_dim, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(self.n_kv, max_len, self.head_dim, device=device, dtype=dtype)
+    def setup_cache(self, max_len: int, device: torch.device, dtype: torch.dtype, batch: int = 1) -> None:
+        self.k_cache = torch.zeros(batch, self.n_kv, max_len, self.head_dim, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(batch, self.n_kv, max_len, self.head_dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                rows: int | Tensor = 0) -> Tensor:
         # x [T, H]; input_pos [T]; cos, sin [T, R]; mask [T, max_len] bool (True = may attend)
         t = x.shape[0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, nH*D], [T, nKV*D], [T, nKV*D]
@@ -135,25 +138,44 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(0, 1), cos, sin)  # [nH, T, D]
         k = apply_rope(k.transpose(0, 1), cos, sin)  # [nKV, T, D]
         v = v.view(t, self.n_kv, self.head_dim).transpose(0, 1)  # [nKV, T, D]
-        self.k_cache.index_copy_(1, input_pos, k)
-        self.v_cache.index_copy_(1, input_pos, v)
+        rep = self.n_heads // self.n_kv
+        if not isinstance(rows, int):  # one token per sequence (a batched decode step)
+            return self.o_proj(self._rows(q, k, v, input_pos, mask, rows, rep))
+        k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]  # [nKV, L, D] views of this sequence
+        k_cache.index_copy_(1, input_pos, k)
+        v_cache.index_copy_(1, input_pos, v)
 
         # grouped-query attention without repeating K/V: group the query heads by their KV head
-        rep = self.n_heads // self.n_kv
         qg = q.reshape(self.n_kv, rep * t, self.head_dim)  # [nKV, rep*T, D]
-        scores = torch.matmul(qg, self.k_cache.transpose(1, 2)) * self.head_dim**-0.5  # [nKV, rep*T, L]
+        scores = torch.matmul(qg, k_cache.transpose(1, 2)) * self.head_dim**-0.5  # [nKV, rep*T, L]
         scores = scores.view(self.n_kv, rep, t, -1)  # [nKV, rep, T, L]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        if self.sinks is None:
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [nKV, rep, T, L]
-        else:  # GPT-OSS: each head's sink logit joins the softmax and takes its share of the mass
-            sink = self.sinks.view(self.n_kv, rep, 1, 1).expand(-1, -1, t, 1)  # [nKV, rep, T, 1]
-            logits = torch.cat([scores, sink], dim=-1)  # [nKV, rep, T, L+1]
-            logits = logits - logits.max(dim=-1, keepdim=True).values
-            probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]  # [nKV, rep, T, L]
-        out = torch.matmul(probs.reshape(self.n_kv, rep * t, -1), self.v_cache)  # [nKV, rep*T, D]
+        probs = self._probs(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), q.dtype)
+        out = torch.matmul(probs.reshape(self.n_kv, rep * t, -1), v_cache)  # [nKV, rep*T, D]
         out = out.view(self.n_heads, t, self.head_dim).transpose(0, 1).reshape(t, -1)  # [T, nH*D]
         return self.o_proj(out)  # [T, H]
+
+    def _rows(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, mask: Tensor, rows: Tensor,
+              rep: int) -> Tensor:
+        """Token i of sequence ``rows[i]``: q [nH, T, D], k/v [nKV, T, D] -> [T, nH*D]."""
+        t = q.shape[1]
+        self.k_cache[rows, :, input_pos] = k.transpose(0, 1)  # [T, nKV, D] into (row, :, pos)
+        self.v_cache[rows, :, input_pos] = v.transpose(0, 1)
+        k_all, v_all = self.k_cache[rows], self.v_cache[rows]  # [T, nKV, L, D]
+        qg = q.transpose(0, 1).reshape(t, self.n_kv, rep, self.head_dim)  # [T, nKV, rep, D]
+        scores = torch.matmul(qg, k_all.transpose(2, 3)) * self.head_dim**-0.5  # [T, nKV, rep, L]
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = self._probs(scores.permute(1, 2, 0, 3), q.dtype).permute(2, 0, 1, 3)  # [T, nKV, rep, L]
+        return torch.matmul(probs, v_all).reshape(t, -1)  # [T, nH*D]
+
+    def _probs(self, scores: Tensor, dtype: torch.dtype) -> Tensor:
+        """Attention weights from masked scores [nKV, rep, T, L], in ``dtype``."""
+        if self.sinks is None:
+            return F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        # GPT-OSS: each head's sink logit joins the softmax and takes its share of the mass
+        sink = self.sinks.view(self.n_kv, scores.shape[1], 1, 1).expand(-1, -1, scores.shape[2], 1)
+        logits = torch.cat([scores, sink], dim=-1)  # [nKV, rep, T, L+1]
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        return F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
 
 
 class MLAttention(nn.Module):
@@ -183,11 +205,12 @@ class MLAttention(nn.Module):
         self.kv_cache: Tensor | None = None  # [max_len, rank]: the normalised latent
         self.pe_cache: Tensor | None = None  # [max_len, rope]: the rotated RoPE key
 
-    def setup_cache(self, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.kv_cache = torch.zeros(max_len, self.rank, device=device, dtype=dtype)
-        self.pe_cache = torch.zeros(max_len, self.rope, device=device, dtype=dtype)
+    def setup_cache(self, max_len: int, device: torch.device, dtype: torch.dtype, batch: int = 1) -> None:
+        self.kv_cache = torch.zeros(batch, max_len, self.rank, device=device, dtype=dtype)
+        self.pe_cache = torch.zeros(batch, max_len, self.rope, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                rows: int | Tensor = 0) -> Tensor:
         # x [T, H]; cos, sin [T, rope]; mask [T, max_len]
         t, n = x.shape[0], self.n_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
@@ -197,15 +220,25 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [T, rank]
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)  # [nH, T, rope]
         k_pe = apply_rope(k_pe[None], cos, sin, self.interleave)[0]  # [T, rope], one key shared by all heads
-        self.kv_cache.index_copy_(0, input_pos, latent)
-        self.pe_cache.index_copy_(0, input_pos, k_pe)
-
         w = self.kv_b_proj.weight.view(n, self.nope + self.v_dim, self.rank)  # [nH, nope+v, rank]
         w_k, w_v = w[:, : self.nope], w[:, self.nope:]  # [nH, nope, rank], [nH, v, rank]
         q_lat = torch.matmul(q_nope, w_k)  # [nH, T, rank]: q_nope . (W_k c) == (q_nope W_k) . c
-        scores = (torch.matmul(q_lat, self.kv_cache.t()) + torch.matmul(q_pe, self.pe_cache.t())) * self.scale
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # [nH, T, L]
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [nH, T, L]
-        out_lat = torch.matmul(probs, self.kv_cache)  # [nH, T, rank]
+        if isinstance(rows, int):  # every token belongs to sequence ``rows``
+            kv_cache, pe_cache = self.kv_cache[rows], self.pe_cache[rows]  # [L, rank], [L, rope] views
+            kv_cache.index_copy_(0, input_pos, latent)
+            pe_cache.index_copy_(0, input_pos, k_pe)
+            scores = (torch.matmul(q_lat, kv_cache.t()) + torch.matmul(q_pe, pe_cache.t())) * self.scale
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # [nH, T, L]
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [nH, T, L]
+            out_lat = torch.matmul(probs, kv_cache)  # [nH, T, rank]
+        else:  # one token per sequence (a batched decode step): token i is sequence rows[i]'s
+            self.kv_cache[rows, input_pos] = latent
+            self.pe_cache[rows, input_pos] = k_pe
+            kv_all, pe_all = self.kv_cache[rows], self.pe_cache[rows]  # [T, L, rank], [T, L, rope]
+            scores = (torch.matmul(q_lat.transpose(0, 1), kv_all.transpose(1, 2))
+                      + torch.matmul(q_pe.transpose(0, 1), pe_all.transpose(1, 2))) * self.scale  # [T, nH, L]
+            scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [T, nH, L]
+            out_lat = torch.matmul(probs, kv_all).transpose(0, 1)  # [nH, T, rank]
         out = torch.matmul(out_lat, w_v.transpose(1, 2))  # [nH, T, v]
         return self.o_proj(out.transpose(0, 1).reshape(t, n * self.v_dim))  # [T, H]

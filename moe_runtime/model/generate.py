@@ -1,7 +1,8 @@
 """The decode loop: one prefill forward over the prompt, then one token per step; sampling; tokenizer.
 
 Contract: ``generate(model, provider, prompt_ids, max_new_tokens, temperature,
-top_p, seed, eos_ids, on_step=None) -> GenerationResult``.
+top_p, seed, eos_ids, on_step=None) -> GenerationResult``; given a list of
+prompts, a static batch (``generate_batch``) -> ``BatchResult``.
 
 - The KV cache is preallocated for len(prompt) + max_new_tokens positions;
   each decode step is a forward of one token with fixed shapes.
@@ -85,12 +86,26 @@ def finite(logits: Tensor, step: int) -> Tensor:
     return logits
 
 
-@torch.inference_mode()
-def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[int], max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             eos_ids: Sequence[int] = (), on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
-    """Decode up to ``max_new_tokens`` tokens after ``prompt_ids``; see the module docstring."""
-    if len(prompt_ids) == 0:
+@dataclass
+class BatchResult:
+    """A static batch: one GenerationResult per prompt (each with the batch's shared timings)."""
+
+    sequences: list[GenerationResult]
+    prefill_s: float  # every prompt's forward, one after the other
+    decode_s: float  # the batched steps
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Every sequence's tokens after its first, over the decode time (0 when there were none)."""
+        n = sum(len(s.token_ids) - 1 for s in self.sequences)
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+def _check(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+           top_p: float) -> None:
+    if not prompts:
+        raise MoeError("no prompt: give at least one")
+    if any(len(p) == 0 for p in prompts):
         raise MoeError("empty prompt: give at least one token")
     if max_new_tokens < 1:
         raise MoeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -99,16 +114,27 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
     if temperature < 0:
         raise MoeError(f"temperature must be >= 0, got {temperature}")
     vocab = model.cfg.vocab_size
-    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
         raise MoeError(f"prompt token id {bad[0]} outside the vocabulary (size {vocab})")
+
+
+@torch.inference_mode()
+def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             eos_ids: Sequence[int] = (), on_step: Callable[[int, int], None] | None = None):
+    """Decode up to ``max_new_tokens`` tokens after ``prompt_ids``; see the module docstring.
+
+    A list of ints is one prompt (-> GenerationResult); a list of lists is a static batch (-> BatchResult,
+    see ``generate_batch``; ``on_step`` then gets (step, sequence, token))."""
+    if len(prompt_ids) and not isinstance(prompt_ids[0], int):
+        return generate_batch(model, provider, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_ids,
+                              on_step)
+    _check(model, [prompt_ids], max_new_tokens, temperature, top_p)
     device = model.device
     n_prompt = len(prompt_ids)
     model.setup_cache(n_prompt + max_new_tokens)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(0 if seed is None else seed)
+    generator = _generator(device, temperature, seed)
     eos = set(eos_ids)
 
     _sync(device)
@@ -139,6 +165,69 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
     _sync(device)
     decode_s = time.perf_counter() - t1
     return GenerationResult(out, prefill_s, decode_s, n_prompt, tok in eos, step_s)
+
+
+def _generator(device: torch.device, temperature: float, seed: int | None) -> torch.Generator | None:
+    if temperature <= 0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0 if seed is None else seed)
+    return generator
+
+
+@torch.inference_mode()
+def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequence[Sequence[int]],
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                   eos_ids: Sequence[int] = (),
+                   on_step: Callable[[int, int, int], None] | None = None) -> BatchResult:
+    """Decode the prompts together as one static batch -> BatchResult.
+
+    Each prompt is prefilled alone (its own KV-cache row); then every decode step is one forward of one
+    token per sequence still running, so each MoE layer fetches the union of the batch's experts. A
+    sequence stops at EOS or ``max_new_tokens``; no new one takes its place. Sampling draws from one
+    generator per sequence, seeded with ``seed`` (a sequence samples as it would decoding alone).
+    ``on_step(step, sequence, token)``: step 0 is the sequence's prefill.
+    """
+    _check(model, prompts, max_new_tokens, temperature, top_p)
+    device = model.device
+    lens = [len(p) for p in prompts]
+    model.setup_cache(max(lens) + max_new_tokens, batch=len(prompts))
+    gens = [_generator(device, temperature, seed) for _ in prompts]
+    eos = set(eos_ids)
+    outs: list[list[int]] = []
+
+    _sync(device)
+    t0 = time.perf_counter()
+    for b, p in enumerate(prompts):
+        tokens = torch.tensor(list(p), dtype=torch.long, device=device)  # [T]
+        logits = model(tokens, torch.arange(len(p), device=device), provider, last_only=True, rows=b)  # [1, V]
+        outs.append([int(sample(finite(logits[0], 0), temperature, top_p, gens[b]))])  # CPU waits for it
+        if on_step is not None:
+            on_step(0, b, outs[b][0])
+    prefill_s = time.perf_counter() - t0
+
+    step_s: list[float] = []
+    t1 = time.perf_counter()
+    active = [b for b in range(len(prompts)) if outs[b][-1] not in eos and max_new_tokens > 1]
+    while active:
+        ts = time.perf_counter()
+        cur = torch.tensor([outs[b][-1] for b in active], dtype=torch.long, device=device)  # [A]
+        pos = torch.tensor([lens[b] + len(outs[b]) - 1 for b in active], dtype=torch.long, device=device)  # [A]
+        logits = finite(model(cur, pos, provider, rows=active), len(outs[active[0]]))  # [A, V]
+        if temperature <= 0:
+            toks = torch.argmax(logits, dim=-1).tolist()  # CPU waits for the step's tokens, once
+        else:
+            toks = [int(sample(logits[i], temperature, top_p, gens[b])) for i, b in enumerate(active)]
+        for b, tok in zip(active, toks):
+            outs[b].append(tok)
+            if on_step is not None:
+                on_step(len(outs[b]) - 1, b, tok)
+        active = [b for b in active if outs[b][-1] not in eos and len(outs[b]) < max_new_tokens]
+        step_s.append(time.perf_counter() - ts)
+    _sync(device)
+    decode_s = time.perf_counter() - t1
+    seqs = [GenerationResult(o, prefill_s, decode_s, n, o[-1] in eos, step_s) for o, n in zip(outs, lens)]
+    return BatchResult(seqs, prefill_s, decode_s)
 
 
 # -- tokenizer --

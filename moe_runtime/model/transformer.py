@@ -10,11 +10,15 @@ Contract:
   the device weights of the experts it needs (see experts.py), and
   ``expert_format.forward`` computes each (formats.py; load_model sets the
   store's format, the default is the plain float32 one).
-- One sequence (batch size 1). ``setup_cache(max_len, device)`` preallocates
-  the KV cache and RoPE tables; ``forward(tokens [T], input_pos [T], provider)``
-  writes the cache at ``input_pos`` and returns logits [T, V] (or [1, V] with
-  ``last_only``). Prefill is one forward over the prompt; decode is T = 1 with
-  fixed shapes (attention runs over the whole cache with a mask).
+- ``setup_cache(max_len, batch=1)`` preallocates the KV cache (one row per
+  sequence of a static batch) and RoPE tables; ``forward(tokens [T],
+  input_pos [T], provider, rows=0)`` writes the cache at ``input_pos`` and
+  returns logits [T, V] (or [1, V] with ``last_only``). ``rows`` an int: every
+  token belongs to that sequence (a prefill; a decode step of one sequence);
+  a LongTensor [T]: token i is the next token of sequence ``rows[i]`` (a
+  batched decode step, whose MoE layers compute the union of the tokens'
+  experts). Decode steps have fixed shapes (attention runs over the whole
+  cache with a mask).
 - ``router_logits(m, hidden)`` and ``route(m, logits)`` are the router of MoE
   layer m, usable by predictors on any residual; the MoE block uses the same
   two. A forward's ``route`` (moe_layer, logits) -> (ids, weights), when given,
@@ -30,7 +34,7 @@ no I/O (see checkpoint.py).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +107,7 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.moe_layers: tuple[int, ...] = cfg.moe_layers  # moe layer index -> model layer index
         self.expert_format = format_for(cfg, "float32", torch.float32)  # load_model sets the store's
-        self.max_len = 0
+        self.max_len = self.batch = 0
         self.cos: Tensor | None = None  # [max_len, R] in compute dtype (R: the rotated dims of a head)
         self.sin: Tensor | None = None
         self.causal_mask: Tensor | None = None  # [max_len, max_len] bool
@@ -117,18 +121,25 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def setup_cache(self, max_len: int) -> None:
-        """Preallocate KV cache, RoPE tables and mask for positions 0..max_len-1 (zeroes a previous cache)."""
+    def setup_cache(self, max_len: int, batch: int = 1) -> None:
+        """Preallocate KV cache (``batch`` sequences), RoPE tables and mask for positions 0..max_len-1
+        (zeroes a previous cache)."""
         cfg, dev, dt = self.cfg, self.device, self.dtype
-        self.max_len = max_len
+        self.max_len, self.batch = max_len, batch
         for layer in self.layers:
-            layer.self_attn.setup_cache(max_len, dev, dt)
+            layer.self_attn.setup_cache(max_len, dev, dt, batch)
         cos, sin = rope_tables(cfg, max_len, dev)
         self.cos, self.sin = cos.to(dt), sin.to(dt)
         i = torch.arange(max_len, device=dev)
         self.causal_mask = i[None, :] <= i[:, None]  # [L, L] causal
         if cfg.sliding_window is not None:  # attend to the last W positions only
             self.window_mask = self.causal_mask & ((i[:, None] - i[None, :]) < cfg.sliding_window)
+
+    def _row_index(self, rows: tuple[int, ...]) -> Tensor:
+        # a batch's running set changes only when a sequence stops: one small upload per change
+        if getattr(self, "_rows_key", None) != rows:
+            self._rows_key, self._rows_t = rows, torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self._rows_t
 
     # -- router access (also used by predictors) --
 
@@ -185,18 +196,21 @@ class Transformer(nn.Module):
     # -- forward --
 
     def forward(self, tokens: Tensor, input_pos: Tensor, provider: ExpertProvider, last_only: bool = False,
-                route: RouterOverride | None = None) -> Tensor:
+                route: RouterOverride | None = None, rows: int | Sequence[int] | Tensor = 0) -> Tensor:
         """tokens [T] long, input_pos [T] long -> logits [T, V] ([1, V] if last_only); ``route`` replaces
-        the routers' top-k (see the module docstring)."""
+        the routers' top-k, ``rows`` names the tokens' sequences (see the module docstring)."""
         if self.causal_mask is None:
             raise RuntimeError("call setup_cache(max_len) before forward")
+        if not isinstance(rows, (int, Tensor)):  # the running sequences, as a (cached) index tensor
+            rows = self._row_index(tuple(rows))
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # [T, R]
         mask = self.causal_mask[input_pos]  # [T, L]
         window = mask if self.window_mask is None else self.window_mask[input_pos]  # [T, L]
         h = self.embed_tokens(tokens)  # [T, H]
         m = 0
         for block in self.layers:
-            h = h + block.self_attn(block.input_layernorm(h), input_pos, cos, sin, window if block.sliding else mask)
+            h = h + block.self_attn(block.input_layernorm(h), input_pos, cos, sin,
+                                    window if block.sliding else mask, rows)
             if block.is_moe:
                 h = h + self._moe(m, block, h, provider, route)
                 m += 1

@@ -2,20 +2,23 @@
 
 Contract:
 
-- ``ForcedRouting(trace, n_moe_layers=, n_experts=, top_k=, seq=N)`` takes the N-th
-  sequence of the trace (maximal run of one ``seq_id``, in file order); prompt
-  and decoded position p maps to that sequence's token p. A trace whose
-  layers, experts or top-k differ from the model's raises ``MoeError``, and so
-  does ``check_length`` when the sequence is shorter than the run needs.
-- ``bind(device, weight_dtype)`` uploads the sequence's ids [T, L, K] and
-  weights once; ``set_step(start, n)`` selects the positions of the next
-  forward pass; ``__call__(m, logits) -> (ids [n, K], weights [n, K])`` is the
-  model forward's ``route`` and returns views (nothing is allocated).
-- ``step_ids(start, n, layer)`` is the list the MoE block hands the provider
-  (unique ids, token-major then rank), so ``future(steps)`` is exactly the
-  key sequence ``ExpertCache.access_layer`` will see for a list of
-  ``(start, n)`` steps (Belady's future), and ``popularity()`` is the
-  per-(layer, expert) count of uses (the static policy's profile).
+- ``ForcedRouting(trace, n_moe_layers=, n_experts=, top_k=, seq=N, batch=B)``
+  takes sequences N..N+B-1 of the trace (maximal runs of one ``seq_id``, in
+  file order), one per prompt of a batch; position p of prompt b maps to token
+  p of sequence N+b. A trace whose layers, experts or top-k differ from the
+  model's raises ``MoeError``, and so does ``check_length`` when a sequence is
+  shorter than the run needs.
+- A step is the list of (sequence, position) of a forward pass's tokens
+  (``prompt_step`` for one sequence's run of positions; a batched decode step
+  has one token per running sequence). ``bind(device, weight_dtype)`` uploads
+  ids [T, L, K] and weights once; ``select(step)`` selects the next forward's
+  tokens; ``__call__(m, logits) -> (ids [n, K], weights [n, K])`` is the model
+  forward's ``route`` (views for one sequence's positions).
+- ``step_ids(step, layer)`` is the list the MoE block hands the provider
+  (unique ids, token-major then rank), so ``future(steps)`` is exactly the key
+  sequence ``ExpertCache.access_layer`` will see over a list of steps
+  (Belady's future), and ``popularity()`` is the per-(layer, expert) count of
+  uses (the static policy's profile).
 
 This module knows nothing of caches, copies or the model's internals beyond
 the router-override signature.
@@ -35,57 +38,86 @@ from moe_runtime.cache.policies import Key, popularity_counts
 from moe_runtime.traces import Trace
 
 
+Step = Sequence[tuple[int, int]]  # the (sequence, position) of each token of one forward pass, in order
+
+
+def prompt_step(seq: int, start: int, n: int) -> list[tuple[int, int]]:
+    """The step of positions start..start+n-1 of one sequence (a prefill chunk, or a decode step alone)."""
+    return [(seq, p) for p in range(start, start + n)]
+
+
 class ForcedRouting:
-    def __init__(self, trace: Trace, *, n_moe_layers: int, n_experts: int, top_k: int, seq: int = 0) -> None:
+    def __init__(self, trace: Trace, *, n_moe_layers: int, n_experts: int, top_k: int, seq: int = 0,
+                 batch: int = 1) -> None:
         trace.check_model("--route-from-trace", n_layers=n_moe_layers, n_experts=n_experts, top_k=top_k)
         seqs = trace.sequences()
-        if not 0 <= seq < len(seqs):
-            raise MoeError(f"--trace-seq {seq} is out of range: the trace has {len(seqs)} sequences")
-        self.seq_id, start, stop = seqs[seq]
-        self.trace_start = start  # trace index of position 0
-        self.ids = trace.expert_ids[start:stop].astype(np.int64)  # [T, L, K]
-        self.weights = trace.weights[start:stop].astype(np.float32)  # [T, L, K]
-        self.n_tokens = stop - start
+        if not (0 <= seq and seq + batch <= len(seqs)):
+            need = f"sequences {seq}..{seq + batch - 1} (one per prompt)" if batch > 1 else f"sequence {seq}"
+            raise MoeError(f"--trace-seq {seq} is out of range: the run needs {need}, the trace has {len(seqs)}")
+        picked = seqs[seq:seq + batch]
+        self.seq_ids = [s[0] for s in picked]
+        self.seq_id = self.seq_ids[0]
+        self.trace_starts = [s[1] for s in picked]  # trace index of each sequence's position 0
+        self.trace_start = self.trace_starts[0]
+        self.lengths = [stop - start for _, start, stop in picked]
+        self.offsets = np.cumsum([0, *self.lengths[:-1]]).tolist()  # row of each sequence's position 0 here
+        self.ids = np.concatenate([trace.expert_ids[a:b] for _, a, b in picked]).astype(np.int64)  # [T, L, K]
+        self.weights = np.concatenate([trace.weights[a:b] for _, a, b in picked]).astype(np.float32)
+        self.n_tokens = self.lengths[0]
         self._ids_t: Tensor | None = None
         self._w_t: Tensor | None = None
-        self._start, self._n = 0, 0
+        self._rows: Tensor | tuple[int, int] = (0, 0)
 
-    def check_length(self, n_positions: int) -> None:
-        """MoeError unless the sequence covers positions 0..n_positions-1."""
-        if n_positions > self.n_tokens:
-            raise MoeError(f"trace sequence {self.seq_id} has {self.n_tokens} tokens, but the run needs "
-                           f"{n_positions} (prompt + max_new_tokens - 1)")
+    def check_length(self, n_positions: int | Sequence[int]) -> None:
+        """MoeError unless sequence b covers positions 0..n_positions[b]-1 (one int: every sequence)."""
+        need = [n_positions] * len(self.lengths) if isinstance(n_positions, int) else list(n_positions)
+        for sid, have, n in zip(self.seq_ids, self.lengths, need):
+            if n > have:
+                raise MoeError(f"trace sequence {sid} has {have} tokens, but the run needs "
+                               f"{n} (prompt + max_new_tokens - 1)")
 
     def bind(self, device: torch.device | str, weight_dtype: torch.dtype) -> None:
         """Upload ids and weights once; ``weight_dtype`` is what the model's own route returns."""
         self._ids_t = torch.from_numpy(self.ids).to(device)  # [T, L, K] long
         self._w_t = torch.from_numpy(self.weights).to(device=device, dtype=weight_dtype)  # [T, L, K]
 
-    def set_step(self, start: int, n: int) -> None:
-        """The next forward pass computes positions start..start+n-1."""
-        if start + n > self.n_tokens:
-            raise MoeError(f"position {start + n - 1} is beyond the trace sequence's {self.n_tokens} tokens")
-        self._start, self._n = start, n
+    def _flat(self, step: Step) -> list[int]:
+        out = []
+        for b, p in step:
+            if p >= self.lengths[b]:
+                raise MoeError(f"position {p} is beyond trace sequence {self.seq_ids[b]}'s {self.lengths[b]} tokens")
+            out.append(self.offsets[b] + p)
+        return out
+
+    def select(self, step: Step) -> None:
+        """The next forward pass computes ``step``'s tokens."""
+        flat = self._flat(step)
+        if flat == list(range(flat[0], flat[0] + len(flat))):
+            self._rows = (flat[0], len(flat))  # one sequence's run of positions: views, nothing allocated
+        else:  # a batched decode step: one row per running sequence
+            self._rows = torch.tensor(flat, dtype=torch.long, device=self._ids_t.device)
 
     def __call__(self, m: int, logits: Tensor) -> tuple[Tensor, Tensor]:
-        ids = self._ids_t.narrow(0, self._start, self._n).select(1, m)  # [n, K] view
-        w = self._w_t.narrow(0, self._start, self._n).select(1, m)  # [n, K] view
-        return ids, w
+        if isinstance(self._rows, tuple):
+            a, n = self._rows
+            return self._ids_t.narrow(0, a, n).select(1, m), self._w_t.narrow(0, a, n).select(1, m)  # [n, K]
+        return self._ids_t[self._rows, m], self._w_t[self._rows, m]  # [n, K]
 
-    def step_ids(self, start: int, n: int, layer: int) -> list[int]:
-        """Unique ids of positions start..start+n-1 at ``layer``, in first appearance (token-major, rank)."""
-        return list(dict.fromkeys(self.ids[start:start + n, layer].ravel().tolist()))
+    def step_ids(self, step: Step, layer: int) -> list[int]:
+        """Unique ids of ``step``'s tokens at ``layer``, in first appearance (token-major, then rank)."""
+        return list(dict.fromkeys(self.ids[self._flat(step), layer].ravel().tolist()))
 
-    def step_routing(self, start: int, n: int) -> list[list[int]]:
-        return [self.step_ids(start, n, layer) for layer in range(self.ids.shape[1])]
+    def step_routing(self, step: Step) -> list[list[int]]:
+        return [self.step_ids(step, layer) for layer in range(self.ids.shape[1])]
 
-    def future(self, steps: Sequence[tuple[int, int]]) -> list[Key]:
-        """The keys ``access_layer`` sees over ``steps`` [(start, n)], in order (step, layer, rank)."""
-        return access_sequence(self.step_routing(s, n) for s, n in steps)
+    def future(self, steps: Sequence[Step]) -> list[Key]:
+        """The keys ``access_layer`` sees over ``steps``, in order (step, layer, rank)."""
+        return access_sequence(self.step_routing(s) for s in steps)
 
     def popularity(self, n_positions: int | None = None) -> dict[Key, float]:
-        """Uses per (layer, expert) over the first ``n_positions`` tokens (all by default)."""
-        return popularity_counts(self.ids[: n_positions or self.n_tokens])
+        """Uses per (layer, expert) over the first ``n_positions`` tokens of the first sequence (all of
+        every sequence by default)."""
+        return popularity_counts(self.ids[: n_positions] if n_positions else self.ids)
 
 
 def popularity_from_trace(trace: Trace) -> dict[Key, float]:

@@ -10,25 +10,29 @@ model in ``generate()`` (which it does not change):
   prompt when a pool holds all of a layer's experts plus the in-flight slots,
   else floor((pool slots - in-flight slots) / top_k) tokens (token by token at
   the minimum budget). Decode steps are one token each.
-- Before each forward it opens a provider step (``begin_step(start, n)``) and,
-  with forced routing, selects the trace positions; positions are counted on
-  the CPU (nothing is read back from the device for them).
+- A batched decode step (``rows`` a list of sequences, one token each) is one
+  forward: its MoE layers fetch the union of the batch's experts. Before each
+  forward it opens a provider step (``begin_step(start, n)``) and, with forced
+  routing, selects the step's (sequence, position) rows of the trace; each
+  sequence's position is counted on the CPU (nothing is read back for it).
 - With a ``TraceRecorder`` it records the routing the model really used per
   token (prefill tokens phase prefill, decoded tokens phase decode; this reads
   ids back from the device, a sync per step) and the predictions the
   provider's predictor made at that step (shared by the tokens of a chunk).
-  ``steps(prompt_len, max_new_tokens, chunk)`` is the (start, n) list of forward
-  passes a run makes, for Belady's future.
+  Each recorded token keeps its sequence index. ``steps(prompt_lens,
+  max_new_tokens, chunk)`` lists the steps of a run, for Belady's future.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from moe_runtime.model.experts import ExpertProvider
-from moe_runtime.offload.forced_routing import ForcedRouting
+from moe_runtime.offload.forced_routing import ForcedRouting, prompt_step
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.traces import PHASE_DECODE, PHASE_PREFILL, TraceRecorder
 
@@ -41,10 +45,12 @@ def prefill_chunk(*, prompt_len: int, pool_slots: int, n_experts: int, top_k: in
     return max(1, room // top_k)
 
 
-def steps(prompt_len: int, max_new_tokens: int, chunk: int) -> list[tuple[int, int]]:
-    """(start, n) of every forward pass of a run: prefill chunks, then one per decoded token but the last."""
-    out = [(a, min(chunk, prompt_len - a)) for a in range(0, prompt_len, chunk)]
-    out += [(prompt_len + i, 1) for i in range(max_new_tokens - 1)]
+def steps(prompt_lens: int | Sequence[int], max_new_tokens: int, chunk: int) -> list[list[tuple[int, int]]]:
+    """Every forward pass of a run, as steps of (sequence, position): each prompt's prefill chunks in turn,
+    then one batched step per decoded token but the last (every sequence running: no EOS foreseen)."""
+    lens = [prompt_lens] if isinstance(prompt_lens, int) else list(prompt_lens)
+    out = [prompt_step(b, a, min(chunk, n - a)) for b, n in enumerate(lens) for a in range(0, n, chunk)]
+    out += [[(b, n + i) for b, n in enumerate(lens)] for i in range(max_new_tokens - 1)]
     return out
 
 
@@ -57,7 +63,7 @@ class SteppedModel:
         self.model, self.provider, self.chunk = model, provider, chunk
         self.forced, self.recorder = forced, recorder
         self.predictor_name, self.lookahead = predictor_name, lookahead
-        self.pos = 0
+        self.pos = [0]  # next position of each sequence, counted on the CPU
         self.n_forwards = 0
         if forced is not None:
             cfg = model.cfg
@@ -69,37 +75,41 @@ class SteppedModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def setup_cache(self, max_len: int) -> None:
-        self.model.setup_cache(max_len)
-        self.pos = 0
+    def setup_cache(self, max_len: int, batch: int = 1) -> None:
+        self.model.setup_cache(max_len, batch)
+        self.pos = [0] * batch
         self.n_forwards = 0
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, provider: ExpertProvider,
-                 last_only: bool = False) -> Tensor:
-        n = tokens.shape[0]
-        phase = PHASE_PREFILL if self.n_forwards == 0 else PHASE_DECODE
+                 last_only: bool = False, rows: int | Sequence[int] = 0) -> Tensor:
         self.n_forwards += 1
-        if n <= self.chunk:
-            return self._forward(tokens, input_pos, provider, last_only, phase)
-        outs = [self._forward(tokens[a:a + self.chunk], input_pos[a:a + self.chunk], provider, last_only, phase)
+        if not isinstance(rows, int):  # a batched decode step: one token per running sequence
+            return self._forward(tokens, input_pos, provider, last_only, [(b, self.pos[b]) for b in rows], rows,
+                                 PHASE_DECODE)
+        n, start = tokens.shape[0], self.pos[rows]
+        phase = PHASE_PREFILL if start == 0 else PHASE_DECODE  # a sequence's first forward is its prompt's
+        outs = [self._forward(tokens[a:a + self.chunk], input_pos[a:a + self.chunk], provider, last_only,
+                              prompt_step(rows, start + a, min(self.chunk, n - a)), rows, phase)
                 for a in range(0, n, self.chunk)]
-        return outs[-1] if last_only else torch.cat(outs)
+        return outs[-1] if last_only or len(outs) == 1 else torch.cat(outs)
 
-    def _forward(self, tokens: Tensor, input_pos: Tensor, provider, last_only: bool, phase: int) -> Tensor:
-        start, n = self.pos, tokens.shape[0]
+    def _forward(self, tokens: Tensor, input_pos: Tensor, provider, last_only: bool, step: list[tuple[int, int]],
+                 rows: int | Sequence[int], phase: int) -> Tensor:
         future = token = None
         if self.forced is not None:
-            self.forced.set_step(start, n)
             forced = self.forced
-            future = lambda layer: forced.step_ids(start, n, layer)  # noqa: E731  the oracle's truth
-            token = forced.trace_start + start
+            forced.select(step)
+            future = lambda layer: forced.step_ids(step, layer)  # noqa: E731  the oracle's truth
+            b, p = step[0]
+            token = forced.trace_starts[b] + p
         begin = getattr(self.provider, "begin_step", None)
         if begin is not None:
-            begin(start, n, future, token)
-        out = self.model(tokens, input_pos, provider, last_only=last_only, route=self._override)
+            begin(step[0][1], len(step), future, token)
+        out = self.model(tokens, input_pos, provider, last_only=last_only, route=self._override, rows=rows)
         if self.recorder is not None:
-            self._record(start, n, phase)
-        self.pos += n
+            self._record(step, phase)
+        for b, p in step:
+            self.pos[b] = p + 1
         return out
 
     def _capture(self, m: int, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +117,7 @@ class SteppedModel:
         self._captured[m] = (ids, w)
         return ids, w
 
-    def _record(self, start: int, n: int, phase: int) -> None:
+    def _record(self, step: list[tuple[int, int]], phase: int) -> None:
         # CPU waits on the device here (recording only): the step's routing is read back
         ids = np.stack([c[0].cpu().numpy() for c in self._captured], axis=1)  # [n, L, K]
         w = np.stack([c[1].float().cpu().numpy() for c in self._captured], axis=1)  # [n, L, K]
@@ -115,5 +125,5 @@ class SteppedModel:
         if self.predictor_name is not None and hasattr(self.provider, "predictions_array"):
             L = len(self._captured)
             preds = {self.predictor_name: self.provider.predictions_array(L, min(self.lookahead, L - 1))}
-        for i in range(n):
-            self.recorder.add_token(0, start + i, phase, ids[i], w[i], preds)
+        for i, (b, p) in enumerate(step):
+            self.recorder.add_token(b, p, phase, ids[i], w[i], preds)

@@ -91,9 +91,13 @@ class TraceRecorder:
     def to_trace(self) -> Trace:
         if not self._ids:
             raise MoeError("no tokens recorded")
+        # a batch decodes its sequences' tokens interleaved; the file keeps each sequence contiguous
+        order = np.argsort(np.asarray(self._seq), kind="stable")
+        pick = lambda xs: np.stack(xs)[order]  # noqa: E731
         return make_trace(
-            self.meta, np.stack(self._ids), np.stack(self._weights), self._seq, self._pos, self._phase,
-            {k: np.stack(v) for k, v in (self._preds or {}).items()},
+            self.meta, pick(self._ids), pick(self._weights), np.asarray(self._seq)[order],
+            np.asarray(self._pos)[order], np.asarray(self._phase)[order],
+            {k: pick(v) for k, v in (self._preds or {}).items()},
         )
 
     def save(self, path) -> None:
