@@ -113,6 +113,7 @@ class OffloadedExperts:
         # expert -> slot per MoE layer, on the device, for the fixed-shape compute: entries change only
         # when the host assigns a slot (demand or prefetch), and only those of resident experts are read
         self.table = torch.zeros(store.n_moe_layers, store.n_experts, dtype=torch.long, device=self.device)  # [L, E]
+        self._table_rows = list(self.table)  # per-layer views, made once (in-place updates show through)
         self._assigned: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot not yet in the table
         source = source or store.flat
         self.src = [[source(m, e) for e in range(store.n_experts)] for m in range(store.n_moe_layers)]
@@ -155,7 +156,7 @@ class OffloadedExperts:
             (ls, es), ss = zip(*self._assigned), list(self._assigned.values())
             self._assigned.clear()
             self.table[list(ls), list(es)] = torch.tensor(ss, dtype=torch.long).to(self.device, non_blocking=True)
-        return self.table[layer], self.pool
+        return self._table_rows[layer], self.pool
 
     # -- steps ---------------------------------------------------------------------------
     def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None,
