@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how experts are kept in host memory, copied and cached: auto keeps the checkpoint's "
                         "(MXFP4 stays MXFP4, float experts take --dtype); int8/int4 quantize them group-wise at "
                         "load (groups of 32, float16 scales) and dequantize on the device")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps as CUDA graphs, one per stretch between MoE layers' expert fetches "
+                        "(the host's cache bookkeeping runs between them); --device cuda only")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--trust-weights", action="store_true",
                    help="skip the check that every weight is finite (NaN/inf refused, naming the tensor): one "
@@ -86,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
         prompts = [parse_prompt_ids(p) for p in args.prompt_ids]
     check_decode_length(load_config(args.model), checkpoint_dtype(args.model, args.dtype),
                         max(map(len, prompts)), args.max_new_tokens, args.device, len(prompts))
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise MoeError("--cuda-graphs needs --device cuda (there are no CUDA graphs on the CPU)")
+    if args.cuda_graphs and (args.route_from_trace or args.record_trace):
+        raise MoeError("--cuda-graphs cannot force or record routing (--route-from-trace, --record-trace): "
+                       "their per-step host values are not part of a graph")
     preflight(args, len(prompts))  # a budget below the minimum is refused before any weight is loaded
     use_cpu_threads(args.device)  # resident and offloaded alike
     on_disk = expert_source(args)[0] == "disk"  # experts stay on storage: the store holds none
@@ -95,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     provider = off.provider if off else ResidentExperts(store, args.device)
     try:
         res = generate(off.model if off else model, provider, prompts[0] if len(prompts) == 1 else prompts,
-                       args.max_new_tokens, args.temperature, args.top_p, args.seed, model.cfg.eos_token_ids)
+                       args.max_new_tokens, args.temperature, args.top_p, args.seed, model.cfg.eos_token_ids,
+                       cuda_graphs=args.cuda_graphs)
     except BaseException:
         if off is not None:  # stop the copy thread before exiting: one left running can abort the interpreter
             off.provider.engine.close()

@@ -37,6 +37,7 @@ from torch import Tensor
 from moe_runtime.config_files import short
 from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import ExpertProvider
+from moe_runtime.model.graphs import GraphedDecoder
 from moe_runtime.model.transformer import Transformer
 
 
@@ -122,20 +123,23 @@ def _check(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
 @torch.inference_mode()
 def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             eos_ids: Sequence[int] = (), on_step: Callable[[int, int], None] | None = None):
+             eos_ids: Sequence[int] = (), on_step: Callable[[int, int], None] | None = None,
+             cuda_graphs: bool = False):
     """Decode up to ``max_new_tokens`` tokens after ``prompt_ids``; see the module docstring.
 
     A list of ints is one prompt (-> GenerationResult); a list of lists is a static batch (-> BatchResult,
-    see ``generate_batch``; ``on_step`` then gets (step, sequence, token))."""
+    see ``generate_batch``; ``on_step`` then gets (step, sequence, token)). ``cuda_graphs``: decode steps
+    after the first replay CUDA graphs (graphs.py; on CPU the same segments run eagerly)."""
     if len(prompt_ids) and not isinstance(prompt_ids[0], int):
         return generate_batch(model, provider, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_ids,
-                              on_step)
+                              on_step, cuda_graphs)
     _check(model, [prompt_ids], max_new_tokens, temperature, top_p)
     device = model.device
     n_prompt = len(prompt_ids)
     model.setup_cache(n_prompt + max_new_tokens)
     generator = _generator(device, temperature, seed)
     eos = set(eos_ids)
+    graphed = GraphedDecoder(model, provider) if cuda_graphs else None
 
     _sync(device)
     t0 = time.perf_counter()
@@ -156,7 +160,10 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
         ts = time.perf_counter()
         cur.fill_(tok)
         pos.fill_(n_prompt + len(out) - 1)
-        logits = model(cur, pos, provider)  # [1, V]
+        if graphed is not None and len(out) > 1:  # the first decode step ran eagerly: kernels are warm
+            logits = graphed(cur, pos, 0, n_prompt + len(out) - 1)  # [1, V]
+        else:
+            logits = model(cur, pos, provider)  # [1, V]
         tok = int(sample(finite(logits[0], len(out)), temperature, top_p, generator))  # CPU waits for the token
         out.append(tok)
         step_s.append(time.perf_counter() - ts)
@@ -178,8 +185,8 @@ def _generator(device: torch.device, temperature: float, seed: int | None) -> to
 @torch.inference_mode()
 def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequence[Sequence[int]],
                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                   eos_ids: Sequence[int] = (),
-                   on_step: Callable[[int, int, int], None] | None = None) -> BatchResult:
+                   eos_ids: Sequence[int] = (), on_step: Callable[[int, int, int], None] | None = None,
+                   cuda_graphs: bool = False) -> BatchResult:
     """Decode the prompts together as one static batch -> BatchResult.
 
     Each prompt is prefilled alone (its own KV-cache row); then every decode step is one forward of one
@@ -194,6 +201,7 @@ def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequen
     model.setup_cache(max(lens) + max_new_tokens, batch=len(prompts))
     gens = [_generator(device, temperature, seed) for _ in prompts]
     eos = set(eos_ids)
+    graphed = GraphedDecoder(model, provider) if cuda_graphs else None
     outs: list[list[int]] = []
 
     _sync(device)
@@ -213,7 +221,11 @@ def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequen
         ts = time.perf_counter()
         cur = torch.tensor([outs[b][-1] for b in active], dtype=torch.long, device=device)  # [A]
         pos = torch.tensor([lens[b] + len(outs[b]) - 1 for b in active], dtype=torch.long, device=device)  # [A]
-        logits = finite(model(cur, pos, provider, rows=active), len(outs[active[0]]))  # [A, V]
+        if graphed is not None and step_s:  # after one eager step; captured again when ``active`` shrinks
+            logits = graphed(cur, pos, active, lens[active[0]] + len(outs[active[0]]) - 1)
+        else:
+            logits = model(cur, pos, provider, rows=active)
+        logits = finite(logits, len(outs[active[0]]))  # [A, V]
         if temperature <= 0:
             toks = torch.argmax(logits, dim=-1).tolist()  # CPU waits for the step's tokens, once
         else:

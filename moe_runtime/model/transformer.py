@@ -224,51 +224,83 @@ class Transformer(nn.Module):
     def _moe(self, m: int, block: Block, h: Tensor, provider: ExpertProvider,
              route: RouterOverride | None = None) -> Tensor:
         # h [N, H]: the residual entering the MoE block, handed to the provider for prediction
+        x, ids, weights, ranked = self.moe_route(m, block, h, provider, route)
+        fetched = self.moe_fetch(m, ids, h, ranked, provider)
+        out = self.moe_experts(block, x, ids, weights, fetched, self.fixed_table(m, x, ids, provider))
+        provider.end_layer(m)
+        return self.moe_shared(block, x, out)
+
+    # The MoE block in the three parts a CUDA graph splits it into (graphs.py): the device work before the
+    # host learns the ids, the host's fetch (the one device-to-host transfer), the device work after.
+
+    def moe_route(self, m: int, block: Block, h: Tensor, provider: ExpertProvider,
+                  route: RouterOverride | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(normed input x [N, H], ids [N, k], weights [N, k], the predictor's device ranking or None)."""
         x = block.post_attention_layernorm(h)  # [N, H]
         logits = self._gate(block, x)  # [N, E]; same as router_logits(m, h) without normalising twice
         ids, weights = (route or self.route)(m, logits)  # [N, k], [N, k]
-        k = ids.shape[1]
-        flat = ids.flatten()  # [N*k], token-major
         # a provider's predictor may want device-side rankings of later layers: fetched with the ids
         ranked = provider.prepare(m, h) if hasattr(provider, "prepare") else None
+        return x, ids, weights, ranked
+
+    def moe_fetch(self, m: int, ids: Tensor, h: Tensor, ranked: Tensor | None,
+                  provider: ExpertProvider) -> tuple[dict, list[int], list[int]]:
+        """The provider's experts for the layer -> (experts by id, flat ids, unique ids in order)."""
+        flat = ids.flatten()  # [N*k], token-major
         if ranked is None:
             # CPU waits on the device here, once per layer: the provider needs the expert ids as Python ints
             flat_ids = flat.tolist()
             order = list(dict.fromkeys(flat_ids))  # unique, first appearance (token-major, then rank)
-            experts = provider.experts(m, order, h)
-        else:
-            # CPU waits on the device here, once per layer: the ids and every distance's ranking together
-            both = torch.cat([flat, ranked.flatten()]).tolist()
-            flat_ids, rest = both[: flat.numel()], both[flat.numel():]
-            E = ranked.shape[1]
-            order = list(dict.fromkeys(flat_ids))
-            experts = provider.experts(m, order, h, [rest[i:i + E] for i in range(0, len(rest), E)])
-        fmt = self.expert_format  # knows the experts' packing and computes them
+            return provider.experts(m, order, h), flat_ids, order
+        # CPU waits on the device here, once per layer: the ids and every distance's ranking together
+        both = torch.cat([flat, ranked.flatten()]).tolist()
+        flat_ids, rest = both[: flat.numel()], both[flat.numel():]
+        E = ranked.shape[1]
+        order = list(dict.fromkeys(flat_ids))
+        return provider.experts(m, order, h, [rest[i:i + E] for i in range(0, len(rest), E)]), flat_ids, order
+
+    def fixed_table(self, m: int, x: Tensor, ids: Tensor, provider: ExpertProvider) -> tuple[Tensor, Tensor] | None:
+        """(expert -> slot [E], slot pool) for the fixed-shape compute, or None for the per-expert loop: on
+        CUDA always; on CPU only while the gathered copy of every (token, rank)'s expert is small."""
         table = getattr(provider, "expert_table", None)
-        if table is not None and (x.device.type == "cuda" or flat.numel() * fmt.numel <= FIXED_SHAPE_MAX):
+        if table is None or (x.device.type != "cuda" and ids.numel() * self.expert_format.numel > FIXED_SHAPE_MAX):
+            return None
+        return table(m)
+
+    def moe_experts(self, block: Block, x: Tensor, ids: Tensor, weights: Tensor, fetched: tuple | None,
+                    table: tuple[Tensor, Tensor] | None) -> Tensor:
+        """The routed experts' weighted sum [N, H]: fixed shapes from ``table`` (no host values needed), else
+        one expert at a time from ``fetched`` (moe_fetch's result)."""
+        fmt = self.expert_format  # knows the experts' packing and computes them
+        k = ids.shape[1]
+        flat = ids.flatten()  # [N*k]
+        if table is not None:
             # fixed shapes: every (token, rank) gathers its expert's slot by index and all run as one batched
-            # matmul; no per-expert Python, no further sync (on CPU only while the gathered copy is small)
-            rows, pool = table(m)
+            # matmul; no per-expert Python, no further sync
+            rows, pool = table
             w = fmt.views(pool[rows[flat]])  # stacked [N*k, ...] weights of each (token, rank)
             y = fmt.forward(x.repeat_interleave(k, dim=0)[:, None, :], w)[:, 0, :]  # [N*k, H]
-            out = (y.view(-1, k, y.shape[-1]) * weights[..., None]).sum(dim=1).to(x.dtype)  # [N, H]
-        else:
-            counts = Counter(flat_ids)
-            # (token, rank) slots grouped by expert id; slicing it needs no further device sync
-            by_expert = torch.argsort(flat, stable=True)  # [N*k]
-            out = torch.zeros_like(x)  # [N, H]
-            start = 0
-            # accumulate in expert-id order, as HF does, so sums round identically
-            for e in sorted(order):
-                slots = by_expert[start : start + counts[e]]  # [n_e]
-                start += counts[e]
-                tok = slots // k  # [n_e]
-                ye = fmt.forward(x[tok], experts[e])  # [n_e, H]
-                w = weights.reshape(-1)[slots, None]  # [n_e, 1]
-                out.index_add_(0, tok, (ye * w).to(out.dtype))
-        provider.end_layer(m)
+            return (y.view(-1, k, y.shape[-1]) * weights[..., None]).sum(dim=1).to(x.dtype)  # [N, H]
+        experts, flat_ids, order = fetched
+        counts = Counter(flat_ids)
+        # (token, rank) slots grouped by expert id; slicing it needs no further device sync
+        by_expert = torch.argsort(flat, stable=True)  # [N*k]
+        out = torch.zeros_like(x)  # [N, H]
+        start = 0
+        # accumulate in expert-id order, as HF does, so sums round identically
+        for e in sorted(order):
+            slots = by_expert[start : start + counts[e]]  # [n_e]
+            start += counts[e]
+            tok = slots // k  # [n_e]
+            ye = fmt.forward(x[tok], experts[e])  # [n_e, H]
+            w = weights.reshape(-1)[slots, None]  # [n_e, 1]
+            out.index_add_(0, tok, (ye * w).to(out.dtype))
+        return out
+
+    def moe_shared(self, block: Block, x: Tensor, out: Tensor) -> Tensor:
+        """``out`` plus the block's shared experts (qwen2_moe: sigmoid-gated; deepseek/glm: ungated)."""
         if block.mlp.shared_expert is not None:
-            out = out + torch.sigmoid(block.mlp.shared_expert_gate(x)) * block.mlp.shared_expert(x)
-        elif block.mlp.shared_experts is not None:
-            out = out + block.mlp.shared_experts(x)
+            return out + torch.sigmoid(block.mlp.shared_expert_gate(x)) * block.mlp.shared_expert(x)
+        if block.mlp.shared_experts is not None:
+            return out + block.mlp.shared_experts(x)
         return out
