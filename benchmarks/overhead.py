@@ -19,6 +19,10 @@ run (interleaved rounds, best round of each):
   (``tolist``, ``item``, ``cpu``, ``numpy``, truth values: on CUDA each is a
   device-to-host sync).
 
+On CUDA (skipped without a device): decode tokens/s of Qwen3-30B-A3B-shaped
+layers (synthetic bf16 weights), resident vs offloaded at 100% warm, with and
+without ``--cuda-graphs`` (``cuda`` in the JSON; target offloaded >= 0.97x).
+
 Targets (issue 13): provider_share <= 0.10, host_time_ratio <= 1.15, top-8 minus
 top-2 ops <= 4, one host read per layer with gate at lookahead 3.
 
@@ -145,6 +149,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cuda-layers", type=int, default=8, help="MoE layers of the CUDA decode (default 8)")
+    p.add_argument("--cuda-tokens", type=int, default=64, help="tokens decoded per CUDA run (default 64)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -185,9 +191,43 @@ def main(argv=None) -> int:
           f"{out['host_time_ratio']:.3f} (target <= 1.15)")
     print(f"tensor ops per MoE layer: top-2 {ops['2']:.1f}, top-8 {ops['8']:.1f} (target: difference <= 4)")
     print(f"host reads per MoE layer with gate at lookahead 3: {out['d2h_per_layer']:.2f} (target 1)")
+    out["cuda"] = cuda_decode(args.cuda_layers, args.cuda_tokens, args.rounds) if torch.cuda.is_available() else None
+    if out["cuda"] is None:
+        print("# CUDA decode (resident vs offloaded at 100%, with and without CUDA graphs): not run, no CUDA device")
+    else:
+        c = out["cuda"]
+        print(f"# CUDA decode, Qwen3-30B-A3B shapes, {args.cuda_layers} layers, bf16, {args.cuda_tokens} tokens:")
+        for k, v in c["tokens_per_s"].items():
+            print(f"{k:<31}{v:8.1f} tok/s  ({v / c['tokens_per_s']['resident']:.3f}x resident)")
+        print(f"offloaded 100% / resident: {c['offloaded_to_resident']:.3f} (target >= 0.97); with graphs "
+              f"{c['offloaded_to_resident_graphs']:.3f}")
     if args.json:
         print(json.dumps(out))
     return 0
+
+
+def cuda_decode(layers: int, new_tokens: int, rounds: int) -> dict:
+    """Decode tokens/s on the GPU at real shapes: resident vs offloaded at 100% (warm), +/- CUDA graphs."""
+    from moe_runtime.model.generate import generate
+
+    spec = load_model_spec("qwen3-30b-a3b")
+    cfg = dataclasses.replace(config_from_spec(spec, layers), vocab_size=8192)
+    model, store = synthetic_model(cfg, "cuda", torch.bfloat16)
+    L, E = store.n_moe_layers, store.n_experts
+    resident = ResidentExperts(store, "cuda")
+    offloaded = OffloadedExperts(store, "cuda", L * E)
+    warm(offloaded, store, cfg.hidden_size)
+    prompt = list(range(1, 9))
+    best: dict[str, float] = {}
+    for _ in range(rounds):  # interleaved; best round of each
+        for name, prov, graphs in (("resident", resident, False), ("offloaded", offloaded, False),
+                                   ("resident, graphs", resident, True), ("offloaded, graphs", offloaded, True)):
+            r = generate(model, prov, prompt, new_tokens, cuda_graphs=graphs)
+            best[name] = max(best.get(name, 0.0), r.tokens_per_s)
+    offloaded.finish()
+    return {"tokens_per_s": best, "offloaded_to_resident": best["offloaded"] / best["resident"],
+            "offloaded_to_resident_graphs": best["offloaded, graphs"] / best["resident, graphs"],
+            "graphs_speedup": best["offloaded, graphs"] / best["offloaded"]}
 
 
 if __name__ == "__main__":
