@@ -27,6 +27,7 @@ meaningful with ``--device cuda``.
 
     python benchmarks/decode.py                       # CPU, 3 MoE layers, 12 new tokens
     python benchmarks/decode.py --device cuda --layers 26 --new-tokens 64
+    python benchmarks/decode.py --batch 4 --budgets 50 --policies lru --predictors none   # a static batch
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.cache.budget import minimum_slots  # noqa: E402
+from moe_runtime.cache.budget import layer_demand, minimum_slots  # noqa: E402
 from moe_runtime.model.checkpoint import DTYPES  # noqa: E402
 from moe_runtime.offload.engines import achieved_gbps  # noqa: E402
 from moe_runtime.model.experts import ResidentExperts  # noqa: E402
@@ -69,22 +70,27 @@ def first_layers(trace: Trace, n: int) -> Trace:
 COUNTERS = ("accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "stall_s")
 
 
-def run(model, store, forced, device, prompt, new, *, n_slots=None, policy="lru", scope="global",
+def tokens(res) -> list:
+    return [s.token_ids for s in res.sequences] if hasattr(res, "sequences") else res.token_ids
+
+
+def run(model, store, forced, device, prompts, new, *, n_slots=None, policy="lru", scope="global",
         predictor="none", lookahead=1, inflight=4, pool=None, warm=False):
     """Decode once (twice with ``warm``: the first pass fills the cache and only the second is timed and counted)."""
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     passes = 2 if warm else 1
+    lens = [len(p) for p in prompts]
     if n_slots is None:  # all resident
         provider = ResidentExperts(store, device)
-        chunk = len(prompt)
+        chunk = max(lens)
     else:
         pool_slots = n_slots if scope == "global" else n_slots // L
         prefetching = predictor != "none"
-        chunk = prefill_chunk(prompt_len=len(prompt), pool_slots=pool_slots, n_experts=E, top_k=K,
+        chunk = prefill_chunk(prompt_len=max(lens), pool_slots=pool_slots, n_experts=E, top_k=K,
                               inflight=inflight if prefetching else 0)
         pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                           model=model))
-        future = forced.future(steps(len(prompt), new, chunk) * passes) if policy == "belady" else None
+        future = forced.future(steps(lens, new, chunk) * passes) if policy == "belady" else None
         provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred,
                                     lookahead=lookahead, max_inflight=inflight, future=future,
                                     popularity=forced.popularity(), pool=pool)
@@ -94,7 +100,7 @@ def run(model, store, forced, device, prompt, new, *, n_slots=None, policy="lru"
         if i and n_slots is not None:  # counters of the warm-up pass, to subtract
             provider.flush()
             before, n_records = provider.report(), len(provider.engine.records)
-        res = generate(stepped, provider, prompt, new)
+        res = generate(stepped, provider, prompts if len(prompts) > 1 else prompts[0], new)
     if n_slots is None:
         return res, {}
     report = provider.finish()
@@ -112,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--layers", type=int, default=3, help="MoE layers kept (default 3)")
     p.add_argument("--prompt-len", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1,
+                   help="prompts decoded together (prompt b forced from trace sequence --trace-seq + b)")
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 8192 on cpu, spec's on cuda)")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
@@ -135,27 +143,30 @@ def main(argv=None) -> int:
     model, store = synthetic_model(cfg, device, DTYPES[args.dtype])
     trace = first_layers(load_trace(args.trace), store.n_moe_layers)
     forced = ForcedRouting(trace, n_moe_layers=store.n_moe_layers, n_experts=store.n_experts, top_k=store.top_k,
-                           seq=args.trace_seq)
+                           seq=args.trace_seq, batch=args.batch)
     prompt = list(range(1, args.prompt_len + 1))
+    prompts = [prompt] * args.batch
     forced.check_length(len(prompt) + args.new_tokens - 1)
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    demand = layer_demand(top_k=K, batch=args.batch, n_experts=E)  # a batch step needs its union at once
     budgets = [int(b) for b in args.budgets.split(",")]
-    pool = torch.empty(max(L * E * max(budgets) // 100, L * (K + args.max_inflight)), store.layout.numel,
+    pool = torch.empty(max(L * E * max(budgets) // 100, L * (demand + args.max_inflight)), store.layout.numel,
                        dtype=store.layout.dtype, device=device)
     pool.zero_()  # touch every page once, outside the timed runs
     print(f"# {'warm' if args.warm else 'cold'} caches; {spec.name}: {L} MoE layers (of {spec.n_moe_layers}), {E} experts, top-{K}, expert "
           f"{store.layout.nbytes / 1e6:.1f} MB {args.dtype}, vocab {vocab}; device {args.device}; trace "
-          f"{Path(args.trace).name} seq {args.trace_seq}; prompt {len(prompt)}, {args.new_tokens} new tokens; "
+          f"{Path(args.trace).name} seq {args.trace_seq}; batch {args.batch}; prompt {len(prompt)}, "
+          f"{args.new_tokens} new tokens; "
           f"built in {time.perf_counter() - t0:.0f} s")
     gbps, lat = measure_copy(store.layout.numel, store.layout.dtype, device, repeats=5)
     print(f"# profiled copy: {gbps:.2f} GB/s, {lat:.1f} us latency "
           f"({'pinned H2D, copy stream' if device.type == 'cuda' else 'host-to-host, copy thread'})")
 
-    run(model, store, forced, device, prompt, 2, n_slots=K, pool=pool)  # warm-up
-    floor_slots = minimum_slots(experts_per_layer=K, max_inflight=0, prefetching=False, scope="global", n_moe_layers=L)
+    run(model, store, forced, device, prompts, 2, n_slots=demand, pool=pool)  # warm-up
+    floor_slots = minimum_slots(experts_per_layer=demand, max_inflight=0, prefetching=False, scope="global", n_moe_layers=L)
     configs = [("all-resident", {}), ("on-demand (min budget)", dict(n_slots=floor_slots))]
     for scope in args.scopes.split(","):
-        need = minimum_slots(experts_per_layer=K, max_inflight=args.max_inflight, prefetching=True, scope=scope,
+        need = minimum_slots(experts_per_layer=demand, max_inflight=args.max_inflight, prefetching=True, scope=scope,
                              n_moe_layers=L)
         for b in budgets:
             n_slots = max(L * E * b // 100, need)
@@ -167,9 +178,9 @@ def main(argv=None) -> int:
     best: dict[str, tuple] = {}
     for _ in range(args.repeats):  # rounds over every configuration; the best round of each counts
         for name, kw in configs:
-            res, rep = run(model, store, forced, device, prompt, args.new_tokens, pool=pool, warm=args.warm, **kw)
+            res, rep = run(model, store, forced, device, prompts, args.new_tokens, pool=pool, warm=args.warm, **kw)
             if name not in best:
-                assert res.token_ids == best.get("all-resident", (res,))[0].token_ids, "tokens differ from resident"
+                assert tokens(res) == tokens(best.get("all-resident", (res,))[0]), "tokens differ from resident"
             if name not in best or res.tokens_per_s > best[name][0].tokens_per_s:
                 best[name] = (res, rep)
     rows = [(name, *best[name]) for name, _ in configs]

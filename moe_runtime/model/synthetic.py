@@ -71,6 +71,7 @@ def synthetic_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype:
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     layout = ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+    model.expert_format = layout  # the experts compute in the store's format, as load_model sets it
     store = HostExpertStore(layout, cfg.n_experts, cfg.top_k, cfg.moe_layers)
     h, i = cfg.hidden_size, cfg.moe_intermediate_size
     base = torch.randn(layout.numel, generator=gen)  # one random expert; the others are rotations of it
