@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.cache.budget import layer_demand, minimum_slots  # noqa: E402
+from moe_runtime.cache.budget import layer_demand, minimum_slots, wave_capacity  # noqa: E402
 from moe_runtime.model.checkpoint import DTYPES  # noqa: E402
 from moe_runtime.offload.engines import achieved_gbps  # noqa: E402
 from moe_runtime.model.experts import ResidentExperts  # noqa: E402
@@ -52,7 +52,7 @@ from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.model.generate import generate  # noqa: E402
 from moe_runtime.model.spec import load_model_spec  # noqa: E402
 from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
-from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps  # noqa: E402
+from moe_runtime.offload.steps import SteppedModel, steps  # noqa: E402
 from moe_runtime.cache.policies import EVICTION_POLICIES  # noqa: E402
 from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
 from moe_runtime.offload.profile import measure_copy  # noqa: E402
@@ -82,19 +82,17 @@ def run(model, store, forced, device, prompts, new, *, n_slots=None, policy="lru
     lens = [len(p) for p in prompts]
     if n_slots is None:  # all resident
         provider = ResidentExperts(store, device)
-        chunk = max(lens)
     else:
-        pool_slots = n_slots if scope == "global" else n_slots // L
         prefetching = predictor != "none"
-        chunk = prefill_chunk(prompt_len=max(lens), pool_slots=pool_slots, n_experts=E, top_k=K,
-                              inflight=inflight if prefetching else 0)
+        cap = wave_capacity(n_slots=n_slots, scope=scope, n_moe_layers=L, max_inflight=inflight,
+                            prefetching=prefetching)
         pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                           model=model))
-        future = forced.future(steps(lens, new, chunk) * passes) if policy == "belady" else None
+        future = forced.future(steps(lens, new) * passes, cap) if policy == "belady" else None
         provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred,
                                     lookahead=lookahead, max_inflight=inflight, future=future,
                                     popularity=forced.popularity(), pool=pool)
-    stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)
+    stepped = SteppedModel(model, provider, forced=forced)
     before, n_records = {k: 0 for k in COUNTERS}, 0
     for i in range(passes):
         if i and n_slots is not None:  # counters of the warm-up pass, to subtract

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import torch
 
-from moe_runtime.cache.budget import layer_demand, minimum_slots
+from moe_runtime.cache.budget import layer_demand, minimum_slots, wave_capacity
 from moe_runtime.cache.policies import EVICTION_POLICIES
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
@@ -25,7 +25,7 @@ from moe_runtime.model.generate import generate
 from moe_runtime.model.tiny import FAMILIES, write_tiny_checkpoint
 from moe_runtime.offload.forced_routing import ForcedRouting
 from moe_runtime.offload.provider import OffloadedExperts
-from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
+from moe_runtime.offload.steps import SteppedModel, steps
 from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
 from moe_runtime.predictors.adapters import AlignedAdapters
 from moe_runtime.traces import TraceMeta, TraceRecorder
@@ -48,7 +48,7 @@ def reference(family: str):
         rec = TraceRecorder(TraceMeta(model=family, n_layers=store.n_moe_layers, n_experts=store.n_experts,
                                       top_k=store.top_k, expert_bytes=store.layout.nbytes, dtype="float32",
                                       source="test"))
-        stepped = SteppedModel(model, ResidentExperts(store, "cpu"), chunk=max(LENS), recorder=rec)
+        stepped = SteppedModel(model, ResidentExperts(store, "cpu"), recorder=rec)
         res = generate(stepped, stepped.provider, PROMPTS, NEW)
         _cache[family] = (tmp, model, store, [s.token_ids for s in res.sequences], rec.to_trace())
     return _cache[family][1:]
@@ -71,19 +71,18 @@ def run_batched(family: str, policy: str, predictor: str, budget: str = "25%", s
     need = minimum_slots(experts_per_layer=demand, max_inflight=INFLIGHT, prefetching=prefetching, scope=scope,
                          n_moe_layers=L)
     n_slots = need if budget == "min" else max(need, L * E * int(budget[:-1]) // 100)
-    chunk = prefill_chunk(prompt_len=max(LENS), pool_slots=n_slots if scope == "global" else n_slots // L,
-                          n_experts=E, top_k=K, inflight=INFLIGHT if prefetching else 0)
+    cap = wave_capacity(n_slots=n_slots, scope=scope, n_moe_layers=L, max_inflight=INFLIGHT, prefetching=prefetching)
     forced = future = popularity = None
     if policy in ("belady", "static") or PREDICTORS[predictor].needs_future:
         forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K, batch=len(PROMPTS))
-        future = forced.future(steps(LENS, NEW, chunk)) if policy == "belady" else None
+        future = forced.future(steps(LENS, NEW), cap) if policy == "belady" else None
         popularity = forced.popularity()
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2,
                                                       model=model, adapters=random_adapters(model, L),
                                                       trace=trace if predictor == "history" else None))
     provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
-    res = generate(SteppedModel(model, provider, chunk=chunk, forced=forced), provider, PROMPTS, NEW)
+    res = generate(SteppedModel(model, provider, forced=forced), provider, PROMPTS, NEW)
     return [s.token_ids for s in res.sequences], ref, provider.finish()
 
 

@@ -21,7 +21,7 @@ from moe_runtime.model.generate import generate
 from moe_runtime.model.tiny import FAMILIES, write_tiny_checkpoint
 from moe_runtime.offload.forced_routing import ForcedRouting
 from moe_runtime.offload.provider import OffloadedExperts
-from moe_runtime.offload.steps import SteppedModel, prefill_chunk
+from moe_runtime.offload.steps import SteppedModel
 from moe_runtime.predictors import PredictorOptions, make_predictor
 
 PROMPTS = [[5, 17, 42, 8, 23], [3, 9], [11, 12, 13, 14, 15, 16, 17, 18]]
@@ -44,8 +44,7 @@ def offloaded(model, store, device, policy="lru", predictor="gate", batch=1):
                          scope="global", n_moe_layers=L)
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
     provider = OffloadedExperts(store, device, need, policy=policy, predictor=pred, lookahead=2, max_inflight=2)
-    chunk = prefill_chunk(prompt_len=8, pool_slots=need, n_experts=E, top_k=K, inflight=2)
-    return SteppedModel(model, provider, chunk=chunk), provider
+    return SteppedModel(model, provider), provider
 
 
 def tokens(res):
@@ -90,10 +89,10 @@ def test_forced_routing_is_refused():
 
     rec = TraceRecorder(TraceMeta(model="m", n_layers=store.n_moe_layers, n_experts=store.n_experts,
                                   top_k=store.top_k, expert_bytes=store.layout.nbytes, dtype="float32", source="t"))
-    stepped = SteppedModel(model, ResidentExperts(store, "cpu"), chunk=8, recorder=rec)
+    stepped = SteppedModel(model, ResidentExperts(store, "cpu"), recorder=rec)
     with pytest.raises(MoeError, match="cannot force or record"):
         generate(stepped, stepped.provider, PROMPTS[0], NEW, cuda_graphs=True)
-    forced = SteppedModel(model, ResidentExperts(store, "cpu"), chunk=8,
+    forced = SteppedModel(model, ResidentExperts(store, "cpu"),
                           forced=ForcedRouting(rec_trace(model, store), n_moe_layers=store.n_moe_layers,
                                                n_experts=store.n_experts, top_k=store.top_k))
     with pytest.raises(MoeError, match="cannot force or record"):
@@ -105,7 +104,7 @@ def rec_trace(model, store):
 
     rec = TraceRecorder(TraceMeta(model="m", n_layers=store.n_moe_layers, n_experts=store.n_experts,
                                   top_k=store.top_k, expert_bytes=store.layout.nbytes, dtype="float32", source="t"))
-    stepped = SteppedModel(model, ResidentExperts(store, "cpu"), chunk=8, recorder=rec)
+    stepped = SteppedModel(model, ResidentExperts(store, "cpu"), recorder=rec)
     generate(stepped, stepped.provider, PROMPTS[0], NEW)
     return rec.to_trace()
 

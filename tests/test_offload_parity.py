@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_runtime.cache.budget import minimum_slots
+from moe_runtime.cache.budget import minimum_slots, wave_capacity
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.offload.forced_routing import ForcedRouting
 from moe_runtime.model.generate import generate
 from moe_runtime.offload.provider import OffloadedExperts
-from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
+from moe_runtime.offload.steps import SteppedModel, steps
 from moe_runtime.cache.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictorOptions, make_predictor
 from moe_runtime.model.tiny import write_tiny_checkpoint
@@ -43,7 +43,7 @@ def reference(family: str, device: str = "cpu", expert_dtype: str = "auto"):
         L, E, K = store.n_moe_layers, store.n_experts, store.top_k
         rec = TraceRecorder(TraceMeta(model=family, n_layers=L, n_experts=E, top_k=K,
                                       expert_bytes=store.layout.nbytes, dtype="float32", source="test"))
-        stepped = SteppedModel(model, ResidentExperts(store, device), chunk=len(PROMPT), recorder=rec)
+        stepped = SteppedModel(model, ResidentExperts(store, device), recorder=rec)
         tokens = generate(stepped, stepped.provider, PROMPT, NEW).token_ids
         _cache[key] = (model, store, tokens, rec.to_trace())
     return _cache[key]
@@ -55,18 +55,16 @@ def run_offloaded(family, policy, predictor, budget, scope, device="cpu", expert
     prefetching = predictor != "none"
     need = minimum_slots(experts_per_layer=K, max_inflight=INFLIGHT, prefetching=prefetching, scope=scope, n_moe_layers=L)
     n_slots = need if budget == "min" else max(need, L * E * int(budget[:-1]) // 100)
-    pool = n_slots if scope == "global" else n_slots // L
-    chunk = prefill_chunk(prompt_len=len(PROMPT), pool_slots=pool, n_experts=E, top_k=K,
-                          inflight=INFLIGHT if prefetching else 0)
+    cap = wave_capacity(n_slots=n_slots, scope=scope, n_moe_layers=L, max_inflight=INFLIGHT, prefetching=prefetching)
     forced = future = popularity = None
     if policy in ("belady", "static"):
         forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
-        future = forced.future(steps(len(PROMPT), NEW, chunk))
+        future = forced.future(steps(len(PROMPT), NEW), cap)
         popularity = forced.popularity()
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
     provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
-    stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)
+    stepped = SteppedModel(model, provider, forced=forced)
     tokens = generate(stepped, provider, PROMPT, NEW).token_ids
     report = provider.finish()
     used = {(m, int(e)) for m in range(L) for e in trace.expert_ids[:, m].ravel()}
@@ -188,14 +186,16 @@ def test_registry_predictors_keep_parity(predictor):
 
 
 def plain_lru_misses(keys, capacity):
-    """A plain LRU over ``keys`` in order; the keys of one (step, layer) (a run of one layer) are all
-    protected from eviction while it is served, as DESIGN pins them."""
+    """A plain LRU over ``keys`` in order; the keys of one (step, layer) (a run of one layer), or of one
+    wave of ``capacity`` of them when the run is longer, are all protected from eviction while it is
+    served, as DESIGN pins them."""
     from collections import OrderedDict
     from itertools import groupby
 
     resident, misses = OrderedDict(), 0
-    for _, run in groupby(keys, key=lambda k: k[0]):
-        group = list(run)
+    groups = [g[i:i + capacity] for _, run in groupby(keys, key=lambda k: k[0]) for g in [list(run)]
+              for i in range(0, len(g), capacity)]
+    for group in groups:
         for k in group:
             if k in resident:
                 resident.move_to_end(k)
@@ -212,11 +212,56 @@ def test_executor_lru_misses_equal_a_plain_lru_over_the_same_accesses(n_slots):
     model, store, ref_tokens, trace = reference("mixtral")
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
-    chunk = prefill_chunk(prompt_len=len(PROMPT), pool_slots=n_slots, n_experts=E, top_k=K, inflight=0)
     provider = OffloadedExperts(store, "cpu", n_slots, policy="lru")
-    stepped = SteppedModel(model, provider, chunk=chunk, forced=forced)
+    stepped = SteppedModel(model, provider, forced=forced)
     assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
     r = provider.finish()
-    keys = forced.future(steps(len(PROMPT), NEW, chunk))
+    keys = forced.future(steps(len(PROMPT), NEW), n_slots)
     assert r["accesses"] == len(keys)
     assert r["misses"] == plain_lru_misses(keys, n_slots)
+
+
+class _Waves(ResidentExperts):
+    """The all-resident provider, made to serve at most ``cap`` experts a call (so a prompt comes in waves)."""
+
+    def __init__(self, store, cap):
+        super().__init__(store, "cpu")
+        self.cap, self.calls = cap, []
+
+    def capacity(self, layer):
+        return self.cap
+
+    def experts(self, layer, ids, hidden, *ranked):
+        assert len(ids) <= self.cap
+        self.calls.append((layer, list(ids)))
+        return super().experts(layer, ids, hidden)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_waves_equal_one_call_bitwise(family, dtype, tmp_path):
+    """A prompt whose union exceeds the cache comes in waves of ascending ids; the logits equal one call's
+    bit for bit (both the fixed-shape and the per-expert compute)."""
+    from moe_runtime.model import transformer
+
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=4, num_hidden_layers=3)
+    model, store = load_model(path, "cpu", dtype)
+    prompt = torch.tensor(list(range(3, 40)))
+    pos = torch.arange(len(prompt))
+    for fixed_max in (transformer.FIXED_SHAPE_MAX, 0):  # fixed shapes, then the per-expert loop
+        old, transformer.FIXED_SHAPE_MAX = transformer.FIXED_SHAPE_MAX, fixed_max
+        try:
+            with torch.inference_mode():
+                model.setup_cache(len(prompt))
+                one = model(prompt, pos, ResidentExperts(store, "cpu"))
+                waves = _Waves(store, store.top_k + 1)
+                model.setup_cache(len(prompt))
+                split = model(prompt, pos, waves)
+        finally:
+            transformer.FIXED_SHAPE_MAX = old
+        assert torch.equal(one, split)
+        per_layer = [[ids for m, ids in waves.calls if m == layer] for layer in range(store.n_moe_layers)]
+        assert all(len(c) > 1 for c in per_layer)  # the union really exceeded the cap
+        for c in per_layer:
+            flat = [e for wave in c for e in wave]
+            assert flat == sorted(flat) and len(set(flat)) == len(flat)

@@ -39,6 +39,13 @@ def layer_demand(*, top_k: int, batch: int, n_experts: int) -> int:
     return min(batch * top_k, n_experts)
 
 
+def wave_capacity(*, n_slots: int, scope: str, n_moe_layers: int, max_inflight: int, prefetching: bool) -> int:
+    """The most distinct experts one layer may hold at once (its pool less the in-flight prefetch slots);
+    a step whose union is larger (a long prompt) gets its experts in waves of this many, in id order."""
+    pool = n_slots if scope == "global" else n_slots // n_moe_layers
+    return pool - (max_inflight if prefetching else 0)
+
+
 def minimum_slots(*, experts_per_layer: int, max_inflight: int, prefetching: bool,
                   scope: str, n_moe_layers: int) -> int:
     """The smallest slot count that can run: one layer's experts plus in-flight prefetches."""

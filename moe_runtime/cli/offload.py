@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.cache.budget import check_budget, layer_demand, parse_budget
+from moe_runtime.cache.budget import check_budget, layer_demand, parse_budget, wave_capacity
 from moe_runtime.model.checkpoint import DTYPES, SafetensorsReader, expert_format, parse_dtype
 from moe_runtime.model.config import load_config, read_json
 from moe_runtime.errors import MoeError
@@ -35,7 +35,7 @@ from moe_runtime.offload.packed import read_header
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.storage import DiskReadEngine, aligned_pool
 from moe_runtime.offload.tiers import disk_source, parse_expert_source
-from moe_runtime.offload.steps import SteppedModel, prefill_chunk, steps
+from moe_runtime.offload.steps import SteppedModel, steps
 from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions
 from moe_runtime.cli.options import add_option_flags, integer, options_from_args
 from moe_runtime.outputs import check_output
@@ -148,7 +148,6 @@ class OffloadRun:
         if not offloading(args):
             return None
         lens = [prompt_lens] if isinstance(prompt_lens, int) else list(prompt_lens)
-        prompt_len = max(lens)
         opts = options_from_args(OffloadOptions, args)
         L, E, K = store.n_moe_layers, store.n_experts, store.top_k
         n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
@@ -160,14 +159,13 @@ class OffloadRun:
                                    batch=len(lens))
             forced.check_length([n + args.max_new_tokens - 1 for n in lens])
         prefetching = opts.prefetching
-        pool = n_slots if opts.scope == "global" else n_slots // L
-        chunk = prefill_chunk(prompt_len=prompt_len, pool_slots=pool, n_experts=E, top_k=K,
-                              inflight=opts.max_inflight if prefetching else 0)
+        capacity = wave_capacity(n_slots=n_slots, scope=opts.scope, n_moe_layers=L, max_inflight=opts.max_inflight,
+                                 prefetching=prefetching)  # a longer prompt's union comes in waves
         future = popularity = None
         if opts.eviction == "belady":
             if forced is None:
                 raise MoeError("--eviction belady needs the future: give --route-from-trace FILE")
-            future = forced.future(steps(lens, args.max_new_tokens, chunk))
+            future = forced.future(steps(lens, args.max_new_tokens), capacity)
         if opts.eviction == "static":
             if args.popularity_trace:
                 hot = load_trace(args.popularity_trace)
@@ -216,7 +214,7 @@ class OffloadRun:
             future=future, popularity=popularity, timeline=args.timeline is not None,
             record_predictions=record_preds, pool=pool, source=source,
             **({"make_engine": make_engine} if make_engine else {}))
-        stepped = SteppedModel(model, provider, chunk=chunk, forced=forced, recorder=recorder,
+        stepped = SteppedModel(model, provider, forced=forced, recorder=recorder,
                                predictor_name=opts.predictor if record_preds else None, lookahead=opts.lookahead)
         return cls(provider, stepped, recorder, args, opts, torch.device(args.device),
                    disk.describe if kind == "disk" else None)
@@ -226,7 +224,7 @@ class OffloadRun:
         out = self.provider.finish()
         a, o = self.args, self.opts
         out.update(policy=o.eviction, cache_scope=o.scope, predictor=o.predictor, lookahead=o.lookahead,
-                   prefill_chunk=self.model.chunk, expert_source=a.expert_source)
+                   expert_source=a.expert_source)
         if self.reads_from is not None:
             out["reads_from"] = self.reads_from
         if self.recorder is not None:

@@ -93,7 +93,7 @@ class GraphedStep:
             prev = self.outs[s - 1]
             cos, sin, mask, window = prev["cos"], prev["sin"], prev["mask"], prev["window"]
             block = model.layers[bounds[s]]
-            out = model.moe_experts(block, prev["x"], prev["ids"], prev["weights"], None, self.tables[s - 1])
+            out = model.moe_experts(prev["x"], prev["ids"], prev["weights"], None, self.tables[s - 1])
             h = prev["h"] + model.moe_shared(block, prev["x"], out)
         last = bounds[s + 1] if s < M else len(model.layers)
         for j in range(bounds[s] + 1, last + (1 if s < M else 0)):

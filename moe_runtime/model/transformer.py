@@ -225,9 +225,16 @@ class Transformer(nn.Module):
              route: RouterOverride | None = None) -> Tensor:
         # h [N, H]: the residual entering the MoE block, handed to the provider for prediction
         x, ids, weights, ranked = self.moe_route(m, block, h, provider, route)
-        fetched = self.moe_fetch(m, ids, h, ranked, provider)
-        out = self.moe_experts(block, x, ids, weights, fetched, self.fixed_table(m, x, ids, provider))
-        provider.end_layer(m)
+        fixed = self.fixed_shapes(x, ids, provider)
+        flat_ids, order, rankings = self.moe_ids(ids, ranked)
+        cap = provider.capacity(m) if hasattr(provider, "capacity") else len(order)
+        if len(order) > cap:  # a prompt's union beyond the cache: its experts in waves
+            out = self._moe_waves(m, x, ids, weights, h, provider, flat_ids, order, rankings, cap, fixed)
+        else:
+            experts = provider.experts(m, order, h, *([rankings] if rankings is not None else []))
+            out = self.moe_experts(x, ids, weights, (experts, flat_ids, order),
+                                   provider.expert_table(m) if fixed else None)
+            provider.end_layer(m)
         return self.moe_shared(block, x, out)
 
     # The MoE block in the three parts a CUDA graph splits it into (graphs.py): the device work before the
@@ -243,59 +250,99 @@ class Transformer(nn.Module):
         ranked = provider.prepare(m, h) if hasattr(provider, "prepare") else None
         return x, ids, weights, ranked
 
-    def moe_fetch(self, m: int, ids: Tensor, h: Tensor, ranked: Tensor | None,
-                  provider: ExpertProvider) -> tuple[dict, list[int], list[int]]:
-        """The provider's experts for the layer -> (experts by id, flat ids, unique ids in order)."""
+    def moe_ids(self, ids: Tensor, ranked: Tensor | None) -> tuple[list[int], list[int], list | None]:
+        """(flat ids, unique ids in first appearance (token-major, then rank), each distance's ranking)."""
         flat = ids.flatten()  # [N*k], token-major
         if ranked is None:
             # CPU waits on the device here, once per layer: the provider needs the expert ids as Python ints
-            flat_ids = flat.tolist()
-            order = list(dict.fromkeys(flat_ids))  # unique, first appearance (token-major, then rank)
-            return provider.experts(m, order, h), flat_ids, order
-        # CPU waits on the device here, once per layer: the ids and every distance's ranking together
-        both = torch.cat([flat, ranked.flatten()]).tolist()
-        flat_ids, rest = both[: flat.numel()], both[flat.numel():]
-        E = ranked.shape[1]
-        order = list(dict.fromkeys(flat_ids))
-        return provider.experts(m, order, h, [rest[i:i + E] for i in range(0, len(rest), E)]), flat_ids, order
+            flat_ids, rankings = flat.tolist(), None
+        else:
+            # CPU waits on the device here, once per layer: the ids and every distance's ranking together
+            both = torch.cat([flat, ranked.flatten()]).tolist()
+            flat_ids, rest, E = both[: flat.numel()], both[flat.numel():], ranked.shape[1]
+            rankings = [rest[i:i + E] for i in range(0, len(rest), E)]
+        return flat_ids, list(dict.fromkeys(flat_ids)), rankings
 
-    def fixed_table(self, m: int, x: Tensor, ids: Tensor, provider: ExpertProvider) -> tuple[Tensor, Tensor] | None:
-        """(expert -> slot [E], slot pool) for the fixed-shape compute, or None for the per-expert loop: on
-        CUDA always; on CPU only while the gathered copy of every (token, rank)'s expert is small."""
-        table = getattr(provider, "expert_table", None)
-        if table is None or (x.device.type != "cuda" and ids.numel() * self.expert_format.numel > FIXED_SHAPE_MAX):
-            return None
-        return table(m)
+    def moe_fetch(self, m: int, ids: Tensor, h: Tensor, ranked: Tensor | None, provider: ExpertProvider) -> dict:
+        """The provider's experts for the layer (all in one call), by id."""
+        _, order, rankings = self.moe_ids(ids, ranked)
+        return provider.experts(m, order, h, *([rankings] if rankings is not None else []))
 
-    def moe_experts(self, block: Block, x: Tensor, ids: Tensor, weights: Tensor, fetched: tuple | None,
+    def fixed_shapes(self, x: Tensor, ids: Tensor, provider: ExpertProvider) -> bool:
+        """Whether the experts compute with fixed shapes from the provider's slot table: on CUDA always; on
+        CPU only while the gathered copy of every (token, rank)'s expert is small."""
+        return getattr(provider, "expert_table", None) is not None and (
+            x.device.type == "cuda" or ids.numel() * self.expert_format.numel <= FIXED_SHAPE_MAX)
+
+    def moe_experts(self, x: Tensor, ids: Tensor, weights: Tensor, fetched: tuple | None,
                     table: tuple[Tensor, Tensor] | None) -> Tensor:
         """The routed experts' weighted sum [N, H]: fixed shapes from ``table`` (no host values needed), else
-        one expert at a time from ``fetched`` (moe_fetch's result)."""
-        fmt = self.expert_format  # knows the experts' packing and computes them
+        one expert at a time from ``fetched`` ((experts by id, flat ids, unique ids))."""
         k = ids.shape[1]
-        flat = ids.flatten()  # [N*k]
         if table is not None:
-            # fixed shapes: every (token, rank) gathers its expert's slot by index and all run as one batched
-            # matmul; no per-expert Python, no further sync
-            rows, pool = table
-            w = fmt.views(pool[rows[flat]])  # stacked [N*k, ...] weights of each (token, rank)
-            y = fmt.forward(x.repeat_interleave(k, dim=0)[:, None, :], w)[:, 0, :]  # [N*k, H]
-            return (y.view(-1, k, y.shape[-1]) * weights[..., None]).sum(dim=1).to(x.dtype)  # [N, H]
+            return self._combine(self._fixed_rows(x, ids.flatten(), k, table), weights, x.dtype)
         experts, flat_ids, order = fetched
+        out = torch.zeros_like(x)  # [N, H]
+        self._accumulate(out, x, ids, weights, flat_ids, sorted(order), experts)
+        return out
+
+    def _fixed_rows(self, x: Tensor, flat: Tensor, k: int, table: tuple[Tensor, Tensor],
+                    sel: Tensor | None = None) -> Tensor:
+        # every (token, rank) gathers its expert's slot by index and all run as one batched matmul: no
+        # per-expert Python, no further sync. ``sel``: only these (token, rank) rows.
+        rows, pool = table
+        xr = x.repeat_interleave(k, dim=0)  # [N*k, H]
+        if sel is not None:
+            flat, xr = flat[sel], xr[sel]
+        w = self.expert_format.views(pool[rows[flat]])  # stacked [n, ...] weights of each (token, rank)
+        return self.expert_format.forward(xr[:, None, :], w)[:, 0, :]  # [n, H]
+
+    @staticmethod
+    def _combine(y: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+        k = weights.shape[1]
+        return (y.view(-1, k, y.shape[-1]) * weights[..., None]).sum(dim=1).to(dtype)  # [N, H]
+
+    def _accumulate(self, out: Tensor, x: Tensor, ids: Tensor, weights: Tensor, flat_ids: list[int],
+                    experts_sorted: list[int], experts: dict) -> None:
+        """out += each expert's weighted output over its tokens, for ``experts_sorted`` (ascending ids)."""
+        k, fmt = ids.shape[1], self.expert_format
         counts = Counter(flat_ids)
         # (token, rank) slots grouped by expert id; slicing it needs no further device sync
-        by_expert = torch.argsort(flat, stable=True)  # [N*k]
-        out = torch.zeros_like(x)  # [N, H]
-        start = 0
-        # accumulate in expert-id order, as HF does, so sums round identically
-        for e in sorted(order):
+        by_expert = torch.argsort(ids.flatten(), stable=True)  # [N*k]
+        start = sum(n for e, n in counts.items() if e < experts_sorted[0])
+        # accumulate in expert-id order, as HF does, so sums round identically (waves continue the order)
+        for e in experts_sorted:
             slots = by_expert[start : start + counts[e]]  # [n_e]
             start += counts[e]
             tok = slots // k  # [n_e]
             ye = fmt.forward(x[tok], experts[e])  # [n_e, H]
             w = weights.reshape(-1)[slots, None]  # [n_e, 1]
             out.index_add_(0, tok, (ye * w).to(out.dtype))
-        return out
+
+    def _moe_waves(self, m: int, x: Tensor, ids: Tensor, weights: Tensor, h: Tensor, provider: ExpertProvider,
+                   flat_ids: list[int], order: list[int], rankings: list | None, cap: int, fixed: bool) -> Tensor:
+        """The layer's experts ``cap`` at a time, in ascending id order, each wave one provider call: every
+        expert still sees all its tokens and the sums keep their order, so the result equals one call's
+        (a prefill whose union exceeds the cache stays exact, not chunked into different matmul shapes)."""
+        k = ids.shape[1]
+        ordered = sorted(order)
+        out = y = None
+        if not fixed:
+            out = torch.zeros_like(x)
+        for i in range(0, len(ordered), cap):
+            wave = ordered[i:i + cap]
+            experts = provider.experts(m, wave, h, *([rankings] if rankings is not None else []))
+            if fixed:
+                members = set(wave)
+                sel = torch.tensor([j for j, e in enumerate(flat_ids) if e in members], device=x.device)
+                rows = self._fixed_rows(x, ids.flatten(), k, provider.expert_table(m), sel)
+                if y is None:
+                    y = rows.new_empty(len(flat_ids), rows.shape[-1])  # [N*k, H]
+                y[sel] = rows
+            else:
+                self._accumulate(out, x, ids, weights, flat_ids, wave, experts)
+            provider.end_layer(m)
+        return self._combine(y, weights, x.dtype) if fixed else out
 
     def moe_shared(self, block: Block, x: Tensor, out: Tensor) -> Tensor:
         """``out`` plus the block's shared experts (qwen2_moe: sigmoid-gated; deepseek/glm: ungated)."""

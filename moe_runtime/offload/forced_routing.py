@@ -107,12 +107,15 @@ class ForcedRouting:
         """Unique ids of ``step``'s tokens at ``layer``, in first appearance (token-major, then rank)."""
         return list(dict.fromkeys(self.ids[self._flat(step), layer].ravel().tolist()))
 
-    def step_routing(self, step: Step) -> list[list[int]]:
-        return [self.step_ids(step, layer) for layer in range(self.ids.shape[1])]
+    def step_routing(self, step: Step, capacity: int | None = None) -> list[list[int]]:
+        out = [self.step_ids(step, layer) for layer in range(self.ids.shape[1])]
+        # a union beyond ``capacity`` is served in waves, in ascending id order (Transformer._moe)
+        return [sorted(ids) if capacity is not None and len(ids) > capacity else ids for ids in out]
 
-    def future(self, steps: Sequence[Step]) -> list[Key]:
-        """The keys ``access_layer`` sees over ``steps``, in order (step, layer, rank)."""
-        return access_sequence(self.step_routing(s) for s in steps)
+    def future(self, steps: Sequence[Step], capacity: int | None = None) -> list[Key]:
+        """The keys ``access_layer`` sees over ``steps``, in order (step, layer, rank), for a provider whose
+        ``capacity`` is given (its waves' order); None: every union fits."""
+        return access_sequence(self.step_routing(s, capacity) for s in steps)
 
     def popularity(self, n_positions: int | None = None) -> dict[Key, float]:
         """Uses per (layer, expert) over the first ``n_positions`` tokens of the first sequence (all of

@@ -37,6 +37,7 @@ from torch import Tensor
 from moe_runtime.cache.expert_cache import ExpertCache
 from moe_runtime.cache.policies import Key
 from moe_runtime.cache.protocol import LayerProtocol
+from moe_runtime.cache.budget import wave_capacity
 from moe_runtime.model.experts import ExpertWeights, HostExpertStore
 from moe_runtime.offload.engines import achieved_gbps, make_copy_engine
 from moe_runtime.predictors import Predictor
@@ -148,6 +149,13 @@ class OffloadedExperts:
     def prefetch(self, slot: int, key: Key) -> None:
         self._assigned[key] = slot  # the latest assignment of a key wins (bounded: one entry per expert)
         self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=False)
+
+    def capacity(self, layer: int) -> int:
+        """The most distinct experts one ``experts`` call may hold at ``layer``: its pool less the slots
+        in-flight prefetches may take. A step needing more (a long prompt's union) comes in waves."""
+        c = self.cache
+        return wave_capacity(n_slots=c.n_slots, scope=c.scope, n_moe_layers=self.n_moe_layers,
+                             max_inflight=c.max_inflight, prefetching=self.prefetching)
 
     def expert_table(self, layer: int) -> tuple[Tensor, Tensor]:
         """(expert -> slot [E] long, the slot pool [S, numel]) on the device, for the fixed-shape compute;

@@ -3,13 +3,12 @@
 ``SteppedModel(model, provider, chunk=, forced=, recorder=)`` stands in for the
 model in ``generate()`` (which it does not change):
 
-- The prompt forward is split into chunks of at most ``chunk`` tokens, each a
-  forward of its own (same KV cache, same positions), because a step needs the
-  union of its tokens' experts per layer at once and that union must fit the
-  cache. ``prefill_chunk`` picks the largest chunk that always fits: the whole
-  prompt when a pool holds all of a layer's experts plus the in-flight slots,
-  else floor((pool slots - in-flight slots) / top_k) tokens (token by token at
-  the minimum budget). Decode steps are one token each.
+- The prompt is one forward (as the all-resident model runs it, so the
+  matmuls have the same shapes and the tokens stay exact); a layer whose union
+  of experts exceeds the cache gets them in waves (``Transformer._moe`` and the
+  provider's ``capacity``). ``chunk`` splits the prompt into forwards of at
+  most that many tokens instead (a choice, e.g. one token at a time to match a
+  trace replay; float results then differ from the unchunked forward).
 - A batched decode step (``rows`` a list of sequences, one token each) is one
   forward: its MoE layers fetch the union of the batch's experts. Before each
   forward it opens a provider step (``begin_step(start, n)``) and, with forced
@@ -37,18 +36,12 @@ from moe_runtime.model.transformer import Transformer
 from moe_runtime.traces import PHASE_DECODE, PHASE_PREFILL, TraceRecorder
 
 
-def prefill_chunk(*, prompt_len: int, pool_slots: int, n_experts: int, top_k: int, inflight: int) -> int:
-    """Tokens per prefill forward so that one layer's union of experts always fits a pool (>= 1)."""
-    room = pool_slots - inflight
-    if room >= n_experts:
-        return max(prompt_len, 1)
-    return max(1, room // top_k)
-
-
-def steps(prompt_lens: int | Sequence[int], max_new_tokens: int, chunk: int) -> list[list[tuple[int, int]]]:
-    """Every forward pass of a run, as steps of (sequence, position): each prompt's prefill chunks in turn,
-    then one batched step per decoded token but the last (every sequence running: no EOS foreseen)."""
+def steps(prompt_lens: int | Sequence[int], max_new_tokens: int, chunk: int | None = None) -> list[list[tuple[int, int]]]:
+    """Every forward pass of a run, as steps of (sequence, position): each prompt's prefill (in chunks of
+    ``chunk`` tokens when given) in turn, then one batched step per decoded token but the last (every
+    sequence running: no EOS foreseen)."""
     lens = [prompt_lens] if isinstance(prompt_lens, int) else list(prompt_lens)
+    chunk = chunk or max(lens)
     out = [prompt_step(b, a, min(chunk, n - a)) for b, n in enumerate(lens) for a in range(0, n, chunk)]
     out += [[(b, n + i) for b, n in enumerate(lens)] for i in range(max_new_tokens - 1)]
     return out
@@ -57,7 +50,7 @@ def steps(prompt_lens: int | Sequence[int], max_new_tokens: int, chunk: int) -> 
 class SteppedModel:
     """The model as generate() sees it; every attribute but the forward comes from the wrapped model."""
 
-    def __init__(self, model: Transformer, provider: ExpertProvider, *, chunk: int,
+    def __init__(self, model: Transformer, provider: ExpertProvider, *, chunk: int | None = None,
                  forced: ForcedRouting | None = None, recorder: TraceRecorder | None = None,
                  predictor_name: str | None = None, lookahead: int = 1) -> None:
         self.model, self.provider, self.chunk = model, provider, chunk
@@ -87,10 +80,11 @@ class SteppedModel:
             return self._forward(tokens, input_pos, provider, last_only, [(b, self.pos[b]) for b in rows], rows,
                                  PHASE_DECODE)
         n, start = tokens.shape[0], self.pos[rows]
+        chunk = self.chunk or n
         phase = PHASE_PREFILL if start == 0 else PHASE_DECODE  # a sequence's first forward is its prompt's
-        outs = [self._forward(tokens[a:a + self.chunk], input_pos[a:a + self.chunk], provider, last_only,
-                              prompt_step(rows, start + a, min(self.chunk, n - a)), rows, phase)
-                for a in range(0, n, self.chunk)]
+        outs = [self._forward(tokens[a:a + chunk], input_pos[a:a + chunk], provider, last_only,
+                              prompt_step(rows, start + a, min(chunk, n - a)), rows, phase)
+                for a in range(0, n, chunk)]
         return outs[-1] if last_only or len(outs) == 1 else torch.cat(outs)
 
     def _forward(self, tokens: Tensor, input_pos: Tensor, provider, last_only: bool, step: list[tuple[int, int]],
