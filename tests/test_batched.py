@@ -199,4 +199,4 @@ def test_cli_batch_budget_counts_the_union(run_cli, tiny_mixtral):
     argv = ["generate", "--model", str(tiny_mixtral), "--max-new-tokens", "2", "--expert-budget", "2",
             "--prompt-ids", "1,2", "--prompt-ids", "3"]
     rc, _, err = run_cli(argv)
-    assert rc != 0 and "below the minimum" in err and "Traceback" not in err
+    assert rc != 0 and "below the minimum" in err and "union of 2 sequences" in err and "Traceback" not in err

@@ -54,12 +54,14 @@ def minimum_slots(*, experts_per_layer: int, max_inflight: int, prefetching: boo
 
 
 def check_budget(n_slots: int, *, experts_per_layer: int, max_inflight: int, prefetching: bool,
-                 scope: str, n_moe_layers: int, expert_bytes: int) -> None:
+                 scope: str, n_moe_layers: int, expert_bytes: int, batch: int = 1) -> None:
     """Raise MoeError naming the minimum in bytes and experts when ``n_slots`` is below it."""
     need = minimum_slots(experts_per_layer=experts_per_layer, max_inflight=max_inflight,
                          prefetching=prefetching, scope=scope, n_moe_layers=n_moe_layers)
     if n_slots < need:
         what = f"{experts_per_layer} experts per layer"
+        if batch > 1:
+            what += f" (the union of {batch} sequences' top-k)"
         if prefetching:
             what += f" + {max_inflight} in flight"
         if scope == "per-layer":

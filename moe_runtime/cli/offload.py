@@ -82,7 +82,7 @@ def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: 
                      total_experts=n_layers * n_experts)
     demand = layer_demand(top_k=top_k, batch=batch, n_experts=n_experts)
     check_budget(n, experts_per_layer=demand, max_inflight=opts.max_inflight, prefetching=opts.prefetching,
-                 scope=opts.scope, n_moe_layers=n_layers, expert_bytes=expert_bytes)
+                 scope=opts.scope, n_moe_layers=n_layers, expert_bytes=expert_bytes, batch=batch)
     return n
 
 
