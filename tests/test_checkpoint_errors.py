@@ -164,7 +164,8 @@ def test_cli_generate_json(good):
     r = cli("generate", "--model", good, "--prompt", "Hi there", "--max-new-tokens", 6, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"token_ids", "text", "prefill_s", "decode_s", "tokens_per_s"}
+    assert set(out) == {"token_ids", "text", "sequences", "prefill_s", "decode_s", "tokens_per_s"}
+    assert out["sequences"] == [{"token_ids": out["token_ids"], "text": out["text"]}]
     assert 1 <= len(out["token_ids"]) <= 6 and all(isinstance(t, int) for t in out["token_ids"])
     assert out["prefill_s"] > 0 and out["tokens_per_s"] >= 0 and isinstance(out["text"], str)
     # greedy decoding is deterministic and --prompt-ids gives the same as the tokenized text
