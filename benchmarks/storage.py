@@ -94,13 +94,16 @@ def decode(model, store, forced, hdr, new, *, n_slots=None, policy="lru", predic
     return res.prefill_s + res.decode_s, rep, res.token_ids
 
 
-def simulate(trace, spec, read_gbps, lat_us, layer_ms, n_slots, policy, predictor, lookahead, inflight) -> float:
-    dev = DeviceSpec(name="this-disk", nominal=False, h2d_bandwidth_gbps=read_gbps, h2d_latency_us=lat_us,
+def simulate(trace, spec, read_gbps, lat_us, layer_ms, n_slots, policy, predictor, lookahead, inflight,
+             depth: int = 4) -> float:
+    # this machine as a profile: the measured storage link; the RAM "copies" above it are not what is timed
+    dev = DeviceSpec(name="this-disk", nominal=False, h2d_bandwidth_gbps=20.0, h2d_latency_us=0.0,
                      copy_engines=1, hbm_bandwidth_gbps=20.0, peak_tflops=1.0, memory_gib=24.0,
-                     layer_compute_ms=layer_ms)
+                     layer_compute_ms=layer_ms, read_bandwidth_gbps=read_gbps, read_latency_us=lat_us,
+                     read_queue_depth=depth)
     K = trace.top_k
     opts = ReplayOptions(budget=str(n_slots), eviction=policy, predictor=predictor, lookahead=lookahead,
-                         max_inflight=min(inflight, max(1, n_slots - K)), recall=0.8)
+                         max_inflight=min(inflight, max(1, n_slots - K)), recall=0.8, expert_source="disk")
     return Replay(trace, CostModel(spec, dev), opts).run()["total_s"]
 
 
@@ -171,7 +174,7 @@ def part1(args) -> dict:
             bound_misses = belady.get(int(pct)) if pct.isdigit() else rep["misses"]
             t_bound = max(t_ram, bound_misses * hdr.record_bytes / (read_gbps * 1e9))
             sim = simulate(sim_trace, spec_for(spec, L), read_gbps, lat_us, layer_ms, n, pol, pred,
-                           args.lookahead, args.inflight)
+                           args.lookahead, args.inflight, args.depth)
             err = sim / t - 1
             row.update(to_bound=t_bound / t, sim_error=err, misses=rep["misses"], read_gbps=rep["read_gbps"],
                        prefetch_used=rep["prefetch_used"], prefetch_issued=rep["prefetch_issued"],

@@ -52,6 +52,8 @@ from moe_runtime.cache.expert_cache import READY, ExpertCache
 from moe_runtime.cache.policies import Key
 from moe_runtime.timeline import Timeline
 
+from .tiers import HostTier
+
 DEMAND, PREFETCH, PROMOTE = 0, 1, 2  # PriorityResource: lower runs first
 _AFTER_COPIES = 2  # event priority of the compute's wake-ups (simpy's own are URGENT=0, NORMAL=1)
 
@@ -216,11 +218,13 @@ class AnalyticCopies:
 
     synchronous = True  # serve is a plain function: the compute waits on finish times it is told
 
-    def __init__(self, cache: ExpertCache, *, engines: int, copy_s: float, timeline: Timeline | None = None) -> None:
-        self.cache, self.copy_s, self.timeline = cache, copy_s, timeline
+    def __init__(self, cache: ExpertCache, *, engines: int, copy_s: float, timeline: Timeline | None = None,
+                 source: HostTier | None = None) -> None:
+        """``source``: the host tier a copy's expert must be in first (three tiers; tiers.py)."""
+        self.cache, self.copy_s, self.timeline, self.source = cache, copy_s, timeline, source
         self.free_at = [0.0] * engines  # when each engine finishes the last copy given to it
         self.running: list[tuple] = []  # heap of (finish, seq, slot, engine, start, issued, demand)
-        self.queue: deque = deque()  # queued prefetches, FIFO: [slot, key, issued]
+        self.queue: deque = deque()  # queued prefetches, FIFO: [slot, key, issued, source ready]
         self.queued: dict[int, list] = {}  # slot -> its queue entry
         self.finish = [0.0] * cache.n_slots  # finish time of each slot's started copy
         self.now = 0.0  # the compute's instant, set by begin_layer
@@ -235,16 +239,19 @@ class AnalyticCopies:
         return True
 
     def demand(self, slot: int, key: Key) -> None:
-        self._start(slot, key, self.now, self.now, True)
+        ready = self.source.ready(key, self.now) if self.source is not None else 0.0
+        self._start(slot, key, self.now, self.now, True, ready)
 
     def promote(self, slot: int) -> None:
         entry = self.queued.pop(slot, None)
         if entry is not None:  # not started: it becomes a demand copy, issued now
             self.queue.remove(entry)
-            self._start(slot, entry[1], self.now, self.now, True)
+            self._start(slot, entry[1], self.now, self.now, True, entry[3])
 
     def prefetch(self, slot: int, key: Key) -> None:
-        entry = [slot, key, self.now]
+        # three tiers: the expert is staged into host RAM as the prefetch is issued
+        ready = self.source.ready(key, self.now) if self.source is not None else 0.0
+        entry = [slot, key, self.now, ready]
         self.queue.append(entry)
         self.queued[slot] = entry
 
@@ -276,10 +283,13 @@ class AnalyticCopies:
         f = self.free_at
         return 0 if len(f) == 1 else min(range(len(f)), key=f.__getitem__)
 
-    def _start(self, slot: int, key: Key, issued: float, t: float, demand: bool) -> None:
-        """Give the copy the earliest-free engine, starting no earlier than ``t``."""
+    def _start(self, slot: int, key: Key, issued: float, t: float, demand: bool, ready: float = 0.0) -> None:
+        """Give the copy the earliest-free engine, starting no earlier than ``t`` nor before its source is
+        in host RAM (``ready``)."""
         e = self._engine()
         start = self.free_at[e] if self.free_at[e] > t else t
+        if ready > start:
+            start = ready
         self.free_at[e] = end = start + self.copy_s
         self.finish[slot] = end
         self._seq += 1
@@ -290,8 +300,10 @@ class AnalyticCopies:
         q, free = self.queue, self.free_at
         while q:
             e = self._engine()
-            slot, key, issued = q[0]
+            slot, key, issued, ready = q[0]
             start = free[e] if free[e] > issued else issued
+            if ready > start:
+                start = ready
             if start > t:
                 return
             q.popleft()

@@ -19,6 +19,10 @@ nominal device::
                                 #   thread's wake-up), on top of the copies themselves
     predictor_us:               # optional: host time per MoE layer of prediction and prefetch planning,
       history: {1: 30, 2: 45}   #   per predictor and lookahead (a lookahead not listed: the nearest below)
+    read_bandwidth_gbps: 1.2    # float > 0, optional: the storage link (experts on disk): direct-I/O GB/s
+    read_latency_us: 250        #   reached with read_queue_depth reads in flight, and the fixed cost of one
+    read_queue_depth: 4         #   expert's read; all three or none. The disk is modelled as serving reads
+                                #   one after another at that aggregate rate (the depth is folded into it)
     model: deepseek-v2-lite     # str, optional: the model layer_compute_ms was measured with
     source: "..."               # str, optional: where the numbers come from
 
@@ -48,7 +52,11 @@ from moe_runtime.errors import MoeError
 _NUMBERS = (("h2d_bandwidth_gbps", 0, True, 1e6), ("h2d_latency_us", 0, False, 1e7),
             ("copy_engines", 1, False, 1024), ("hbm_bandwidth_gbps", 0, True, 1e6),
             ("peak_tflops", 0, True, 1e6), ("memory_gib", 0, True, 1e6), ("layer_compute_ms", 0, True, 1e7),
-            ("host_layer_us", 0, False, 1e7), ("demand_us", 0, False, 1e7))
+            ("host_layer_us", 0, False, 1e7), ("demand_us", 0, False, 1e7),
+            ("read_bandwidth_gbps", 0, True, 1e6), ("read_latency_us", 0, False, 1e7),
+            ("read_queue_depth", 1, False, 1024))
+_OPTIONAL = ("layer_compute_ms", "read_bandwidth_gbps", "read_latency_us", "read_queue_depth")
+_STORAGE = ("read_bandwidth_gbps", "read_latency_us", "read_queue_depth")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,9 @@ class DeviceSpec:
     host_layer_us: float = 0.0
     demand_us: float = 0.0
     predictor_us: dict | None = None
+    read_bandwidth_gbps: float | None = None
+    read_latency_us: float | None = None
+    read_queue_depth: int | None = None
     model: str | None = None
     source: str | None = None
 
@@ -75,8 +86,12 @@ class DeviceSpec:
             raise MoeError(f"nominal must be true or false, got {short(self.nominal)}")
         for f, lo, lo_open, hi in _NUMBERS:
             v = getattr(self, f)
-            if v is not None or f != "layer_compute_ms":
-                check_number(f, v, lo=lo, lo_open=lo_open, hi=hi, integer=f == "copy_engines")
+            if v is not None or f not in _OPTIONAL:
+                check_number(f, v, lo=lo, lo_open=lo_open, hi=hi, integer=f in ("copy_engines", "read_queue_depth"))
+        given = [f for f in _STORAGE if getattr(self, f) is not None]
+        if given and len(given) < len(_STORAGE):
+            raise MoeError(f"the storage link needs all of {', '.join(_STORAGE)}; missing "
+                           f"{', '.join(f for f in _STORAGE if f not in given)}")
         if self.predictor_us is not None:
             if not isinstance(self.predictor_us, dict):
                 raise MoeError(f"predictor_us must map predictor names to {{lookahead: us}}, got "
@@ -125,6 +140,15 @@ class DeviceSpec:
     def copy_seconds(self, n_bytes: int) -> float:
         """Time one copy engine takes to move ``n_bytes``: latency + bytes / bandwidth."""
         return self.h2d_latency_s + n_bytes / self.h2d_bytes_per_s
+
+    @property
+    def has_storage(self) -> bool:
+        return self.read_bandwidth_gbps is not None
+
+    def read_seconds(self, n_bytes: int) -> float:
+        """Time the storage link takes for one read of ``n_bytes``: latency + bytes / aggregate bandwidth
+        (reads are served one after another at the rate ``read_queue_depth`` reads in flight reach)."""
+        return self.read_latency_us * 1e-6 + n_bytes / (self.read_bandwidth_gbps * 1e9)
 
 
 _FIELDS = {f.name for f in fields(DeviceSpec)}

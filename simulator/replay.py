@@ -61,6 +61,7 @@ from moe_runtime.traces import PHASE_DECODE
 
 from .bounds import BoundsCache, bounds, trace_digest
 from .copies import AnalyticCopies, EventCopies, LockstepCopies, wake_at
+from .tiers import HostTier
 from .cost_model import CostModel, StepCosts
 from .workload import Workload, build_workload, load_inputs  # noqa: F401  (load_inputs: re-exported)
 
@@ -143,6 +144,21 @@ class Replay:
         check_budget(self.n_slots, experts_per_layer=self.epl, max_inflight=opts.max_inflight,
                      prefetching=opts.prefetching, scope=opts.scope, n_moe_layers=L, expert_bytes=self.expert_bytes)
         self.copy_s = dev.copy_seconds(self.expert_bytes)
+        # tiers (tiers.py): experts on disk feed the device cache directly (two tiers) or through a host tier
+        self.disk, self.host_slots = opts.source_kind == "disk", None
+        self.link_engines, self.link_s = dev.copy_engines, self.copy_s
+        if self.disk:
+            if not dev.has_storage:
+                raise MoeError(f"--expert-source disk needs the device profile's storage link; {dev.name} has "
+                               "none (read_bandwidth_gbps, read_latency_us, read_queue_depth: `moe-runtime "
+                               "profile --expert-source disk` measures them)")
+            self.read_s = dev.read_seconds(self.expert_bytes)
+            if opts.host_budget is None:
+                self.link_engines, self.link_s = 1, self.read_s  # the depth is folded into the bandwidth
+            else:
+                self.host_slots = parse_budget(opts.host_budget, expert_bytes=self.expert_bytes, total_experts=L * E)
+                if copies != "analytic":
+                    raise MoeError("a host tier (--host-budget) is modelled by the analytic copies only")
         self.predictor = make_predictor(opts.predictor, PredictorOptions(
             n_moe_layers=L, n_experts=E, top_k=trace.top_k, lookahead=opts.lookahead,
             trace=trace if opts.predictor.startswith("recorded:") else None,
@@ -199,6 +215,21 @@ class Replay:
         if t > env.now:
             yield wake_at(env, t)
 
+    def _tier_report(self, stats: dict) -> dict:
+        """expert_source, and with disk: bytes read from storage (and the host tier's counts)."""
+        if not self.disk:
+            return {"expert_source": "memory"}
+        out = {"expert_source": "disk"}
+        if self.host_slots is None:  # two tiers: every copy that ran (withdrawn ones did not) was a read
+            out["bytes_read"] = stats["bytes_h2d"]
+        elif self.tier is not None:
+            out.update(self.tier.report())
+        return out
+
+    def _link_bytes_per_s(self) -> float:
+        dev = self.cost.device
+        return dev.read_bandwidth_gbps * 1e9 if self.disk and self.host_slots is None else dev.h2d_bytes_per_s
+
     def _phase_times(self) -> dict:
         """Simulated seconds of steps whose first token was recorded as prefill, and as decode."""
         ends = np.asarray(self.step_end)
@@ -222,10 +253,13 @@ class Replay:
         if self.copy_model == "lockstep":
             self.link = LockstepCopies(self.cache, self.lockstep_per_layer)
         elif self.copy_model == "analytic":
-            self.link = AnalyticCopies(self.cache, engines=dev.copy_engines, copy_s=self.copy_s,
-                                       timeline=self.timeline)
+            self.tier = None if self.host_slots is None else HostTier(
+                capacity=self.host_slots, readers=1, read_s=self.read_s,
+                expert_bytes=self.expert_bytes)
+            self.link = AnalyticCopies(self.cache, engines=self.link_engines, copy_s=self.link_s,
+                                       timeline=self.timeline, source=self.tier)
         else:
-            self.link = EventCopies(self.env, self.cache, engines=dev.copy_engines, copy_s=self.copy_s,
+            self.link = EventCopies(self.env, self.cache, engines=self.link_engines, copy_s=self.link_s,
                                     timeline=self.timeline, fast=self.fast)
         self.protocol = LayerProtocol(self.cache, self.link, self.predictor, lookahead=opts.lookahead,
                                       prefetch_width=opts.prefetch_width)
@@ -247,8 +281,8 @@ class Replay:
             "options": asdict(opts), "tokens": n_tok, "steps": len(self.w.ids),
             "n_slots": self.n_slots, "budget_bytes": self.n_slots * self.expert_bytes,
             "budget_fraction": self.n_slots / (self.trace.n_layers * self.trace.n_experts),
-            "expert_bytes": self.expert_bytes, "copy_s": self.copy_s,
-            **stats,
+            "expert_bytes": self.expert_bytes, "copy_s": self.link_s,
+            **stats, **self._tier_report(stats),
             "hit_rate": stats["hits"] / max(stats["accesses"], 1),
             "compute_s": compute_s, "stall_s": sum(self.layer_stall), "total_s": total_s,
             "tokens_per_s": n_tok / total_s if total_s > 0 else float("inf"),
@@ -257,7 +291,7 @@ class Replay:
             "bounds": bounds(self.w.ids, n_slots=self.n_slots, scope=opts.scope, n_moe_layers=self.trace.n_layers,
                              key=self._bounds_key(), cache=self.bounds_cache,
                              expert_bytes=self.expert_bytes, compute_s=self.resident_s, n_tokens=n_tok,
-                             h2d_bytes_per_s=dev.h2d_bytes_per_s, copy_engines=dev.copy_engines),
+                             h2d_bytes_per_s=self._link_bytes_per_s(), copy_engines=self.link_engines),
             "wall_s": wall, "accesses_per_wall_s": stats["accesses"] / wall if wall > 0 else float("inf"),
         }
         return rep

@@ -14,6 +14,8 @@ Experiment YAML (frozen ``Experiment``; lists are swept, scalars fixed)::
     devices: [rtx-4060-8gb]          # names or YAML files
     scopes: [global]                 # default [ReplayOptions.scope]
     batch, max_inflight, prefetch_width, recall, precision, seed: scalars, defaults from ReplayOptions
+    expert_source: disk              # optional: experts on storage (the devices' storage link)
+    host_budget: "25%"               # optional, with disk: a host-RAM tier between storage and the device
     out: out/quickstart              # optional (default out/<name>)
 
 Output directory: ``results.json`` (experiment fingerprint + one record per
@@ -74,10 +76,11 @@ _OPT = {f.name: f.default for f in fields(ReplayOptions)}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SWEPT = {"budgets": "budget", "evictions": "eviction", "predictors": "predictor", "lookaheads": "lookahead",
          "scopes": "scope"}
-FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed", "expert_dtype")
+FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed", "expert_dtype", "expert_source",
+         "host_budget")
 CSV_COLUMNS = ("key", "trace", "device", "scope", "budget", "eviction", "predictor", "lookahead", "n_slots",
                "budget_fraction", "accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_used",
-               "prefetch_wasted", "bytes_h2d", "compute_s", "stall_s", "total_s", "tokens_per_s",
+               "prefetch_wasted", "bytes_h2d", "bytes_read", "compute_s", "stall_s", "total_s", "tokens_per_s",
                "all_resident_tokens_per_s", "best_tokens_per_s", "wall_s", "error")
 
 
@@ -100,6 +103,8 @@ class Experiment:
     precision: float = _OPT["precision"]
     seed: int = _OPT["seed"]
     expert_dtype: str | None = _OPT["expert_dtype"]  # overrides the model's (int4, mxfp4, ...)
+    expert_source: str = _OPT["expert_source"]  # memory | disk (the devices' storage link)
+    host_budget: str | None = _OPT["host_budget"]  # a host tier above the disk (three tiers)
     out: str | None = None
     traces: tuple | None = None
 
@@ -170,8 +175,11 @@ class Experiment:
     def fingerprint(self) -> str:
         """What results depend on besides the grid: a resumed sweep must match it."""
         d = {k: v for k, v in asdict(self).items() if k not in SWEPT and k not in ("devices", "out", "name")}
-        if d["expert_dtype"] is None:
-            del d["expert_dtype"]  # as before it existed: old results still resume
+        for f in ("expert_dtype", "host_budget"):
+            if d[f] is None:
+                del d[f]  # as before it existed: old results still resume
+        if d["expert_source"] == "memory":
+            del d["expert_source"]
         if d["traces"] is None:
             del d["traces"]  # as before traces existed: old results still resume
         else:

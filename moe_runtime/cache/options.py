@@ -19,15 +19,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from moe_runtime.cache.policies import EVICTION_POLICIES
+from moe_runtime.config_files import short
 from moe_runtime.errors import MoeError
 
 DEFAULT_BUDGET = {"generate": "100%", "replay": "25%"}
 SCOPES = ("global", "per-layer")
+SOURCES = ("memory", "disk")
 
 
 def option(default, flag: str, help: str, *, type=str, aliases: tuple[str, ...] = (), choices=None):
     """A dataclass field that carries its flag: ``choices`` is a callable returning the allowed names."""
     return field(default=default, metadata=dict(flag=flag, help=help, type=type, aliases=aliases, choices=choices))
+
+
+def parse_expert_source(text) -> tuple[str, str | None]:
+    """``memory`` | ``disk`` | ``disk:FILE`` -> (kind, file or None); MoeError on anything else."""
+    kind, colon, path = str(text).partition(":")
+    if not isinstance(text, str) or kind not in SOURCES or (kind == "memory" and colon) or (
+            kind == "disk" and colon and not path):
+        raise MoeError(f"--expert-source must be memory, disk or disk:FILE, not {short(text)}")
+    return kind, path or None
 
 
 def predictor_names(*, hidden: bool = True) -> list[str]:
@@ -59,6 +70,14 @@ class OffloadOptions:
                                         help="experts prefetched per predicted layer (default: what one "
                                              "layer needs, top-k x batch)")
     max_inflight: int = option(4, "--max-inflight", type=int, help="prefetches in flight at most")
+    expert_source: str = option(
+        "memory", "--expert-source",
+        help="where experts live: host memory, or storage (disk: the checkpoint's safetensors, disk:FILE: a "
+             "file made by `moe-runtime pack`; the simulator models the device profile's storage link)")
+    host_budget: str | None = option(
+        None, "--host-budget",
+        help="a host-RAM tier of this many experts between storage and the device (GPU runs with "
+             "--expert-source disk; on a CPU the expert budget is the RAM tier)")
 
     def __post_init__(self) -> None:
         if self.eviction not in EVICTION_POLICIES:
@@ -70,6 +89,15 @@ class OffloadOptions:
             raise MoeError(f"unknown predictor {self.predictor!r}; choose one of {', '.join(known)} or recorded:NAME")
         for name in ("lookahead", "max_inflight", "prefetch_width"):
             _check_int(name, getattr(self, name), 1)
+        parse_expert_source(self.expert_source)
+        if self.host_budget is not None and self.source_kind == "memory":
+            raise MoeError("--host-budget sizes the host tier under --expert-source disk; experts in memory "
+                           "are all in host memory already")
+
+    @property
+    def source_kind(self) -> str:
+        """``memory`` or ``disk`` (a ``disk:FILE`` source's file is the executor's business)."""
+        return parse_expert_source(self.expert_source)[0]
 
     @property
     def prefetching(self) -> bool:

@@ -34,9 +34,9 @@ from moe_runtime.model.transformer import Transformer
 from moe_runtime.offload.packed import read_header
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.storage import DiskReadEngine, aligned_pool
-from moe_runtime.offload.tiers import disk_source, parse_expert_source
+from moe_runtime.offload.tiers import disk_source
 from moe_runtime.offload.steps import SteppedModel, steps
-from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions
+from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions, parse_expert_source
 from moe_runtime.cli.options import add_option_flags, integer, options_from_args
 from moe_runtime.outputs import check_output
 from moe_runtime.predictors import PredictorOptions, make_predictor
@@ -50,13 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offloading (any of these turns it on; without them every expert is resident)")
     add_option_flags(g, OffloadOptions, default_note={
         "budget": DEFAULT_BUDGET["generate"].replace("%", "%%") + " when another offloading option is given"})
-    g.add_argument("--expert-source", default="memory", metavar="memory|disk|disk:FILE",
-                   help="where experts live: host memory (default), or storage: disk reads them from the "
-                        "checkpoint's safetensors files, disk:FILE from a file made by `moe-runtime pack`; "
-                        "reads bypass the page cache")
-    g.add_argument("--host-budget", default=None, metavar="BUDGET",
-                   help="host-RAM tier between storage and the GPU (GPU runs only; on CPU the expert budget "
-                        "is the RAM tier)")
     g.add_argument("--read-depth", type=integer(1, 1024), default=4, metavar="N",
                    help="reads from storage in flight at once (default 4)")
     g.add_argument("--route-from-trace", metavar="FILE", help="force each layer's routing from a trace (.npz)")

@@ -44,7 +44,9 @@ import time
 import torch
 import yaml
 
+from moe_runtime.cache.options import parse_expert_source
 from moe_runtime.offload.engines import make_copy_engine
+from moe_runtime.offload.packed import read_header
 from moe_runtime.cli.options import integer
 from moe_runtime.errors import MoeError
 from moe_runtime.offload.provider import OffloadedExperts
@@ -278,6 +280,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=integer(1), default=None,
                    help="vocabulary of a synthetic model (default: the spec's; the LM head of a cut-down "
                         "model must match the one it predicts)")
+    p.add_argument("--expert-source", default="memory", metavar="memory|disk|disk:FILE",
+                   help="also measure the storage link: direct-I/O reads of the model's experts (disk: the "
+                        "checkpoint's safetensors, or a packed copy of a synthetic model's experts written "
+                        "beside --out; disk:FILE: a file made by `moe-runtime pack`) at --read-depth reads in "
+                        "flight (default memory: no storage link)")
+    p.add_argument("--read-depth", type=integer(1, 1024), default=4, metavar="N",
+                   help="reads in flight for the storage link (default 4)")
     p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
     p.add_argument("--out", help="YAML file to write (default: print)")
 
@@ -288,6 +297,9 @@ def run(args: argparse.Namespace) -> int:
         raise MoeError("--device cuda requested but CUDA is not available")
     if args.out:
         check_output(args.out, "--out")  # before minutes of measuring
+    kind, packed = parse_expert_source(args.expert_source)
+    if packed is not None:
+        read_header(packed)  # a missing, foreign or truncated file is refused before measuring
     use_cpu_threads(device)  # as the executor runs: a core left to the copy thread
     from moe_runtime.model.checkpoint import DTYPES, load_model
 
@@ -318,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
     handoff_us = measure_handoff(device)
     latency_us = max(latency_us - handoff_us, 0.0)  # the hand-off is charged once per waiting layer instead
     host_us, pred_us = measure_protocol(store.n_moe_layers, store.n_experts, store.top_k)
+    storage = measure_storage(args, store) if kind == "disk" else {}
+    read_note = storage.pop("_read", "")
     profile = {
         "name": args.name or f"{args.device}-profiled",
         "nominal": False,
@@ -331,11 +345,12 @@ def run(args: argparse.Namespace) -> int:
         "host_layer_us": round(host_us, 2),
         "demand_us": round(handoff_us, 2),
         "predictor_us": pred_us,
+        **storage,
         "model": model_name,
         "source": f"moe-runtime profile on {name}: expert copies of {store.layout.nbytes} bytes "
                   f"({store.layout.dtype}), {args.repeats} repeats, "
                   + ("pinned host to device on the copy stream" if device.type == "cuda"
-                     else "host to host on the copy thread"),
+                     else "host to host on the copy thread") + read_note,
     }
     text = yaml.safe_dump(profile, sort_keys=False)
     if args.out:
@@ -345,6 +360,42 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def measure_storage(args: argparse.Namespace, store) -> dict:
+    """The storage link's profile fields: direct-I/O read bandwidth at ``--read-depth`` reads in flight and
+    one read's latency, reading the model's experts where ``--expert-source`` says they are."""
+    import tempfile
+
+    from moe_runtime.offload.packed import write_packed
+    from moe_runtime.offload.storage import measure_read
+    from moe_runtime.offload.tiers import disk_source
+
+    _, packed = parse_expert_source(args.expert_source)
+    nbytes, scratch = store.layout.nbytes, None
+    if args.model:  # the experts where a run reads them: the packed file, or the checkpoint's own files
+        src = disk_source(args.model, store, packed)
+        paths = src.paths
+        segs = [src.segments(m, e) for m in range(store.n_moe_layers) for e in range(store.n_experts)]
+    else:  # a synthetic model: its first layer's experts (up to 32) packed on this disk, removed after
+        scratch = tempfile.mkdtemp(prefix="moe-profile-", dir=os.path.dirname(os.path.abspath(args.out or ".")))
+        path = os.path.join(scratch, "experts.pack")
+        n = min(store.n_experts, 32)
+        write_packed(path, fingerprint="profile", dtype=str(store.layout.dtype).removeprefix("torch."),
+                     record_bytes=nbytes, n_moe_layers=1, n_experts=n,
+                     layers=[store.layer_buffer(0)[:n].contiguous().view(torch.uint8).numpy().reshape(n, -1)])
+        hdr = read_header(path)
+        paths, segs = [path], [hdr.segments(0, e) for e in range(n)]
+    try:
+        gbps, alone_s, mode = measure_read(paths, segs, nbytes, depth=args.read_depth)
+    finally:
+        if scratch is not None:
+            import shutil
+            shutil.rmtree(scratch, ignore_errors=True)
+    latency_us = max(alone_s - nbytes / (gbps * 1e9), 0.0) * 1e6
+    return {"read_bandwidth_gbps": round(gbps, 3), "read_latency_us": round(latency_us, 2),
+            "read_queue_depth": args.read_depth, "_read": f"; storage reads of {nbytes} bytes, {mode} I/O, "
+                                                          f"{args.read_depth} in flight"}
 
 
 def peak_bytes(cfg, dtype: torch.dtype) -> int:

@@ -282,7 +282,7 @@ class DiskReadEngine:
         return len(buf)
 
 
-def measure_read(path: str, segments: list, record_bytes: int, *, depth: int = 4,
+def measure_read(path: str | list[str], segments: list, record_bytes: int, *, depth: int = 4,
                  seconds: float = 2.0) -> tuple[float, float, str]:
     """Direct-I/O read bandwidth (GB/s, decimal) at ``depth`` reads in flight, and the time of one read alone.
 
@@ -290,7 +290,7 @@ def measure_read(path: str, segments: list, record_bytes: int, *, depth: int = 4
     engine the executor uses, so the figures include its hand-off. Returns (GB/s, seconds of the
     fastest of five single reads, mode); a latency is that time minus the record at the bandwidth."""
     pool = aligned_pool(depth, record_bytes, torch.uint8)
-    eng = DiskReadEngine(depth, [path], threads=depth, max_read=record_bytes)
+    eng = DiskReadEngine(depth, [path] if isinstance(path, str) else list(path), threads=depth, max_read=record_bytes)
     try:
         t0, i, done = time.perf_counter(), 0, 0
         for s in range(depth):

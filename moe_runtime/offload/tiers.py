@@ -32,15 +32,7 @@ from moe_runtime.model.experts import ExpertLayout, HostExpertStore
 from moe_runtime.offload.packed import (SafetensorsLayout, Segment, check, config_fingerprint, read_header,
                                         write_packed)
 
-SOURCES = ("memory", "disk")
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def parse_expert_source(text: str) -> tuple[str, str | None]:
-    kind, colon, path = str(text).partition(":")
-    if kind not in SOURCES or (kind == "memory" and colon) or (kind == "disk" and colon and not path):
-        raise MoeError(f"--expert-source must be memory, disk or disk:FILE, not {text!r}")
-    return kind, path or None
 
 
 @dataclass(frozen=True)

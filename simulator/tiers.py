@@ -1,0 +1,56 @@
+"""The host-RAM tier of a three-tier replay (storage -> host RAM -> device), as the copies see it.
+
+With ``--expert-source disk`` the replay's slow link depends on the tiers:
+
+- two tiers (no ``--host-budget``; a CPU-only machine, whose RAM cache is the
+  compute tier): the device cache is fed by the profile's storage link
+  directly, modelled by the same copy engines as a host-to-device link: one
+  read after another, each ``read_seconds`` long (the disk's aggregate rate at
+  ``read_queue_depth`` reads in flight);
+- three tiers (``--host-budget``): a device miss or prefetch is a
+  host-to-device copy whose source must first be in host RAM. ``HostTier``
+  says when it is: at once for an expert the tier holds, else after a read on
+  the storage link (one reader at the aggregate rate); the expert then enters
+  the tier and its least recently used expert leaves. A prefetch stages its
+  expert into RAM when it is issued, so a queued prefetch's read runs while
+  it waits for the copy engine; a withdrawn copy leaves its read done.
+
+Counts: ``hits`` and ``misses`` of the tier (one per device copy asked for),
+``bytes_read`` from storage. Nothing here knows simpy or the protocol.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from moe_runtime.cache.policies import Key
+
+
+class HostTier:
+    def __init__(self, *, capacity: int, readers: int, read_s: float, expert_bytes: int) -> None:
+        self.capacity, self.read_s, self.expert_bytes = capacity, read_s, expert_bytes
+        self.held: OrderedDict[Key, float] = OrderedDict()  # expert -> when it is (or was) in RAM, LRU first
+        self.free_at = [0.0] * readers  # when each reader finishes its last read
+        self.hits = self.misses = self.bytes_read = 0
+
+    def ready(self, key: Key, t: float) -> float:
+        """When ``key`` is in host RAM for a copy asked for at ``t`` (reading it now if the tier lacks it)."""
+        at = self.held.get(key)
+        if at is not None:
+            self.held.move_to_end(key)
+            self.hits += 1
+            return at if at > t else t
+        self.misses += 1
+        self.bytes_read += self.expert_bytes
+        f = self.free_at
+        e = 0 if len(f) == 1 else min(range(len(f)), key=f.__getitem__)
+        start = f[e] if f[e] > t else t
+        f[e] = end = start + self.read_s
+        self.held[key] = end
+        if len(self.held) > self.capacity:
+            self.held.popitem(last=False)
+        return end
+
+    def report(self) -> dict:
+        return {"host_slots": self.capacity, "host_hits": self.hits, "host_misses": self.misses,
+                "bytes_read": self.bytes_read}
