@@ -21,36 +21,33 @@ Counts: ``hits`` and ``misses`` of the tier (one per device copy asked for),
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+from moe_runtime.cache.host_tier import HostTierIndex
 from moe_runtime.cache.policies import Key
 
 
 class HostTier:
     def __init__(self, *, capacity: int, readers: int, read_s: float, expert_bytes: int) -> None:
-        self.capacity, self.read_s, self.expert_bytes = capacity, read_s, expert_bytes
-        self.held: OrderedDict[Key, float] = OrderedDict()  # expert -> when it is (or was) in RAM, LRU first
+        self.index = HostTierIndex(capacity)  # which experts RAM holds: the executor's bookkeeping
+        self.read_s, self.expert_bytes = read_s, expert_bytes
+        self.ready_at = [0.0] * capacity  # when each host slot's expert is (or was) in RAM
         self.free_at = [0.0] * readers  # when each reader finishes its last read
-        self.hits = self.misses = self.bytes_read = 0
+        self.bytes_read = 0
 
     def ready(self, key: Key, t: float) -> float:
         """When ``key`` is in host RAM for a copy asked for at ``t`` (reading it now if the tier lacks it)."""
-        at = self.held.get(key)
-        if at is not None:
-            self.held.move_to_end(key)
-            self.hits += 1
+        slot = self.index.lookup(key)
+        if slot is not None:
+            at = self.ready_at[slot]
             return at if at > t else t
-        self.misses += 1
+        slot = self.index.admit(key)  # nothing is pinned here: a copy's source is read when it is asked for
         self.bytes_read += self.expert_bytes
         f = self.free_at
         e = 0 if len(f) == 1 else min(range(len(f)), key=f.__getitem__)
         start = f[e] if f[e] > t else t
-        f[e] = end = start + self.read_s
-        self.held[key] = end
-        if len(self.held) > self.capacity:
-            self.held.popitem(last=False)
-        return end
+        f[e] = self.ready_at[slot] = start + self.read_s
+        return self.ready_at[slot]
 
     def report(self) -> dict:
-        return {"host_slots": self.capacity, "host_hits": self.hits, "host_misses": self.misses,
+        ix = self.index
+        return {"host_slots": ix.capacity, "host_hits": ix.hits, "host_misses": ix.misses,
                 "bytes_read": self.bytes_read}

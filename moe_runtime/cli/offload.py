@@ -34,6 +34,7 @@ from moe_runtime.model.transformer import Transformer
 from moe_runtime.offload.packed import read_header
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.storage import DiskReadEngine, aligned_pool
+from moe_runtime.offload.tiered import host_tier_minimum, three_tier_engine
 from moe_runtime.offload.tiers import disk_source
 from moe_runtime.offload.steps import SteppedModel, steps
 from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions, parse_expert_source
@@ -79,6 +80,21 @@ def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: 
     return n
 
 
+def host_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
+               batch: int) -> int:
+    """The host tier's slots (``--host-budget``, required on a GPU with experts on disk), checked."""
+    if opts.host_budget is None:
+        raise MoeError("--expert-source disk on a GPU needs --host-budget: the host-RAM tier between storage "
+                       "and the GPU slots (e.g. --host-budget 50%)")
+    n = parse_budget(opts.host_budget, expert_bytes=expert_bytes, total_experts=n_layers * n_experts)
+    need = host_tier_minimum(layer_demand(top_k=top_k, batch=batch, n_experts=n_experts),
+                             opts.max_inflight if opts.prefetching else 0)
+    if n < need:
+        raise MoeError(f"--host-budget of {n} experts is below the host tier's minimum of {need} "
+                       f"({need * expert_bytes:,} bytes): every copy in flight holds a host slot")
+    return n
+
+
 def expert_source(args: argparse.Namespace) -> tuple[str, str | None]:
     """(kind, packed file) of ``--expert-source``, checked (MoeError) with the tiers it allows."""
     kind, path = parse_expert_source(args.expert_source)
@@ -112,6 +128,9 @@ def preflight(args: argparse.Namespace, batch: int = 1) -> None:
     layout = expert_format(cfg, getattr(args, "expert_dtype", "auto"), dtype)  # the experts' bytes, as loaded
     budget_slots(opts, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
                  expert_bytes=layout.nbytes, batch=batch)
+    if kind == "disk" and torch.device(args.device).type != "cpu":
+        host_slots(opts, n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k,
+                   expert_bytes=layout.nbytes, batch=batch)
     if batch > 1 and opts.predictor.startswith("recorded:"):
         raise MoeError(f"--predictor {opts.predictor} replays one sequence's recorded predictions; "
                        "give one prompt")
@@ -189,18 +208,20 @@ class OffloadRun:
         source = make_engine = pool = None
         kind, packed = expert_source(args)
         if kind == "disk":
-            if torch.device(args.device).type != "cpu":
-                raise MoeError("--expert-source disk runs on the CPU in this version (the RAM slot pool is the "
-                               "compute tier); the GPU's host tier is not built yet")
             if store.layout.codec not in ("float32", "bfloat16", "float16"):
                 raise MoeError(f"--expert-source disk reads float experts; {store.layout.name} experts are "
                                "kept in host memory (--expert-source memory)")
             disk = disk_source(args.model, store, packed)
-            source = disk.segments
-            make_engine = lambda n, dev: DiskReadEngine(n, disk.paths, threads=args.read_depth,  # noqa: E731
-                                                        max_read=store.layout.nbytes,
-                                                        check_finite=not args.trust_weights)
-            pool = aligned_pool(n_slots, store.layout.numel, store.layout.dtype)  # slots aligned for O_DIRECT
+            reader = lambda n: DiskReadEngine(n, disk.paths, threads=args.read_depth,  # noqa: E731
+                                              max_read=store.layout.nbytes, check_finite=not args.trust_weights)
+            if torch.device(args.device).type == "cpu":  # two tiers: the RAM slot pool is the compute tier
+                source, make_engine = disk.segments, lambda n, dev: reader(n)
+                pool = aligned_pool(n_slots, store.layout.numel, store.layout.dtype)  # aligned for O_DIRECT
+            else:  # three tiers: storage -> a host-RAM tier of --host-budget -> the GPU slots
+                host = host_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
+                                  batch=len(lens))
+                source = lambda m, e: (m, e)  # noqa: E731  the tiered engine looks the expert up by key
+                make_engine = three_tier_engine(reader, disk.segments, host, store.layout, pin=True)
         provider = OffloadedExperts(
             store, args.device, n_slots, policy=opts.eviction, scope=opts.scope, predictor=predictor,
             lookahead=opts.lookahead, prefetch_width=opts.prefetch_width, max_inflight=opts.max_inflight,

@@ -259,6 +259,9 @@ class OffloadedExperts:
         out["copy_gbps"] = achieved_gbps(recs)
         if hasattr(self.engine, "bytes_read"):  # the storage link: bytes fetched from disk (over-reads included)
             out["bytes_read"], out["read_mode"] = self.engine.bytes_read, self.engine.mode
+        tier = getattr(self.engine, "index", None)
+        if tier is not None:  # three tiers: the host-RAM tier's counts (tiered.py)
+            out.update(host_slots=tier.capacity, host_hits=tier.hits, host_misses=tier.misses)
         out["step_stall_s"] = list(self.step_stall_s)
         out["layers"] = [
             {"layer": m, "hits": st.layer_hits[m], "late": st.layer_late[m], "misses": st.layer_misses[m],
