@@ -52,6 +52,10 @@ def run_replay(args) -> int:
           f"late {rep['late']:,}, misses {rep['misses']:,}")
     print(f"  prefetches issued {rep['prefetch_issued']:,}, used {rep['prefetch_used']:,}, "
           f"wasted {rep['prefetch_wasted']:,}; copied {rep['bytes_h2d'] / 1e9:.2f} GB")
+    if rep.get("expert_source") == "disk":
+        tier = (f"host tier of {rep['host_slots']:,} experts: hits {rep['host_hits']:,}, misses "
+                f"{rep['host_misses']:,}; " if "host_slots" in rep else "")
+        print(f"  experts on disk: {tier}read {rep['bytes_read'] / 1e9:.2f} GB from storage")
     print(f"  compute {rep['compute_s']:.3f} s + stall {rep['stall_s']:.3f} s = {rep['total_s']:.3f} s "
           f"-> {rep['tokens_per_s']:.2f} tokens/s")
     print(f"  bounds: all-resident {b['all_resident_tokens_per_s']:.2f} tokens/s, best possible at this budget "
