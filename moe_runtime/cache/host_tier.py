@@ -7,7 +7,8 @@ Contract: ``HostTierIndex(capacity)`` maps (layer, expert) keys to ``capacity`` 
 used first. ``lookup(key)`` -> its slot (counted a hit, made most recent) or None; ``admit(key)`` -> a slot
 for a key the tier lacks (counted a miss): a free one, else the least recently used unpinned one's,
 whose key leaves; None when every slot is pinned. A slot is pinned while a read into it or a copy out of
-it is in flight (``pin``/``unpin`` nest); ``drop(key)`` forgets a key whose read was withdrawn.
+it is in flight (``pin``/``unpin`` nest); ``drop(key)`` forgets a key whose read was withdrawn (and
+its miss: ``misses`` counts the reads that ran).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class HostTierIndex:
         self._pins[slot] -= 1
 
     def drop(self, key: Key) -> None:
+        self.misses -= 1  # its read was withdrawn before it started: the miss never cost anything
         slot = self.slot_of.pop(key)
         self.key_of[slot] = None
         self._pins[slot] = 0

@@ -208,9 +208,6 @@ class OffloadRun:
         source = make_engine = pool = None
         kind, packed = expert_source(args)
         if kind == "disk":
-            if store.layout.codec not in ("float32", "bfloat16", "float16"):
-                raise MoeError(f"--expert-source disk reads float experts; {store.layout.name} experts are "
-                               "kept in host memory (--expert-source memory)")
             disk = disk_source(args.model, store, packed)
             reader = lambda n: DiskReadEngine(n, disk.paths, threads=args.read_depth,  # noqa: E731
                                               max_read=store.layout.nbytes, check_finite=not args.trust_weights)

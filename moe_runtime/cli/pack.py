@@ -12,6 +12,7 @@ import argparse
 import json
 
 from moe_runtime.model.checkpoint import DTYPES, parse_dtype
+from moe_runtime.model.format_sizes import EXPERT_DTYPES
 from moe_runtime.outputs import check_output
 from moe_runtime.offload.tiers import pack_model
 
@@ -19,14 +20,17 @@ from moe_runtime.offload.tiers import pack_model
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--out", required=True, metavar="FILE", help="packed expert file to write")
-    p.add_argument("--expert-dtype", default="auto", choices=["auto", *DTYPES],
-                   help="dtype of the packed experts (default: the checkpoint's)")
+    p.add_argument("--expert-dtype", default="auto", choices=list(EXPERT_DTYPES),
+                   help="format of the packed experts (default: the checkpoint's; int8/int4 quantize them as "
+                        "generate --expert-dtype does: run with the same --expert-dtype to read them)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype the experts are packed for (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")  # before reading gigabytes of experts
-    info = pack_model(args.model, args.out, parse_dtype(args.expert_dtype))
+    info = pack_model(args.model, args.out, args.expert_dtype, parse_dtype(args.dtype))
     if args.json:
         print(json.dumps(info))
     else:

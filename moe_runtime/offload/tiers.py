@@ -9,8 +9,9 @@ Contract:
   read from the checkpoint's safetensors files where they lie, which works
   when the checkpoint stores them in the run's dtype and the plain w1|w3|w2
   layout, and is refused with a line that says to pack otherwise.
-- ``pack_model(model_dir, out, dtype=None)`` writes the packed file layer by
-  layer, so a model whose experts exceed host memory can be packed.
+- ``pack_model(model_dir, out, expert_dtype="auto", dtype=None)`` writes the
+  packed file layer by layer, so a model whose experts exceed host memory can
+  be packed, in any expert format (float, int8/int4 quantized, MXFP4 as stored).
 
 On a CPU-only machine host memory is the compute tier: the slot pool (the
 expert budget) is in RAM and the disk is the slow link. This module knows
@@ -28,7 +29,7 @@ import torch
 
 from moe_runtime.errors import MoeError
 from moe_runtime.model.config import load_config
-from moe_runtime.model.experts import ExpertLayout, HostExpertStore
+from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.offload.packed import (SafetensorsLayout, Segment, check, config_fingerprint, read_header,
                                         write_packed)
 
@@ -40,10 +41,6 @@ class DiskSource:
     paths: list[str]
     segments: Callable[[int, int], tuple[Segment, ...]]
     describe: str  # what is read, for the report
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _fingerprint(model_dir) -> str:
@@ -59,7 +56,7 @@ def disk_source(model_dir, store: HostExpertStore, packed: str | None = None) ->
     if packed is not None:
         hdr = read_header(packed)
         check(hdr, fingerprint=_fingerprint(model_dir), record_bytes=layout.nbytes, n_moe_layers=store.n_moe_layers,
-              n_experts=store.n_experts, dtype=_dtype_name(layout.dtype))
+              n_experts=store.n_experts, dtype=layout.name)
         return DiskSource([hdr.path], hdr.segments, f"packed file {hdr.path}")
     cfg = load_config(model_dir)
     names, st = cfg.family.names, SafetensorsLayout(model_dir)
@@ -76,9 +73,9 @@ def disk_source(model_dir, store: HostExpertStore, packed: str | None = None) ->
 
     for name, _ in parts(0, 0):
         if name in st.tensors and st.tensors[name][4] != want:
-            raise MoeError(f"the checkpoint stores experts as {st.tensors[name][4]}, this run computes in "
-                           f"{_dtype_name(layout.dtype)}: pack them first (moe-runtime pack --model "
-                           f"{model_dir} --out FILE, then --expert-source disk:FILE)")
+            raise MoeError(f"the checkpoint stores experts as {st.tensors[name][4]}, this run keeps them as "
+                           f"{layout.name}: pack them first (moe-runtime pack --model {model_dir} --expert-dtype "
+                           f"{layout.name} --out FILE, then --expert-source disk:FILE)")
     segments = {(m, e): st.segments(parts(m, e)) for m in range(store.n_moe_layers) for e in range(store.n_experts)}
     for key, segs in segments.items():
         if sum(n for _, _, n in segs) != layout.nbytes:
@@ -88,23 +85,27 @@ def disk_source(model_dir, store: HostExpertStore, packed: str | None = None) ->
                       f"the checkpoint's safetensors files ({len(st.files)}, aligned over-reads)")
 
 
-def pack_model(model_dir, out, dtype: torch.dtype | None = None) -> dict:
-    """Write ``model_dir``'s experts, converted to ``dtype`` (default: the checkpoint's), as a packed file."""
-    from moe_runtime.model.checkpoint import SafetensorsReader, load_layer_experts
+def pack_model(model_dir, out, expert_dtype: str = "auto", dtype: torch.dtype | None = None) -> dict:
+    """Write ``model_dir``'s experts as a packed file, in the format ``expert_dtype`` gives (default: the
+    checkpoint's, float experts in ``dtype``, default the checkpoint's dtype; int8/int4 quantized as
+    ``generate --expert-dtype`` does at load, so a run with the same flag reads them as they are)."""
+    from moe_runtime.model.checkpoint import SafetensorsReader, expert_format, load_layer_experts
 
     cfg = load_config(model_dir)
     reader = SafetensorsReader(model_dir)
+    if expert_dtype in ("float32", "bfloat16", "float16"):
+        dtype = getattr(torch, expert_dtype)
     dtype = dtype or reader.dtype("model.embed_tokens.weight")
-    probe = HostExpertStore(ExpertLayout(cfg.hidden_size, cfg.moe_intermediate_size, dtype), cfg.n_experts, cfg.top_k, cfg.moe_layers, pin=False, allocate=False)
+    layout = expert_format(cfg, expert_dtype, dtype)
+    probe = HostExpertStore(layout, cfg.n_experts, cfg.top_k, cfg.moe_layers, pin=False, allocate=False)
 
     def layers():
-        buf = torch.empty(cfg.n_experts, probe.layout.numel, dtype=dtype)  # one layer in memory at a time
+        buf = torch.empty(cfg.n_experts, layout.numel, dtype=layout.dtype)  # one layer in memory at a time
         for m in range(probe.n_moe_layers):
-            load_layer_experts(cfg, reader, m, buf, probe.layout)
+            load_layer_experts(cfg, reader, m, buf, layout)
             yield buf.view(torch.uint8).numpy().reshape(cfg.n_experts, -1)
 
-    write_packed(out, fingerprint=_fingerprint(model_dir), dtype=_dtype_name(dtype), record_bytes=probe.layout.nbytes,
+    write_packed(out, fingerprint=_fingerprint(model_dir), dtype=layout.name, record_bytes=layout.nbytes,
                  n_moe_layers=probe.n_moe_layers, n_experts=cfg.n_experts, layers=layers())
-    return {"out": str(out), "experts": probe.n_moe_layers * cfg.n_experts, "record_bytes": probe.layout.nbytes,
-            "bytes": probe.nbytes, "dtype": _dtype_name(dtype)}
-
+    return {"out": str(out), "experts": probe.n_moe_layers * cfg.n_experts, "record_bytes": layout.nbytes,
+            "bytes": probe.nbytes, "dtype": layout.name}
