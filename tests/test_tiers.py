@@ -30,6 +30,7 @@ from moe_runtime.offload.tiered import TieredEngine, three_tier_engine
 from moe_runtime.offload.tiers import pack_model
 from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
 from moe_runtime.traces import TraceMeta, TraceRecorder
+from test_offload_fake_cuda import fake_cuda  # noqa: F401  (the fake CUDA fixture, shared)
 
 PROMPT, NEW = [5, 6, 7, 8, 9, 10], 8
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -185,17 +186,6 @@ def hdr_bytes(hdr, m, e):
     with open(hdr.path, "rb") as f:
         f.seek(hdr.data_start + (m * hdr.n_experts + e) * hdr.stride)
         return np.frombuffer(f.read(hdr.record_bytes), dtype=np.uint8).copy()
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    from test_offload_fake_cuda import FakeEvent, FakeStream, COMPUTE
-    import contextlib
-
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: COMPUTE)
 
 
 @pytest.mark.cuda
