@@ -200,3 +200,15 @@ def test_cli_batch_budget_counts_the_union(run_cli, tiny_mixtral):
             "--prompt-ids", "1,2", "--prompt-ids", "3"]
     rc, _, err = run_cli(argv)
     assert rc != 0 and "below the minimum" in err and "union of 2 sequences" in err and "Traceback" not in err
+
+
+def test_prompts_may_be_arrays_or_tensors():
+    import numpy as np
+
+    model, store, batched, _ = reference("mixtral")
+    provider = ResidentExperts(store, "cpu")
+    one = generate(model, provider, PROMPTS[0], NEW).token_ids
+    assert generate(model, provider, np.array(PROMPTS[0]), NEW).token_ids == one  # one prompt, not a batch
+    assert generate(model, provider, torch.tensor(PROMPTS[0]), NEW).token_ids == one
+    two = generate(model, provider, np.array([PROMPTS[0], PROMPTS[0]]), NEW)
+    assert [s.token_ids for s in two.sequences] == [one, one]

@@ -104,7 +104,7 @@ class BatchResult:
 
 def _check(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
            top_p: float) -> None:
-    if not prompts:
+    if len(prompts) == 0:
         raise MoeError("no prompt: give at least one")
     if any(len(p) == 0 for p in prompts):
         raise MoeError("empty prompt: give at least one token")
@@ -130,7 +130,8 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
     A list of ints is one prompt (-> GenerationResult); a list of lists is a static batch (-> BatchResult,
     see ``generate_batch``; ``on_step`` then gets (step, sequence, token)). ``cuda_graphs``: decode steps
     after the first replay CUDA graphs (graphs.py; on CPU the same segments run eagerly)."""
-    if len(prompt_ids) and not isinstance(prompt_ids[0], int):
+    first = prompt_ids[0] if len(prompt_ids) else 0
+    if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:  # a list of prompts, not of ids
         return generate_batch(model, provider, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_ids,
                               on_step, cuda_graphs)
     _check(model, [prompt_ids], max_new_tokens, temperature, top_p)
@@ -197,6 +198,7 @@ def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequen
     """
     _check(model, prompts, max_new_tokens, temperature, top_p)
     device = model.device
+    prompts = [[int(t) for t in p] for p in prompts]  # lists, tuples, arrays or tensors of ids alike
     lens = [len(p) for p in prompts]
     model.setup_cache(max(lens) + max_new_tokens, batch=len(prompts))
     gens = [_generator(device, temperature, seed) for _ in prompts]
