@@ -11,6 +11,7 @@ import tempfile
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from moe_runtime.cache.budget import minimum_slots
 from moe_runtime.errors import MoeError
@@ -81,6 +82,74 @@ def test_a_shrinking_batch_is_captured_again(monkeypatch):
     monkeypatch.setattr(graphs.GraphedStep, "__init__", counting)
     assert tokens(generate(model, provider, PROMPTS, NEW, eos_ids=[eos], cuda_graphs=True)) == ref
     assert captures == [(0, 1, 2), (1, 2)]
+
+
+class HostValues(TorchFunctionMode):
+    """Counts what a CUDA graph cannot hold: host reads of tensor values, and tensors built from host data
+    (a blocking upload at run time, and illegal during capture)."""
+    NAMES = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "tensor", "as_tensor",
+             "from_numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def aligned_predictor(model, store):
+    from moe_runtime.predictors.adapters import AlignedAdapters
+
+    L, H = store.n_moe_layers, model.cfg.hidden_size
+    adapters = AlignedAdapters(L, H, lookahead=2, rank=4)
+    gen = torch.Generator().manual_seed(0)
+    for l, d in adapters.pairs():
+        adapters.set(l, d, 0.1 * torch.randn(H, 4, generator=gen), 0.1 * torch.randn(H, 4, generator=gen))
+    pred = make_predictor("aligned", PredictorOptions(n_moe_layers=L, n_experts=store.n_experts, top_k=store.top_k,
+                                                      lookahead=2, model=model, adapters=adapters))
+    # moved to the model's device and dtype once, not per prediction
+    assert {t.dtype for t in [*adapters.U.values(), *adapters.V.values()]} == {model.dtype}
+    return pred
+
+
+@pytest.mark.parametrize("family,expert_dtype,predictor", [("gpt_oss", "mxfp4", "gate"),
+                                                           ("mixtral", "auto", "aligned")])
+def test_segments_use_no_host_values(monkeypatch, tmp_path, family, expert_dtype, predictor):
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=4, num_hidden_layers=3, expert_dtype=expert_dtype)
+    model, store = load_model(path, "cpu", dtype=torch.bfloat16)
+    ref = tokens(generate(model, ResidentExperts(store, "cpu"), PROMPTS, NEW))
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    pred = (aligned_predictor(model, store) if predictor == "aligned" else
+            make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model)))
+    provider = OffloadedExperts(store, "cpu", L * E, predictor=pred, lookahead=2, max_inflight=2)
+    seen = HostValues()
+
+    class Watched(graphs.EagerGraphs):  # every segment, captured and replayed, under the count
+        def capture(self, fn):
+            def watched():
+                with seen:
+                    return fn()
+            return super().capture(watched)
+    monkeypatch.setattr(graphs, "EagerGraphs", Watched)
+    got = tokens(generate(SteppedModel(model, provider), provider, PROMPTS, NEW, cuda_graphs=True))
+    provider.finish()
+    assert got == ref
+    assert seen.seen == []
+
+
+def test_graphs_refuse_a_batch_they_cannot_hold(monkeypatch):
+    model, store = tiny("mixtral")
+    stepped, provider = offloaded(model, store, "cpu", batch=1)  # room for one sequence's top-k only
+    with pytest.raises(MoeError, match="whole union"):
+        generate(stepped, provider, PROMPTS, NEW, cuda_graphs=True)
+    provider.finish()
+    from moe_runtime.model import transformer
+    monkeypatch.setattr(transformer, "FIXED_SHAPE_MAX", 0)  # as if the experts were too large to gather
+    with pytest.raises(MoeError, match="needs fixed-shape expert compute"):
+        generate(model, ResidentExperts(store, "cpu"), PROMPTS, NEW, cuda_graphs=True)
 
 
 def test_forced_routing_is_refused():

@@ -112,8 +112,6 @@ def run_eval(args: argparse.Namespace) -> int:
         check_output(args.plot, "--plot")
     model, store = load_model(args.model, args.device)
     adapters = load_adapters_for(model, args.adapters, args.lookahead) if args.adapters else None
-    if adapters is not None:
-        adapters.to(model.device, model.dtype)
     trace = load_trace(args.history_trace) if args.history_trace else None
     tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
     provider = make_provider(store, args.device, args.expert_slots)

@@ -160,7 +160,7 @@ class Attention(nn.Module):
         t = q.shape[1]
         self.k_cache[rows, :, input_pos] = k.transpose(0, 1)  # [T, nKV, D] into (row, :, pos)
         self.v_cache[rows, :, input_pos] = v.transpose(0, 1)
-        k_all, v_all = self.k_cache[rows], self.v_cache[rows]  # [T, nKV, L, D]
+        k_all, v_all = self.k_cache[rows], self.v_cache[rows]  # [T, nKV, L, D] gathered copies: device work, no sync
         qg = q.transpose(0, 1).reshape(t, self.n_kv, rep, self.head_dim)  # [T, nKV, rep, D]
         scores = torch.matmul(qg, k_all.transpose(2, 3)) * self.head_dim**-0.5  # [T, nKV, rep, L]
         scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
@@ -234,7 +234,8 @@ class MLAttention(nn.Module):
         else:  # one token per sequence (a batched decode step): token i is sequence rows[i]'s
             self.kv_cache[rows, input_pos] = latent
             self.pe_cache[rows, input_pos] = k_pe
-            kv_all, pe_all = self.kv_cache[rows], self.pe_cache[rows]  # [T, L, rank], [T, L, rope]
+            # gathered copies, [T, L, rank] and [T, L, rope]: device work, no sync
+            kv_all, pe_all = self.kv_cache[rows], self.pe_cache[rows]
             scores = (torch.matmul(q_lat.transpose(0, 1), kv_all.transpose(1, 2))
                       + torch.matmul(q_pe.transpose(0, 1), pe_all.transpose(1, 2))) * self.scale  # [T, nH, L]
             scores = scores.masked_fill(~mask[:, None, :], torch.finfo(scores.dtype).min)

@@ -264,12 +264,24 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 # ---- MXFP4 ------------------------------------------------------------------------------------
 
+_FP4_TABLES: dict = {}
+
+
+def _fp4_table(device: torch.device) -> Tensor:
+    """FP4_VALUES on ``device``, made once per device: building it inside a forward would be a
+    blocking host-to-device copy per call, and is illegal while a CUDA graph captures."""
+    table = _FP4_TABLES.get(device)
+    if table is None:
+        table = _FP4_TABLES[device] = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+    return table
+
+
 def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """blocks uint8 [..., out, G, 16], scales uint8 [..., out, G] -> [..., out, G*32] in ``dtype``.
 
     Each value is FP4_VALUES[nibble] * 2^(scale - 127): exact in float32 and bfloat16, as transformers'
     dequantization (``Mxfp4Config(dequantize=True)``) computes it."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    lut = _fp4_table(blocks.device)
     idx = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [..., out, G, 32]
     vals = lut[idx] * torch.exp2(scales.float() - 127)[..., None]  # [..., out, G, 32]
     return vals.flatten(-2).to(dtype)

@@ -171,7 +171,7 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
         if on_step is not None:
             on_step(len(out) - 1, tok)
     _sync(device)
-    decode_s = time.perf_counter() - t1
+    decode_s = time.perf_counter() - t1 - (graphed.capture_s if graphed is not None else 0.0)  # capture: once
     return GenerationResult(out, prefill_s, decode_s, n_prompt, tok in eos, step_s)
 
 
@@ -221,6 +221,7 @@ def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequen
     active = [b for b in range(len(prompts)) if outs[b][-1] not in eos and max_new_tokens > 1]
     while active:
         ts = time.perf_counter()
+        # the step's tokens and positions: two small uploads per step (the tokens were read back anyway)
         cur = torch.tensor([outs[b][-1] for b in active], dtype=torch.long, device=device)  # [A]
         pos = torch.tensor([lens[b] + len(outs[b]) - 1 for b in active], dtype=torch.long, device=device)  # [A]
         if graphed is not None and step_s:  # after one eager step; captured again when ``active`` shrinks
@@ -239,7 +240,7 @@ def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequen
         active = [b for b in active if outs[b][-1] not in eos and len(outs[b]) < max_new_tokens]
         step_s.append(time.perf_counter() - ts)
     _sync(device)
-    decode_s = time.perf_counter() - t1
+    decode_s = time.perf_counter() - t1 - (graphed.capture_s if graphed is not None else 0.0)  # capture: once
     seqs = [GenerationResult(o, prefill_s, decode_s, n, o[-1] in eos, step_s) for o, n in zip(outs, lens)]
     return BatchResult(seqs, prefill_s, decode_s)
 

@@ -12,8 +12,9 @@ the normed input, ids, weights and the predictor's ranking out, which the next s
 replayed at every step. Between replays the host does what only it can: it reads the ids (and the
 rankings, in the same transfer), runs the provider's per-layer protocol (its copies, and the compute
 stream's wait on them), uploads the slot table the next segment gathers from (``expert_table``), and ends
-the previous layer (``end_layer``). The experts compute with fixed shapes from the slot table, so a
-graph never needs host values.
+the previous layer (``end_layer``). The experts compute with fixed shapes from the slot table, so the
+router-to-logits device work needs no host values; a batch too large for that, or whose union would not
+fit one layer's pool (waves), is refused with one line.
 
 Contract: ``GraphedStep(model, provider, rows, tokens, positions, runner)`` captures the segments for one
 batch shape (``rows`` as in ``Transformer.forward``) after at least one eager step has warmed the
@@ -26,6 +27,7 @@ never overridden here (no forced routing, no recording: their per-step host valu
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -68,10 +70,19 @@ class GraphedStep:
                  runner: EagerGraphs | CudaGraphs) -> None:
         if getattr(provider, "expert_table", None) is None:
             raise MoeError("CUDA graphs need a provider with a device slot table (fixed-shape expert compute)")
+        n, k, M = tokens.shape[0], model.cfg.top_k, len(model.moe_layers)
+        if not model.fixed_shape_step(n, k):
+            raise MoeError(f"--cuda-graphs needs fixed-shape expert compute, but a batch of {n} x top-{k} would "
+                           f"gather {n * k * model.expert_format.numel:,} expert elements per layer, over the "
+                           f"cap; decode fewer prompts together")
+        capacity = getattr(provider, "capacity", None)
+        union = min(n * k, model.cfg.n_experts)
+        if capacity is not None and any(capacity(m) < union for m in range(M)):  # a graph cannot do waves
+            raise MoeError(f"--cuda-graphs needs room for the batch's whole union ({union} experts) in one "
+                           f"layer's pool; raise --expert-budget")
         self.model, self.provider, self.rows = model, provider, rows
         self.tok = tokens.clone()  # [B] static inputs, refilled each step
         self.pos = positions.clone()
-        M = len(model.moe_layers)
         self.tables = [provider.expert_table(m) for m in range(M)]  # static views; uploads pending slots now
         bounds = [-1, *model.moe_layers, len(model.layers)]  # segment s runs blocks bounds[s]+1 .. bounds[s+1]
         self.outs: list[dict] = []
@@ -138,13 +149,16 @@ class GraphedDecoder:
         self.provider = provider
         self._key: object = None
         self._step: GraphedStep | None = None
+        self.capture_s = 0.0  # time spent capturing (one-time work, kept out of decode timings)
 
     def __call__(self, tokens: Tensor, positions: Tensor, rows: int | list[int], start: int) -> Tensor:
         key = rows if isinstance(rows, int) else tuple(rows)
         if key != self._key:
+            t = time.perf_counter()
             runner = CudaGraphs() if self.inner.device.type == "cuda" else EagerGraphs()
             index = rows if isinstance(rows, int) else self.inner._row_index(key)
             self._step, self._key = GraphedStep(self.inner, self.provider, index, tokens, positions, runner), key
+            self.capture_s += time.perf_counter() - t
         begin = getattr(self.provider, "begin_step", None)
         if begin is not None:
             begin(start, tokens.shape[0])

@@ -45,9 +45,13 @@ from moe_runtime.model.config import ModelConfig
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.formats import format_for
 
-# On CPU the fixed-shape expert compute gathers a copy of every (token, rank)'s expert: worth it only while
-# that copy is small (it removes the per-expert Python); larger steps compute each expert in place.
+# The fixed-shape expert compute gathers a copy of every (token, rank)'s expert. On CPU that is worth it
+# only while the copy is small (it removes the per-expert Python); larger steps compute each expert in place.
 FIXED_SHAPE_MAX = 1 << 22  # elements gathered per MoE layer
+# On CUDA it is what decode steps use (no host values: a graph can capture it), but a prefill's N x k
+# copies of real-sized experts would not fit, so only steps of at most one token per sequence take it, and
+# a batch only while its copy stays under this many elements (1 GiB in bf16).
+FIXED_SHAPE_MAX_CUDA = 1 << 29
 
 
 class MLP(nn.Module):
@@ -269,10 +273,19 @@ class Transformer(nn.Module):
         return provider.experts(m, order, h, *([rankings] if rankings is not None else []))
 
     def fixed_shapes(self, x: Tensor, ids: Tensor, provider: ExpertProvider) -> bool:
-        """Whether the experts compute with fixed shapes from the provider's slot table: on CUDA always; on
-        CPU only while the gathered copy of every (token, rank)'s expert is small."""
-        return getattr(provider, "expert_table", None) is not None and (
-            x.device.type == "cuda" or ids.numel() * self.expert_format.numel <= FIXED_SHAPE_MAX)
+        """Whether the experts compute with fixed shapes from the provider's slot table. The rule sees only
+        shapes, never the provider's budget, so resident and offloaded runs take the same path (and round
+        alike). On CPU: while the gathered copy of every (token, rank)'s expert is small. On CUDA: decode
+        steps (at most ``batch`` tokens, whose union the budget check guarantees fits in one call, so
+        they never come in waves), batch 1 always, larger batches while the copy is under the cap."""
+        return getattr(provider, "expert_table", None) is not None and self.fixed_shape_step(*ids.shape)
+
+    def fixed_shape_step(self, n: int, k: int) -> bool:
+        """``fixed_shapes`` for a step of ``n`` tokens routed to ``k`` experts each (on this model's device)."""
+        gathered = n * k * self.expert_format.numel
+        if self.device.type != "cuda":
+            return gathered <= FIXED_SHAPE_MAX
+        return n == 1 or (n <= self.batch and gathered <= FIXED_SHAPE_MAX_CUDA)
 
     def moe_experts(self, x: Tensor, ids: Tensor, weights: Tensor, fetched: tuple | None,
                     table: tuple[Tensor, Tensor] | None) -> Tensor:

@@ -94,7 +94,7 @@ class ForcedRouting:
         flat = self._flat(step)
         if flat == list(range(flat[0], flat[0] + len(flat))):
             self._rows = (flat[0], len(flat))  # one sequence's run of positions: views, nothing allocated
-        else:  # a batched decode step: one row per running sequence
+        else:  # a batched decode step: one row per running sequence (a small upload per step; never in a graph)
             self._rows = torch.tensor(flat, dtype=torch.long, device=self._ids_t.device)
 
     def __call__(self, m: int, logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -163,7 +163,12 @@ class OffloadedExperts:
         if self._assigned:  # one small host-to-device update for every slot assigned since the last call
             (ls, es), ss = zip(*self._assigned), list(self._assigned.values())
             self._assigned.clear()
-            self.table[list(ls), list(es)] = torch.tensor(ss, dtype=torch.long).to(self.device, non_blocking=True)
+            # (layer, expert, slot) as one staged upload; on CUDA from pinned memory, so the host does not
+            # wait for it (the caching host allocator keeps the staging buffer until the copy has run), and
+            # the scatter takes device indices, so it does not sync either
+            upd = torch.tensor((ls, es, ss), dtype=torch.long, pin_memory=self.device.type == "cuda")
+            upd = upd.to(self.device, non_blocking=True)
+            self.table[upd[0], upd[1]] = upd[2]
         return self._table_rows[layer], self.pool
 
     # -- steps ---------------------------------------------------------------------------

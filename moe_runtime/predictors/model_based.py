@@ -67,6 +67,9 @@ class Aligned(Gate):
         super().__init__(opts)
         if opts.adapters is None:
             raise MoeError("predictor 'aligned' needs adapters: pass --adapters FILE (made by moe-runtime calibrate)")
+        # once, here: a cast and a host-to-device copy per prediction would cost every layer (and could
+        # not be captured in a CUDA graph)
+        opts.adapters.to(opts.model.device, opts.model.dtype)
 
     def residual(self, layer: int, d: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.opts.adapters.apply(layer, d, hidden)
