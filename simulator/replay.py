@@ -185,7 +185,7 @@ class Replay:
         # falls at or before t (wake_at: after the copy events of that instant)
         t = 0.0
         for s, step_ids in enumerate(self.w.ids):
-            proto.begin_step(token=first_token[s], future=step_ids.__getitem__)
+            proto.begin_step(token=first_token[s], future=step_ids.__getitem__, routing=step_ids)
             costs_s = layer_cost[s]
             for l, ids in enumerate(step_ids):
                 if not sync and t > env.now and env.peek() <= t:

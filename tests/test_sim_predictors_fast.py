@@ -94,11 +94,17 @@ class OldHistory(Predictor):
 
 
 def _drive(new, old, steps, n_layers):
-    """Feed both predictors the same steps as the protocol does; compare every prediction."""
+    """Feed both predictors the same steps as the protocol does; compare every prediction, and the
+    fast one's whole-step ranking (``predict_step``, what a replay asks) with its per-layer one."""
     h_new, h_old = RoutingHistory(n_layers), RoutingHistory(n_layers)
     n = 0
     for s, step in enumerate(steps, start=1):
+        whole = new.predict_step(step, h_new)
+        if whole is not None:
+            n += 1
         for layer, ids in enumerate(step):
+            if whole is not None:
+                assert len(whole[layer]) == len(new.distances(layer))
             for h in (h_new, h_old):
                 h.record(layer, ids)
             a = new.predict(PredictContext(step=s, layer=layer, history=h_new))
@@ -107,6 +113,9 @@ def _drive(new, old, steps, n_layers):
             for x, y in zip(a, b):
                 np.testing.assert_array_equal(x, y)
                 n += 1
+            if whole is not None:
+                for x, y in zip(whole[layer], a):
+                    np.testing.assert_array_equal(x, y)
         new.observe(h_new)
         old.observe(h_old)
         h_new.end_step()
@@ -126,5 +135,8 @@ def test_fast_predictors_rank_as_the_plain_ones(trace_name, tokens, batch, looka
     opts = PredictorOptions(n_moe_layers=trace.n_layers, n_experts=trace.n_experts, top_k=trace.top_k,
                             lookahead=lookahead, trace=trace.slice(0, tokens // 2) if prior else None)
     for name, old_cls in (("history", OldHistory), ("popularity", OldPopularity)):
-        n = _drive(make_predictor(name, opts), old_cls(opts), steps, trace.n_layers)
+        new = make_predictor(name, opts)
+        n = _drive(new, old_cls(opts), steps, trace.n_layers)
         assert n >= len(steps) * (trace.n_layers - lookahead)  # every layer with a layer after it
+        if name == "history" and batch == 1:  # every step ranked whole too (a batch's unions differ)
+            assert new.predict_step(steps[0], RoutingHistory(trace.n_layers)) is not None

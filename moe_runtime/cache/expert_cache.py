@@ -109,7 +109,8 @@ class ExpertCache:
         self._pinned: set[int] = set()
         self._unused_prefetch: dict[int, tuple[int, int]] = {}  # slot -> (step, target layer)
         self._prefetch_loading = [0] * n_pools
-        self._loading_prefetch: set[int] = set()
+        # prefetch slots still loading, in issue order (a dict as an ordered set: see stale_prefetches)
+        self._loading_prefetch: dict[int, None] = {}
         self._pending: list[Key] = []  # misses of the layer being classified, not yet given a slot
         self.step = 0
         self.stats = CacheStats(layer_hits=[0] * n_moe_layers, layer_late=[0] * n_moe_layers, layer_misses=[0] * n_moe_layers)
@@ -180,9 +181,11 @@ class ExpertCache:
         """Prefetch slots still loading whose target layer has passed unused (or an earlier step's)."""
         if not self._unused_prefetch:
             return []
-        step, loading = self.step, self._loading_prefetch
-        return [s for s, (st, target) in self._unused_prefetch.items()
-                if s in loading and (st < step or target <= layer)]
+        step, unused = self.step, self._unused_prefetch
+        # only a loading prefetch can be withdrawn: walk those (at most max_inflight), not every unused
+        # one; both dicts are in issue order, so the order is that of the unused prefetches
+        return [s for s in self._loading_prefetch
+                if s in unused and (unused[s][0] < step or unused[s][1] <= layer)]
 
     def admit_misses(self, outcomes: list[list]) -> None:
         """Give each miss of ``classify``'s outcomes a LOADING slot (in place), evicting only unpinned,
@@ -220,7 +223,7 @@ class ExpertCache:
         if self.state[slot] == LOADING:
             self.state[slot] = READY
             if slot in self._loading_prefetch:
-                self._loading_prefetch.discard(slot)
+                del self._loading_prefetch[slot]
                 self._prefetch_loading[self._pool(self.key_of[slot][0])] -= 1
 
     def cancel(self, slot: int) -> None:
@@ -228,7 +231,7 @@ class ExpertCache:
         assert slot in self._loading_prefetch and slot not in self._pinned, "only queued, unused prefetches"
         key = self.key_of[slot]
         pool = self._pool(key[0])
-        self._loading_prefetch.discard(slot)
+        del self._loading_prefetch[slot]
         self._prefetch_loading[pool] -= 1
         self._unused_prefetch.pop(slot)
         self.stats.prefetch_cancelled += 1
@@ -261,7 +264,7 @@ class ExpertCache:
                 continue
             self._map(slot, key)
             self.pools[pool].insert(key)
-            loading.add(slot)
+            loading[slot] = None
             per_pool[pool] += 1
             unused[slot] = (step, key[0])
             issued.append((key, slot))

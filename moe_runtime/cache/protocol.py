@@ -63,22 +63,29 @@ class LayerProtocol:
         self.prefetching = predictor is not None and predictor.name != "none"
         self.record_predictions = record_predictions
         self.predicts = self.prefetching or record_predictions  # the predictor runs at every layer
+        self.records = self.predicts and predictor.reads_history  # the routing history is kept for it
         self.history = RoutingHistory(cache.n_moe_layers)
         self._ctx = PredictContext(step=0, layer=0, history=self.history)
         self.predictions: list[list] = [[] for _ in range(cache.n_moe_layers)]
         self.step = 0
         self._token: int | None = None
         self._future: Callable[[int], Sequence[int]] | None = None
+        self._step_preds: list | None = None  # this step's predictions, when ranked at begin_step
         self.waits: list[int] = []  # reused: the slots the compute must wait for at this layer
         self.in_use: list[list] = []  # [expert, slot, outcome] of the layer being computed
 
     def begin_step(self, *, token: int | None = None,
-                   future: Callable[[int], Sequence[int]] | None = None) -> None:
+                   future: Callable[[int], Sequence[int]] | None = None,
+                   routing: Sequence[Sequence[int]] | None = None) -> None:
         """A step (one forward pass) begins; ``token`` is its first token's trace index (recorded
-        predictions), ``future(layer)`` its true routing (oracles)."""
+        predictions), ``future(layer)`` its true routing (oracles). ``routing``: every layer's ids, when
+        the caller knows them up front and will pass exactly these to ``layer`` (a replay): a predictor
+        that can then ranks all layers in one pass (``predict_step``), each from its own layer's ids."""
         self.step += 1
         self.cache.begin_step()
         self._token, self._future = token, future
+        self._step_preds = (self.predictor.predict_step(routing, self.history)
+                            if routing is not None and self.predicts else None)
 
     def layer(self, layer: int, ids: Sequence[int], hidden: Any = None, ranked: Any = None) -> list[int]:
         """Steps 1-4 at ``layer`` for the experts ``ids`` (in access order); returns the slots to wait for.
@@ -103,11 +110,15 @@ class LayerProtocol:
                 link.promote(slot)  # a late prefetch still queued moves ahead
             waits.append(slot)
         if self.predicts:  # 4. the predictor sees this layer's experts, then predicts l+1..l+D
-            self.history.record(layer, ids)
-            ctx = self._ctx  # one context, refilled per layer (host time)
-            ctx.step, ctx.layer, ctx.hidden, ctx.token, ctx.future, ctx.ranked = \
-                self.step, layer, hidden, self._token, self._future, ranked
-            preds = self.predictor.predict(ctx)
+            if self.records:
+                self.history.record(layer, ids)
+            if self._step_preds is not None:  # ranked at begin_step from this same routing
+                preds = self._step_preds[layer]
+            else:
+                ctx = self._ctx  # one context, refilled per layer (host time)
+                ctx.step, ctx.layer, ctx.hidden, ctx.token, ctx.future, ctx.ranked = \
+                    self.step, layer, hidden, self._token, self._future, ranked
+                preds = self.predictor.predict(ctx)
             if self.record_predictions:
                 self.predictions[layer] = preds
             if self.prefetching and preds:
@@ -121,6 +132,6 @@ class LayerProtocol:
 
     def end_step(self) -> None:
         """The step is complete: the predictor learns from its routing (online predictors)."""
-        if self.predicts:
+        if self.records:
             self.predictor.observe(self.history)
             self.history.end_step()

@@ -11,7 +11,8 @@ from dataclasses import replace
 from moe_runtime.errors import MoeError
 from moe_runtime.predictors.base import PredictContext, Predictor, PredictorOptions, RoutingHistory, plan_prefetch, rank_scores
 from moe_runtime.predictors.model_based import Aligned, Gate
-from moe_runtime.predictors.trace_based import History, NoisyOracle, NonePredictor, Oracle, Popularity, Recorded
+from moe_runtime.predictors.history import History
+from moe_runtime.predictors.trace_based import NoisyOracle, NonePredictor, Oracle, Popularity, Recorded
 
 PREDICTORS: dict[str, type[Predictor]] = {
     cls.name: cls for cls in (NonePredictor, Gate, Aligned, Popularity, History, Oracle, NoisyOracle, Recorded)

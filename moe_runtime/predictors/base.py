@@ -68,13 +68,22 @@ class Predictor(abc.ABC):
     name: ClassVar[str] = ""
     needs_hidden: ClassVar[bool] = False  # only usable where hidden states exist (the executor)
     needs_future: ClassVar[bool] = False  # reads the step's true routing: needs a forced or replayed trace
+    reads_history: ClassVar[bool] = False  # reads RoutingHistory (predict or observe): the caller records it
 
     def __init__(self, opts: PredictorOptions) -> None:
         self.opts = opts
+        L, D = opts.n_moe_layers, opts.lookahead
+        self._distances = [range(1, min(D, L - 1 - l) + 1) for l in range(L)]  # made once (host time)
 
     @abc.abstractmethod
     def predict(self, ctx: PredictContext) -> list[np.ndarray]:
         """Ranked expert ids for layers l+1..l+D (clipped at the last layer); [] predicts nothing."""
+
+    def predict_step(self, routing: Sequence[np.ndarray], history: RoutingHistory) -> list[list] | None:
+        """Every layer's ``predict`` of a step whose routing is known before it runs (a replay), at once:
+        item l is what ``predict`` returns at layer l once ``routing[:l+1]`` is recorded, and uses nothing
+        of ``routing`` past layer l. None: not supported here (the caller asks ``predict`` per layer)."""
+        return None
 
     def device_ranking(self, layer: int, hidden: Any) -> Any:
         """Device-side rankings to fetch with the layer's expert ids (router-based predictors); None here."""
@@ -84,7 +93,8 @@ class Predictor(abc.ABC):
         """Called once a step is complete (its routing is in ``history.current``): online learning."""
 
     def distances(self, layer: int) -> range:
-        return range(1, min(self.opts.lookahead, self.opts.n_moe_layers - 1 - layer) + 1)
+        """The distances d with layer + d a MoE layer, up to the lookahead."""
+        return self._distances[layer]
 
 
 def rank_scores(scores: np.ndarray) -> np.ndarray:
@@ -95,7 +105,26 @@ def rank_scores(scores: np.ndarray) -> np.ndarray:
 def plan_prefetch(predictions: Sequence[np.ndarray], layer: int, width: int) -> list[Key]:
     """Keys to prefetch in priority order: nearest layer first, then rank; ``width`` per layer."""
     plan: list[Key] = []
-    for d, ranked in enumerate(predictions, start=1):
-        target = layer + d
-        plan += [(target, e) for e in (ranked[:width].tolist() if hasattr(ranked, "tolist") else ranked[:width])]
+    for target, ranked in enumerate(predictions, start=layer + 1):
+        top = ranked[:width]
+        plan += [(target, e) for e in (top if isinstance(top, list) else
+                                       top.tolist() if hasattr(top, "tolist") else list(top))]
     return plan
+
+
+def dense_routing(cur: list) -> np.ndarray | None:
+    """The step's routing as one [L, k] array when every layer has k distinct experts, else None."""
+    if any(x is None for x in cur) or len({len(x) for x in cur}) != 1:
+        return None
+    return np.array(cur, dtype=np.int64)  # one conversion (the ids may be lists or arrays)
+
+
+def count_routing(counts: np.ndarray, cur: list, dense=False) -> None:
+    """counts[l, e] += 1 for each expert e the step chose at layer l (each listed once per layer)."""
+    dense = dense_routing(cur) if dense is False else dense
+    if dense is not None:
+        counts[np.arange(len(cur))[:, None], dense] += 1
+        return
+    for layer, ids in enumerate(cur):
+        if ids is not None:
+            counts[layer, ids] += 1
