@@ -21,15 +21,18 @@ from moe_runtime.cache.policies import Key
 
 
 class RoutingHistory:
-    """Expert ids chosen per layer by the current step so far, and by the last ``window`` steps."""
+    """Expert ids chosen per layer by the current step so far, and by the last ``window`` steps.
+
+    ``record`` keeps the sequence it is given (a list or an int array), not a copy: callers pass ids
+    they do not change afterwards (the executor's are fresh per layer, a replay's are its workload's)."""
 
     def __init__(self, n_moe_layers: int, window: int = 4) -> None:
         self.n_moe_layers = n_moe_layers
-        self.current: list[np.ndarray | None] = [None] * n_moe_layers
-        self.recent: deque[list[np.ndarray | None]] = deque(maxlen=window)
+        self.current: list[Sequence[int] | None] = [None] * n_moe_layers
+        self.recent: deque[list[Sequence[int] | None]] = deque(maxlen=window)
 
     def record(self, layer: int, ids: Sequence[int]) -> None:
-        self.current[layer] = np.asarray(ids, dtype=np.int64)
+        self.current[layer] = ids
 
     def end_step(self) -> None:
         self.recent.append(self.current)
