@@ -140,3 +140,34 @@ def test_fast_predictors_rank_as_the_plain_ones(trace_name, tokens, batch, looka
         assert n >= len(steps) * (trace.n_layers - lookahead)  # every layer with a layer after it
         if name == "history" and batch == 1:  # every step ranked whole too (a batch's unions differ)
             assert new.predict_step(steps[0], RoutingHistory(trace.n_layers)) is not None
+
+
+def test_a_replayed_step_ranked_at_once_prefetches_as_layer_by_layer():
+    """The replay hands the protocol each step's routing (``predict_step``); the cache then does exactly
+    what it does when the predictor ranks layer by layer, as the executor asks."""
+    from moe_runtime.cache.expert_cache import ExpertCache
+    from moe_runtime.cache.protocol import LayerProtocol
+    from simulator.copies import LockstepCopies
+
+    trace, _ = load_inputs(TRACES / "deepseek-v2-lite-law.npz", None, 300)
+    steps = build_workload(trace, 1).ids
+    L, E, K = trace.n_layers, trace.n_experts, trace.top_k
+    runs = []
+    for whole in (False, True):
+        cache = ExpertCache(n_slots=L * E // 4, n_moe_layers=L, n_experts=E, experts_per_layer=K, expert_bytes=1,
+                            policy="lru", scope="global", max_inflight=8)
+        pred = make_predictor("history", PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2))
+        link = LockstepCopies(cache, per_layer=2)  # two prefetches land per layer: some arrive, some go stale
+        proto = LayerProtocol(cache, link, pred, lookahead=2, record_predictions=True)
+        predictions = []
+        for step in steps:
+            proto.begin_step(routing=step if whole else None)
+            for layer, ids in enumerate(step):
+                link.begin_layer()
+                list(link.serve(proto.layer(layer, ids), layer, 0.0))  # the misses and late prefetches land
+                predictions.append([list(p) for p in proto.predictions[layer]])
+                proto.end_layer()
+            proto.end_step()
+        runs.append((vars(cache.finish()), predictions))
+    assert runs[0][0]["prefetch_issued"] > 1000
+    assert runs[0] == runs[1]
