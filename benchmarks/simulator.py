@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2000, help="trace length for sections 1 and 3")
     ap.add_argument("--device", default="rtx-4060-8gb")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="shorter traces (for a smoke run)")
     ap.add_argument("--json", action="store_true", help="print the issue's figures as one JSON object")
     args = ap.parse_args()

@@ -142,7 +142,8 @@ def test_fast_predictors_rank_as_the_plain_ones(trace_name, tokens, batch, looka
             assert new.predict_step(steps[0], RoutingHistory(trace.n_layers)) is not None
 
 
-def test_a_replayed_step_ranked_at_once_prefetches_as_layer_by_layer():
+@pytest.mark.parametrize("name", ["history", "oracle"])
+def test_a_replayed_step_ranked_at_once_prefetches_as_layer_by_layer(name):
     """The replay hands the protocol each step's routing (``predict_step``); the cache then does exactly
     what it does when the predictor ranks layer by layer, as the executor asks."""
     from moe_runtime.cache.expert_cache import ExpertCache
@@ -156,12 +157,12 @@ def test_a_replayed_step_ranked_at_once_prefetches_as_layer_by_layer():
     for whole in (False, True):
         cache = ExpertCache(n_slots=L * E // 4, n_moe_layers=L, n_experts=E, experts_per_layer=K, expert_bytes=1,
                             policy="lru", scope="global", max_inflight=8)
-        pred = make_predictor("history", PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2))
+        pred = make_predictor(name, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2))
         link = LockstepCopies(cache, per_layer=2)  # two prefetches land per layer: some arrive, some go stale
         proto = LayerProtocol(cache, link, pred, lookahead=2, record_predictions=True)
         predictions = []
         for step in steps:
-            proto.begin_step(routing=step if whole else None)
+            proto.begin_step(future=step.__getitem__, routing=step if whole else None)
             for layer, ids in enumerate(step):
                 link.begin_layer()
                 list(link.serve(proto.layer(layer, ids), layer, 0.0))  # the misses and late prefetches land

@@ -85,7 +85,8 @@ class Predictor(abc.ABC):
     def predict_step(self, routing: Sequence[np.ndarray], history: RoutingHistory) -> list[list] | None:
         """Every layer's ``predict`` of a step whose routing is known before it runs (a replay), at once:
         item l is what ``predict`` returns at layer l once ``routing[:l+1]`` is recorded, and uses nothing
-        of ``routing`` past layer l. None: not supported here (the caller asks ``predict`` per layer)."""
+        of ``routing`` past layer l unless the predictor is an oracle (``needs_future``). None: not
+        supported here (the caller asks ``predict`` per layer)."""
         return None
 
     def device_ranking(self, layer: int, hidden: Any) -> Any:

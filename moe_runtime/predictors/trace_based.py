@@ -37,6 +37,10 @@ class Oracle(Predictor):
         future, layer = ctx.future, ctx.layer
         return [future(layer + d) for d in self.distances(layer)]  # the true ids, as given (no copy)
 
+    def predict_step(self, routing, history: RoutingHistory) -> list[list]:
+        """A replayed step: layer l's predictions are routing[l+1..l+D], as ``predict`` gives them."""
+        return [[routing[l + d] for d in dists] for l, dists in enumerate(self._distances)]
+
 
 class NoisyOracle(Predictor):
     """Keeps each true expert with probability ``recall``; adds wrong ones so that precision ~ ``precision``."""
