@@ -157,8 +157,9 @@ def main(argv=None) -> int:
                        "simulated_s": round(simulated, 4), "error": round(simulated / res.decode_s - 1, 4),
                        "misses_exec": rep["misses"], "misses_sim": sim["misses"], "late_exec": rep["late"],
                        "late_sim": sim["late"],
-                       # where an error comes from: the waits for copies (every step) and the rest
-                       "stall_exec_s": round(rep["stall_s"], 4), "stall_sim_s": round(sim["stall_s"], 4),
+                       # where an error comes from: the decode steps' waits for copies, and the rest
+                       "stall_exec_s": round(sum(rep["step_stall_s"][1:]), 4),  # step 0: the prompt
+                       "stall_sim_s": round(sim["phase_s"]["decode_stall"], 4),
                        "copy_gbps_exec": round(rep["copy_gbps"], 2)})
     errs = [abs(pt["error"]) for pt in points]
     out = {"model": f"deepseek-v2-lite shapes, {L} MoE layers, {args.dtype}, vocab {args.vocab}",

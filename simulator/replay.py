@@ -180,12 +180,14 @@ class Replay:
         stall_l = self.layer_stall
         first_token = self.w.first_token.tolist()
         step_end = self.step_end = []
+        step_stall = self.step_stall = []  # per step: the compute's waits for copies
         # t: the compute's instant, summed layer by layer in this one order by every copy model, so
         # that their times are the same floats; simpy's clock catches up only when a copy event
         # falls at or before t (wake_at: after the copy events of that instant)
         t = 0.0
         for s, step_ids in enumerate(self.w.ids):
             proto.begin_step(token=first_token[s], future=step_ids.__getitem__, routing=step_ids)
+            stalled = 0.0
             costs_s = layer_cost[s]
             for l, ids in enumerate(step_ids):
                 if not sync and t > env.now and env.peek() <= t:
@@ -199,6 +201,7 @@ class Replay:
                         t1 = max(t1, t) + wait_s
                 if t1 > t:
                     stall_l[l] += t1 - t
+                    stalled += t1 - t
                     if tl is not None:
                         tl.add("compute", "stall", t, t1 - t, layer=l)
                     t = t1
@@ -210,6 +213,7 @@ class Replay:
                 tl.add("compute", "dense+head", t, overhead[s], step=s)
             t += overhead[s]
             step_end.append(t)
+            step_stall.append(stalled)
             proto.end_step()
         self.layers_waited = waited
         if t > env.now:
@@ -231,12 +235,13 @@ class Replay:
         return dev.read_bandwidth_gbps * 1e9 if self.disk and self.host_slots is None else dev.h2d_bytes_per_s
 
     def _phase_times(self) -> dict:
-        """Simulated seconds of steps whose first token was recorded as prefill, and as decode."""
+        """Simulated seconds of steps whose first token was recorded as prefill, and as decode (and the
+        decode steps' waits for copies)."""
         ends = np.asarray(self.step_end)
         dur = np.diff(ends, prepend=0.0)
         decode = self.trace.phase[self.w.first_token] == PHASE_DECODE
         return {"prefill": float(dur[~decode].sum()), "decode": float(dur[decode].sum()),
-                "decode_steps": int(decode.sum())}
+                "decode_steps": int(decode.sum()), "decode_stall": float(np.asarray(self.step_stall)[decode].sum())}
 
     def _bounds_key(self) -> str | None:
         """The Belady count's cache key; None for a workload passed in that was not cut from the trace."""

@@ -88,7 +88,8 @@ class HostValues(TorchFunctionMode):
     """Counts what a CUDA graph cannot hold: host reads of tensor values, and tensors built from host data
     (a blocking upload at run time, and illegal during capture)."""
     NAMES = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "tensor", "as_tensor",
-             "from_numpy"}
+             "from_numpy", "nonzero", "masked_select", "unique", "unique_consecutive"}  # the last: data-dependent
+             # shapes, a sync on CUDA
 
     def __init__(self):
         super().__init__()

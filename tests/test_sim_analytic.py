@@ -60,6 +60,8 @@ def test_analytic_copies_equal_event_copies(inputs, case):
     for k in ("total_s", "stall_s"):
         assert a[k] == pytest.approx(e[k], rel=1e-9, abs=1e-12)
     assert a["phase_s"]["decode"] == pytest.approx(e["phase_s"]["decode"], rel=1e-9, abs=1e-12)
+    assert a["phase_s"]["decode_stall"] == pytest.approx(e["phase_s"]["decode_stall"], rel=1e-9, abs=1e-12)
+    assert 0 <= a["phase_s"]["decode_stall"] <= a["stall_s"] * (1 + 1e-12)
     assert a["per_layer"]["stall_s"] == pytest.approx(e["per_layer"]["stall_s"], rel=1e-9, abs=1e-12)
     if pred != "none":  # the cases exercise the queue: prefetches that arrive late
         assert a["late"] > 0 and a["prefetch_issued"] > 0

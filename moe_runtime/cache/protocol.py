@@ -63,7 +63,9 @@ class LayerProtocol:
         self.prefetching = predictor is not None and predictor.name != "none"
         self.record_predictions = record_predictions
         self.predicts = self.prefetching or record_predictions  # the predictor runs at every layer
-        self.records = self.predicts and predictor.reads_history  # the routing history is kept for it
+        # the routing history is kept for a predictor that reads it or learns from it
+        self.records = self.predicts and (predictor.reads_history or
+                                          type(predictor).observe is not Predictor.observe)
         self.history = RoutingHistory(cache.n_moe_layers)
         self._ctx = PredictContext(step=0, layer=0, history=self.history)
         self.predictions: list[list] = [[] for _ in range(cache.n_moe_layers)]
@@ -71,6 +73,7 @@ class LayerProtocol:
         self._token: int | None = None
         self._future: Callable[[int], Sequence[int]] | None = None
         self._step_preds: list | None = None  # this step's predictions, when ranked at begin_step
+        self._routing: Sequence | None = None  # the routing they were ranked from
         self.waits: list[int] = []  # reused: the slots the compute must wait for at this layer
         self.in_use: list[list] = []  # [expert, slot, outcome] of the layer being computed
 
@@ -80,12 +83,13 @@ class LayerProtocol:
         """A step (one forward pass) begins; ``token`` is its first token's trace index (recorded
         predictions), ``future(layer)`` its true routing (oracles). ``routing``: every layer's ids, when
         the caller knows them up front and will pass exactly these to ``layer`` (a replay): a predictor
-        that can then ranks all layers in one pass (``predict_step``), each from its own layer's ids."""
+        that can then rank all layers in one pass (``predict_step``), each from its own layer's ids."""
         self.step += 1
         self.cache.begin_step()
         self._token, self._future = token, future
         self._step_preds = (self.predictor.predict_step(routing, self.history)
                             if routing is not None and self.predicts else None)
+        self._routing = routing
 
     def layer(self, layer: int, ids: Sequence[int], hidden: Any = None, ranked: Any = None) -> list[int]:
         """Steps 1-4 at ``layer`` for the experts ``ids`` (in access order); returns the slots to wait for.
@@ -113,6 +117,7 @@ class LayerProtocol:
             if self.records:
                 self.history.record(layer, ids)
             if self._step_preds is not None:  # ranked at begin_step from this same routing
+                assert ids is self._routing[layer], "layer() must get the routing begin_step was given"
                 preds = self._step_preds[layer]
             else:
                 ctx = self._ctx  # one context, refilled per layer (host time)

@@ -154,6 +154,8 @@ class GraphedDecoder:
     def __call__(self, tokens: Tensor, positions: Tensor, rows: int | list[int], start: int) -> Tensor:
         key = rows if isinstance(rows, int) else tuple(rows)
         if key != self._key:
+            if self.inner.device.type == "cuda":  # the queued work before capture is decode time, not capture's
+                torch.cuda.synchronize(self.inner.device)  # CPU waits on the GPU here, once per capture
             t = time.perf_counter()
             runner = CudaGraphs() if self.inner.device.type == "cuda" else EagerGraphs()
             index = rows if isinstance(rows, int) else self.inner._row_index(key)

@@ -275,9 +275,10 @@ class Transformer(nn.Module):
     def fixed_shapes(self, x: Tensor, ids: Tensor, provider: ExpertProvider) -> bool:
         """Whether the experts compute with fixed shapes from the provider's slot table. The rule sees only
         shapes, never the provider's budget, so resident and offloaded runs take the same path (and round
-        alike). On CPU: while the gathered copy of every (token, rank)'s expert is small. On CUDA: decode
-        steps (at most ``batch`` tokens, whose union the budget check guarantees fits in one call, so
-        they never come in waves), batch 1 always, larger batches while the copy is under the cap."""
+        alike). On CPU: while the gathered copy of every (token, rank)'s expert is small. On CUDA: steps of
+        at most ``batch`` tokens (decode steps, and prefills that short: their union the budget check
+        guarantees fits in one call, so they never come in waves), one token always, more while the copy
+        is under the cap."""
         return getattr(provider, "expert_table", None) is not None and self.fixed_shape_step(*ids.shape)
 
     def fixed_shape_step(self, n: int, k: int) -> bool:

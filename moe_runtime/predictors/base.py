@@ -71,7 +71,8 @@ class Predictor(abc.ABC):
     name: ClassVar[str] = ""
     needs_hidden: ClassVar[bool] = False  # only usable where hidden states exist (the executor)
     needs_future: ClassVar[bool] = False  # reads the step's true routing: needs a forced or replayed trace
-    reads_history: ClassVar[bool] = False  # reads RoutingHistory (predict or observe): the caller records it
+    # reads RoutingHistory in predict, so the caller records it (it does too for one that overrides observe)
+    reads_history: ClassVar[bool] = False
 
     def __init__(self, opts: PredictorOptions) -> None:
         self.opts = opts

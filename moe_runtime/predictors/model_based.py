@@ -67,7 +67,8 @@ class Aligned(Gate):
         super().__init__(opts)
         if opts.adapters is None:
             raise MoeError("predictor 'aligned' needs adapters: pass --adapters FILE (made by moe-runtime calibrate)")
-        # once, here: a cast and a host-to-device copy per prediction would cost every layer (and could
+        # once, here, in place (the adapters object given is moved and cast: reload it to save it in
+        # float32): a cast and a host-to-device copy per prediction would cost every layer (and could
         # not be captured in a CUDA graph)
         opts.adapters.to(opts.model.device, opts.model.dtype)
 
