@@ -43,8 +43,8 @@ class History(Predictor):
                         for b in range(ids.shape[2]):
                             np.add.at(self.co[layer, d - 1], (ids[:, layer, a], ids[:, layer + d, b]), 1)
         self.rowsum = self.co.sum(axis=3)  # [L, D, E]
-        self._co_flat, self._co_rows, self._rowsum_flat = self.co.reshape(-1), self.co.reshape(-1, E), \
-            self.rowsum.reshape(-1)
+        self._co_flat, self._co_rows = self.co.reshape(-1), self.co.reshape(-1, E)  # views
+        self._rowsum_flat = self.rowsum.reshape(-1)
         # the tie-breaker of layer t (negated), with D zero rows past the last layer (targets that do not exist)
         self._negpop = np.zeros((L + D, E), dtype=np.float32)
         self._update_popterm()
