@@ -278,6 +278,16 @@ class AnalyticCopies:
         """The run ended at ``t``: copies finished by then are done (for the timeline)."""
         self.begin_layer(t)
 
+    def busy_until(self) -> float:
+        """When the engines run out of the copies given so far (running and queued), if none is added:
+        the queued prefetches start as ``_start_queued`` would start them."""
+        free = list(self.free_at)
+        for _, _, issued, ready in self.queue:
+            e = 0 if len(free) == 1 else min(range(len(free)), key=free.__getitem__)
+            start = max(free[e], issued, ready)
+            free[e] = start + self.copy_s
+        return max(free)
+
     # -- internals -------------------------------------------------------------------------
     def _engine(self) -> int:
         f = self.free_at

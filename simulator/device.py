@@ -17,6 +17,9 @@ nominal device::
                                 #   misses (classify, admit, evict, submit), beyond the all-hit path
     demand_us: 0                # float >= 0, optional (0): hand-off per layer that waits on copies (the copy
                                 #   thread's wake-up), on top of the copies themselves
+    copy_slowdown: 0            # float >= 0, optional (0): how much longer the compute takes while a copy
+                                #   runs (CPU: the copy thread shares cores and memory bandwidth with it;
+                                #   0.25 = 25% longer); the analytic copies stretch compute by it
     predictor_us:               # optional: host time per MoE layer of prediction and prefetch planning,
       history: {1: 30, 2: 45}   #   per predictor and lookahead (a lookahead not listed: the nearest below)
     read_bandwidth_gbps: 1.2    # float > 0, optional: the storage link (experts on disk): direct-I/O GB/s
@@ -52,7 +55,7 @@ from moe_runtime.errors import MoeError
 _NUMBERS = (("h2d_bandwidth_gbps", 0, True, 1e6), ("h2d_latency_us", 0, False, 1e7),
             ("copy_engines", 1, False, 1024), ("hbm_bandwidth_gbps", 0, True, 1e6),
             ("peak_tflops", 0, True, 1e6), ("memory_gib", 0, True, 1e6), ("layer_compute_ms", 0, True, 1e7),
-            ("host_layer_us", 0, False, 1e7), ("demand_us", 0, False, 1e7),
+            ("host_layer_us", 0, False, 1e7), ("demand_us", 0, False, 1e7), ("copy_slowdown", 0, False, 100),
             ("read_bandwidth_gbps", 0, True, 1e6), ("read_latency_us", 0, False, 1e7),
             ("read_queue_depth", 1, False, 1024))
 _OPTIONAL = ("layer_compute_ms", "read_bandwidth_gbps", "read_latency_us", "read_queue_depth")
@@ -72,6 +75,7 @@ class DeviceSpec:
     layer_compute_ms: float | None = None
     host_layer_us: float = 0.0
     demand_us: float = 0.0
+    copy_slowdown: float = 0.0
     predictor_us: dict | None = None
     read_bandwidth_gbps: float | None = None
     read_latency_us: float | None = None

@@ -20,8 +20,11 @@ Contract (DESIGN.md's semantics, the runtime's own decisions):
   queue of prefetches, finish times the compute waits on), the simpy
   process-per-copy engines they are tested equal to (``event``), or the
   lockstep rule of the differential test.
-- total_s = compute_s + stall_s. With no prefetch and one engine every stall is
-  whole demand copies, so total_s = compute_s + misses x (bytes/bw + latency).
+- total_s = compute_s + stall_s + interference_s. With no prefetch and one engine every stall is
+  whole demand copies, so total_s = compute_s + misses x (bytes/bw + latency). interference_s is the
+  compute stretched while copies run, on a device with ``copy_slowdown`` (a CPU, whose copy thread
+  shares the compute's cores; 0 elsewhere): a layer (or a step's dense part) of cost c starting at t
+  with the engines busy until b runs at 1/(1+s) of its speed until b (analytic copies only).
 
 Time: the compute's instant ``t`` is one float summed layer by layer (a stall
 sets it to the finish time it waited for), the same operations in the same
@@ -136,6 +139,10 @@ class Replay:
         if pred_s:
             self.costs = StepCosts(self.costs.layer + pred_s, self.costs.overhead)
         self.wait_s = (dev.host_layer_us + dev.demand_us) * 1e-6
+        self.slowdown = dev.copy_slowdown
+        if self.slowdown and copies != "analytic":
+            raise MoeError(f"{dev.name}'s copy_slowdown (compute slowed while copies run) is modelled by the "
+                           "analytic copies only")
         L, E = trace.n_layers, trace.n_experts
         self.expert_bytes = spec.expert_bytes
         self.n_slots = parse_budget(opts.budget, expert_bytes=self.expert_bytes, total_experts=L * E)
@@ -178,6 +185,8 @@ class Replay:
         wait_s, waited = self.wait_s, 0
         layer_cost, overhead = self.costs.layer.tolist(), self.costs.overhead.tolist()
         stall_l = self.layer_stall
+        slow = self.slowdown
+        self.interference_s = 0.0
         first_token = self.w.first_token.tolist()
         step_end = self.step_end = []
         step_stall = self.step_stall = []  # per step: the compute's waits for copies
@@ -205,19 +214,31 @@ class Replay:
                     if tl is not None:
                         tl.add("compute", "stall", t, t1 - t, layer=l)
                     t = t1
+                c = costs_s[l] if not slow else self._stretched(costs_s[l], t)
                 if tl is not None:
-                    tl.add("compute", f"L{l}", t, costs_s[l], step=s)
-                t += costs_s[l]
+                    tl.add("compute", f"L{l}", t, c, step=s)
+                t += c
                 proto.end_layer()
+            c = overhead[s] if not slow else self._stretched(overhead[s], t)
             if tl is not None:
-                tl.add("compute", "dense+head", t, overhead[s], step=s)
-            t += overhead[s]
+                tl.add("compute", "dense+head", t, c, step=s)
+            t += c
             step_end.append(t)
             step_stall.append(stalled)
             proto.end_step()
         self.layers_waited = waited
         if t > env.now:
             yield wake_at(env, t)
+
+    def _stretched(self, c: float, t: float) -> float:
+        """Compute of cost ``c`` from ``t`` at 1/(1+s) of its speed while the copy engines are busy."""
+        b = self.link.busy_until() - t
+        if b <= 0:
+            return c
+        k = 1.0 + self.slowdown
+        d = c * k if b >= c * k else b + (c - b / k)
+        self.interference_s += d - c
+        return d
 
     def _tier_report(self, stats: dict) -> dict:
         """expert_source, and with disk: bytes read from storage (and the host tier's counts)."""
@@ -289,7 +310,8 @@ class Replay:
             "expert_bytes": self.expert_bytes, "copy_s": self.link_s,
             **stats, **self._tier_report(stats),
             "hit_rate": stats["hits"] / max(stats["accesses"], 1),
-            "compute_s": compute_s, "stall_s": sum(self.layer_stall), "total_s": total_s,
+            "compute_s": compute_s, "stall_s": sum(self.layer_stall), "interference_s": self.interference_s,
+            "total_s": total_s,
             "tokens_per_s": n_tok / total_s if total_s > 0 else float("inf"),
             "phase_s": self._phase_times(), "layers_waited": self.layers_waited,
             "per_layer": per_layer,

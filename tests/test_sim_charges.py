@@ -41,3 +41,57 @@ def test_predictor_us_is_validated():
     with pytest.raises(MoeError, match="predictor_us"):
         device_from_dict({**BASE, "predictor_us": {"history": {1: -5}}})
     assert DeviceSpec(**BASE).predictor_seconds("history", 2) == 0.0
+
+
+def test_copy_slowdown_stretches_compute_that_overlaps_copies():
+    trace, spec = load_inputs(TRACES / "mixtral-8x7b-humaneval.npz", None, 60)
+    plain = CostModel(spec, DeviceSpec(**BASE))
+    slowed = CostModel(spec, DeviceSpec(**BASE, copy_slowdown=0.5))
+    for predictor in ("none", "oracle"):
+        opts = ReplayOptions(budget="30%", predictor=predictor, lookahead=2)
+        a, b = Replay(trace, plain, opts).run(), Replay(trace, slowed, opts).run()
+        assert a["interference_s"] == 0.0
+        assert b["misses"] == a["misses"] and b["compute_s"] == a["compute_s"]
+        assert b["total_s"] == pytest.approx(b["compute_s"] + b["stall_s"] + b["interference_s"], rel=1e-9)
+        # no compute overlaps a copy without prefetch (demand copies are waited for); prefetches overlap it
+        assert (b["interference_s"] > 0) == (predictor == "oracle")
+        assert b["interference_s"] <= 0.5 * b["compute_s"] + 1e-12  # at most every layer at half speed
+    with pytest.raises(MoeError, match="analytic copies only"):
+        Replay(trace, slowed, ReplayOptions(budget="30%"), copies="event")
+    with pytest.raises(MoeError, match="copy_slowdown"):
+        device_from_dict({**BASE, "copy_slowdown": -0.1})
+
+
+def test_stretch_is_piecewise_in_the_busy_window():
+    from types import SimpleNamespace
+
+    class Busy:  # engines busy until 3.0
+        def busy_until(self):
+            return 3.0
+    r = SimpleNamespace(link=Busy(), slowdown=1.0, interference_s=0.0)
+    stretched = lambda c, t: Replay._stretched(r, c, t)  # noqa: E731
+    assert stretched(1.0, 0.0) == 2.0  # wholly inside the window: twice as long
+    assert stretched(2.0, 0.0) == 3.0 + (2.0 - 1.5)  # 1.5 of work in the 3.0 window, the rest at full speed
+    assert stretched(1.0, 3.0) == 1.0  # the engines are idle from t on
+    assert r.interference_s == pytest.approx(1.0 + 1.5)
+
+
+def test_analytic_busy_until_counts_running_and_queued_copies():
+    from moe_runtime.cache.expert_cache import ExpertCache
+    from simulator.copies import AnalyticCopies
+
+    cache = ExpertCache(n_slots=8, n_moe_layers=2, n_experts=4, experts_per_layer=2, expert_bytes=1, policy="lru",
+                        scope="global", max_inflight=4)
+    link = AnalyticCopies(cache, engines=1, copy_s=2.0)
+    link.begin_layer(1.0)
+    assert link.busy_until() <= 1.0  # nothing given: idle
+    link.demand(0, (0, 0))  # 1.0 .. 3.0
+    link.prefetch(1, (1, 0))  # queued behind it: 3.0 .. 5.0
+    link.prefetch(2, (1, 1))  # 5.0 .. 7.0
+    assert link.busy_until() == 7.0
+    two = AnalyticCopies(cache, engines=2, copy_s=2.0)
+    two.begin_layer(1.0)
+    two.demand(0, (0, 0))
+    two.prefetch(1, (1, 0))
+    two.prefetch(2, (1, 1))  # engines: 1..3 then 3..5, and 1..3 (after begin_layer starts it)
+    assert two.busy_until() == 5.0

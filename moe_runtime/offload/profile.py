@@ -13,6 +13,9 @@ Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config 
 - device-memory bandwidth (a large on-device copy) and dense matmul TFLOP/s;
 - ``layer_compute_ms``: one decode step of the all-resident model divided by its
   MoE layer count (so attention and dense layers are included in the average);
+- ``copy_slowdown``: how much longer that step takes while the copy engine copies
+  experts non-stop (CPU: the copy thread shares the cores and memory bandwidth;
+  0 on CUDA), which the simulator charges to compute that overlaps copies;
 - what the executor spends on the host that neither copies nor layer compute
   show, for the simulator to charge: ``demand_us``, the hand-off to and from
   the copy thread per layer that waits (CPU: a small copy's round trip less its
@@ -256,6 +259,36 @@ def measure_layer_compute(model, store, device: torch.device, steps: int = 32, p
     return statistics.median(times) / store.n_moe_layers * 1e3
 
 
+def measure_copy_slowdown(model, store, device: torch.device, pool=None, rounds: int = 2) -> float:
+    """How much longer a MoE layer's compute takes while the copy engine copies experts non-stop, as a
+    fraction (CPU: the copy thread shares the cores and memory bandwidth; 0 on CUDA, whose copies are
+    DMA). Best of ``rounds`` interleaved measurements of each, so a slow spell does not count as either."""
+    if device.type == "cuda":
+        return 0.0
+    import threading
+
+    src = store.layer_buffer(0)[0]  # one expert, as the executor copies them
+    dst = torch.empty_like(src).fill_(0)
+    alone = busy = float("inf")
+    for _ in range(rounds):
+        alone = min(alone, measure_layer_compute(model, store, device, pool=pool))
+        engine, stop = make_copy_engine(1, device), threading.Event()
+
+        def copy_forever() -> None:
+            while not stop.is_set():
+                engine.submit(0, src, dst, demand=False)
+                engine.wait(0)
+        copier = threading.Thread(target=copy_forever, daemon=True)
+        copier.start()
+        try:
+            busy = min(busy, measure_layer_compute(model, store, device, pool=pool))
+        finally:
+            stop.set()
+            copier.join()
+            engine.close()
+    return max(busy / alone - 1.0, 0.0)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # CPU waits on the GPU so the timer measures finished work
@@ -332,6 +365,9 @@ def run(args: argparse.Namespace) -> int:
     host_us, pred_us = measure_protocol(store.n_moe_layers, store.n_experts, store.top_k)
     storage = measure_storage(args, store) if kind == "disk" else {}
     read_note = storage.pop("_read", "")
+    # one slot for every expert, reused by each compute measurement (allocating it is not what is timed)
+    pool = torch.empty(store.n_moe_layers * store.n_experts, store.layout.numel, dtype=store.layout.dtype,
+                       device=device)
     profile = {
         "name": args.name or f"{args.device}-profiled",
         "nominal": False,
@@ -341,9 +377,10 @@ def run(args: argparse.Namespace) -> int:
         "hbm_bandwidth_gbps": round(measure_hbm(device), 2),
         "peak_tflops": round(measure_tflops(device), 4),
         "memory_gib": round(memory_gib(device), 2),
-        "layer_compute_ms": round(measure_layer_compute(model, store, device), 4),
+        "layer_compute_ms": round(measure_layer_compute(model, store, device, pool=pool), 4),
         "host_layer_us": round(host_us, 2),
         "demand_us": round(handoff_us, 2),
+        "copy_slowdown": round(measure_copy_slowdown(model, store, device, pool=pool), 4),
         "predictor_us": pred_us,
         **storage,
         "model": model_name,
