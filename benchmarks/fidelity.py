@@ -160,6 +160,7 @@ def main(argv=None) -> int:
                        # where an error comes from: the decode steps' waits for copies, and the rest
                        "stall_exec_s": round(sum(rep["step_stall_s"][1:]), 4),  # step 0: the prompt
                        "stall_sim_s": round(sim["phase_s"]["decode_stall"], 4),
+                       "interference_sim_s": round(sim["interference_s"], 4),  # compute slowed by copies
                        "copy_gbps_exec": round(rep["copy_gbps"], 2)})
     errs = [abs(pt["error"]) for pt in points]
     out = {"model": f"deepseek-v2-lite shapes, {L} MoE layers, {args.dtype}, vocab {args.vocab}",
