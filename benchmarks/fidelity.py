@@ -54,6 +54,7 @@ from moe_runtime.model.generate import generate  # noqa: E402
 from moe_runtime.model.spec import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
+from moe_runtime.offload.profile import warm_every_expert  # noqa: E402
 from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
 from moe_runtime.offload.steps import SteppedModel  # noqa: E402
 from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
@@ -72,12 +73,15 @@ def first_layers(trace: Trace, n: int) -> Trace:
                  trace.phase, {})
 
 
-def decode(model, store, forced, device, new: int, n_slots: int, predictor: str, pool):
-    """One cold decode of ``new`` tokens after a 1-token prompt; (result, counters, recorded trace)."""
+def decode(model, store, forced, device, new: int, n_slots: int, predictor: str, pool, warm: bool = False):
+    """One decode of ``new`` tokens after a 1-token prompt, cold (or with every expert already in its slot:
+    ``warm``, n_slots = all); (result, counters, recorded trace)."""
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
     provider = OffloadedExperts(store, device, n_slots, policy="lru", predictor=pred, lookahead=LOOKAHEAD,
                                 max_inflight=INFLIGHT, pool=pool)
+    if warm:
+        warm_every_expert(provider, store)
     rec = TraceRecorder(TraceMeta(model="fidelity", n_layers=L, n_experts=E, top_k=K,
                                   expert_bytes=store.layout.nbytes, dtype=str(store.layout.dtype).split(".")[-1],
                                   source="benchmarks/fidelity.py"))
@@ -87,22 +91,12 @@ def decode(model, store, forced, device, new: int, n_slots: int, predictor: str,
 
 
 def warm_decode_ms(model, store, forced, device, new: int, pool) -> float:
-    """Milliseconds per MoE layer of a decode like the measured ones (same length, same path, forced
-    routing, recorded) with every expert already in its slot: the compute the replay charges, measured
-    over as long as a decode runs (on this VM short bursts run faster than sustained work)."""
-    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    provider = OffloadedExperts(store, device, L * E, policy="lru", max_inflight=INFLIGHT, pool=pool)
-    provider.begin_step(0, 1)
-    for m in range(L):  # warm: one demand copy of every expert
-        for first in range(0, E, K):
-            provider.experts(m, list(range(first, min(first + K, E))), None)
-            provider.end_layer(m)
-    rec = TraceRecorder(TraceMeta(model="fidelity", n_layers=L, n_experts=E, top_k=K,
-                                  expert_bytes=store.layout.nbytes, dtype=str(store.layout.dtype).split(".")[-1],
-                                  source="benchmarks/fidelity.py"))
-    res = generate(SteppedModel(model, provider, chunk=1, forced=forced, recorder=rec), provider, [1], new)
-    provider.finish()
-    return res.decode_s / (new - 1) / L * 1e3
+    """Milliseconds per MoE layer of a decode like the measured ones (same length, same path) with every
+    expert already in its slot: the compute the replay charges, measured over as long as a decode runs
+    (on this VM short bursts run faster than sustained work)."""
+    res, _, _ = decode(model, store, forced, device, new, store.n_moe_layers * store.n_experts, "none", pool,
+                       warm=True)
+    return res.decode_s / (new - 1) / store.n_moe_layers * 1e3
 
 
 def main(argv=None) -> int:

@@ -225,6 +225,16 @@ def measure_tflops(device: torch.device, n: int = 1024) -> float:
     return 2 * n**3 / best / 1e12
 
 
+def warm_every_expert(provider: OffloadedExperts, store) -> None:
+    """One demand copy of every expert into a provider whose budget holds them all (then every access
+    hits): a step of its own, top-k experts at a time."""
+    provider.begin_step(0, 1)
+    for m in range(store.n_moe_layers):
+        for first in range(0, store.n_experts, store.top_k):
+            provider.experts(m, list(range(first, min(first + store.top_k, store.n_experts))), None)
+            provider.end_layer(m)
+
+
 @torch.no_grad()  # not inference_mode: the copy thread writes the slot pool made here
 def measure_layer_compute(model, store, device: torch.device, steps: int = 32, pool=None) -> float:
     """Milliseconds per MoE layer of one decode step through the offloading executor, all experts hit (median).
@@ -236,11 +246,7 @@ def measure_layer_compute(model, store, device: torch.device, steps: int = 32, p
     """
     provider = OffloadedExperts(store, device, store.n_moe_layers * store.n_experts, pool=pool)
     try:
-        provider.begin_step(0, 1)
-        for m in range(store.n_moe_layers):  # warm: one demand copy of every expert
-            for first in range(0, store.n_experts, store.top_k):
-                provider.experts(m, list(range(first, min(first + store.top_k, store.n_experts))), None)
-                provider.end_layer(m)
+        warm_every_expert(provider, store)
         model.setup_cache(steps + 2)
         cur = torch.ones(1, dtype=torch.long, device=device)
         pos = torch.zeros(1, dtype=torch.long, device=device)
