@@ -147,3 +147,27 @@ def test_failed_read_is_one_error_not_a_hang(tmp_path):
             eng.wait(0)
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("where", ["first piece", "last piece", "last element"])
+def test_non_finite_expert_read_from_disk_is_one_error(tmp_path, where):
+    """Every piece is checked by the thread that read it: a NaN or inf anywhere in a float expert fails the read."""
+    E, R = 3, 3 * 4096 + 1000  # float32 elements per expert: pieces of 4 KiB multiples and a ragged last one
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((1, E, R)).astype(np.float32)
+    pos = {"first piece": 17, "last piece": R - 900, "last element": R - 1}[where]
+    w[0, 1, pos] = np.inf if where == "last element" else np.nan
+    write_packed(tmp_path / "f.pack", fingerprint="x", dtype="float32", record_bytes=R * 4, n_moe_layers=1,
+                 n_experts=E, layers=iter(w.view(np.uint8)))
+    hdr = read_header(tmp_path / "f.pack")
+    pool = aligned_pool(2, R, torch.float32)
+    eng = DiskReadEngine(2, [hdr.path], threads=3, max_read=hdr.record_bytes)
+    try:
+        eng.submit(0, hdr.segments(0, 0), pool[0], demand=True)
+        eng.wait(0)
+        assert np.array_equal(pool[0].numpy(), w[0, 0])  # a finite expert reads whole, checked
+        eng.submit(1, hdr.segments(0, 1), pool[1], demand=True)
+        with pytest.raises(MoeError, match="non-finite"):
+            eng.wait(1)
+    finally:
+        eng.close()

@@ -50,7 +50,7 @@ from moe_runtime.errors import MoeError
 from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.model.families import TensorNames
 from moe_runtime.model.format_sizes import EXPERT_DTYPES
-from moe_runtime.model.formats import DenseExpert, ExpertFormat, Mxfp4Matrix, format_for
+from moe_runtime.model.formats import DenseExpert, ExpertFormat, Mxfp4Matrix, all_finite, format_for
 from moe_runtime.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,7 +123,8 @@ class SafetensorsReader:
             t = sl[index] if index is not None else sl[:]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise MoeError(f"cannot read tensor {name} from {self._where[name]}: {e}") from None
-        if not raw and self.check_finite and not torch.isfinite(t).all():  # garbage in, garbage out, exit 0
+        # garbage in would be garbage out with exit 0
+        if not raw and self.check_finite and t.is_floating_point() and not all_finite(t):
             raise MoeError(f"checkpoint tensor {name}{'' if index is None else f' [{index}]'} holds non-finite "
                            f"values (NaN or inf)")
         return t

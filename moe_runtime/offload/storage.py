@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from moe_runtime.errors import MoeError
+from moe_runtime.model.formats import all_finite
 from moe_runtime.offload.engines import CopyRecord
 from moe_runtime.offload.packed import ALIGN, align_up
 
@@ -81,11 +82,12 @@ class _Read:
     """One expert's read: its pieces (file, offset, nbytes, position in the slot) are read by any threads."""
 
     __slots__ = ("slot", "demand", "gen", "dst", "pieces", "next", "left", "priority", "cancelled", "t0", "fetched",
-                 "src", "tensor")
+                 "src", "check")
 
-    def __init__(self, slot, demand, gen, dst, pieces, src, tensor):
+    def __init__(self, slot, demand, gen, dst, pieces, src, check):
         self.slot, self.demand, self.gen, self.dst, self.pieces = slot, demand, gen, dst, pieces
-        self.src, self.tensor = src, tensor
+        self.src = src
+        self.check = check  # the slot's float dtype when its pieces are checked for NaN/inf as read, else None
         self.next = 0  # pieces started
         self.left = len(pieces)  # pieces not finished
         self.priority = 0 if demand else 1
@@ -144,7 +146,9 @@ class DiskReadEngine:
         with self._cv:  # under the lock: a reader finishing this slot's previous read cannot set it again
             self._done[slot].clear()
             self._gen[slot] += 1
-            req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, dst)
+            check = dst.dtype if self.check_finite and dst.is_floating_point() and id(src) not in self._checked \
+                else None
+            req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, check)
             self._outstanding.add(slot)
             self._active[slot] = req
             heapq.heappush(self._heap, [req.priority, next(self._seq), req])
@@ -237,6 +241,10 @@ class DiskReadEngine:
             req, piece = job
             try:
                 fetched = self._read(piece, req.dst, bounce)
+                # each piece checked by the thread that read it, in parallel: garbage in would decode to garbage
+                # out, and one pass over a whole expert after its read would cost more than the read
+                if req.check is not None and not all_finite(piece_tensor(req, piece)):
+                    raise ValueError(f"{getattr(req.src, 'name', 'an expert')} holds non-finite values (NaN or inf)")
             except BaseException as e:  # wake every waiter: a silent death would hang the compute
                 self._error = e
                 for done in self._done:
@@ -247,15 +255,8 @@ class DiskReadEngine:
                 req.left -= 1
                 if req.left:
                     continue
-                first = self.check_finite and req.tensor.is_floating_point() and id(req.src) not in self._checked
-                self._checked.add(id(req.src))
-            if first and not bool(torch.isfinite(req.tensor).all()):  # garbage in would decode to garbage out
-                self._error = ValueError(f"{getattr(req.src, 'name', 'an expert')} holds non-finite values "
-                                         f"(NaN or inf)")
-                for done in self._done:
-                    done.set()
-                return
-            with self._cv:
+                if req.check is not None:
+                    self._checked.add(id(req.src))
                 t1 = time.perf_counter() - self.base
                 self.bytes_read += req.fetched
                 self.records.append(CopyRecord(req.slot, req.demand, req.t0, t1, req.fetched, "read"))
@@ -280,6 +281,12 @@ class DiskReadEngine:
         if not direct:
             target[:] = bounce[offset - start: offset - start + n]
         return len(buf)
+
+
+def piece_tensor(req: _Read, piece) -> Tensor:
+    """The slot's bytes one piece filled, as its float dtype (pieces start at 4 KiB multiples)."""
+    _, _, n, pos = piece
+    return torch.from_numpy(req.dst[pos:pos + n]).view(req.check)
 
 
 def measure_read(path: str | list[str], segments: list, record_bytes: int, *, depth: int = 4,
