@@ -13,6 +13,13 @@ and withdrawn; a copy model only says *when* copies finish. Each model has:
   waits for ``waits``; returns the instant the compute goes on (t + stall).
   A simpy generator, except where ``synchronous`` is True.
 
+Start-up: a link may charge ``idle_s`` more to a copy that starts on an idle
+engine than to one that starts the instant the engine's previous copy ends
+(the storage link: a read behind another is pipelined with it by the reader
+threads, so only a read that starts the disk pays its latency). Engines are
+taken earliest-free first (ties: the lowest index) in both models, so the
+same copies start idle.
+
 Ties: at an instant t the compute sees every copy event of t first (its
 wake-ups, ``wake_at``, have a priority after simpy's own): a copy finishing
 at t is done, and an engine freed at t has already taken the next queued
@@ -78,13 +85,15 @@ class EventCopies:
     """Copy engines as a simpy ``PriorityResource``; see the module docstring."""
 
     def __init__(self, env, cache: ExpertCache, *, engines: int, copy_s: float,
-                 timeline: Timeline | None = None, fast: bool = True) -> None:
+                 timeline: Timeline | None = None, fast: bool = True, idle_s: float = 0.0) -> None:
         import simpy
 
         self.env, self.cache, self.copy_s, self.timeline, self.fast = env, cache, copy_s, timeline, fast
+        self.idle_s = idle_s
         self.n_engines = engines
         self.engines = simpy.PriorityResource(env, capacity=engines)
-        self._free_engines = list(range(engines - 1, -1, -1))
+        self._free_engines = list(range(engines))
+        self._freed_at = [-math.inf] * engines  # when each engine finished its last copy
         self._copies: dict[int, list] = {}  # slot -> [request, done event] of its outstanding copy
         self.orders: list[tuple[int, int, Key | None]] = []  # (kind, slot, key) to carry out in serve
 
@@ -115,7 +124,7 @@ class EventCopies:
         if not orders and not waits:
             return t
         if self.fast and orders and not (self.engines.count or self.engines.queue) \
-                and all(kind == DEMAND for kind, _, _ in orders):
+                and all(kind == DEMAND for kind, _, _ in orders) and (not self.idle_s or max(self._freed_at) < t):
             return self._demand_on_idle_engines(layer, t)  # nothing else can happen while the compute waits
         if t > env.now:
             yield wake_at(env, t)
@@ -153,14 +162,18 @@ class EventCopies:
         env = self.env
         issued = env.now
         yield req  # a cancelled request never fires: the process simply ends with the run
-        engine = self._free_engines.pop()
+        free, freed = self._free_engines, self._freed_at
+        engine = min(free, key=lambda e: (freed[e], e))  # earliest free, as AnalyticCopies takes them
+        free.remove(engine)
         start = env.now
-        yield env.timeout(self.copy_s)
-        self._free_engines.append(engine)
+        d = self.copy_s + self.idle_s if start > freed[engine] else self.copy_s
+        yield env.timeout(d)
+        freed[engine] = env.now
+        free.append(engine)
         self.engines.release(req)
         self.cache.copy_done(slot)
         if self.timeline is not None:
-            self.timeline.add(f"copy engine {engine}", f"L{key[0]} e{key[1]}", start, self.copy_s,
+            self.timeline.add(f"copy engine {engine}", f"L{key[0]} e{key[1]}", start, d,
                               kind="demand" if priority == DEMAND else "prefetch", issued_us=issued * 1e6)
         done.succeed()
 
@@ -168,14 +181,20 @@ class EventCopies:
         """Demand copies when no copy is running or queued: engine j takes copies j, j+n, ... back to
         back, so the instant they are all done is known without simpy events (the same float as the
         event path: each copy starts when the one before it on its engine finishes)."""
-        n, cs = self.n_engines, self.copy_s
+        n, freed = self.n_engines, self._freed_at
+        order = sorted(range(n), key=lambda e: (freed[e], e))  # as _copy takes idle engines
         end = now
         for i, (_, slot, key) in enumerate(self.orders):
+            e = order[i % n]
             if i % n == 0:
-                start, end = end, end + cs
+                start = end
+            d = self.copy_s + self.idle_s if start > freed[e] else self.copy_s
+            if i % n == 0:
+                end = start + d
+            freed[e] = start + d
             self.cache.copy_done(slot)
             if self.timeline is not None:
-                self.timeline.add(f"copy engine {i % n}", f"L{layer} e{key[1]}", start, cs,
+                self.timeline.add(f"copy engine {e}", f"L{layer} e{key[1]}", start, d,
                                   kind="demand", issued_us=now * 1e6)
         self.orders.clear()
         return end
@@ -219,10 +238,12 @@ class AnalyticCopies:
     synchronous = True  # serve is a plain function: the compute waits on finish times it is told
 
     def __init__(self, cache: ExpertCache, *, engines: int, copy_s: float, timeline: Timeline | None = None,
-                 source: HostTier | None = None) -> None:
-        """``source``: the host tier a copy's expert must be in first (three tiers; tiers.py)."""
+                 source: HostTier | None = None, idle_s: float = 0.0) -> None:
+        """``source``: the host tier a copy's expert must be in first (three tiers; tiers.py); ``idle_s``:
+        the start-up a copy on an idle engine pays on top of ``copy_s``."""
         self.cache, self.copy_s, self.timeline, self.source = cache, copy_s, timeline, source
-        self.free_at = [0.0] * engines  # when each engine finishes the last copy given to it
+        self.idle_s = idle_s
+        self.free_at = [-math.inf] * engines  # when each engine finishes the last copy given to it
         self.running: list[tuple] = []  # heap of (finish, seq, slot, engine, start, issued, demand)
         self.queue: deque = deque()  # queued prefetches, FIFO: [slot, key, issued, source ready]
         self.queued: dict[int, list] = {}  # slot -> its queue entry
@@ -285,7 +306,7 @@ class AnalyticCopies:
         for _, _, issued, ready in self.queue:
             e = 0 if len(free) == 1 else min(range(len(free)), key=free.__getitem__)
             start = max(free[e], issued, ready)
-            free[e] = start + self.copy_s
+            free[e] = start + (self.copy_s + self.idle_s if start > free[e] else self.copy_s)
         return max(free)
 
     # -- internals -------------------------------------------------------------------------
@@ -300,7 +321,7 @@ class AnalyticCopies:
         start = self.free_at[e] if self.free_at[e] > t else t
         if ready > start:
             start = ready
-        self.free_at[e] = end = start + self.copy_s
+        self.free_at[e] = end = start + (self.copy_s + self.idle_s if start > self.free_at[e] else self.copy_s)
         self.finish[slot] = end
         self._seq += 1
         heapq.heappush(self.running, (end, self._seq, slot, e, start, issued, demand, key))
@@ -324,5 +345,5 @@ class AnalyticCopies:
         end, _, slot, engine, start, issued, demand, key = rec
         self.cache.copy_done(slot)
         if self.timeline is not None:
-            self.timeline.add(f"copy engine {engine}", f"L{key[0]} e{key[1]}", start, self.copy_s,
+            self.timeline.add(f"copy engine {engine}", f"L{key[0]} e{key[1]}", start, end - start,
                               kind="demand" if demand else "prefetch", issued_us=issued * 1e6)

@@ -23,9 +23,12 @@ nominal device::
     predictor_us:               # optional: host time per MoE layer of prediction and prefetch planning,
       history: {1: 30, 2: 45}   #   per predictor and lookahead (a lookahead not listed: the nearest below)
     read_bandwidth_gbps: 1.2    # float > 0, optional: the storage link (experts on disk): direct-I/O GB/s
-    read_latency_us: 250        #   reached with read_queue_depth reads in flight, and the fixed cost of one
-    read_queue_depth: 4         #   expert's read; all three or none. The disk is modelled as serving reads
-                                #   one after another at that aggregate rate (the depth is folded into it)
+    read_latency_us: 250        #   reached with read_queue_depth reads in flight, and what a read alone
+    read_queue_depth: 4         #   pays on top; all three or none. The disk is modelled as serving reads
+                                #   one after another at that aggregate rate (the depth is folded into it);
+                                #   a read queued behind another is pipelined with it (the reader threads
+                                #   keep the disk busy), so only a read that starts the idle disk pays the
+                                #   latency (two tiers; the host tier's reader charges it to every read)
     model: deepseek-v2-lite     # str, optional: the model layer_compute_ms was measured with
     source: "..."               # str, optional: where the numbers come from
 
@@ -150,8 +153,9 @@ class DeviceSpec:
         return self.read_bandwidth_gbps is not None
 
     def read_seconds(self, n_bytes: int) -> float:
-        """Time the storage link takes for one read of ``n_bytes``: latency + bytes / aggregate bandwidth
-        (reads are served one after another at the rate ``read_queue_depth`` reads in flight reach)."""
+        """Time the storage link takes for one read of ``n_bytes`` that starts the idle disk: latency + bytes /
+        aggregate bandwidth (reads are served one after another at the rate ``read_queue_depth`` reads in
+        flight reach; the two-tier replay charges the latency only to a read that starts the idle disk)."""
         return self.read_latency_us * 1e-6 + n_bytes / (self.read_bandwidth_gbps * 1e9)
 
 

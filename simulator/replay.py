@@ -153,7 +153,7 @@ class Replay:
         self.copy_s = dev.copy_seconds(self.expert_bytes)
         # tiers (tiers.py): experts on disk feed the device cache directly (two tiers) or through a host tier
         self.disk, self.host_slots = opts.source_kind == "disk", None
-        self.link_engines, self.link_s = dev.copy_engines, self.copy_s
+        self.link_engines, self.link_s, self.link_idle_s = dev.copy_engines, self.copy_s, 0.0
         if self.disk:
             if not dev.has_storage:
                 raise MoeError(f"--expert-source disk needs the device profile's storage link; {dev.name} has "
@@ -161,7 +161,10 @@ class Replay:
                                "profile --expert-source disk` measures them)")
             self.read_s = dev.read_seconds(self.expert_bytes)
             if opts.host_budget is None:
-                self.link_engines, self.link_s = 1, self.read_s  # the depth is folded into the bandwidth
+                # one reader at the aggregate rate (the depth is folded into it); a read queued behind
+                # another is pipelined with it, so only a read that starts the idle disk pays the latency
+                self.link_engines, self.link_idle_s = 1, dev.read_latency_us * 1e-6
+                self.link_s = self.expert_bytes / (dev.read_bandwidth_gbps * 1e9)
             else:
                 self.host_slots = parse_budget(opts.host_budget, expert_bytes=self.expert_bytes, total_experts=L * E)
                 if copies != "analytic":
@@ -283,10 +286,10 @@ class Replay:
                 capacity=self.host_slots, readers=1, read_s=self.read_s,
                 expert_bytes=self.expert_bytes)
             self.link = AnalyticCopies(self.cache, engines=self.link_engines, copy_s=self.link_s,
-                                       timeline=self.timeline, source=self.tier)
+                                       timeline=self.timeline, source=self.tier, idle_s=self.link_idle_s)
         else:
             self.link = EventCopies(self.env, self.cache, engines=self.link_engines, copy_s=self.link_s,
-                                    timeline=self.timeline, fast=self.fast)
+                                    timeline=self.timeline, fast=self.fast, idle_s=self.link_idle_s)
         self.protocol = LayerProtocol(self.cache, self.link, self.predictor, lookahead=opts.lookahead,
                                       prefetch_width=opts.prefetch_width)
         self.layer_stall = [0.0] * self.trace.n_layers
@@ -307,7 +310,7 @@ class Replay:
             "options": asdict(opts), "tokens": n_tok, "steps": len(self.w.ids),
             "n_slots": self.n_slots, "budget_bytes": self.n_slots * self.expert_bytes,
             "budget_fraction": self.n_slots / (self.trace.n_layers * self.trace.n_experts),
-            "expert_bytes": self.expert_bytes, "copy_s": self.link_s,
+            "expert_bytes": self.expert_bytes, "copy_s": self.link_s, "copy_idle_s": self.link_idle_s,
             **stats, **self._tier_report(stats),
             "hit_rate": stats["hits"] / max(stats["accesses"], 1),
             "compute_s": compute_s, "stall_s": sum(self.layer_stall), "interference_s": self.interference_s,

@@ -5,8 +5,9 @@ With ``--expert-source disk`` the replay's slow link depends on the tiers:
 - two tiers (no ``--host-budget``; a CPU-only machine, whose RAM cache is the
   compute tier): the device cache is fed by the profile's storage link
   directly, modelled by the same copy engines as a host-to-device link: one
-  read after another, each ``read_seconds`` long (the disk's aggregate rate at
-  ``read_queue_depth`` reads in flight);
+  read after another at the disk's aggregate rate (``read_queue_depth`` reads
+  in flight), the latency charged only to a read that starts the idle disk (a
+  read queued behind another is pipelined with it: copies.py's ``idle_s``);
 - three tiers (``--host-budget``): a device miss or prefetch is a
   host-to-device copy whose source must first be in host RAM. ``HostTier``
   says when it is: at once for an expert the tier holds, else after a read on
