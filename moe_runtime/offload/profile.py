@@ -15,7 +15,9 @@ Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config 
   MoE layer count (so attention and dense layers are included in the average);
 - ``copy_slowdown``: how much longer that step takes while the copy engine copies
   experts non-stop (CPU: the copy thread shares the cores and memory bandwidth;
-  0 on CUDA), which the simulator charges to compute that overlaps copies;
+  0 on CUDA), which the simulator charges to compute that overlaps copies; on a
+  CPU with ``--expert-source disk``, while the reader reads experts non-stop
+  instead (the storage link is the link of a two-tier run);
 - what the executor spends on the host that neither copies nor layer compute
   show, for the simulator to charge: ``demand_us``, the hand-off to and from
   the copy thread per layer that waits (CPU: a small copy's round trip less its
@@ -265,32 +267,43 @@ def measure_layer_compute(model, store, device: torch.device, steps: int = 32, p
     return statistics.median(times) / store.n_moe_layers * 1e3
 
 
-def measure_copy_slowdown(model, store, device: torch.device, pool=None, rounds: int = 2) -> float:
-    """How much longer a MoE layer's compute takes while the copy engine copies experts non-stop, as a
-    fraction (CPU: the copy thread shares the cores and memory bandwidth; 0 on CUDA, whose copies are
-    DMA). Best of ``rounds`` interleaved measurements of each, so a slow spell does not count as either."""
+def measure_copy_slowdown(model, store, device: torch.device, pool=None, rounds: int = 2, link=None) -> float:
+    """How much longer a MoE layer's compute takes while the link moves experts non-stop, as a fraction
+    (CPU: the copy thread, or the reader threads, share the cores and memory bandwidth; 0 on CUDA, whose
+    copies are DMA). ``link``: one burst of the link's work, run again and again beside the compute
+    (default: one expert copied by the copy engine). Best of ``rounds`` interleaved measurements of each,
+    so a slow spell does not count as either."""
     if device.type == "cuda":
         return 0.0
     import threading
 
-    src = store.layer_buffer(0)[0]  # one expert, as the executor copies them
-    dst = torch.empty_like(src).fill_(0)
-    alone = busy = float("inf")
-    for _ in range(rounds):
-        alone = min(alone, measure_layer_compute(model, store, device, pool=pool))
-        engine, stop = make_copy_engine(1, device), threading.Event()
+    engine = None
+    if link is None:
+        src = store.layer_buffer(0)[0]  # one expert, as the executor copies them
+        dst = torch.empty_like(src).fill_(0)
+        engine = make_copy_engine(1, device)
 
-        def copy_forever() -> None:
-            while not stop.is_set():
-                engine.submit(0, src, dst, demand=False)
-                engine.wait(0)
-        copier = threading.Thread(target=copy_forever, daemon=True)
-        copier.start()
-        try:
-            busy = min(busy, measure_layer_compute(model, store, device, pool=pool))
-        finally:
-            stop.set()
-            copier.join()
+        def link() -> None:
+            engine.submit(0, src, dst, demand=False)
+            engine.wait(0)
+    alone = busy = float("inf")
+    try:
+        for _ in range(rounds):
+            alone = min(alone, measure_layer_compute(model, store, device, pool=pool))
+            stop = threading.Event()
+
+            def work_forever() -> None:
+                while not stop.is_set():
+                    link()
+            worker = threading.Thread(target=work_forever, daemon=True)
+            worker.start()
+            try:
+                busy = min(busy, measure_layer_compute(model, store, device, pool=pool))
+            finally:
+                stop.set()
+                worker.join()
+    finally:
+        if engine is not None:
             engine.close()
     return max(busy / alone - 1.0, 0.0)
 
@@ -369,11 +382,16 @@ def run(args: argparse.Namespace) -> int:
     handoff_us = measure_handoff(device)
     latency_us = max(latency_us - handoff_us, 0.0)  # the hand-off is charged once per waiting layer instead
     host_us, pred_us = measure_protocol(store.n_moe_layers, store.n_experts, store.top_k)
-    storage = measure_storage(args, store) if kind == "disk" else {}
-    read_note = storage.pop("_read", "")
     # one slot for every expert, reused by each compute measurement (allocating it is not what is timed)
     pool = torch.empty(store.n_moe_layers * store.n_experts, store.layout.numel, dtype=store.layout.dtype,
                        device=device)
+
+    def slowdown(link=None) -> float:
+        return measure_copy_slowdown(model, store, device, pool=pool, link=link)
+    # on a CPU the storage link is the link of a run from disk (two tiers): its reads are what slows compute
+    storage = measure_storage(args, store, slowdown if device.type == "cpu" else None) if kind == "disk" else {}
+    read_note = storage.pop("_read", "")
+    copy_slowdown = storage.pop("_slowdown") if "_slowdown" in storage else slowdown()
     profile = {
         "name": args.name or f"{args.device}-profiled",
         "nominal": False,
@@ -386,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         "layer_compute_ms": round(measure_layer_compute(model, store, device, pool=pool), 4),
         "host_layer_us": round(host_us, 2),
         "demand_us": round(handoff_us, 2),
-        "copy_slowdown": round(measure_copy_slowdown(model, store, device, pool=pool), 4),
+        "copy_slowdown": round(copy_slowdown, 4),
         "predictor_us": pred_us,
         **storage,
         "model": model_name,
@@ -405,9 +423,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_storage(args: argparse.Namespace, store) -> dict:
+def measure_storage(args: argparse.Namespace, store, slowdown=None) -> dict:
     """The storage link's profile fields: direct-I/O read bandwidth at ``--read-depth`` reads in flight and
-    one read's latency, reading the model's experts where ``--expert-source`` says they are."""
+    one read's latency, reading the model's experts where ``--expert-source`` says they are; with
+    ``slowdown`` (a CPU), also ``_slowdown``: ``slowdown(link)`` with reads as the link's work."""
     import tempfile
 
     from moe_runtime.offload.packed import write_packed
@@ -429,14 +448,18 @@ def measure_storage(args: argparse.Namespace, store) -> dict:
                      layers=[store.layer_buffer(0)[:n].contiguous().view(torch.uint8).numpy().reshape(n, -1)])
         hdr = read_header(path)
         paths, segs = [path], [hdr.segments(0, e) for e in range(n)]
+    extra = {}
     try:
         gbps, alone_s, mode = measure_read(paths, segs, nbytes, depth=args.read_depth)
+        if slowdown is not None:
+            extra["_slowdown"] = slowdown(lambda: measure_read(paths, segs, nbytes, depth=args.read_depth,
+                                                               seconds=0.25))
     finally:
         if scratch is not None:
             import shutil
             shutil.rmtree(scratch, ignore_errors=True)
     latency_us = max(alone_s - nbytes / (gbps * 1e9), 0.0) * 1e6
-    return {"read_bandwidth_gbps": round(gbps, 3), "read_latency_us": round(latency_us, 2),
+    return {**extra, "read_bandwidth_gbps": round(gbps, 3), "read_latency_us": round(latency_us, 2),
             "read_queue_depth": args.read_depth, "_read": f"; storage reads of {nbytes} bytes, {mode} I/O, "
                                                           f"{args.read_depth} in flight"}
 
