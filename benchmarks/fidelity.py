@@ -18,14 +18,16 @@
    times in interleaved rounds, its fastest round counts (a shared machine);
 4. replays each recorded trace on the profile (``Replay``, analytic copies) and
    compares the replay's decode time (``phase_s.decode``) with the executor's
-   ``decode_s``. No calibration is fitted on the points predicted. One thing is
-   re-measured: ``layer_compute_ms``, by a decode like the measured ones (same
-   length, same path) with every expert already resident, once per round,
-   between the decodes (its best round, like the decodes'), because on a shared
-   machine the load during a separate profile run is not the load during the
-   decodes, and on this VM a short measurement (the profile's 32 steps) runs
-   faster than a decode-long one (``--profile-compute-only`` keeps the separate
-   run's value).
+   ``decode_s``. No calibration is fitted on the points predicted. Two things
+   are re-measured once per round, between the decodes (their best round, like
+   the decodes'), because on a shared machine the load during a separate
+   profile run is not the load during the decodes: ``layer_compute_ms``, by a
+   decode like the measured ones (same length, same path) with every expert
+   already resident (on this VM a short measurement, the profile's 32 steps,
+   runs faster than a decode-long one), and the copy link, by the profile's own
+   ``measure_copy`` (bandwidth and latency, the profile's hand-off taken out as
+   it does; one profile run here measured 3.0 GB/s where the decodes' copies
+   then ran at 3.9-4.5). ``--profile-only`` keeps the separate run's values.
 
 ``--json`` prints ``points`` (budget, predictor, measured and simulated seconds,
 error, miss counts of both), ``worst_abs_error`` and ``mean_abs_error``.
@@ -54,7 +56,7 @@ from moe_runtime.model.generate import generate  # noqa: E402
 from moe_runtime.model.spec import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
-from moe_runtime.offload.profile import warm_every_expert  # noqa: E402
+from moe_runtime.offload.profile import measure_copy, warm_every_expert  # noqa: E402
 from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
 from moe_runtime.offload.steps import SteppedModel  # noqa: E402
 from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
@@ -112,8 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trace", default=str(ROOT / "traces" / "deepseek-v2-lite-summary.npz"))
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--profile-compute-only", action="store_true",
-                    help="use the separate profile run's layer_compute_ms, not the in-round re-measurement")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="use the separate profile run's layer_compute_ms and copy link, not the in-round "
+                         "re-measurements")
     args = ap.parse_args(argv)
     device = torch.device("cpu")
     work = Path(args.work)
@@ -148,18 +151,22 @@ def main(argv=None) -> int:
     pool.zero_()  # touch every page once, outside the timed runs
     decode(model, store, forced, device, 2, K + INFLIGHT, "none", pool)  # warm-up
     best: dict = {}
-    layer_ms = float("inf")
+    layer_ms, copy = float("inf"), (0.0, 0.0)
     for _ in range(args.repeats):  # interleaved rounds: a slow spell of the machine hits every configuration
         layer_ms = min(layer_ms, warm_decode_ms(model, store, forced, device, args.tokens, pool))
+        copy = max(copy, measure_copy(store.layout.numel, store.layout.dtype, device))  # the fastest round
         for b, p in configs:
             n_slots = max(L * E * b // 100, K + INFLIGHT)
             res, rep, trace = decode(model, store, forced, device, args.tokens, n_slots, p, pool)
             if (b, p) not in best or res.decode_s < best[b, p][0].decode_s:
                 best[b, p] = (res, rep, trace, n_slots)
-    if not args.profile_compute_only:
-        print(f"layer_compute_ms re-measured between the decodes (best of {args.repeats} rounds): {layer_ms:.3f} "
-              f"(the profile run measured {dev.layer_compute_ms})", file=log)
-        dev = dataclasses.replace(dev, layer_compute_ms=round(layer_ms, 4))
+    if not args.profile_only:
+        gbps, lat_us = copy[0], max(copy[1] - dev.demand_us, 0.0)  # the hand-off is charged apart, as profiled
+        print(f"re-measured between the decodes (best of {args.repeats} rounds): layer_compute_ms {layer_ms:.3f}, "
+              f"copy {gbps:.2f} GB/s, {lat_us:.1f} us (the profile run measured {dev.layer_compute_ms} ms, "
+              f"{dev.h2d_bandwidth_gbps} GB/s, {dev.h2d_latency_us} us)", file=log)
+        dev = dataclasses.replace(dev, layer_compute_ms=round(layer_ms, 4), h2d_bandwidth_gbps=round(gbps, 3),
+                                  h2d_latency_us=round(lat_us, 2))
     cost = CostModel(sim_spec, dev)
     points = []
     for b, p in configs:
@@ -178,7 +185,8 @@ def main(argv=None) -> int:
                        "copy_gbps_exec": round(rep["copy_gbps"], 2)})
     errs = [abs(pt["error"]) for pt in points]
     out = {"model": f"deepseek-v2-lite shapes, {L} MoE layers, {args.dtype}, vocab {args.vocab}",
-           "layer_compute_ms": dev.layer_compute_ms,
+           "layer_compute_ms": dev.layer_compute_ms, "h2d_bandwidth_gbps": dev.h2d_bandwidth_gbps,
+           "h2d_latency_us": dev.h2d_latency_us,
            "tokens": args.tokens, "repeats": args.repeats, "profile": str(profile), "points": points,
            "worst_abs_error": round(max(errs), 4), "mean_abs_error": round(statistics.mean(errs), 4),
            "load_average": os.getloadavg()[0]}
