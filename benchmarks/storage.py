@@ -10,12 +10,15 @@ each RAM budget ``lru``/``belady`` without prefetch and with ``history``,
 ratio to on-demand and to the bound max(RAM time, Belady's misses x expert
 bytes / measured read bandwidth), the achieved read bandwidth over the time
 reads were running (``x prof``: against ``measure_read``'s figure, same engine),
-and the simulator's predicted time for the same run (the same forced trace
-replayed on a profile built from the measured read bandwidth and latency and
-the measured RAM-resident time per layer; nothing fitted to the rows) with
-its error. The read profile is measured for one second before every run and
-the median counts (this VM's disk swings 2x between seconds; its best second
-is an outlier no decode sustains).
+and the simulator's predicted time for the same run with its error: the same
+forced trace replayed on a profile built from what was measured between the
+runs, nothing fitted to the rows: the read bandwidth and latency (one second
+of ``measure_read`` before every run, the median: this VM's disk swings 2x
+between seconds), the compute per MoE layer (a decode like the measured ones
+with every expert already in its RAM slot, once per round, the best round)
+and how much longer that decode takes while reads run non-stop beside it
+(``copy_slowdown``, as ``moe-runtime profile --expert-source disk`` measures
+it on a CPU).
 
 Part 2: the trained tiny MoE of ``benchmarks/train_tiny_moe.py`` (``--tiny-moe``,
 default out/tiny-moe), packed to disk, decoding held-out text with ``aligned``,

@@ -182,10 +182,11 @@ class EventCopies:
         back, so the instant they are all done is known without simpy events (the same float as the
         event path: each copy starts when the one before it on its engine finishes)."""
         n, freed = self.n_engines, self._freed_at
-        order = sorted(range(n), key=lambda e: (freed[e], e))  # as _copy takes idle engines
+        # as _copy takes them: idle engines earliest-freed first, then (all freed at once) lowest index first
+        order = sorted(range(n), key=lambda e: (freed[e], e))
         end = now
         for i, (_, slot, key) in enumerate(self.orders):
-            e = order[i % n]
+            e = order[i] if i < n else i % n
             if i % n == 0:
                 start = end
             d = self.copy_s + self.idle_s if start > freed[e] else self.copy_s

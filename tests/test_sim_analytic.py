@@ -12,6 +12,7 @@ checked once by hand on all three traces (README, Simulator).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,8 +104,6 @@ def test_disk_reads_pay_latency_only_on_an_idle_disk(inputs, pred, batch):
 def test_demand_reads_on_an_idle_disk_cost_one_latency():
     """A layer's demand reads on the idle disk: one latency, then the reads back to back at the rate; a
     read after the disk went idle pays it again."""
-    from types import SimpleNamespace
-
     from simulator.copies import AnalyticCopies
 
     done = []
@@ -120,3 +119,30 @@ def test_demand_reads_on_an_idle_disk_cost_one_latency():
     link.begin_layer(2.0)
     link.demand(0, (0, 4))
     assert link.serve([0], 1, 2.0) == pytest.approx(2.013) and done == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_event_copies_charge_latency_only_on_an_idle_engine(fast):
+    """The reference model pins the same rule: demand copies on idle engines pay it once per engine, copies
+    behind them none, a copy after the engines went idle pays it again (with and without the fast path)."""
+    import simpy
+
+    from simulator.copies import EventCopies
+
+    env, done = simpy.Environment(), []
+    cache = SimpleNamespace(n_slots=8, state=[0] * 8, copy_done=done.append)
+    link = EventCopies(env, cache, engines=2, copy_s=0.01, idle_s=0.003, fast=fast)
+    ends = []
+
+    def compute():
+        for s in range(5):  # engines 0 and 1 take 0, 1 idle (0.013), then 2, 3 and 4 back to back
+            link.demand(s, (0, s))
+        ends.append((yield from run(link.serve(list(range(5)), 0, 1.0))))
+        link.demand(5, (0, 5))
+        ends.append((yield from run(link.serve([5], 1, 2.0))))
+
+    def run(gen):
+        return (yield from gen) if hasattr(gen, "send") else gen
+    env.process(compute())
+    env.run()
+    assert ends == [pytest.approx(1.033), pytest.approx(2.013)] and sorted(done) == list(range(6))

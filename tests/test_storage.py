@@ -169,5 +169,31 @@ def test_non_finite_expert_read_from_disk_is_one_error(tmp_path, where):
         eng.submit(1, hdr.segments(0, 1), pool[1], demand=True)
         with pytest.raises(MoeError, match="non-finite"):
             eng.wait(1)
+        # the threads that found it are gone: a later read is refused, not left waiting for ever
+        with pytest.raises(MoeError, match="non-finite"):
+            eng.submit(0, hdr.segments(0, 2), pool[0], demand=True)
     finally:
         eng.close()
+
+
+def test_an_expert_is_checked_once_whatever_object_names_it(tmp_path, monkeypatch):
+    """Checked experts are remembered by their segments, not by the id of an object that may be reused."""
+    from moe_runtime.offload import storage
+
+    E, R = 3, 4096
+    w = np.random.default_rng(2).standard_normal((1, E, R)).astype(np.float32)
+    write_packed(tmp_path / "g.pack", fingerprint="x", dtype="float32", record_bytes=R * 4, n_moe_layers=1,
+                 n_experts=E, layers=iter(w.view(np.uint8)))
+    hdr = read_header(tmp_path / "g.pack")
+    checked = []
+    monkeypatch.setattr(storage, "all_finite", lambda t: checked.append(t.numel()) or True)
+    pool = aligned_pool(1, R, torch.float32)
+    eng = DiskReadEngine(1, [hdr.path], threads=2, max_read=hdr.record_bytes)
+    try:
+        for e in (0, 0, 1, 0):  # a fresh segments object every time, as the tiered engine makes them
+            eng.submit(0, hdr.segments(0, e), pool[0], demand=True)
+            eng.wait(0)
+            assert np.array_equal(pool[0].numpy(), w[0, e])
+    finally:
+        eng.close()
+    assert sum(checked) == 2 * R  # experts 0 and 1, each once, every element

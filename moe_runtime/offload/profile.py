@@ -453,7 +453,7 @@ def measure_storage(args: argparse.Namespace, store, slowdown=None) -> dict:
         gbps, alone_s, mode = measure_read(paths, segs, nbytes, depth=args.read_depth)
         if slowdown is not None:
             extra["_slowdown"] = slowdown(lambda: measure_read(paths, segs, nbytes, depth=args.read_depth,
-                                                               seconds=0.25))
+                                                               seconds=1.0))
     finally:
         if scratch is not None:
             import shutil

@@ -111,7 +111,7 @@ class DiskReadEngine:
         """``check_finite``: the first read of each expert is checked for NaN/inf (a float expert)."""
         self.paths = list(paths)
         self.check_finite = check_finite
-        self._checked: set[int] = set()  # ids of the sources already checked
+        self._checked: set[tuple] = set()  # the sources (their segments) already checked
         self.fds, self.mode = open_files(self.paths, direct=direct)
         self.chunk = max(ALIGN, align_up(-(-max_read // threads)))
         self._done = [threading.Event() for _ in range(n_slots)]
@@ -144,9 +144,11 @@ class DiskReadEngine:
             raise MoeError(f"internal: the expert's segments hold {pos:,} bytes, its slot "
                            f"{dst.numel() * dst.element_size():,}")
         with self._cv:  # under the lock: a reader finishing this slot's previous read cannot set it again
+            self._raise()  # a reader failed (its error woke every waiter): no thread may be left to read this
             self._done[slot].clear()
             self._gen[slot] += 1
-            check = dst.dtype if self.check_finite and dst.is_floating_point() and id(src) not in self._checked \
+            # by value: a source object's id may be reused by another expert's once it is freed
+            check = dst.dtype if self.check_finite and dst.is_floating_point() and tuple(src) not in self._checked \
                 else None
             req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, check)
             self._outstanding.add(slot)
@@ -209,6 +211,7 @@ class DiskReadEngine:
         self.fds = []
 
     def _raise(self) -> None:
+        """The first reader error as one MoeError (also from ``submit``: its read would never run)."""
         if self._error is not None:
             raise MoeError(f"reading experts from {', '.join(self.paths)} failed: {self._error}")
 
@@ -246,9 +249,11 @@ class DiskReadEngine:
                 if req.check is not None and not all_finite(piece_tensor(req, piece)):
                     raise ValueError(f"{getattr(req.src, 'name', 'an expert')} holds non-finite values (NaN or inf)")
             except BaseException as e:  # wake every waiter: a silent death would hang the compute
-                self._error = e
-                for done in self._done:
-                    done.set()
+                with self._cv:  # under the lock, so no submit after this can wait for a read nobody does
+                    self._error = self._error or e
+                    for done in self._done:
+                        done.set()
+                    self._cv.notify_all()
                 return
             with self._cv:
                 req.fetched += fetched
@@ -256,7 +261,7 @@ class DiskReadEngine:
                 if req.left:
                     continue
                 if req.check is not None:
-                    self._checked.add(id(req.src))
+                    self._checked.add(tuple(req.src))
                 t1 = time.perf_counter() - self.base
                 self.bytes_read += req.fetched
                 self.records.append(CopyRecord(req.slot, req.demand, req.t0, t1, req.fetched, "read"))
@@ -284,7 +289,8 @@ class DiskReadEngine:
 
 
 def piece_tensor(req: _Read, piece) -> Tensor:
-    """The slot's bytes one piece filled, as its float dtype (pieces start at 4 KiB multiples)."""
+    """The slot's bytes one piece filled, as its float dtype (a piece starts and ends on an element: pieces
+    split whole tensors at 4 KiB multiples, and the caller checked that the tensors share the slot's dtype)."""
     _, _, n, pos = piece
     return torch.from_numpy(req.dst[pos:pos + n]).view(req.check)
 
