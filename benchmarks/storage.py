@@ -34,12 +34,12 @@ Configurations run in interleaved rounds; the best round of each counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -56,7 +56,7 @@ from moe_runtime.model.spec import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.offload.packed import read_header, write_packed  # noqa: E402
-from moe_runtime.offload.profile import warm_every_expert  # noqa: E402
+from moe_runtime.offload.profile import running_beside, warm_every_expert  # noqa: E402
 from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
 from moe_runtime.offload.steps import SteppedModel, steps  # noqa: E402
 from moe_runtime.offload.storage import DiskReadEngine, aligned_pool, measure_read  # noqa: E402
@@ -152,20 +152,10 @@ def part1(args) -> dict:
     def compute_ms(reads: bool) -> float:
         """The compute the replay charges: a decode like the measured ones with every expert already in
         its slot (only hits), alone or while reads run flat out beside it, as prefetches do."""
-        stop = threading.Event()
-
-        def read_forever():
-            while not stop.is_set():
-                measure_read(str(pack), segs, hdr.record_bytes, depth=args.depth, seconds=0.25)
-        reader = threading.Thread(target=read_forever, daemon=True)
-        if reads:
-            reader.start()
-        try:
+        beside = running_beside(lambda: measure_read(str(pack), segs, hdr.record_bytes, depth=args.depth,
+                                                     seconds=1.0)) if reads else contextlib.nullcontext()
+        with beside:
             t, _, _ = decode(model, store, forced, hdr, args.new_tokens, pool=pool, depth=args.depth, warm=True)
-        finally:
-            stop.set()
-            if reads:
-                reader.join()
         return t / args.new_tokens / L * 1e3
 
     best: dict = {}

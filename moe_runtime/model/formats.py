@@ -36,6 +36,7 @@ from torch import Tensor
 from moe_runtime.errors import MoeError
 from moe_runtime.model.format_sizes import GROUP, PLAIN, QUANTIZED, expert_numel, expert_pieces
 
+
 def all_finite(t: Tensor) -> bool:
     """True iff the floating tensor ``t`` holds no NaN or inf.
 

@@ -42,8 +42,10 @@ This module does not know the simulator's cost model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import threading
 import time
 
 import torch
@@ -267,6 +269,24 @@ def measure_layer_compute(model, store, device: torch.device, steps: int = 32, p
     return statistics.median(times) / store.n_moe_layers * 1e3
 
 
+@contextlib.contextmanager
+def running_beside(work):
+    """Run ``work()`` again and again on a thread for the duration of the block (the last call finishes
+    before the block is left)."""
+    stop = threading.Event()
+
+    def work_forever() -> None:
+        while not stop.is_set():
+            work()
+    worker = threading.Thread(target=work_forever, daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+
+
 def measure_copy_slowdown(model, store, device: torch.device, pool=None, rounds: int = 2, link=None) -> float:
     """How much longer a MoE layer's compute takes while the link moves experts non-stop, as a fraction
     (CPU: the copy thread, or the reader threads, share the cores and memory bandwidth; 0 on CUDA, whose
@@ -275,8 +295,6 @@ def measure_copy_slowdown(model, store, device: torch.device, pool=None, rounds:
     so a slow spell does not count as either."""
     if device.type == "cuda":
         return 0.0
-    import threading
-
     engine = None
     if link is None:
         src = store.layer_buffer(0)[0]  # one expert, as the executor copies them
@@ -290,18 +308,8 @@ def measure_copy_slowdown(model, store, device: torch.device, pool=None, rounds:
     try:
         for _ in range(rounds):
             alone = min(alone, measure_layer_compute(model, store, device, pool=pool))
-            stop = threading.Event()
-
-            def work_forever() -> None:
-                while not stop.is_set():
-                    link()
-            worker = threading.Thread(target=work_forever, daemon=True)
-            worker.start()
-            try:
+            with running_beside(link):
                 busy = min(busy, measure_layer_compute(model, store, device, pool=pool))
-            finally:
-                stop.set()
-                worker.join()
     finally:
         if engine is not None:
             engine.close()
