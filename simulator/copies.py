@@ -65,6 +65,12 @@ DEMAND, PREFETCH, PROMOTE = 0, 1, 2  # PriorityResource: lower runs first
 _AFTER_COPIES = 2  # event priority of the compute's wake-ups (simpy's own are URGENT=0, NORMAL=1)
 
 
+def copy_time(copy_s: float, idle_s: float, start: float, free: float) -> float:
+    """How long a copy starting at ``start`` on an engine free since ``free`` takes: ``idle_s`` more when
+    the engine was idle (the one rule both copy models apply, so their floats are the same)."""
+    return copy_s + idle_s if start > free else copy_s
+
+
 def wake_at(env, t: float):
     """A simpy event at exactly ``t`` (>= env.now), processed after every other event of that instant,
     so the compute sees each copy that finishes at t done and each engine freed at t taken."""
@@ -166,7 +172,7 @@ class EventCopies:
         engine = min(free, key=lambda e: (freed[e], e))  # earliest free, as AnalyticCopies takes them
         free.remove(engine)
         start = env.now
-        d = self.copy_s + self.idle_s if start > freed[engine] else self.copy_s
+        d = copy_time(self.copy_s, self.idle_s, start, freed[engine])
         yield env.timeout(d)
         freed[engine] = env.now
         free.append(engine)
@@ -187,12 +193,11 @@ class EventCopies:
         end = now
         for i, (_, slot, key) in enumerate(self.orders):
             e = order[i] if i < n else i % n
-            if i % n == 0:
+            if i % n == 0:  # a round: every engine free at once (idle in the first, back to back after)
                 start = end
-            d = self.copy_s + self.idle_s if start > freed[e] else self.copy_s
-            if i % n == 0:
+                d = copy_time(self.copy_s, self.idle_s, start, freed[e])
                 end = start + d
-            freed[e] = start + d
+            freed[e] = end
             self.cache.copy_done(slot)
             if self.timeline is not None:
                 self.timeline.add(f"copy engine {e}", f"L{layer} e{key[1]}", start, d,
@@ -307,7 +312,7 @@ class AnalyticCopies:
         for _, _, issued, ready in self.queue:
             e = 0 if len(free) == 1 else min(range(len(free)), key=free.__getitem__)
             start = max(free[e], issued, ready)
-            free[e] = start + (self.copy_s + self.idle_s if start > free[e] else self.copy_s)
+            free[e] = start + copy_time(self.copy_s, self.idle_s, start, free[e])
         return max(free)
 
     # -- internals -------------------------------------------------------------------------
@@ -322,7 +327,7 @@ class AnalyticCopies:
         start = self.free_at[e] if self.free_at[e] > t else t
         if ready > start:
             start = ready
-        self.free_at[e] = end = start + (self.copy_s + self.idle_s if start > self.free_at[e] else self.copy_s)
+        self.free_at[e] = end = start + copy_time(self.copy_s, self.idle_s, start, self.free_at[e])
         self.finish[slot] = end
         self._seq += 1
         heapq.heappush(self.running, (end, self._seq, slot, e, start, issued, demand, key))
