@@ -44,16 +44,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.cache.budget import layer_demand, minimum_slots, wave_capacity  # noqa: E402
+from moe_runtime.core.budget import layer_demand, minimum_slots, wave_capacity  # noqa: E402
 from moe_runtime.model.checkpoint import DTYPES  # noqa: E402
 from moe_runtime.offload.engines import achieved_gbps  # noqa: E402
 from moe_runtime.model.experts import ResidentExperts  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.model.generate import generate  # noqa: E402
-from moe_runtime.model.spec import load_model_spec  # noqa: E402
+from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
 from moe_runtime.offload.steps import SteppedModel, steps  # noqa: E402
-from moe_runtime.cache.policies import EVICTION_POLICIES  # noqa: E402
+from moe_runtime.core.policies import EVICTION_POLICIES  # noqa: E402
 from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
 from moe_runtime.offload.profile import measure_copy  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from moe_runtime.model.checkpoint import DTYPES  # noqa: E402
 from moe_runtime.model.generate import generate  # noqa: E402
-from moe_runtime.model.spec import load_model_spec  # noqa: E402
+from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.offload.profile import measure_copy, warm_every_expert  # noqa: E402
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         f"{k} {getattr(dev, k)}" for k in ("h2d_bandwidth_gbps", "h2d_latency_us", "layer_compute_ms",
                                            "host_layer_us", "demand_us", "predictor_us")), file=log)
 
-    from moe_runtime.resources import use_cpu_threads
+    from moe_runtime.core.resources import use_cpu_threads
     use_cpu_threads(device)  # as the executor and the profile run: a core left to the copy thread
     spec = load_model_spec("deepseek-v2-lite")
     cfg = dataclasses.replace(config_from_spec(spec, args.layers), vocab_size=args.vocab)

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moe_runtime.model.experts import ResidentExperts  # noqa: E402
-from moe_runtime.model.spec import load_model_spec  # noqa: E402
+from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
 from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_runtime.model.checkpoint import load_model  # noqa: E402
 from moe_runtime.model.experts import ResidentExperts  # noqa: E402
-from moe_runtime.model.spec import load_model_spec  # noqa: E402
+from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.predictors.text_data import load_tokens  # noqa: E402
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")

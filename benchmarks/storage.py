@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode import first_layers  # noqa: E402
 from moe_runtime.model.experts import ResidentExperts  # noqa: E402
 from moe_runtime.model.generate import generate  # noqa: E402
-from moe_runtime.model.spec import load_model_spec  # noqa: E402
+from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.offload.packed import read_header, write_packed  # noqa: E402

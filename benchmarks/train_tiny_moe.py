@@ -42,8 +42,8 @@ import time
 import numpy as np
 import torch
 
-from moe_runtime.errors import run_cli
-from moe_runtime.outputs import check_output_dir, write_text_atomic
+from moe_runtime.core.errors import run_cli
+from moe_runtime.core.outputs import check_output_dir, write_text_atomic
 
 EOT = "<|endoftext|>"
 

@@ -15,7 +15,7 @@ a vectorised next-use table plus one heap, not a cache replay.
 
 ``BoundsCache`` keeps the miss count on disk per (trace digest, slots, scope,
 tokens, batch), one small JSON file each written through
-``moe_runtime.outputs``, so the points of a sweep that share a budget compute
+``moe_runtime.core.outputs``, so the points of a sweep that share a budget compute
 it once; ``bounds`` also memoises in the process.
 
 This module knows nothing about simpy or devices beyond the numbers it is given.
@@ -32,8 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import write_json_atomic
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import write_json_atomic
 
 DEFAULT_CACHE_DIR = "out/cache/bounds"
 _VERSION = 1  # bump when the count's definition changes: old cache files are then not read

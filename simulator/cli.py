@@ -12,11 +12,11 @@ import argparse
 import json
 import sys
 
-from moe_runtime.cache.options import DEFAULT_BUDGET
-from moe_runtime.cli.options import add_option_flags, options_from_args
-from moe_runtime.errors import ArgumentParser, run_cli
-from moe_runtime.outputs import check_output, write_json_atomic
-from moe_runtime.timeline import Timeline
+from moe_runtime.core.options import DEFAULT_BUDGET
+from moe_runtime.core.flags import add_option_flags, options_from_args
+from moe_runtime.core.errors import ArgumentParser, run_cli
+from moe_runtime.core.outputs import check_output, write_json_atomic
+from moe_runtime.core.timeline import Timeline
 
 from .bounds import DEFAULT_CACHE_DIR, BoundsCache
 from .cost_model import CostModel

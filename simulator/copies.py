@@ -1,6 +1,6 @@
 """Copy models of the replay: the simulator's side of the protocol's ``CopyLink``.
 
-The per-layer protocol (``moe_runtime.cache.protocol``) decides what is copied
+The per-layer protocol (``moe_runtime.core.protocol``) decides what is copied
 and withdrawn; a copy model only says *when* copies finish. Each model has:
 
 - the ``CopyLink`` commands: ``withdraw`` answers at once (is the copy still
@@ -55,9 +55,9 @@ import heapq
 import math
 from collections import deque
 
-from moe_runtime.cache.expert_cache import READY, ExpertCache
-from moe_runtime.cache.policies import Key
-from moe_runtime.timeline import Timeline
+from moe_runtime.core.expert_cache import READY, ExpertCache
+from moe_runtime.core.keys import Key
+from moe_runtime.core.timeline import Timeline
 
 from .tiers import HostTier
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_runtime.model.spec import ModelSpec
+from moe_runtime.core.shapes import ModelSpec
 
 from .device import DeviceSpec
 

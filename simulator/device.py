@@ -48,9 +48,9 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 
-from moe_runtime import config_files
-from moe_runtime.config_files import check_number, names, short
-from moe_runtime.errors import MoeError
+from moe_runtime.core import config_files
+from moe_runtime.core.config_files import check_number, names, short
+from moe_runtime.core.errors import MoeError
 
 
 # (field, low, low excluded, high): every number finite and in a range no real machine leaves,

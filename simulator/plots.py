@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from moe_runtime.outputs import write_atomic
+from moe_runtime.core.outputs import write_atomic
 
 STYLES = ("-", "--", "-.", ":")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 from . import sweep
 from .bounds import BoundsCache

@@ -50,16 +50,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import simpy
 
-from moe_runtime.cache.budget import check_budget, layer_demand, parse_budget
-from moe_runtime.cache.expert_cache import ExpertCache, access_sequence
-from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions, option
-from moe_runtime.cache.policies import EVICTION_POLICIES, popularity_counts
-from moe_runtime.cache.protocol import LayerProtocol
-from moe_runtime.config_files import check_number
-from moe_runtime.errors import MoeError
-from moe_runtime.model.format_sizes import CODECS
-from moe_runtime.predictors import PREDICTORS, PredictorOptions, make_predictor
-from moe_runtime.timeline import Timeline
+from moe_runtime.core.budget import check_budget, layer_demand, parse_budget
+from moe_runtime.core.expert_cache import ExpertCache, access_sequence
+from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, option
+from moe_runtime.core.policies import EVICTION_POLICIES, popularity_counts
+from moe_runtime.core.protocol import LayerProtocol
+from moe_runtime.core.config_files import check_number
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.format_sizes import CODECS
+from moe_runtime.core.predictors import PREDICTORS, PredictorOptions, make_predictor
+from moe_runtime.core.timeline import Timeline
 from moe_runtime.traces import PHASE_DECODE
 
 from .bounds import BoundsCache, bounds, trace_digest

@@ -40,7 +40,7 @@ trace paths must resolve there (``ray_backend.py``). The Belady bound of each
 A point whose budget is below the minimum is recorded with its error, not fatal; but a budget that cannot be read
 or buys no expert, and a grid in which no point can run, are refused before
 anything runs. ``name`` is a plain name (it names ``out/<name>``). Files are
-written through ``moe_runtime.outputs``; temporary files left by a killed run
+written through ``moe_runtime.core.outputs``; temporary files left by a killed run
 are removed when the sweep starts again, and a results.json that is not one
 this module wrote is one error line.
 
@@ -61,11 +61,11 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from moe_runtime import config_files
-from moe_runtime.cache.budget import parse_budget
-from moe_runtime.config_files import check_number, short
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import check_output_dir, remove_stale_temps, write_json_atomic, write_text_atomic
+from moe_runtime.core import config_files
+from moe_runtime.core.budget import parse_budget
+from moe_runtime.core.config_files import check_number, short
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import check_output_dir, remove_stale_temps, write_json_atomic, write_text_atomic
 
 from .bounds import BoundsCache
 from .cost_model import CostModel

@@ -22,8 +22,8 @@ Counts: ``hits`` and ``misses`` of the tier (one per device copy asked for),
 
 from __future__ import annotations
 
-from moe_runtime.cache.host_tier import HostTierIndex
-from moe_runtime.cache.policies import Key
+from moe_runtime.core.host_tier import HostTierIndex
+from moe_runtime.core.keys import Key
 
 
 class HostTier:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_runtime import config_files
-from moe_runtime.errors import MoeError
-from moe_runtime.model.format_sizes import CODECS
-from moe_runtime.model.spec import ModelSpec, available_models, load_model_spec
+from moe_runtime.core import config_files
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.format_sizes import CODECS
+from moe_runtime.core.shapes import ModelSpec, available_models, load_model_spec
 from moe_runtime.traces import load_trace
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.predictors.adapters import (AlignedAdapters, RidgeAccumulator, fit_reduced_rank_ridge,
                                              model_fingerprint, refine_kl, rms_normalize)
 
@@ -147,7 +147,7 @@ def test_load_rejections(tmp_path):
 
 
 def test_fingerprint_hf_dict_matches_model_config():
-    from moe_runtime.model.config import ModelConfig
+    from moe_runtime.core.model_config import ModelConfig
 
     hf = {"model_type": "mixtral", "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512,
           "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,

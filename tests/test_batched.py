@@ -17,8 +17,8 @@ import tempfile
 import pytest
 import torch
 
-from moe_runtime.cache.budget import layer_demand, minimum_slots, wave_capacity
-from moe_runtime.cache.policies import EVICTION_POLICIES
+from moe_runtime.core.budget import layer_demand, minimum_slots, wave_capacity
+from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.generate import generate
@@ -174,7 +174,7 @@ def test_recorded_batch_keeps_one_sequence_per_prompt():
 
 
 def test_forced_routing_needs_a_sequence_per_prompt():
-    from moe_runtime.errors import MoeError
+    from moe_runtime.core.errors import MoeError
 
     _, store, _, trace = reference("mixtral")
     with pytest.raises(MoeError, match="sequences 1..3"):

@@ -1,7 +1,7 @@
 import pytest
 
-from moe_runtime.cache.budget import check_budget, minimum_slots, parse_budget
-from moe_runtime.errors import MoeError
+from moe_runtime.core.budget import check_budget, minimum_slots, parse_budget
+from moe_runtime.core.errors import MoeError
 
 MB = 17_301_504  # one DeepSeek-V2-Lite expert: 3 x 2048 x 1408 x 2 bytes
 

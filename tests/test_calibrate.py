@@ -7,7 +7,7 @@ from moe_runtime.predictors.calibrate import (Reservoir, calibrate, forward_chun
                                    router_digest)
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.cli.runtime import main
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.predictors.text_data import load_tokens, token_chunks
 from moe_runtime.model.tiny import write_tiny_checkpoint
 

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from moe_runtime.model.checkpoint import load_model
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.tiny import write_tiny_checkpoint
 
 

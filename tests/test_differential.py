@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe_runtime.cache.policies import EVICTION_POLICIES, popularity_counts
-from moe_runtime.cache.expert_cache import access_sequence
+from moe_runtime.core.policies import EVICTION_POLICIES, popularity_counts
+from moe_runtime.core.expert_cache import access_sequence
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.generate import generate

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_runtime.cache.expert_cache import LOADING, READY, ExpertCache, Outcome, access_sequence
-from moe_runtime.cache.policies import EVICTION_POLICIES
+from moe_runtime.core.expert_cache import LOADING, READY, ExpertCache, Outcome, access_sequence
+from moe_runtime.core.policies import EVICTION_POLICIES
 
 
 def _run(cache, steps, complete_misses=True):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.format_sizes import CODECS, expert_nbytes
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.format_sizes import CODECS, expert_nbytes
 from moe_runtime.model.formats import (DenseExpert, ExpertFormat, dequantize_mxfp4, quantize_groups,
                                        quantize_mxfp4, unpack_int4)
-from moe_runtime.model.spec import ModelSpec, load_model_spec
+from moe_runtime.core.shapes import ModelSpec, load_model_spec
 
 
 def fmt(codec, h=64, i=40, biases=False, compute=torch.float32, act="silu"):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from moe_runtime.cache.budget import minimum_slots
-from moe_runtime.errors import MoeError
+from moe_runtime.core.budget import minimum_slots
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model import graphs
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts

@@ -56,7 +56,7 @@ def test_no_import_circles_and_the_runtime_never_imports_the_simulator():
 
 
 def test_simulator_and_cache_import_no_torch():
-    code = "import sys, simulator.replay, simulator.sweep, moe_runtime.cache.protocol; print('torch' in sys.modules)"
+    code = "import sys, simulator.replay, simulator.sweep, moe_runtime.core.protocol; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

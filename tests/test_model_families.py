@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_checkpoints import hf_model
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.formats import dequantize_mxfp4, quantize_mxfp4

@@ -2,8 +2,9 @@
 
 import pytest
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.spec import ModelSpec, available_models, load_model_spec
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.shapes import ModelSpec, available_models, load_model_spec
+from moe_runtime.traces import TraceMeta
 
 MIXTRAL_HF = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
               "num_local_experts": 8, "num_experts_per_tok": 2, "num_attention_heads": 32,
@@ -38,7 +39,7 @@ def test_flops_and_dense_bytes_hand_computed():
     assert s.attention_flops_per_token(10) == 2 * 192 + 4 * 2 * 4 * 10
     assert s.moe_layer_flops_per_token(0) == 384 + (2 * 3 * 8 * 6 + 2 * 8 * 4) + 2 * 192
     assert s.kv_bytes_per_token() == 2 * 1 * 4 * 2 * 2
-    meta = s.trace_meta("unit")
+    meta = TraceMeta.for_spec(s, "unit")
     assert (meta.n_layers, meta.n_experts, meta.top_k, meta.expert_bytes) == (1, 4, 2, 3 * 8 * 4 * 2)
 
 
@@ -74,8 +75,8 @@ def test_from_hf_config_families():
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_family_table_drives_parsing_spec_and_tensor_names(family):
     """One table entry per family: its tiny config parses, and the HF spec is derived from the parsed config."""
-    from moe_runtime.model.config import ModelConfig
-    from moe_runtime.model.families import FAMILIES
+    from moe_runtime.core.model_config import ModelConfig
+    from moe_runtime.core.families import FAMILIES
 
     fam = FAMILIES[family]
     d = {"model_type": family, "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 3,
@@ -103,7 +104,7 @@ def test_family_table_drives_parsing_spec_and_tensor_names(family):
 
 
 def test_synthetic_family_of_bundled_specs():
-    from moe_runtime.model.families import synthetic_family
+    from moe_runtime.core.families import synthetic_family
 
     want = {"deepseek-v2-lite": "qwen2_moe", "mixtral-8x7b": "mixtral", "olmoe-1b-7b": "olmoe",
             "qwen1.5-moe-a2.7b": "qwen2_moe", "qwen3-30b-a3b": "qwen3_moe"}

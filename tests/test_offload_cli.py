@@ -75,7 +75,7 @@ def test_trace_of_another_shape_and_missing_future_are_one_line_errors(capsys, c
 def test_aligned_predictor_with_adapters_file(capsys, ckpt, tmp_path):
     import torch
 
-    from moe_runtime.model.config import load_config
+    from moe_runtime.core.model_config import load_config
     from moe_runtime.predictors.adapters import AlignedAdapters, model_fingerprint
 
     cfg = load_config(ckpt)

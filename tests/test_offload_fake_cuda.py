@@ -12,7 +12,7 @@ import torch
 from moe_runtime.offload.engines import CudaCopyEngine
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
 from moe_runtime.offload.provider import OffloadedExperts
-from moe_runtime.cache.policies import EVICTION_POLICIES
+from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictContext, Predictor, PredictorOptions
 
 L, E, K = 3, 6, 2

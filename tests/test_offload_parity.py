@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_runtime.cache.budget import minimum_slots, wave_capacity
+from moe_runtime.core.budget import minimum_slots, wave_capacity
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.offload.forced_routing import ForcedRouting
 from moe_runtime.model.generate import generate
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.steps import SteppedModel, steps
-from moe_runtime.cache.policies import EVICTION_POLICIES
+from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictorOptions, make_predictor
 from moe_runtime.model.tiny import write_tiny_checkpoint
 from moe_runtime.traces import TraceMeta, TraceRecorder

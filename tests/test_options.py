@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from moe_runtime.cache.options import OffloadOptions
+from moe_runtime.core.options import OffloadOptions
 from moe_runtime.cli.runtime import build_parser as runtime_parser
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from simulator.cli import build_parser as sim_parser
 from simulator.replay import ReplayOptions
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from moe_runtime.errors import MoeError
-from moe_runtime.cache.policies import EVICTION_POLICIES, make_policy
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.policies import EVICTION_POLICIES, make_policy
 
 
 def _fill(policy, keys):

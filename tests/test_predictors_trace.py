@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor, plan_prefetch
 from moe_runtime.traces import TraceMeta, make_trace
 

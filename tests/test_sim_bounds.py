@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_runtime.cache.expert_cache import ExpertCache, Outcome, access_sequence
+from moe_runtime.core.expert_cache import ExpertCache, Outcome, access_sequence
 from simulator import bounds as B
 from simulator.workload import build_workload, load_inputs
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from simulator.cost_model import CostModel
 from simulator.device import DeviceSpec, device_from_dict
 from simulator.replay import Replay, ReplayOptions, load_inputs
@@ -77,7 +77,7 @@ def test_stretch_is_piecewise_in_the_busy_window():
 
 
 def test_analytic_busy_until_counts_running_and_queued_copies():
-    from moe_runtime.cache.expert_cache import ExpertCache
+    from moe_runtime.core.expert_cache import ExpertCache
     from simulator.copies import AnalyticCopies
 
     cache = ExpertCache(n_slots=8, n_moe_layers=2, n_experts=4, experts_per_layer=2, expert_bytes=1, policy="lru",

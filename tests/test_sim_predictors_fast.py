@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from moe_runtime.predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor
-from moe_runtime.predictors.base import Predictor, rank_scores
+from moe_runtime.core.predictors.base import Predictor, rank_scores
 from simulator.workload import build_workload, load_inputs
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
@@ -146,8 +146,8 @@ def test_fast_predictors_rank_as_the_plain_ones(trace_name, tokens, batch, looka
 def test_a_replayed_step_ranked_at_once_prefetches_as_layer_by_layer(name):
     """The replay hands the protocol each step's routing (``predict_step``); the cache then does exactly
     what it does when the predictor ranks layer by layer, as the executor asks."""
-    from moe_runtime.cache.expert_cache import ExpertCache
-    from moe_runtime.cache.protocol import LayerProtocol
+    from moe_runtime.core.expert_cache import ExpertCache
+    from moe_runtime.core.protocol import LayerProtocol
     from simulator.copies import LockstepCopies
 
     trace, _ = load_inputs(TRACES / "deepseek-v2-lite-law.npz", None, 300)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_runtime.errors import MoeError
-from moe_runtime.timeline import Timeline
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.timeline import Timeline
 from moe_runtime.traces import TraceMeta, make_trace
 from simulator.cost_model import CostModel
 from simulator.device import DeviceSpec, available_devices, load_device

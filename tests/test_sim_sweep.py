@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from simulator.sweep import load_experiment, run_experiment
 
 REPO = Path(__file__).resolve().parent.parent

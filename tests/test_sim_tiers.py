@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_runtime.cache.expert_cache import access_sequence
-from moe_runtime.errors import MoeError
+from moe_runtime.core.expert_cache import access_sequence
+from moe_runtime.core.errors import MoeError
 from simulator.cost_model import CostModel
 from simulator.device import device_from_dict, load_device
 from simulator.replay import Replay, ReplayOptions, build_workload, load_inputs

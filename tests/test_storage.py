@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_runtime.cache.policies import EVICTION_POLICIES
-from moe_runtime.errors import MoeError
+from moe_runtime.core.policies import EVICTION_POLICIES
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.tiny import write_tiny_checkpoint
 from moe_runtime.offload.packed import ALIGN, read_header, write_packed
 from moe_runtime.offload.storage import DiskReadEngine, aligned_pool

@@ -15,8 +15,8 @@ import random
 import pytest
 import torch
 
-from moe_runtime.cache.host_tier import HostTierIndex
-from moe_runtime.cache.policies import EVICTION_POLICIES
+from moe_runtime.core.host_tier import HostTierIndex
+from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.generate import generate
@@ -197,9 +197,9 @@ def test_cuda_three_tiers_give_the_resident_tokens(setup, policy, predictor):
 
 
 def test_the_host_budget_is_required_and_checked_for_gpu_runs():
-    from moe_runtime.cache.options import OffloadOptions
+    from moe_runtime.core.options import OffloadOptions
     from moe_runtime.cli.offload import host_slots
-    from moe_runtime.errors import MoeError
+    from moe_runtime.core.errors import MoeError
 
     shape = dict(n_layers=3, n_experts=8, top_k=2, expert_bytes=1000, batch=1)
     with pytest.raises(MoeError, match="needs --host-budget"):

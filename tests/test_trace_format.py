@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moe_runtime.traces import format as tr
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.traces import (FORMAT_VERSION, PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta,
                                TraceRecorder, load_trace, make_trace, save_trace)
 

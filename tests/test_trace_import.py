@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.spec import load_model_spec
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.shapes import load_model_spec
 from moe_runtime.traces import PHASE_DECODE, PHASE_PREFILL, load_trace, save_trace
 from moe_runtime.traces.importers import import_routing
 

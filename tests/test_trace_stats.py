@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.traces import TraceMeta, make_trace
 from moe_runtime.traces.stats import compute_stats, cross_layer_recall, reuse
 from moe_runtime.traces.synth import SynthKnobs, fit_knobs, headline, synth_trace

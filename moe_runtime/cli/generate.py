@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from moe_runtime.model.checkpoint import DTYPES, load_model, parse_dtype
-from moe_runtime.model.format_sizes import EXPERT_DTYPES
-from moe_runtime.model.config import ModelConfig, load_config
-from moe_runtime.errors import MoeError
-from moe_runtime.cli.options import SEED, integer, number
-from moe_runtime.resources import check_fits, use_cpu_threads
+from moe_runtime.core.format_sizes import EXPERT_DTYPES
+from moe_runtime.core.model_config import ModelConfig, load_config
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.flags import SEED, integer, number
+from moe_runtime.core.resources import check_fits, use_cpu_threads
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.generate import generate, load_tokenizer, parse_prompt_ids
 from moe_runtime.cli.offload import (OffloadRun, add_arguments as add_offload_arguments, checkpoint_dtype,

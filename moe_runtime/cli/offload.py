@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.cache.budget import check_budget, layer_demand, parse_budget, wave_capacity
+from moe_runtime.core.budget import check_budget, layer_demand, parse_budget, wave_capacity
 from moe_runtime.model.checkpoint import DTYPES, SafetensorsReader, expert_format, parse_dtype
-from moe_runtime.model.config import load_config, read_json
-from moe_runtime.errors import MoeError
+from moe_runtime.core.model_config import load_config, read_json
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.offload.forced_routing import ForcedRouting, popularity_from_trace
 from moe_runtime.model.transformer import Transformer
@@ -37,9 +37,9 @@ from moe_runtime.offload.storage import DiskReadEngine, aligned_pool
 from moe_runtime.offload.tiered import host_tier_minimum, three_tier_engine
 from moe_runtime.offload.tiers import disk_source
 from moe_runtime.offload.steps import SteppedModel, steps
-from moe_runtime.cache.options import DEFAULT_BUDGET, OffloadOptions, parse_expert_source
-from moe_runtime.cli.options import add_option_flags, integer, options_from_args
-from moe_runtime.outputs import check_output
+from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, parse_expert_source
+from moe_runtime.core.flags import add_option_flags, integer, options_from_args
+from moe_runtime.core.outputs import check_output
 from moe_runtime.predictors import PredictorOptions, make_predictor
 from moe_runtime.offload.telemetry import gpu_telemetry
 from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace

@@ -12,8 +12,8 @@ import argparse
 import json
 
 from moe_runtime.model.checkpoint import DTYPES, parse_dtype
-from moe_runtime.model.format_sizes import EXPERT_DTYPES
-from moe_runtime.outputs import check_output
+from moe_runtime.core.format_sizes import EXPERT_DTYPES
+from moe_runtime.core.outputs import check_output
 from moe_runtime.offload.tiers import pack_model
 
 

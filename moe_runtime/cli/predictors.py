@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_runtime.cli.options import SEED, integer, number
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import check_output
+from moe_runtime.core.flags import SEED, integer, number
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import check_output
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.predictors.calibrate import calibrate, load_adapters_for, make_provider, save_adapters
 from moe_runtime.predictors.evaluate import DEFAULT_PREDICTORS, evaluate, format_table, save_plot

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from moe_runtime.errors import ArgumentParser, run_cli
+from moe_runtime.core.errors import ArgumentParser, run_cli
 
 # name -> (module, flags function, run function, one-line help)
 COMMANDS = {

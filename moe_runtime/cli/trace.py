@@ -15,10 +15,10 @@ import sys
 
 import numpy as np
 
-from moe_runtime.cli.options import SEED, integer, number
-from moe_runtime.errors import ArgumentParser, MoeError, run_cli
-from moe_runtime.outputs import check_output
-from moe_runtime.model.spec import load_model_spec
+from moe_runtime.core.flags import SEED, integer, number
+from moe_runtime.core.errors import ArgumentParser, MoeError, run_cli
+from moe_runtime.core.outputs import check_output
+from moe_runtime.core.shapes import load_model_spec
 from moe_runtime.traces import TraceMeta, load_trace, save_trace
 from moe_runtime.traces.importers import import_routing
 from moe_runtime.traces.stats import compute_stats, format_stats, phase_counts
@@ -96,7 +96,7 @@ def _synth_meta(args, like) -> TraceMeta:
     if like is not None:
         base = like.meta
     elif args.model:
-        base = load_model_spec(args.model).trace_meta(source="")
+        base = TraceMeta.for_spec(load_model_spec(args.model), source="")
     else:
         missing = [f for f in ("layers", "experts", "top_k") if getattr(args, f) is None]
         if missing:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_runtime.model.config import ModelConfig
+from moe_runtime.core.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):

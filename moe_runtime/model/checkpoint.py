@@ -45,11 +45,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from moe_runtime.model.config import ModelConfig, load_config
-from moe_runtime.errors import MoeError
+from moe_runtime.core.model_config import ModelConfig, load_config
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import HostExpertStore
-from moe_runtime.model.families import TensorNames
-from moe_runtime.model.format_sizes import EXPERT_DTYPES
+from moe_runtime.core.families import TensorNames
+from moe_runtime.core.format_sizes import EXPERT_DTYPES
 from moe_runtime.model.formats import DenseExpert, ExpertFormat, Mxfp4Matrix, all_finite, format_for
 from moe_runtime.model.transformer import Transformer
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.format_sizes import GROUP, PLAIN, QUANTIZED, expert_numel, expert_pieces
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.format_sizes import GROUP, PLAIN, QUANTIZED, expert_numel, expert_pieces
 
 
 def all_finite(t: Tensor) -> bool:

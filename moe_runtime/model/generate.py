@@ -34,8 +34,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from moe_runtime.config_files import short
-from moe_runtime.errors import MoeError
+from moe_runtime.core.config_files import short
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.graphs import GraphedDecoder
 from moe_runtime.model.transformer import Transformer

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 
 class EagerGraphs:

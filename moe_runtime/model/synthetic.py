@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from moe_runtime.model.config import ModelConfig
-from moe_runtime.errors import MoeError
+from moe_runtime.core.model_config import ModelConfig
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
-from moe_runtime.model.families import synthetic_family
+from moe_runtime.core.families import synthetic_family
 from moe_runtime.model.transformer import Transformer
-from moe_runtime.model.spec import ModelSpec
+from moe_runtime.core.shapes import ModelSpec
 
 
 def config_from_spec(spec: ModelSpec, n_moe_layers: int | None = None) -> ModelConfig:

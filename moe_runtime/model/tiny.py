@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 from moe_runtime.model.checkpoint import DTYPES
-from moe_runtime.model.config import ModelConfig
-from moe_runtime.model.families import FAMILIES
+from moe_runtime.core.model_config import ModelConfig
+from moe_runtime.core.families import FAMILIES
 from moe_runtime.model.formats import quantize_mxfp4
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.transformer import Transformer
 
 TINY_EXPERT_DTYPES = ("auto", "mxfp4")
@@ -136,7 +136,7 @@ def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moe_runtime.cli.options import SEED
+    from moe_runtime.core.flags import SEED
 
     p.add_argument("--family", required=True, choices=list(FAMILIES), help="model family (config.json model_type)")
     p.add_argument("--out", required=True, help="directory to write the checkpoint to")
@@ -148,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_runtime.outputs import check_output_dir
+    from moe_runtime.core.outputs import check_output_dir
 
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:  # a checkpoint is precious
         raise MoeError(f"--out {args.out} is not empty (a checkpoint?); give --force to replace it")

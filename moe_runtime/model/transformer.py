@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_runtime.model.attention import Attention, MLAttention, RMSNorm, rope_tables
-from moe_runtime.model.config import ModelConfig
+from moe_runtime.core.model_config import ModelConfig
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.formats import format_for
 

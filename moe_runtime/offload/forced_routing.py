@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_runtime.errors import MoeError
-from moe_runtime.cache.expert_cache import access_sequence
-from moe_runtime.cache.policies import Key, popularity_counts
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.expert_cache import access_sequence
+from moe_runtime.core.keys import Key
+from moe_runtime.core.policies import popularity_counts
 from moe_runtime.traces import Trace
 
 

@@ -34,8 +34,8 @@ from typing import Iterable
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import write_atomic
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import write_atomic
 
 MAGIC = b"MOEPACK1"
 ALIGN = 4096

@@ -31,7 +31,7 @@ Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config 
   With ``--model-config`` the model is synthetic (random weights at the spec's
   shapes, only ``--layers`` MoE layers so it fits).
 
-and writes (atomically, ``moe_runtime.outputs``) a YAML in the simulator's device
+and writes (atomically, ``moe_runtime.core.outputs``) a YAML in the simulator's device
 schema (simulator/device.py) with ``nominal: false``; without ``--out`` it prints
 it. ``--out`` is checked and the run's peak memory estimated (weights, a slot
 for every expert, the copy buffers) before anything is measured or allocated;
@@ -51,14 +51,14 @@ import time
 import torch
 import yaml
 
-from moe_runtime.cache.options import parse_expert_source
+from moe_runtime.core.options import parse_expert_source
 from moe_runtime.offload.engines import make_copy_engine
 from moe_runtime.offload.packed import read_header
-from moe_runtime.cli.options import integer
-from moe_runtime.errors import MoeError
+from moe_runtime.core.flags import integer
+from moe_runtime.core.errors import MoeError
 from moe_runtime.offload.provider import OffloadedExperts
-from moe_runtime.outputs import check_output, write_text_atomic
-from moe_runtime.resources import check_fits, use_cpu_threads
+from moe_runtime.core.outputs import check_output, write_text_atomic
+from moe_runtime.core.resources import check_fits, use_cpu_threads
 
 _HBM_BYTES = 256 * 2**20  # measure_hbm's buffer (two of them)
 
@@ -156,8 +156,8 @@ def measure_protocol(n_layers: int, n_experts: int, top_k: int, steps: int = 300
     """
     import numpy as np
 
-    from moe_runtime.cache.expert_cache import ExpertCache
-    from moe_runtime.cache.protocol import LayerProtocol
+    from moe_runtime.core.expert_cache import ExpertCache
+    from moe_runtime.core.protocol import LayerProtocol
     from moe_runtime.predictors import PredictorOptions, make_predictor
 
     rng = np.random.default_rng(seed)
@@ -365,14 +365,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model:
         from moe_runtime.cli.offload import checkpoint_dtype
-        from moe_runtime.model.config import load_config
+        from moe_runtime.core.model_config import load_config
 
         check_fits(f"profiling {args.model}", peak_bytes(load_config(args.model),
                                                          checkpoint_dtype(args.model, args.dtype)), device)
         model, store = load_model(args.model, device, DTYPES[args.dtype] if args.dtype else None)
         model_name = os.path.basename(os.path.normpath(args.model))
     else:
-        from moe_runtime.model.spec import load_model_spec
+        from moe_runtime.core.shapes import load_model_spec
         from moe_runtime.model.synthetic import config_from_spec, synthetic_model
 
         spec = load_model_spec(args.model_config)

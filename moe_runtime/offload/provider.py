@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_runtime.cache.expert_cache import ExpertCache
-from moe_runtime.cache.policies import Key
-from moe_runtime.cache.protocol import LayerProtocol
-from moe_runtime.cache.budget import wave_capacity
+from moe_runtime.core.expert_cache import ExpertCache
+from moe_runtime.core.keys import Key
+from moe_runtime.core.protocol import LayerProtocol
+from moe_runtime.core.budget import wave_capacity
 from moe_runtime.model.experts import ExpertWeights, HostExpertStore
 from moe_runtime.offload.engines import achieved_gbps, make_copy_engine
 from moe_runtime.predictors import Predictor
-from moe_runtime.timeline import Timeline
+from moe_runtime.core.timeline import Timeline
 
 
 class LayerClock:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.formats import all_finite
 from moe_runtime.offload.engines import CopyRecord
 from moe_runtime.offload.packed import ALIGN, align_up

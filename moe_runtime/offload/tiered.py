@@ -25,9 +25,9 @@ from typing import Callable
 
 from torch import Tensor
 
-from moe_runtime.cache.host_tier import HostTierIndex
-from moe_runtime.cache.policies import Key
-from moe_runtime.errors import MoeError
+from moe_runtime.core.host_tier import HostTierIndex
+from moe_runtime.core.keys import Key
+from moe_runtime.core.errors import MoeError
 
 
 class TieredEngine:

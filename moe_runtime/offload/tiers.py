@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.config import load_config
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.model_config import load_config
 from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.offload.packed import (SafetensorsLayout, Segment, check, config_fingerprint, read_header,
                                         write_packed)

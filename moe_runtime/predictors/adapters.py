@@ -42,8 +42,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import check_output, write_atomic
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import check_output, write_atomic
 
 FORMAT = "moe-offload/aligned-adapters"
 VERSION = "1"
@@ -192,7 +192,7 @@ def model_fingerprint(config: Any, extra: str | None = None) -> str:
     elif isinstance(config, Mapping):
         d = config
         if "n_layers" not in d and "num_hidden_layers" in d:
-            from moe_runtime.model.config import ModelConfig
+            from moe_runtime.core.model_config import ModelConfig
             d = asdict(ModelConfig.from_hf_dict(dict(d)))
     else:
         raise MoeError(f"model_fingerprint: expected a model config or dict, got {type(config).__name__}")

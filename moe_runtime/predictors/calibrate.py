@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_runtime.model.config import ModelConfig, load_config
-from moe_runtime.errors import MoeError
+from moe_runtime.core.model_config import ModelConfig, load_config
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore, ResidentExperts
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from moe_runtime.predictors.calibrate import forward_chunks
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import check_output, write_atomic
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import check_output, write_atomic
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.predictors import PredictContext, PredictorOptions, RoutingHistory, make_predictor

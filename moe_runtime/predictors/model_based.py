@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
-from moe_runtime.predictors.base import PredictContext, Predictor, PredictorOptions
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.predictors.base import PredictContext, Predictor, PredictorOptions
 
 if TYPE_CHECKING:
     import torch

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.generate import load_tokenizer
 
 DEFAULT_SEQ_LEN = 256
@@ -42,7 +42,7 @@ def load_tokens(model_dir: str | Path, vocab_size: int, data: str | Path | None 
         if random_tokens <= 0:
             raise MoeError(f"--random-tokens must be positive, got {random_tokens}")
         n = random_tokens if max_tokens is None else min(random_tokens, max_tokens)
-        from moe_runtime.resources import check_fits
+        from moe_runtime.core.resources import check_fits
 
         check_fits(f"--random-tokens {n}", 8 * n)  # the ids alone, before a forward pass sees them
         return np.random.default_rng(seed).integers(0, vocab_size, size=n, dtype=np.int64)

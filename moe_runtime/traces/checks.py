@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 
 def check_array(name: str, arr, dtype, ndim: int) -> None:

@@ -11,7 +11,7 @@ key, bad metadata, inconsistent arrays) raises ``MoeError`` naming the file and
 the problem. Before any array is read, each member's .npy header is checked:
 a declared shape whose bytes the member cannot hold, or that exceed
 ``MAX_TRACE_BYTES``, is refused without allocating. Files are read with
-``allow_pickle=False`` and written atomically (``moe_runtime.outputs``).
+``allow_pickle=False`` and written atomically (``moe_runtime.core.outputs``).
 This module knows nothing about models or where traces come from.
 """
 
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from moe_runtime.config_files import bundled
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import write_atomic  # noqa: F401  (the one atomic writer; re-exported)
+from moe_runtime.core.config_files import bundled
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import write_atomic  # noqa: F401  (the one atomic writer; re-exported)
 from moe_runtime.traces.checks import check_declared_size, check_array, check_ids
 
 PHASE_PREFILL = 0
@@ -52,6 +52,12 @@ class TraceMeta:
     dtype: str
     source: str
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_spec(cls, spec, source: str, extra: dict | None = None) -> "TraceMeta":
+        """The metadata of a trace of the model ``spec`` (a ``core.shapes.ModelSpec``)."""
+        return cls(model=spec.name, n_layers=spec.n_moe_layers, n_experts=spec.n_experts, top_k=spec.top_k,
+                   expert_bytes=spec.expert_bytes, dtype=spec.dtype, source=source, extra=dict(extra or {}))
 
     def validate(self) -> None:
         for name in ("model", "dtype", "source"):

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.spec import ModelSpec
-from moe_runtime.traces.format import PHASE_DECODE, PHASE_PREFILL, Trace
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.shapes import ModelSpec
+from moe_runtime.traces.format import PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta
 from moe_runtime.traces.recorder import make_trace
 
 ESFT_KEYS = ("expert_ids", "gate_weights", "seq_lens", "layer_index")
@@ -123,7 +123,7 @@ def import_esft_npz(path: str, spec: ModelSpec) -> ImportResult:
     seq_id = np.repeat(np.arange(len(seq_lens)), seq_lens)
     starts = np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
     position = np.arange(T) - starts
-    meta = spec.trace_meta(
+    meta = TraceMeta.for_spec(spec,
         source=f"imported from {os.path.basename(path)} (layer-major routing npz, teacher-forced)",
         extra={"importer": "esft-npz", "model_layers": [int(i) for i in layer_index], "dropped_tokens": 0})
     trace = make_trace(meta, ids, w, seq_id, position, np.full(T, PHASE_PREFILL))
@@ -210,7 +210,7 @@ def _assemble(path, spec, tokens, seq_order, layers_seen) -> ImportResult:
              "dropped": [list(x) for x in dropped], "model_layers": list(spec.moe_layers)}
     if not use_pid:
         extra["sequences"] = [[s[0], s[1]] for s in seq_order]
-    meta = spec.trace_meta(source=f"imported from {os.path.basename(path)} (per-(token, layer) routing "
+    meta = TraceMeta.for_spec(spec, source=f"imported from {os.path.basename(path)} (per-(token, layer) routing "
                                   f"JSON lines, generated tokens)", extra=extra)
     trace = make_trace(meta, ids, w, seq_id, [k[1] for k in complete], np.full(len(complete), PHASE_DECODE))
     return ImportResult(trace, "routing-jsonl", len(dropped), dropped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.traces.format import PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta, save_trace
 from moe_runtime.traces.checks import cast_int
 

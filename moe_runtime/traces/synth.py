@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
-from moe_runtime.resources import check_fits
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.resources import check_fits
 from moe_runtime.traces.format import PHASE_DECODE, Trace, TraceMeta
 from moe_runtime.traces.recorder import make_trace
 from moe_runtime.traces.stats import adjacent_overlap, cross_layer_recall, entropy_bits, one_hot

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moe_runtime.errors import run_cli
+from moe_runtime.core.errors import run_cli
 
 from .conftest import LAW, REPO, assert_one_error
 

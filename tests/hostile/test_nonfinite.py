@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
 from moe_runtime.model.generate import generate

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from moe_runtime.errors import MoeError
-from moe_runtime.outputs import TMP_PREFIX, check_output, remove_stale_temps, write_atomic, write_text_atomic
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.outputs import TMP_PREFIX, check_output, remove_stale_temps, write_atomic, write_text_atomic
 
 from .conftest import LAW, assert_one_error
 

@@ -1,5 +1,5 @@
 """Sizes asked on the command line: refused up front with the size and what the machine has
-(``moe_runtime.resources.check_fits``), before anything is allocated; the bounded cases run under RLIMIT_DATA."""
+(``moe_runtime.core.resources.check_fits``), before anything is allocated; the bounded cases run under RLIMIT_DATA."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from moe_runtime.errors import MoeError
-from moe_runtime.resources import available_bytes, check_fits
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.resources import available_bytes, check_fits
 
 from .conftest import DATA_LIMIT, LAW, assert_one_error, precious, run_bounded
 

@@ -12,7 +12,7 @@ import time
 
 import yaml
 
-from moe_runtime.outputs import TMP_PREFIX
+from moe_runtime.core.outputs import TMP_PREFIX
 from simulator.sweep import run_experiment
 
 from .conftest import LAW, REPO, _bounded

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from moe_runtime.cache.policies import EVICTION_POLICIES
-from moe_runtime.config_files import short
-from moe_runtime.errors import MoeError
+from moe_runtime.core.policies import EVICTION_POLICIES
+from moe_runtime.core.predictors import predictor_names
+from moe_runtime.core.config_files import short
+from moe_runtime.core.errors import MoeError
 
 DEFAULT_BUDGET = {"generate": "100%", "replay": "25%"}
 SCOPES = ("global", "per-layer")
@@ -39,13 +40,6 @@ def parse_expert_source(text) -> tuple[str, str | None]:
             kind == "disk" and colon and not path):
         raise MoeError(f"--expert-source must be memory, disk or disk:FILE, not {short(text)}")
     return kind, path or None
-
-
-def predictor_names(*, hidden: bool = True) -> list[str]:
-    """Registered predictors (without the router-based ones when ``hidden`` is False), for help and checks."""
-    from moe_runtime.predictors import PREDICTORS  # the registry imports no torch
-
-    return [n for n, c in PREDICTORS.items() if n != "recorded" and (hidden or not c.needs_hidden)]
 
 
 def _check_int(name: str, v, lo: int) -> None:

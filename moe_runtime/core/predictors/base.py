@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from moe_runtime.cache.policies import Key
+from moe_runtime.core.keys import Key
 
 
 class RoutingHistory:

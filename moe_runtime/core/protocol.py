@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence
 
-from moe_runtime.cache.expert_cache import ExpertCache, Outcome
-from moe_runtime.cache.policies import Key
-from moe_runtime.predictors.base import PredictContext, Predictor, RoutingHistory, plan_prefetch
+from moe_runtime.core.expert_cache import ExpertCache, Outcome
+from moe_runtime.core.keys import Key
+from moe_runtime.core.predictors.base import PredictContext, Predictor, RoutingHistory, plan_prefetch
 
 _HIT, _MISS = Outcome.HIT, Outcome.MISS
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 
 def read_int(d: dict, key: str, default: int | None = None) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from math import ceil
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 PLAIN = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANTIZED = ("int8", "int4", "mxfp4")

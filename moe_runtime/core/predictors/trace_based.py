@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
-from moe_runtime.predictors.base import PredictContext, Predictor, PredictorOptions, RoutingHistory, count_routing
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.predictors.base import PredictContext, Predictor, PredictorOptions, RoutingHistory, count_routing
 
 
 class NonePredictor(Predictor):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from moe_runtime.outputs import write_json_atomic
+from moe_runtime.core.outputs import write_json_atomic
 
 
 class Timeline:
@@ -37,5 +37,5 @@ class Timeline:
         return {"traceEvents": meta + self.events, "displayTimeUnit": "ms"}
 
     def write(self, path: str | os.PathLike) -> None:
-        """Write atomically (``moe_runtime.outputs``): a crash never leaves a half-written file."""
+        """Write atomically (``moe_runtime.core.outputs``): a crash never leaves a half-written file."""
         write_json_atomic(path, self.to_json())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_runtime.predictors.base import (PredictContext, Predictor, PredictorOptions, RoutingHistory, count_routing,
+from moe_runtime.core.predictors.base import (PredictContext, Predictor, PredictorOptions, RoutingHistory, count_routing,
                                          dense_routing)
 
 

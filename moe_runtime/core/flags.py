@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
-from moe_runtime.cache.options import predictor_names
-from moe_runtime.config_files import check_number, short
-from moe_runtime.errors import MoeError
+from moe_runtime.core.predictors import predictor_names
+from moe_runtime.core.config_files import check_number, short
+from moe_runtime.core.errors import MoeError
 
 SEED_MAX = 2**32 - 1  # numpy's and the sweep's seed range; torch takes it too
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.hf_fields import read_bool, read_float, read_int, read_int_list, read_rope
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.hf_fields import read_bool, read_float, read_int, read_int_list, read_rope
 
 
 # ---- which decoder layers have a sparse MoE block ------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from moe_runtime.cache.policies import Key
+from moe_runtime.core.keys import Key
 
 
 class HostTierIndex:

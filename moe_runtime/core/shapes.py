@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields, replace
 
-from moe_runtime import config_files
-from moe_runtime.model.config import ModelConfig
-from moe_runtime.errors import MoeError
-from moe_runtime.model.format_sizes import CODECS, PLAIN, expert_nbytes
-from moe_runtime.traces import TraceMeta
+from moe_runtime.core import config_files
+from moe_runtime.core.model_config import ModelConfig
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.format_sizes import CODECS, PLAIN, expert_nbytes
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
 
@@ -194,12 +193,6 @@ class ModelSpec:
         """Everything one MoE layer computes for one token (top_k routed experts)."""
         return (self.attention_flops_per_token(context_len) + self.moe_dense_flops_per_token
                 + self.top_k * self.expert_flops_per_token)
-
-    # ---- links to traces ----------------------------------------------------------------
-    def trace_meta(self, source: str, extra: dict | None = None) -> TraceMeta:
-        return TraceMeta(model=self.name, n_layers=self.n_moe_layers, n_experts=self.n_experts,
-                         top_k=self.top_k, expert_bytes=self.expert_bytes, dtype=self.dtype,
-                         source=source, extra=dict(extra or {}))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, name: str, dtype: str) -> "ModelSpec":

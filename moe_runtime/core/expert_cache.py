@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Iterable, Sequence
 
-from moe_runtime.cache.policies import EvictionPolicy, Key, make_policy
+from moe_runtime.core.keys import Key
+from moe_runtime.core.policies import EvictionPolicy, make_policy
 
 FREE, LOADING, READY = 0, 1, 2
 

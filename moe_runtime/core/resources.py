@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import resource
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 
 def fmt_bytes(n: float) -> str:

@@ -23,11 +23,11 @@ from typing import Callable, TypeVar
 
 import yaml
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent  # the checkout (an editable install runs from it)
+REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install runs from it)
 MODELS_DIR = REPO / "configs" / "models"
 DEVICES_DIR = REPO / "configs" / "devices"
 

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
 
 TMP_PREFIX = ".moe-tmp-"
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_runtime.errors import MoeError
-from moe_runtime.model.families import FAMILIES, Family, get_family
-from moe_runtime.model.hf_fields import Yarn, eos_ids_from, read_bool, read_int
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.families import FAMILIES, Family, get_family
+from moe_runtime.core.hf_fields import Yarn, eos_ids_from, read_bool, read_int
 
 
 @dataclass(frozen=True)

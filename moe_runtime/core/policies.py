@@ -18,9 +18,9 @@ from typing import Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
-from moe_runtime.errors import MoeError
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.keys import Key
 
-Key = tuple[int, int]  # (MoE layer, expert id)
 Evictable = Callable[[Key], bool]
 
 
