@@ -94,6 +94,8 @@ class ExpertFormat:
     alpha: float = 1.702  # clamped_swiglu: glu = gate * sigmoid(alpha * gate)
     limit: float = 7.0  # clamped_swiglu: gate <= limit, -limit <= up <= limit
     _pieces: tuple = field(default=(), init=False, repr=False, compare=False)
+    _numel: int = field(default=0, init=False, repr=False, compare=False)  # computed once (read per layer)
+    _nbytes: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         codec = self.codec or NAMES.get(self.dtype, "")
@@ -111,6 +113,9 @@ class ExpertFormat:
         object.__setattr__(self, "compute_dtype", compute)
         object.__setattr__(self, "_pieces", tuple(expert_pieces(codec, self.hidden_size, self.intermediate_size,
                                                                 bias)))
+        numel = expert_numel(codec, self.hidden_size, self.intermediate_size, bias)
+        object.__setattr__(self, "_numel", numel)
+        object.__setattr__(self, "_nbytes", numel * torch.empty((), dtype=self.dtype).element_size())
 
     # ---- size ---------------------------------------------------------------------------
     @property
@@ -120,12 +125,11 @@ class ExpertFormat:
 
     @property
     def numel(self) -> int:
-        bias = (self.codec if self.codec in PLAIN else NAMES[self.compute_dtype]) if self.biases else None
-        return expert_numel(self.codec, self.hidden_size, self.intermediate_size, bias)
+        return self._numel
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self._nbytes
 
     # ---- views ----------------------------------------------------------------------------
     def views(self, flat: Tensor):
@@ -294,7 +298,8 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     Each value is FP4_VALUES[nibble] * 2^(scale - 127): exact in float32 and bfloat16, as transformers'
     dequantization (``Mxfp4Config(dequantize=True)``) computes it."""
     lut = _fp4_table(blocks.device)
-    idx = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [..., out, G, 32]
+    # int32 indices: an int64 [out, in] index would outweigh the dequantized matrix itself in bf16
+    idx = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).int()  # [..., out, G, 32]
     vals = lut[idx] * torch.exp2(scales.float() - 127)[..., None]  # [..., out, G, 32]
     return vals.flatten(-2).to(dtype)
 
