@@ -10,7 +10,7 @@ run (interleaved rounds, best round of each):
 - host time per MoE layer: resident, offloaded at 100% warm (every expert
   brought onto the device through the provider first, so the timed steps are
   all hits; no prefetch; LRU and LFU) and with ``gate`` prefetch (lookahead 3); the provider's own time
-  (``experts`` + ``end_layer`` + ``prepare`` + ``expert_table``) as a share of
+  (``experts`` + ``end_layer`` + ``prepare``) as a share of
   the resident MoE layer (``provider_share``); offloaded over resident
   (``host_time_ratio``);
 - tensor operations per MoE layer at top-2 and top-8 (torch functions called
@@ -113,30 +113,32 @@ def measure(model, store, kind: str, steps: int, count: bool = False) -> dict:
     prov = provider_for(kind, model, store)
     L = store.n_moe_layers
     moe_t, prov_t = [0.0], [0.0]
-    for name in ("experts", "end_layer", "prepare", "expert_table"):
-        if hasattr(prov, name):
-            setattr(prov, name, Timed(getattr(prov, name), prov_t))
-    inner = model._moe
-    model._moe = Timed(inner, moe_t)
+    for name in ("experts", "end_layer", "prepare"):
+        setattr(prov, name, Timed(getattr(prov, name), prov_t))
+    blocks = [model.moe_block(m) for m in range(L)]
+    for block in blocks:  # the MoE block's three parts: routing, the host's fetch and experts, shared experts
+        for name in ("select", "experts", "shared"):
+            setattr(block, name, Timed(getattr(block, name), moe_t))
     model.setup_cache(2 * steps + 4)
     tokens = torch.randint(0, 256, (2 * steps,), generator=torch.Generator().manual_seed(0))
     counter = Count()
-    if hasattr(prov, "begin_step"):  # warm: every expert resident (100% budget) before the first token
+    if isinstance(prov, OffloadedExperts):  # warm: every expert resident (100% budget) before the first token
         warm(prov, store, model.cfg.hidden_size)
     try:
         for p in range(2 * steps):  # first pass fills the cache (100%: every expert then hits)
             if p == steps:
                 moe_t[0] = prov_t[0] = 0.0
-            if hasattr(prov, "begin_step"):
-                prov.begin_step(p, 1)
+            prov.begin_step(p, 1)
             if count and p >= steps:
                 with counter:
                     model(tokens[p: p + 1], torch.tensor([p]), prov, last_only=True)
             else:
                 model(tokens[p: p + 1], torch.tensor([p]), prov, last_only=True)
     finally:
-        model._moe = inner
-        if hasattr(prov, "finish"):
+        for block in blocks:
+            for name in ("select", "experts", "shared"):
+                delattr(block, name)
+        if isinstance(prov, OffloadedExperts):
             prov.finish()
     n = steps * L
     out = {"moe_us": moe_t[0] / n * 1e6, "provider_us": prov_t[0] / n * 1e6}

@@ -183,15 +183,14 @@ class ExpertFormat:
     # ---- unpacking and forward (device, at use) ---------------------------------------------
     def dense(self, w) -> tuple[Tensor, ...]:
         """(w1, w3, w2, b1, b3, b2) in the compute dtype (biases None without them) from ``views`` output."""
-        if isinstance(w, ExpertWeights):
-            mats = tuple(w)
-            biases = (None, None, None)
-        else:
-            mats = tuple(self._matrix(w, n, shape) for n, shape in
-                         (("w1", (self.intermediate_size, self.hidden_size)),
-                          ("w3", (self.intermediate_size, self.hidden_size)),
-                          ("w2", (self.hidden_size, self.intermediate_size))))
-            biases = tuple(w[n].to(self.compute_dtype) for n in ("b1", "b3", "b2")) if self.biases else (None,) * 3
+        if isinstance(w, ExpertWeights):  # a plain codec's views: converted only if stored in another dtype
+            return (*w, None, None, None) if self.dtype == self.compute_dtype else (
+                *(m.to(self.compute_dtype) for m in w), None, None, None)
+        mats = tuple(self._matrix(w, n, shape) for n, shape in
+                     (("w1", (self.intermediate_size, self.hidden_size)),
+                      ("w3", (self.intermediate_size, self.hidden_size)),
+                      ("w2", (self.hidden_size, self.intermediate_size))))
+        biases = tuple(w[n].to(self.compute_dtype) for n in ("b1", "b3", "b2")) if self.biases else (None,) * 3
         if mats[0].dtype != self.compute_dtype:
             mats = tuple(m.to(self.compute_dtype) for m in mats)
         return (*mats, *biases)
@@ -211,19 +210,18 @@ class ExpertFormat:
     def forward(self, x: Tensor, w) -> Tensor:
         """The expert on tokens x [..., n, H] -> [..., n, H] (weights from ``views``, one or stacked)."""
         w1, w3, w2, b1, b3, b2 = self.dense(w)
+        lin = F.linear if w1.dim() == 2 else _stacked_linear  # one expert (as transformers computes it), or stacked
         if self.activation == "silu":
-            return _linear(F.silu(_linear(x, w1)) * _linear(x, w3), w2)
+            return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
         # GPT-OSS: gate_up = x W + b, gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha gate)
-        gate = _linear(x, w1, b1).clamp(max=self.limit)  # [..., n, I]
-        up = _linear(x, w3, b3).clamp(min=-self.limit, max=self.limit)  # [..., n, I]
+        gate = lin(x, w1, b1).clamp(max=self.limit)  # [..., n, I]
+        up = lin(x, w3, b3).clamp(min=-self.limit, max=self.limit)  # [..., n, I]
         glu = gate * torch.sigmoid(gate * self.alpha)
-        return _linear((up + 1) * glu, w2, b2)  # [..., n, H]
+        return lin((up + 1) * glu, w2, b2)  # [..., n, H]
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    # one expert: F.linear (as transformers computes it); stacked experts: a batched matmul
-    if w.dim() == 2:
-        return F.linear(x, w, b)
+def _stacked_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    # stacked experts [S, out, in]: a batched matmul
     y = torch.matmul(x, w.transpose(-1, -2))
     return y if b is None else y + b.unsqueeze(-2)
 
@@ -337,5 +335,5 @@ def format_for(cfg, codec: str, compute_dtype: torch.dtype) -> ExpertFormat:
     if codec not in (*PLAIN, *QUANTIZED):
         raise MoeError(f"unsupported expert dtype {codec!r} (choose {', '.join((*PLAIN, 'int8', 'int4'))})")
     return ExpertFormat(cfg.hidden_size, cfg.moe_intermediate_size, TORCH[codec] if codec in PLAIN else torch.uint8,
-                        codec=codec, compute_dtype=compute_dtype, biases=cfg.expert_activation == "clamped_swiglu",
+                        codec=codec, compute_dtype=compute_dtype, biases=cfg.expert_biases,
                         activation=cfg.expert_activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)

@@ -195,25 +195,29 @@ class MoeBlock(nn.Module):
         out = torch.zeros_like(r.x) if out is None else out.zero_()  # [N, H]
         counts = Counter(flat_ids)
         single = r.ids.shape[0] == 1 and len(order) == len(flat_ids)  # one token, k distinct experts
-        # (token, rank) positions grouped by expert id, on the device: slicing it needs no further sync
-        by_expert = None if single else torch.argsort(r.ids.flatten(), stable=True)  # [N*k]
+        # the weighted outputs are cast to the residual's dtype only when they differ (a no-op op otherwise)
+        dt = out.dtype
+        cast = torch.promote_types(fmt.compute_dtype, r.weights.dtype) != dt
+        if single:  # one token: its rank of each expert is known on the host, no gather at all
+            cols = r.weights.unbind(1)  # k x [1], views
+        else:  # (token, rank) positions grouped by expert id, on the device: slicing it needs no further sync
+            by_expert = torch.argsort(r.ids.flatten(), stable=True)  # [N*k]
+            flat_w = r.weights.reshape(-1)  # [N*k]
         for wave in waves:
             experts = provider.experts(m, wave, r.h, rankings)
             ordered = sorted(wave)
             start = sum(n for e, n in counts.items() if e < ordered[0])
             # accumulate in expert-id order, as HF does, so sums round identically (waves continue the order)
             for e in ordered:
-                if single:  # one token: its rank of e is known on the host, no gather at all
-                    rank = flat_ids.index(e)
-                    ye = fmt.forward(r.x, experts[e])  # [1, H]
-                    out.add_((ye * r.weights[:, rank:rank + 1]).to(out.dtype))
+                if single:
+                    y = fmt.forward(r.x, experts[e]) * cols[flat_ids.index(e)]  # [1, H]
+                    out.add_(y.to(dt) if cast else y)
                     continue
                 slots = by_expert[start: start + counts[e]]  # [n_e]
                 start += counts[e]
                 tok = slots // k  # [n_e]
-                ye = fmt.forward(r.x[tok], experts[e])  # [n_e, H]
-                w = r.weights.reshape(-1)[slots, None]  # [n_e, 1]
-                out.index_add_(0, tok, (ye * w).to(out.dtype))
+                y = fmt.forward(r.x[tok], experts[e]) * flat_w[slots, None]  # [n_e, H]
+                out.index_add_(0, tok, y.to(dt) if cast else y)
             provider.end_layer(m)
         return out
 
