@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.core.budget import check_budget, layer_demand, parse_budget, wave_capacity
+from moe_runtime.core.budget import BudgetFit, fit_budget, layer_demand, parse_budget
 from moe_runtime.model.checkpoint import DTYPES, SafetensorsReader, expert_format, parse_dtype
 from moe_runtime.core.model_config import load_config, read_json
 from moe_runtime.core.errors import MoeError
@@ -68,16 +68,15 @@ def offloading(args: argparse.Namespace) -> bool:
 
 
 def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
-                 batch: int = 1) -> int:
-    """Slots the budget buys, checked against the minimum (MoeError naming it in bytes and experts); a batch
-    of B prompts needs a layer's union of B x top-k experts at once."""
+                 batch: int = 1) -> BudgetFit:
+    """The slots the budget buys, fitted to a batch of ``batch`` prompts by core/budget.py's rule (the
+    prefetch depth shrinks, then unions come in waves; MoeError only below one token's top-k)."""
     opts.check_model(n_layers)
     n = parse_budget(opts.budget or DEFAULT_BUDGET["generate"], expert_bytes=expert_bytes,
                      total_experts=n_layers * n_experts)
-    demand = layer_demand(top_k=top_k, batch=batch, n_experts=n_experts)
-    check_budget(n, experts_per_layer=demand, max_inflight=opts.max_inflight, prefetching=opts.prefetching,
-                 scope=opts.scope, n_moe_layers=n_layers, expert_bytes=expert_bytes, batch=batch)
-    return n
+    return fit_budget(n, top_k=top_k, batch=batch, n_experts=n_experts, max_inflight=opts.max_inflight,
+                      prefetching=opts.prefetching, scope=opts.scope, n_moe_layers=n_layers,
+                      expert_bytes=expert_bytes)
 
 
 def host_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
@@ -162,8 +161,9 @@ class OffloadRun:
         lens = [prompt_lens] if isinstance(prompt_lens, int) else list(prompt_lens)
         opts = options_from_args(OffloadOptions, args)
         L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-        n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
-                               batch=len(lens))
+        fit = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
+                           batch=len(lens))
+        n_slots = fit.n_slots
         forced = trace = None
         if args.route_from_trace:  # prompt b follows trace sequence --trace-seq + b
             trace = load_trace(args.route_from_trace)
@@ -171,8 +171,7 @@ class OffloadRun:
                                    batch=len(lens))
             forced.check_length([n + args.max_new_tokens - 1 for n in lens])
         prefetching = opts.prefetching
-        capacity = wave_capacity(n_slots=n_slots, scope=opts.scope, n_moe_layers=L, max_inflight=opts.max_inflight,
-                                 prefetching=prefetching)  # a longer prompt's union comes in waves
+        capacity = fit.capacity  # a larger union (a long prompt's, a batch's beyond the pool) comes in waves
         future = popularity = None
         if opts.eviction == "belady":
             if forced is None:
@@ -221,7 +220,7 @@ class OffloadRun:
                 make_engine = three_tier_engine(reader, disk.segments, host, store.layout, pin=True)
         provider = OffloadedExperts(
             store, args.device, n_slots, policy=opts.eviction, scope=opts.scope, predictor=predictor,
-            lookahead=opts.lookahead, prefetch_width=opts.prefetch_width, max_inflight=opts.max_inflight,
+            lookahead=opts.lookahead, prefetch_width=opts.prefetch_width, max_inflight=fit.inflight,
             future=future, popularity=popularity, timeline=args.timeline is not None,
             record_predictions=record_preds, pool=pool, source=source,
             **({"make_engine": make_engine} if make_engine else {}))
