@@ -14,7 +14,10 @@ run (interleaved rounds, best round of each):
   the resident MoE layer (``provider_share``); offloaded over resident
   (``host_time_ratio``);
 - tensor operations per MoE layer at top-2 and top-8 (torch functions called
-  inside the MoE block, offloaded at 100%): they should not grow with top-k;
+  in a decode forward, per MoE layer, offloaded at 100%): since issue 22 the
+  routed experts compute in place, one expert at a time from its slot's views
+  (no gathered copy of their weights), so they grow by about 8 per routed
+  expert;
 - host reads of device tensors per MoE layer with ``gate`` at lookahead 3
   (``tolist``, ``item``, ``cpu``, ``numpy``, truth values: on CUDA each is a
   device-to-host sync).
@@ -23,8 +26,9 @@ On CUDA (skipped without a device): decode tokens/s of Qwen3-30B-A3B-shaped
 layers (synthetic bf16 weights), resident vs offloaded at 100% warm, with and
 without ``--cuda-graphs`` (``cuda`` in the JSON; target offloaded >= 0.97x).
 
-Targets (issue 13): provider_share <= 0.10, host_time_ratio <= 1.15, top-8 minus
-top-2 ops <= 4, one host read per layer with gate at lookahead 3.
+Targets (issue 13): provider_share <= 0.10, host_time_ratio <= 1.15, one host read
+per layer with gate at lookahead 3. (Issue 13's "top-8 minus top-2 ops <= 4" held for
+the fixed-shape gather that issue 22 removed: it copied every routed expert's weights.)
 
     python benchmarks/overhead.py [--json]
 """
@@ -191,7 +195,8 @@ def main(argv=None) -> int:
               f"provider {best[k]['provider_us']:.1f} us = {best[k]['provider_us'] / res:.2f} of resident)")
     print(f"provider_share {out['provider_share']:.3f} (target <= 0.10); host_time_ratio "
           f"{out['host_time_ratio']:.3f} (target <= 1.15)")
-    print(f"tensor ops per MoE layer: top-2 {ops['2']:.1f}, top-8 {ops['8']:.1f} (target: difference <= 4)")
+    print(f"tensor ops per MoE layer: top-2 {ops['2']:.1f}, top-8 {ops['8']:.1f} "
+          f"({(ops['8'] - ops['2']) / 6:.1f} per routed expert, computed in place)")
     print(f"host reads per MoE layer with gate at lookahead 3: {out['d2h_per_layer']:.2f} (target 1)")
     out["cuda"] = cuda_decode(args.cuda_layers, args.cuda_tokens, args.rounds) if torch.cuda.is_available() else None
     if out["cuda"] is None:

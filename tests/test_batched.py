@@ -205,6 +205,7 @@ def test_cli_batch_budget_adapts_to_the_union(run_cli, tiny_mixtral):
     resident = json.loads(out)["sequences"]
     rc, out, err = run_cli(base + ["--expert-budget", "2", "--predictor", "gate"])
     assert rc == 0 and json.loads(out)["sequences"] == resident
+    assert json.loads(out)["max_inflight"] == 0  # the prefetch depth shrank to fit
     rc, _, err = run_cli(base + ["--expert-budget", "1"])
     assert rc != 0 and "below the minimum of 2 experts" in err and "one token's top-2" in err
     assert "Traceback" not in err

@@ -234,7 +234,8 @@ class OffloadRun:
         out = self.provider.finish()
         a, o = self.args, self.opts
         out.update(policy=o.eviction, cache_scope=o.scope, predictor=o.predictor, lookahead=o.lookahead,
-                   expert_source=a.expert_source)
+                   expert_source=a.expert_source,
+                   max_inflight=self.provider.cache.max_inflight)  # as fitted to the budget (core/budget.py)
         if self.reads_from is not None:
             out["reads_from"] = self.reads_from
         if self.recorder is not None:

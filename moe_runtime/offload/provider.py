@@ -8,13 +8,18 @@ Contract:
   with the (w1, w3, w2) views of every slot built once; the decode path
   allocates no tensor; the model computes each expert from its slot's views
   in place (nothing gathers or copies a slot).
-- ``begin_step(start, n)`` opens a forward pass over positions start..start+n-1
-  (a prefill chunk or one decode token); every MoE layer then calls
-  ``experts(layer, ids, hidden)`` and ``end_layer(layer)``. What happens at a
-  layer is decided by ``cache/protocol.py`` (the simulator runs the same one);
-  this provider is its ``CopyLink`` (withdraw, demand, promote, prefetch on the
-  copy engine), then waits for the layer's missing and late slots (the only
-  place the compute waits for copies) and returns their views.
+- It implements ``ExpertProvider`` (model/experts.py), every call of it:
+  ``begin_step(start, n)`` opens a forward pass over positions
+  start..start+n-1 (a prefill chunk or one decode step); every MoE layer then
+  calls ``prepare(layer, hidden)`` (the predictor's device rankings, read back
+  with the ids), and per wave of at most ``capacity(layer)`` experts
+  ``experts(layer, ids, hidden, rankings)`` and ``end_layer(layer)``. What
+  happens at a layer is decided by ``core/protocol.py`` (the simulator runs the
+  same one); this provider is its ``CopyLink`` (withdraw, demand, promote,
+  prefetch on the copy engine), then waits for the layer's missing and late
+  slots (the only place the compute waits for copies) and returns their views.
+  ``max_inflight`` is the cap as fitted to the budget (core/budget.py's
+  ``fit_budget``); ``capacity`` is the pool less it.
 - Outputs never depend on the policy: the views returned always hold the
   experts asked for, complete, and no slot in use or loading is overwritten.
 - ``report()`` gives counts (``CacheStats``), stall time per layer and per step
