@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.core.options import OffloadOptions  # noqa: E402
+from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
 from moe_runtime.offload.session import build_run  # noqa: E402
 
 READS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__"}

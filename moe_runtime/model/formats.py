@@ -55,7 +55,8 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 
 
 class ExpertWeights(NamedTuple):
-    """The three matrices of one SwiGLU expert: down(silu(x @ w1.T) * (x @ w3.T))."""
+    """The three matrices of one SwiGLU expert: down(silu(x @ w1.T) * (x @ w3.T)). Made by
+    ``ExpertFormat.views`` only: views of one flat buffer, w3's rows right after w1's."""
 
     w1: Tensor  # gate proj [I, H]
     w3: Tensor  # up proj [I, H]
@@ -209,6 +210,13 @@ class ExpertFormat:
 
     def forward(self, x: Tensor, w) -> Tensor:
         """The expert on tokens x [..., n, H] -> [..., n, H] (weights from ``views``, one or stacked)."""
+        if isinstance(w, ExpertWeights) and self.activation == "silu" and self.dtype == self.compute_dtype \
+                and w.w1.dim() == 2:
+            # one plain expert read in place: w1 | w3 are adjacent rows of its buffer, so gate and up are one
+            # [2I, H] matmul over a view (as transformers computes its fused gate_up_proj): one launch fewer
+            I, H = self.intermediate_size, self.hidden_size
+            gate, up = F.linear(x, w.w1.as_strided((2 * I, H), (H, 1))).chunk(2, dim=-1)  # [..., n, I] each
+            return F.linear(F.silu(gate) * up, w.w2)  # [..., n, H]
         w1, w3, w2, b1, b3, b2 = self.dense(w)
         lin = F.linear if w1.dim() == 2 else _stacked_linear  # one expert (as transformers computes it), or stacked
         if self.activation == "silu":

@@ -21,6 +21,10 @@ rank)'s expert (2 x 352 MB per layer per token for Mixtral in bf16), tripling th
 bandwidth-bound decode. Computing from per-slot views reads each expert once, in place; the host is
 between the segments anyway for the fetch, so the per-expert launches overlap the GPU's work on the
 previous ones. It also lets a batch whose union exceeds one layer's pool come in waves under graphs.
+Its cost is host launches: about six kernels per routed expert (a plain expert's gate and up are one
+matmul over an in-place [2I, H] view). For many small experts (top-8 over 48 layers) those launches may
+bound a GPU decode; the fixed-shape form that also reads in place is an index-reading grouped GEMM over
+the slot pool (e.g. ``torch._grouped_mm`` on sm90), not built here for want of a GPU to check it on.
 
 Contract: ``GraphedStep(model, provider, rows, tokens, positions, runner)`` captures the segments for one
 batch shape (``rows`` as in ``Transformer.forward``) after at least one eager step has warmed the
