@@ -44,11 +44,10 @@ from torch.overrides import TorchFunctionMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.model.experts import ResidentExperts  # noqa: E402
 from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
-from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
-from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
+from moe_runtime.core.options import OffloadOptions  # noqa: E402
+from moe_runtime.offload.session import build_run  # noqa: E402
 
 READS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__"}
 
@@ -90,11 +89,10 @@ def build(top_k: int):
 
 def provider_for(kind: str, model, store):
     if kind == "resident":
-        return ResidentExperts(store, "cpu")
-    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+        return build_run(model, store, None, device="cpu").provider
     policy, pred = {"lru": ("lru", "none"), "lfu": ("lfu", "none"), "gate": ("lru", "gate")}[kind]
-    predictor = make_predictor(pred, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=3, model=model))
-    return OffloadedExperts(store, "cpu", L * E, policy=policy, predictor=predictor, lookahead=3)
+    opts = OffloadOptions(budget="100%", eviction=policy, predictor=pred, lookahead=3)
+    return build_run(model, store, opts, device="cpu").provider
 
 
 def warm(prov, store, hidden: int) -> None:
@@ -213,9 +211,8 @@ def cuda_decode(layers: int, new_tokens: int, rounds: int) -> dict:
     spec = load_model_spec("qwen3-30b-a3b")
     cfg = dataclasses.replace(config_from_spec(spec, layers), vocab_size=8192)
     model, store = synthetic_model(cfg, "cuda", torch.bfloat16)
-    L, E = store.n_moe_layers, store.n_experts
-    resident = ResidentExperts(store, "cuda")
-    offloaded = OffloadedExperts(store, "cuda", L * E)
+    resident = build_run(model, store, None, device="cuda").provider
+    offloaded = build_run(model, store, OffloadOptions(budget="100%"), device="cuda").provider
     warm(offloaded, store, cfg.hidden_size)
     prompt = list(range(1, 9))
     best: dict[str, float] = {}

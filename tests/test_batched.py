@@ -80,7 +80,7 @@ def run_batched(family: str, policy: str, predictor: str, budget: str = "25%", s
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2,
                                                       model=model, adapters=random_adapters(model, L),
                                                       trace=trace if predictor == "history" else None))
-    provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
+    provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
     res = generate(SteppedModel(model, provider, forced=forced), provider, PROMPTS, NEW)
     return [s.token_ids for s in res.sequences], ref, provider.finish()

@@ -44,7 +44,7 @@ def offloaded(model, store, device, policy="lru", predictor="gate", batch=1):
     need = minimum_slots(experts_per_layer=min(batch * K, E), max_inflight=2, prefetching=predictor != "none",
                          scope="global", n_moe_layers=L)
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
-    provider = OffloadedExperts(store, device, need, policy=policy, predictor=pred, lookahead=2, max_inflight=2)
+    provider = OffloadedExperts(store, device, need, policy=policy, predictor=pred, max_inflight=2)
     return SteppedModel(model, provider), provider
 
 
@@ -125,7 +125,7 @@ def test_segments_use_no_host_values(monkeypatch, tmp_path, family, expert_dtype
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     pred = (aligned_predictor(model, store) if predictor == "aligned" else
             make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model)))
-    provider = OffloadedExperts(store, "cpu", L * E, predictor=pred, lookahead=2, max_inflight=2)
+    provider = OffloadedExperts(store, "cpu", L * E, predictor=pred, max_inflight=2)
     seen = HostValues()
 
     class Watched(graphs.EagerGraphs):  # every segment, captured and replayed, under the count

@@ -62,7 +62,7 @@ def run_offloaded(family, policy, predictor, budget, scope, device="cpu", expert
         future = forced.future(steps(len(PROMPT), NEW), cap)
         popularity = forced.popularity()
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
-    provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
+    provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
     stepped = SteppedModel(model, provider, forced=forced)
     tokens = generate(stepped, provider, PROMPT, NEW).token_ids
@@ -109,7 +109,7 @@ def forced_run(predictor: str, *, n_slots: int, lookahead: int, prior: bool = Fa
     forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                       trace=trace if prior else None))
-    provider = OffloadedExperts(store, "cpu", n_slots, predictor=pred, lookahead=lookahead, max_inflight=INFLIGHT)
+    provider = OffloadedExperts(store, "cpu", n_slots, predictor=pred, max_inflight=INFLIGHT)
     stepped = SteppedModel(model, provider, chunk=1, forced=forced)
     assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
     return provider.finish()

@@ -16,7 +16,7 @@ offloading option is given, and uses ``DEFAULT_BUDGET["generate"]`` if one is;
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.core.predictors import predictor_names
@@ -101,8 +101,3 @@ class OffloadOptions:
         """Refuse a lookahead that reaches past the model's MoE layers (the same rule everywhere)."""
         if self.prefetching and self.lookahead >= n_moe_layers:
             raise MoeError(f"lookahead {self.lookahead} must be below the number of MoE layers ({n_moe_layers})")
-
-    @classmethod
-    def shared_fields(cls) -> list:
-        """The fields every command has (subclasses add their own after these)."""
-        return list(fields(OffloadOptions))

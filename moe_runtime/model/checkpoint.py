@@ -45,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from moe_runtime.core.model_config import ModelConfig, load_config
+from moe_runtime.core.model_config import ModelConfig, load_config, read_json
 from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.core.families import TensorNames
@@ -231,3 +231,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise MoeError(f"unsupported dtype {name!r} (choose auto, {', '.join(DTYPES)})")
     return DTYPES[name]
+
+
+def checkpoint_dtype(model_dir, flag: str | None) -> torch.dtype:
+    """The compute dtype: ``flag`` (``--dtype``), else config.json's, else the safetensors header's (no weight
+    is read)."""
+    named = read_json(Path(model_dir) / "config.json")
+    named = named.get("torch_dtype") or named.get("dtype")
+    dtype = parse_dtype(flag) or (DTYPES[named] if named in DTYPES else None)
+    return dtype or SafetensorsReader(model_dir).dtype("model.embed_tokens.weight")

@@ -88,7 +88,7 @@ class OffloadedExperts:
 
     def __init__(self, store: HostExpertStore, device: torch.device | str, n_slots: int, *,
                  policy: str = "lru", scope: str = "global", predictor: Predictor | None = None,
-                 lookahead: int = 1, prefetch_width: int | None = None, max_inflight: int = 4,
+                 prefetch_width: int | None = None, max_inflight: int = 4,
                  future: Sequence[Key] | None = None, popularity: dict[Key, float] | None = None,
                  timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None,
                  make_engine: Callable = make_copy_engine,
@@ -121,10 +121,10 @@ class OffloadedExperts:
         self.engine = make_engine(self.n_slots, self.device)
         self._release = getattr(self.engine, "needs_release", True)
         self.clock = LayerClock(self.n_moe_layers, self.device, self.engine.base)
-        self.protocol = LayerProtocol(self.cache, self, predictor, lookahead=lookahead,
-                                      prefetch_width=prefetch_width, record_predictions=record_predictions)
+        self.protocol = LayerProtocol(self.cache, self, predictor, prefetch_width=prefetch_width,
+                                      record_predictions=record_predictions)
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
-        self.lookahead, self.width = lookahead, self.protocol.width
+        self.width = self.protocol.width
         self.timeline = Timeline("moe-runtime") if timeline else None
         if self.timeline is not None:
             self.timeline.lane("compute")

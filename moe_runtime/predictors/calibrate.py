@@ -7,10 +7,10 @@ Contract:
   ``inner`` (any provider: all-resident or offloaded) for the experts, so the
   forward's outputs are the inner provider's. ``forward_chunks`` runs the model
   over token chunks (each an independent sequence from position 0) and yields
-  the T x n_moe_layers residuals of one chunk at a time. ``make_provider`` gives
-  all-resident experts when they fit on the device, else (or with
-  ``--expert-slots N``) an ``OffloadedExperts`` cache, so a checkpoint larger
-  than the GPU calibrates with host memory = the expert store + the below.
+  the T x n_moe_layers residuals of one chunk at a time. The command
+  (``cli/predictors.py``) hands it all-resident experts when they fit on the
+  device, else an offloading cache, so a checkpoint larger than the GPU
+  calibrates with host memory = the expert store + the below.
 - ``calibrate(model, provider, chunks, lookahead, rank, ...)`` STREAMS: per
   chunk, for every (l, d) with 1 <= d <= lookahead and l + d < n_moe_layers it adds
   (RMSNorm(h_l), h_{l+d} - h_l) to one ``RidgeAccumulator`` and drops the
@@ -46,11 +46,10 @@ from torch import Tensor
 
 from moe_runtime.core.model_config import ModelConfig, load_config
 from moe_runtime.core.errors import MoeError
-from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore, ResidentExperts
+from moe_runtime.model.experts import ExpertProvider, ExpertWeights
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize
 
-MAX_INFLIGHT = 4  # copies in flight of an offloaded provider (no prefetching during calibration)
 
 
 class HiddenCapture:
@@ -66,27 +65,6 @@ class HiddenCapture:
 
     def end_layer(self, layer: int) -> None:
         self.inner.end_layer(layer)
-
-
-def make_provider(store: HostExpertStore, device: str | torch.device, slots: int | None = None) -> ExpertProvider:
-    """Experts for ``device``: all resident when they fit (on the CPU no copy is made) and ``slots`` is None,
-    else an ``OffloadedExperts`` cache of ``slots`` device slots (default: what fits in 80% of free memory),
-    which must hold a whole layer's experts plus copies in flight, since a chunk may use every expert."""
-    device = torch.device(device)
-    if slots is None:
-        if device.type != "cuda":
-            return ResidentExperts(store, device)
-        free, _ = torch.cuda.mem_get_info(device)
-        if store.nbytes <= 0.8 * free:
-            return ResidentExperts(store, device)
-        slots = min(int(0.8 * free) // store.layout.nbytes, store.n_moe_layers * store.n_experts)
-    from moe_runtime.offload.provider import OffloadedExperts
-
-    need = store.n_experts + MAX_INFLIGHT
-    if slots < need:
-        raise MoeError(f"{slots} expert slots cannot hold one layer's {store.n_experts} experts plus {MAX_INFLIGHT} "
-                       f"copies in flight (need {need}); free device memory or use --device cpu")
-    return OffloadedExperts(store, device, slots, max_inflight=MAX_INFLIGHT)
 
 
 @torch.no_grad()
