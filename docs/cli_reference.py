@@ -1,12 +1,16 @@
 """The CLI reference, docs/cli.md, generated from the parsers the commands run.
 
-``python3 -m moe_runtime.cli.reference`` rewrites docs/cli.md from each
+``python3 docs/cli_reference.py`` rewrites docs/cli.md from each
 command's ``build_parser()`` (``moe-runtime``, ``moe-sim``, ``moe-trace``): per
 subcommand its usage line and a table of its arguments with their help and
 defaults, so the reference cannot drift from the flags. ``--check`` writes
 nothing and exits 1 when docs/cli.md differs from what would be generated
 (tests/test_docs.py runs the same comparison). Flags hidden from ``--help``
 (old spellings) are left out. The text does not depend on the terminal.
+
+It lives beside the docs, outside both packages, because it imports both
+command lines: ``moe_runtime`` never imports ``simulator``. It documents the
+checkout it sits in, whatever is installed.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import importlib
 import sys
 from pathlib import Path
 
-from moe_runtime.core.outputs import write_text_atomic
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's code, not an installed copy
 
-ROOT = Path(__file__).resolve().parents[2]
+from moe_runtime.core.outputs import write_text_atomic  # noqa: E402
 DOC = ROOT / "docs" / "cli.md"
 
 # program -> module with build_parser(), in the order the reference lists them
@@ -32,8 +37,8 @@ PROGRAMS = {
 HEADER = """\
 # Command-line reference
 
-Generated from the commands' own parsers by `python3 -m moe_runtime.cli.reference`;
-do not edit by hand (`python3 -m moe_runtime.cli.reference --check` and
+Generated from the commands' own parsers by `python3 docs/cli_reference.py`;
+do not edit by hand (`python3 docs/cli_reference.py --check` and
 tests/test_docs.py fail when this file is stale). Every command also takes
 `--help`. Bad input prints one line `PROG: error: ...` and exits 2.
 """
@@ -138,7 +143,7 @@ def _anchor(prog: str, name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m moe_runtime.cli.reference", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python3 docs/cli_reference.py", description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/cli.md is not what would be generated")
     args = ap.parse_args(argv)
     text = generate()
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
                                                    "docs/cli.md", "generated", n=1))
-        print(f"{DOC.relative_to(ROOT)} is stale: run python3 -m moe_runtime.cli.reference", file=sys.stderr)
+        print(f"{DOC.relative_to(ROOT)} is stale: run python3 docs/cli_reference.py", file=sys.stderr)
         return 1
     DOC.parent.mkdir(exist_ok=True)
     write_text_atomic(DOC, text)
