@@ -18,10 +18,17 @@ README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "traces").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 URL = re.compile(r"\b(?:https?|ftp)://|\bwww\.")
+CODE_BLOCK = re.compile(r"```.*?```", re.S)
 CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)  # commands may name addresses (localhost, a Ray head): not links
 # Documented before their code lands (the README's Serving section); once one exists,
 # test_planned_commands_are_still_planned fails until it is taken off this list.
 PLANNED = {("moe-runtime", "serve")}
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of ``path``: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", CODE_BLOCK.sub("", path.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
 
 
 def _fenced_lines(text: str) -> list[str]:
@@ -58,11 +65,12 @@ def test_no_link_leaves_the_repository(path):
     prose = CODE.sub("", text)
     assert not URL.search(prose), f"{path.name}: link outside the repository: {URL.search(prose)}"
     for target in LINK.findall(text):
-        if target.startswith("#"):
-            continue
         assert "://" not in target and not target.startswith("mailto:"), f"{path.name}: {target}"
-        file = (path.parent / target.split("#")[0]).resolve()
+        name, _, anchor = target.partition("#")
+        file = (path.parent / name).resolve() if name else path
         assert file.is_relative_to(ROOT) and file.exists(), f"{path.name}: broken link {target}"
+        if anchor and file.suffix == ".md":
+            assert anchor in _anchors(file), f"{path.name}: no heading for {target}"
 
 
 def _subcommands() -> dict[str, set[str]]:
