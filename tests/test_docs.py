@@ -96,3 +96,16 @@ def test_documented_commands_name_real_subcommands():
                 assert len(words) > 1 and (words[1] in subs[words[0]] or words[1] == "--help"), \
                     f"{path.name}: {line.strip()}"
     assert seen >= 10
+
+
+def test_python_examples_run(tmp_path, monkeypatch):
+    """Each ```python block of the docs runs as written, in a folder where `make-tiny` made its checkpoint."""
+    from moe_runtime.model.tiny import write_tiny_checkpoint
+    monkeypatch.chdir(tmp_path)
+    write_tiny_checkpoint("mixtral", tmp_path / "out" / "tiny-mixtral")
+    blocks = [(p, b) for p in DOCS for b in re.findall(r"```python\n(.*?)```", p.read_text(), re.S)]
+    assert blocks
+    for path, block in blocks:
+        scope: dict = {}
+        exec(compile(block, f"{path.name} example", "exec"), scope)  # noqa: S102  (our own docs)
+        assert scope["res"].token_ids, path.name
