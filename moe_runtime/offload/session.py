@@ -55,17 +55,17 @@ from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
 class ExecutorOptions:
     """The executor's settings beside the shared ``OffloadOptions`` (flags: the fields with one)."""
 
-    read_depth: int = option(4, "--read-depth", type=integer(1, 1024),
+    read_depth: int = option(4, "--read-depth", type=integer(1, 1024), metavar="N",
                              help="reads from storage in flight at once")
-    route_from_trace: str | None = option(None, "--route-from-trace",
+    route_from_trace: str | None = option(None, "--route-from-trace", metavar="FILE",
                                           help="force each layer's routing from a trace (.npz)")
-    trace_seq: int = option(0, "--trace-seq", type=integer(0), help="which sequence of that trace")
-    popularity_trace: str | None = option(None, "--popularity-trace",
+    trace_seq: int = option(0, "--trace-seq", type=integer(0), metavar="N", help="which sequence of that trace")
+    popularity_trace: str | None = option(None, "--popularity-trace", metavar="FILE",
                                           help="trace giving the 'static' policy's hot set")
-    adapters: str | None = option(None, "--adapters", help="aligned adapters for --predictor aligned")
-    record_trace: str | None = option(None, "--record-trace",
+    adapters: str | None = option(None, "--adapters", metavar="FILE", help="aligned adapters for --predictor aligned")
+    record_trace: str | None = option(None, "--record-trace", metavar="FILE",
                                       help="record the routing (and predictions) to a trace")
-    timeline: str | None = option(None, "--timeline", help="write a Perfetto/Chrome timeline JSON")
+    timeline: str | None = option(None, "--timeline", metavar="FILE", help="write a Perfetto/Chrome timeline JSON")
     chunk: int | None = None  # prefill in forwards of at most this many tokens (None: one forward)
     record: bool = False  # keep the routing in memory (``Run.recorder``) even without --record-trace
     check_finite: bool = True  # check experts read from disk for NaN/inf at their first read
