@@ -15,6 +15,11 @@ Contract, following DESIGN.md:
 - Eviction only takes READY, unpinned slots, chosen by the pool's policy; a
   LOADING slot is never evicted or overwritten.
 - Scope ``global`` is one pool; ``per-layer`` gives each layer an equal share.
+- Hybrid execution: ``to_host`` turns a classified miss (or late prefetch) into a
+  host-computed access (outcome HOST: a miss takes no slot and is forgotten by the
+  policy); ``host_layer`` counts a host layer's accesses without touching slots;
+  ``fill`` gives a host-computed expert a LOADING slot for a background copy,
+  evicting only what a prefetch could. Bytes are counted when a copy is issued.
 - Prefetches never evict a pinned expert or one the same plan wants, never
   exceed the budget, are capped at ``max_inflight`` in flight, and leave each
   pool room for one layer's demand (``experts_per_layer`` slots).
@@ -36,9 +41,10 @@ class Outcome(IntEnum):
     HIT = 0
     LATE = 1
     MISS = 2
+    HOST = 3  # computed on the host from its host copy (a miss or a late prefetch the protocol sent there)
 
 
-_HIT, _LATE, _MISS = Outcome.HIT, Outcome.LATE, Outcome.MISS
+_HIT, _LATE, _MISS, _HOST = Outcome.HIT, Outcome.LATE, Outcome.MISS, Outcome.HOST
 
 
 @dataclass
@@ -55,20 +61,14 @@ class CacheStats:
     prefetch_cancelled: int = 0
     evictions: int = 0
     bytes_h2d: int = 0
+    host_computed: int = 0  # accesses computed on the host (misses, late prefetches, host layers' experts)
+    fills: int = 0  # background copies of host-computed experts into the cache
     layer_hits: list[int] = field(default_factory=list)
     layer_late: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class LayerAccess:
-    """Result of ``access_layer``: per expert its slot and outcome; stale prefetch slots to cancel."""
-
-    outcomes: list[tuple[int, int, Outcome]]  # (expert, slot, outcome) in access order
-    stale: list[int]  # LOADING prefetch slots whose target layer has passed unused
 
 
 class ExpertCache:
@@ -120,12 +120,6 @@ class ExpertCache:
     def _pool(self, layer: int) -> int:
         return 0 if self.scope == "global" else layer
 
-    def resident(self) -> list[Key]:
-        return list(self.slot_of)
-
-    def inflight_prefetches(self) -> int:
-        return len(self._loading_prefetch)
-
     # -- the compute's side ----------------------------------------------------------
     def begin_step(self) -> None:
         """Mark the start of a new step (one forward pass); prefetch targets refer to it."""
@@ -174,7 +168,6 @@ class ExpertCache:
         if misses:
             st.misses += misses
             st.layer_misses[layer] += misses
-            st.bytes_h2d += misses * self.expert_bytes
         st.prefetch_used += used
         return out
 
@@ -196,8 +189,9 @@ class ExpertCache:
         layer = self._pending[0][0]
         pool = self._pool(layer)
         ok = self._evictable(())
+        self.stats.bytes_h2d += len(self._pending) * self.expert_bytes
         for o in outcomes:
-            if o[1] == -1:
+            if o[1] == -1 and o[2] is _MISS:
                 key = (layer, o[0])
                 o[1] = slot = self._take_slot(pool, layer, ok)
                 if slot is None:
@@ -206,13 +200,42 @@ class ExpertCache:
                 self._pinned.add(slot)
         self._pending.clear()
 
-    def access_layer(self, layer: int, ids: Iterable[int]) -> LayerAccess:
-        """``classify`` then ``admit_misses`` (no prefetch withdrawal in between): for callers without
-        prefetching, such as the bounds; stale prefetch slots are reported for the caller."""
-        outcomes = self.classify(layer, ids)
-        stale = self.stale_prefetches(layer)
-        self.admit_misses(outcomes)
-        return LayerAccess([tuple(o) for o in outcomes], stale)
+    def to_host(self, layer: int, row: list) -> None:
+        """``classify``'s ``row`` [expert, slot, outcome] is computed on the host: a miss takes no slot (the
+        policy forgets the key it was shown), a late prefetch keeps loading (it lands as a resident expert)."""
+        if row[2] is _MISS:
+            key = (layer, row[0])
+            self._pending.remove(key)
+            self.pools[self._pool(layer)].remove(key)
+        row[2] = _HOST
+        self.stats.host_computed += 1
+
+    def host_layer(self, layer: int, ids: Sequence[int]) -> None:
+        """A host layer's accesses: counted as misses computed on the host; no slot, no pin. Each key is
+        still shown to the policy (a no-op for keys it does not hold), so Belady's cursor stays in step."""
+        access = self.pools[self._pool(layer)].access
+        for e in ids:
+            access((layer, e))
+        n, st = len(ids), self.stats
+        st.accesses += n
+        st.misses += n
+        st.layer_misses[layer] += n
+        st.host_computed += n
+
+    def fill(self, key: Key, layer: int) -> int | None:
+        """A LOADING slot for a background copy of host-computed ``key`` (a fill), evicting only unpinned
+        READY experts; None when none may go. ``layer`` is the layer the compute is at."""
+        if key in self.slot_of:
+            return None
+        pool = self._pool(key[0])
+        slot = self._take_slot(pool, layer, self._evictable(()))
+        if slot is None:
+            return None
+        self._map(slot, key)
+        self.pools[pool].insert(key)
+        self.stats.fills += 1
+        self.stats.bytes_h2d += self.expert_bytes
+        return slot
 
     def release_layer(self) -> None:
         """Unpin the experts of the layer just computed."""
@@ -319,5 +342,6 @@ class ExpertCache:
 
 
 def access_sequence(steps: Iterable[Sequence[Sequence[int]]]) -> list[Key]:
-    """The keys ``access_layer`` will see, in order: ``steps`` yields, per step, the ids of each layer."""
+    """The keys ``classify`` (and ``host_layer``) will see, in order: ``steps`` yields, per step, the ids of
+    each layer."""
     return [(layer, int(e)) for step in steps for layer, ids in enumerate(step) for e in ids]

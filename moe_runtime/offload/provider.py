@@ -121,7 +121,7 @@ class OffloadedExperts:
         self.engine = make_engine(self.n_slots, self.device)
         self._release = getattr(self.engine, "needs_release", True)
         self.clock = LayerClock(self.n_moe_layers, self.device, self.engine.base)
-        self.protocol = LayerProtocol(self.cache, self, predictor, lookahead=lookahead,
+        self.protocol = LayerProtocol(self.cache, self, predictor,
                                       prefetch_width=prefetch_width, record_predictions=record_predictions)
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
         self.lookahead, self.width = lookahead, self.protocol.width
