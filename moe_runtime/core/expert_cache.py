@@ -113,6 +113,8 @@ class ExpertCache:
         # prefetch slots still loading, in issue order (a dict as an ordered set: see stale_prefetches)
         self._loading_prefetch: dict[int, None] = {}
         self._pending: list[Key] = []  # misses of the layer being classified, not yet given a slot
+        self._loading_fill: dict[int, int] = {}  # slot -> pool of fills still loading
+        self._fill_loading = [0] * n_pools
         self.step = 0
         self.stats = CacheStats(layer_hits=[0] * n_moe_layers, layer_late=[0] * n_moe_layers, layer_misses=[0] * n_moe_layers)
 
@@ -224,15 +226,20 @@ class ExpertCache:
 
     def fill(self, key: Key, layer: int) -> int | None:
         """A LOADING slot for a background copy of host-computed ``key`` (a fill), evicting only unpinned
-        READY experts; None when none may go. ``layer`` is the layer the compute is at."""
-        if key in self.slot_of:
-            return None
+        READY experts; None when none may go, or when fills and prefetches in flight already take
+        ``max_inflight`` slots (or the pool's room beside one layer's demand). ``layer``: the compute's."""
         pool = self._pool(key[0])
+        room = self.pool_size - self.experts_per_layer
+        if key in self.slot_of or len(self._loading_prefetch) + len(self._loading_fill) >= self.max_inflight \
+                or self._prefetch_loading[pool] + self._fill_loading[pool] >= room:
+            return None
         slot = self._take_slot(pool, layer, self._evictable(()))
         if slot is None:
             return None
         self._map(slot, key)
         self.pools[pool].insert(key)
+        self._loading_fill[slot] = pool
+        self._fill_loading[pool] += 1
         self.stats.fills += 1
         self.stats.bytes_h2d += self.expert_bytes
         return slot
@@ -249,6 +256,10 @@ class ExpertCache:
             if slot in self._loading_prefetch:
                 del self._loading_prefetch[slot]
                 self._prefetch_loading[self._pool(self.key_of[slot][0])] -= 1
+            elif self._loading_fill:
+                pool = self._loading_fill.pop(slot, None)
+                if pool is not None:
+                    self._fill_loading[pool] -= 1
 
     def cancel(self, slot: int) -> None:
         """A queued prefetch was withdrawn before its copy started: the slot is free again."""
@@ -274,14 +285,15 @@ class ExpertCache:
         ok = self._evictable(protect)  # one predicate for the whole plan (host time)
         slot_of, loading, unused = self.slot_of, self._loading_prefetch, self._unused_prefetch
         room, per_pool, step = self.pool_size - self.experts_per_layer, self._prefetch_loading, self.step
+        fills, fill_pool = len(self._loading_fill), self._fill_loading  # fills hold slots too (0 under copy)
         issued = []
         for key in plan:
             if key in slot_of:
                 continue
-            if len(loading) >= self.max_inflight:
+            if len(loading) + fills >= self.max_inflight:
                 break
             pool = 0 if self.scope == "global" else key[0]
-            if per_pool[pool] >= room:
+            if per_pool[pool] + fill_pool[pool] >= room:
                 continue  # keep room for one layer's demand in this pool
             slot = self._take_slot(pool, layer, ok)
             if slot is None:

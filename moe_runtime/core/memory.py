@@ -27,6 +27,10 @@ from moe_runtime.core.errors import MoeError
 from moe_runtime.core.shapes import ModelSpec
 
 
+class DoesNotFit(MoeError):
+    """A budget that cannot fit beside the run's fixed terms (sweeps refuse it before any point runs)."""
+
+
 def dense_weight_bytes(spec: ModelSpec) -> int:
     """Bytes of every weight except the routed experts, as resident on the device."""
     H = spec.hidden_size
@@ -73,7 +77,7 @@ class MemoryPlan:
         if self.fits(budget_bytes):
             return
         need = self.device_bytes - self.free_for_experts + budget_bytes
-        raise MoeError(
+        raise DoesNotFit(
             f"expert budget {budget} does not fit on {self.device_name}: dense weights {_gb(self.dense_bytes)} + "
             f"KV cache {_gb(self.kv_bytes)} (context {self.context} x batch {self.batch}) + workspace "
             f"{_gb(self.workspace_bytes)} + experts {_gb(budget_bytes)} = {_gb(need)} > device memory "

@@ -14,7 +14,9 @@ At each MoE layer of a step, in this order (DESIGN.md):
 5. ask the predictor (which has seen this layer's experts) and admit the
    prefetches the cache allows (never into a host layer);
 6. in ``auto``, fills: host-computed misses copied into the cache in the
-   background, only while the link would sit idle until the layer ends;
+   background, at the lowest priority: the link gives them only time it would
+   sit idle, so they never delay a demand copy or a prefetch (the link pauses
+   a fill for either); fills and prefetches in flight share ``max_inflight``;
 7. the caller computes the HOST experts on the host while it waits for the
    slots returned (this layer's copied misses and late prefetches) and
    computes the rest on the device; then ``end_layer`` (unpin).
@@ -61,9 +63,9 @@ class HostCost:
 class CopyLink(Protocol):
     """What the protocol commands of the link that moves experts into the cache's slots.
 
-    The first four are all a link needs under miss policy ``copy``. Hybrid policies (``host``, ``auto``)
-    also ask the link about its queue and give it fills: ``backlog_s``, ``ready_in_s``, ``idle_in_s`` and
-    ``fill``. Times are seconds from the compute's current instant, as far as the link can tell.
+    The first four are all a link needs under miss policy ``copy``. ``auto`` also asks the link about its
+    queue (``backlog_s``, ``ready_in_s``) and gives it fills (``fill``). Times are seconds from the compute's
+    current instant, as far as the link can tell.
     """
 
     def withdraw(self, slot: int) -> bool:
@@ -84,11 +86,9 @@ class CopyLink(Protocol):
     def ready_in_s(self, slot: int) -> float | None:
         """Seconds until the running copy into ``slot`` is done; None while it is still queued."""
 
-    def idle_in_s(self) -> float:
-        """Seconds until the link has finished every copy given to it (demand, prefetch and fill)."""
-
     def fill(self, slot: int, key: Key) -> None:
-        """Queue a background copy of ``key`` into ``slot`` behind everything else (lowest priority)."""
+        """Copy ``key`` into ``slot`` in the link's idle time only: paused whenever a demand copy or a
+        prefetch wants the link (e.g. copied in chunks between them); a ``promote`` makes it a demand."""
 
 
 class LayerProtocol:
@@ -232,13 +232,10 @@ class LayerProtocol:
         return host_rows
 
     def _fill(self, layer: int, host_rows: list) -> None:
-        """Copy host-computed misses into the cache behind every queued copy, only as many as end before
-        the host's work of this layer does: the layer lasts at least that long, and the next demand or
-        prefetch is issued at the next layer, so a fill never delays one."""
-        copy_s, idle, cache, link = self.host_cost.copy_s, self.link.idle_in_s(), self.cache, self.link
-        for k, (e, _, _) in enumerate(host_rows, 1):
-            if idle + k * copy_s > self.host_seconds:
-                return
+        """Give the link fills of this layer's host-computed misses, in access order, while the cache has
+        room for them (``ExpertCache.fill``)."""
+        cache, link = self.cache, self.link
+        for e, _, _ in host_rows:
             slot = cache.fill((layer, e), layer)
             if slot is None:
                 return
