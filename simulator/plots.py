@@ -33,10 +33,12 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> str | None:
     preds = list(dict.fromkeys(r["predictor"] for r in rows))
     preds.sort(key=lambda p: p != "none")  # stable: none first, the others as they came
     variants = sorted({(r["lookahead"] if r["predictor"] != "none" else 0, r["scope"], r["device"]) for r in rows})
-    hyb = [k for k in ("miss_policy", "host_profile", "n_host_layers") if len({r.get(k) for r in rows}) > 1]
+    hyb = [k for k in ("miss_policy", "host_profile", "n_host_layers")
+           if len({r.get(k) for r in rows if r.get(k) is not None}) > 1]  # copy-only rows name no host
 
     def line_name(r) -> str:
-        return " / ".join([r["eviction"], *(f"h{r[k]}" if k == "n_host_layers" else str(r[k]) for k in hyb)])
+        return " / ".join([r["eviction"], *(f"h{r[k]}" if k == "n_host_layers" else str(r[k])
+                                            for k in hyb if r.get(k) is not None)])
     policies = sorted({line_name(r) for r in rows})
     colours = {p: f"C{i % 10}" for i, p in enumerate(policies)}
     fig, axes = plt.subplots(len(traces), len(preds), figsize=(4.6 * len(preds), 3.6 * len(traces)),

@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from moe_runtime.core import config_files
-from moe_runtime.core.budget import parse_budget
+from moe_runtime.core.budget import is_fit, parse_budget
 from moe_runtime.core.config_files import check_number, short
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.memory import DoesNotFit
@@ -155,7 +155,7 @@ class Experiment:
                                                      and not isinstance(x, bool)):
                     raise MoeError(f"{f} must hold {'budgets' if f == 'budgets' else 'names'}, got {short(x)}")
         for b in self.budgets:  # syntax and "buys nothing", before anything runs; the model's sizes later
-            if parse_budget(str(b), expert_bytes=1, total_experts=1 << 62) < 1:
+            if parse_budget(str(b), expert_bytes=1, total_experts=1 << 62, free_bytes=1 << 62) < 1:
                 raise MoeError(f"budget {short(b)} buys no experts")
         for f in ("recall", "precision"):
             check_number(f, getattr(self, f), lo=0, hi=1)
@@ -298,6 +298,8 @@ def _check_budgets(exp: Experiment) -> None:
     for tr in exp.trace_list():
         trace, spec = _inputs(config_files.bundled(tr))
         for b in exp.budgets:
+            if is_fit(b):
+                continue  # what it buys depends on the device: the points' own check below
             if parse_budget(str(b), expert_bytes=spec.expert_bytes,
                             total_experts=trace.n_layers * trace.n_experts) < 1:
                 raise MoeError(f"budget {short(b)} buys no expert of {spec.name} ({spec.expert_bytes:,} bytes each)")
@@ -466,12 +468,15 @@ def run_experiment(path, out: str | None = None, workers: int | None = None, bac
 
 
 def summary(rows: list[dict]) -> str:
-    """Per (trace, device, scope, budget): the fastest configuration, beside the bounds."""
+    """Per (trace, device, scope, budget), and miss policy when several ran: the fastest configuration, beside
+    the bounds (copy-only and hybrid)."""
     best: dict = {}
+    policies = len({r.get("miss_policy") for r in rows if not r.get("error")}) > 1  # a row per policy then
     for r in rows:
         if r.get("error"):
             continue
-        k = (Path(r.get("trace") or "").name, r["device"], r["scope"], r["budget"])
+        k = (Path(r.get("trace") or "").name, r["device"], r["scope"], r["budget"]) + (
+            (r.get("miss_policy"),) if policies else ())
         if k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]:
             best[k] = r
     lines = []
@@ -480,7 +485,8 @@ def summary(rows: list[dict]) -> str:
             lines.append(f"trace {tr}")
         lines.append(f"{'device':<16} {'scope':<9} {'budget':>7} {'tok/s':>8} {'best,copy':>9} {'best,hyb':>8} "
                      f"{'resident':>8}  fastest")
-        for k in sorted((k for k in best if k[0] == tr), key=lambda k: (k[1], k[2], best[k]["budget_fraction"])):
+        for k in sorted((k for k in best if k[0] == tr), key=lambda k: (k[1], k[2], best[k]["budget_fraction"],
+                                                                          k[4:])):
             r = best[k]
             how = f"{r['eviction']} + {r['predictor']}" + (f" (lookahead {r['lookahead']})"
                                                            if r["predictor"] != "none" else "")

@@ -95,4 +95,4 @@ def test_missing_field_and_bad_yaml(tmp_path):
 
 def test_quickstart_experiment_is_valid():
     exp = load_experiment(REPO / "configs/experiments/quickstart.yaml")
-    assert (REPO / exp.trace).is_file() and len(exp.points()) == 100
+    assert (REPO / exp.trace).is_file() and len(exp.points()) == 120
