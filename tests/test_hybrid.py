@@ -204,3 +204,17 @@ def test_auto_at_batch_one_beats_copy_only_twice_on_a_desktop():
     assert auto["tokens_per_s"] >= 2 * copy["tokens_per_s"]
     assert auto["tokens_per_s"] >= 0.98 * max(copy["tokens_per_s"], host["tokens_per_s"])
     assert auto["bounds"]["best_hybrid_tokens_per_s"] >= auto["tokens_per_s"]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "gpt_oss"])
+def test_checkpoint_configs_carry_mla_ranks_and_sliding_layers(family, tmp_path):
+    from tiny_checkpoints import make_tiny_checkpoint
+    d = json.loads((make_tiny_checkpoint(family, tmp_path / family) / "config.json").read_text())
+    spec = ModelSpec.from_hf_config(d, name=family)
+    if family == "deepseek_v2":
+        assert (spec.kv_lora_rank, spec.qk_rope_head_dim) == (d["kv_lora_rank"], d["qk_rope_head_dim"]) != (0, 0)
+        assert spec.head_dim == d["qk_nope_head_dim"] + d["qk_rope_head_dim"]
+        assert spec.kv_bytes_per_position == (d["kv_lora_rank"] + d["qk_rope_head_dim"]) * spec.dtype_bytes
+    else:
+        assert spec.sliding_window == d["sliding_window"] and spec.sliding_layers == tuple(
+            i for i, t in enumerate(d["layer_types"]) if t == "sliding_attention") != ()
