@@ -1,5 +1,5 @@
-"""``--config FILE``: a YAML mapping of a command's option values, under the flags' own names (their dests,
-e.g. ``expert_budget: 50%``, ``max_batch: 16``); a flag on the command line overrides the file.
+"""``--config FILE``: a YAML mapping of a command's option values, under the flags' own names (their dests
+or the long flags with underscores, e.g. ``expert_budget: 50%``, ``max_batch: 16``); a flag on the command line overrides the file.
 
 Contract: ``add_config_flag(parser)`` adds the flag; ``apply_config(parser, argv)`` (called by
 ``cli/runtime.main`` before parsing, for commands with the flag) reads the file named in ``argv`` and
@@ -40,7 +40,13 @@ def apply_config(p: argparse.ArgumentParser, argv: list[str]) -> None:
     path = config_path(argv)
     if path is None:
         return
-    actions = {a.dest: a for a in p._actions if a.dest not in NOT_CONFIGURABLE and a.option_strings}
+    actions = {}
+    for a in p._actions:
+        if a.dest not in NOT_CONFIGURABLE and a.option_strings and a.help != argparse.SUPPRESS:
+            actions[a.dest] = a
+            for flag in a.option_strings:  # the flag's own name too: expert_budget for --expert-budget
+                if flag.startswith("--"):
+                    actions.setdefault(flag[2:].replace("-", "_"), a)
     values = load_yaml(Path(path), lambda doc: _values(doc, actions))
     for dest, value in values.items():
         actions[dest].required = False  # given by the file; the command line may still override it
@@ -54,18 +60,20 @@ def _values(doc, actions: dict) -> dict:
         raise MoeError("must be a mapping of option names to values")
     out = {}
     for key, value in doc.items():
+        if key in actions and actions[key].dest in out:
+            raise MoeError(f"{key} is given twice (as {actions[key].dest} too)")
         if key not in actions:
             raise MoeError(f"unknown option {short(key)} (known: {names(sorted(actions), 8)})")
         action = actions[key]
         if action.nargs == 0:  # a switch (store_true/store_false)
             if not isinstance(value, bool):
                 raise MoeError(f"{key} must be true or false, got {short(value)}")
-            out[key] = value
+            out[action.dest] = value
             continue
         if isinstance(value, (list, dict)) or isinstance(action, argparse._AppendAction):
             raise MoeError(f"{key} takes one value (a string or a number), got {short(value)}")
         if value is None:
-            out[key] = None
+            out[action.dest] = None
             continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         if action.type is not None:
@@ -75,5 +83,5 @@ def _values(doc, actions: dict) -> dict:
                 raise MoeError(f"{key}: {e}") from None
         if action.choices is not None and (action.type or str)(text) not in action.choices:
             raise MoeError(f"{key} must be one of {', '.join(map(str, action.choices))}, got {short(value)}")
-        out[key] = text  # argparse parses a string default with the flag's type, as if typed
+        out[action.dest] = text  # argparse parses a string default with the flag's type, as if typed
     return out

@@ -190,7 +190,7 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running.values() if s.req.cancelled]:
-            self._end(seq, None)
+            self._end(seq, None, "cancelled")
 
     def _decode(self) -> None:
         seqs = list(self.running.values())
@@ -239,17 +239,16 @@ class Engine:
             text += seq.detok.rest()  # what was held back for a stop string that never came
         req.emit(Delta(text, [tok], lp, finish))
         if finish is not None:
-            self._end(seq, None)
+            self._end(seq, None, "completed")
 
-    def _end(self, seq: _Seq, failure: Failure | None) -> None:
+    def _end(self, seq: _Seq, failure: Failure | None, outcome: str = "failed") -> None:
         """The sequence leaves: its row is freed (zeroed after a failure: NaN must not leak into a later one)."""
         self.running.pop(seq.row, None)
         if failure is not None:
             self._zero_row(seq.row)
             seq.req.emit(failure)
         if self.metrics is not None:
-            self.metrics.requests.labels(
-                "failed" if failure is not None else "cancelled" if seq.req.cancelled else "completed").inc()
+            self.metrics.requests.labels(outcome).inc()
         with self.cv:
             self.free.append(seq.row)
             self.free.sort(reverse=True)
