@@ -116,7 +116,7 @@ class Engine:
         with self.cv:
             if self.draining:
                 raise Draining()
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= self.max_queue + len(self.free):  # a free row takes one at the next step
                 raise QueueFull()
             self.waiting.append(req)
             self._gauges()
