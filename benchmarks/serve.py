@@ -2,10 +2,9 @@
 
 The server runs in-process on 127.0.0.1 (uvicorn on its thread, the model on the engine's worker thread)
 over a make-tiny checkpoint (``--family``, ``--layers``, ``--hidden``: the default is a small mixtral, its
-shape printed), resident and offloaded at ``--budget`` (LRU, no predictor). Each client sends
-``--requests`` streaming completions one after another (greedy, ``--new-tokens`` each, ``ignore`` EOS by
-using a prompt whose decode runs the full length is not possible, so the tokens counted are those
-returned). Per run: aggregate tokens/s (every streamed token over the run's wall time), p50/p99 time to
+shape printed), resident and offloaded at ``--budget`` (LRU, no predictor). The clients run in a second
+process (asyncio + httpx); each sends ``--requests`` streaming completions one after another (greedy, up to
+``--new-tokens`` each; the tokens counted are those returned). Per run: aggregate tokens/s (every streamed token over the run's wall time), p50/p99 time to
 first token (request sent -> first token received) and inter-token latency (gaps between a stream's
 tokens), and the 16-vs-1 ratio. The baseline: `generate()` on the same prompt, solo, tokens over its
 prefill + decode time, against one client's tokens over its requests' wall time.
@@ -18,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -70,8 +69,13 @@ async def client(base: str, ids: list[int], n_requests: int, new_tokens: int, tt
     return got
 
 
-def measure(server: Server, ids: list[int], clients: int, n_requests: int, new_tokens: int) -> dict:
-    base = f"http://127.0.0.1:{server.port}"
+def measure(server: Server, ids: list[int], clients: int, n_requests: int, new_tokens: int, pool) -> dict:
+    """The clients run in another process (``pool``), as real clients would: not on the server's GIL."""
+    return pool.apply(_measure, (server.port, ids, clients, n_requests, new_tokens))
+
+
+def _measure(port: int, ids: list[int], clients: int, n_requests: int, new_tokens: int) -> dict:
+    base = f"http://127.0.0.1:{port}"
     ttft, itl = [], []
 
     async def run():
@@ -125,8 +129,9 @@ def main() -> None:
         server = Server(model_dir, run, sopts, tokenizer=tok, template=ChatTemplate.load(model_dir), max_len=max_len)
         server.start_background()
         try:
-            measure(server, ids, 1, 1, args.new_tokens)  # warm-up
-            res = [measure(server, ids, c, args.requests, args.new_tokens) for c in levels]
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                measure(server, ids, 1, 1, args.new_tokens, pool)  # warm-up
+                res = [measure(server, ids, c, args.requests, args.new_tokens, pool) for c in levels]
         finally:
             server.stop()
         one = next(r for r in res if r["clients"] == 1)
