@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_runtime.model.device import use_cpu_threads
     from moe_runtime.model.generate import load_tokenizer
     from moe_runtime.offload.session import load_run
-    from moe_runtime.serve.server import Server, ServeOptions, check_servable, fit_batch
+    from moe_runtime.serve.server import Server, ServeOptions, check_servable
     from moe_runtime.serve.text import ChatTemplate
 
     if not Path(args.model).is_dir():
@@ -81,3 +81,18 @@ def run(args: argparse.Namespace) -> int:
           f"batch {sopts.max_batch}, context {max_len}{'' if template else ', no chat template'})", file=sys.stderr)
     server.serve()
     return 0
+
+
+def fit_batch(cfg, dtype, max_len: int, max_batch: int, device) -> int:
+    """The largest batch up to ``max_batch`` whose KV cache and tables fit (MoeError if not even one)."""
+    from moe_runtime.cli.generate import check_decode_length  # cli may import cli; serve never imports cli
+
+    n = max_batch
+    while True:
+        try:
+            check_decode_length(cfg, dtype, max_len - 1, 1, device, n)
+            return n
+        except MoeError:
+            if n == 1:
+                raise
+            n //= 2

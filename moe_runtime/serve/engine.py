@@ -211,7 +211,7 @@ class Engine:
             seq.pos += 1
             self._take(seq, logits[i])
         if self.metrics is not None:
-            self.metrics.observe_provider(self.provider)
+            self.metrics.observe_provider(self.provider if self.run.offloaded else None)
 
     def _take(self, seq: _Seq, logits: torch.Tensor) -> None:
         """Sample the sequence's next token from its logits [V], emit it, and end the sequence if done."""

@@ -43,7 +43,8 @@ class Metrics:
         self._seen = {field: 0 for field in self.provider}
 
     def observe_provider(self, provider) -> None:
-        """Add the provider's counts since the last call (read on the worker thread, between steps)."""
+        """Add the offloading provider's counts since the last call (read on the worker thread, between
+        steps); ``provider`` None (all resident): nothing."""
         now = provider_counts(provider)
         for field, value in now.items():
             if value > self._seen[field]:
@@ -55,11 +56,11 @@ class Metrics:
 
 
 def provider_counts(provider) -> dict[str, float]:
-    """The offloading provider's running totals (cheap: counters only, no copy records); {} when resident."""
-    cache = getattr(provider, "cache", None)
-    if cache is None:
+    """The offloading provider's running totals (cheap: counters only, no copy records); {} for None (an
+    all-resident run has no cache)."""
+    if provider is None:
         return {}
-    st = cache.stats
+    st = provider.cache.stats
     out = {"hits": st.hits, "misses": st.misses, "late": st.late, "bytes_h2d": st.bytes_h2d,
            "stall_s": sum(provider.layer_stall_s)}
     out["host_computed"] = getattr(st, "host_computed", 0)  # hybrid execution's count, where it exists

@@ -61,21 +61,6 @@ def check_servable(opts, xopts) -> None:
         raise MoeError("serve cannot take --record-trace: a server's sequences come and go")
 
 
-def fit_batch(cfg, dtype, max_len: int, max_batch: int, device) -> int:
-    """The largest batch up to ``max_batch`` whose KV cache and tables fit (MoeError if not even one)."""
-    from moe_runtime.cli.generate import check_decode_length
-
-    n = max_batch
-    while True:
-        try:
-            check_decode_length(cfg, dtype, max_len - 1, 1, device, n)
-            return n
-        except MoeError:
-            if n == 1:
-                raise
-            n //= 2
-
-
 class Server:
     def __init__(self, model_dir, run, sopts: ServeOptions, *, tokenizer=None, template=None,
                  max_len: int | None = None) -> None:
