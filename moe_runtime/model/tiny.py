@@ -7,8 +7,9 @@ per-expert layout (or transformers 5's fused ``experts.gate_up_proj`` /
 ``experts.down_proj`` with ``fused_experts=True``; GPT-OSS always in its own
 fused, transposed, gate/up-interleaved layout with biases, or with
 ``expert_dtype="mxfp4"`` as ``*_blocks``/``*_scales`` plus
-``quantization_config``, as openai/gpt-oss-* ship), ``generation_config.json``
-and a character-level ``tokenizer.json``. The same seed gives the same bytes.
+``quantization_config``, as openai/gpt-oss-* ship), ``generation_config.json``,
+a character-level ``tokenizer.json`` and ``tokenizer_config.json`` with a simple chat template. The same
+seed gives the same bytes.
 ``config_overrides`` are config.json keys (e.g. ``num_experts_per_tok=3``).
 
 The tensor shapes come from the model itself (on the meta device) and the
@@ -36,6 +37,11 @@ TINY_EXPERT_DTYPES = ("auto", "mxfp4")
 # printable ASCII, one token per character, after three specials
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHARS = [chr(c) for c in range(32, 127)]
+
+# a minimal chat template (for `moe-runtime serve`'s /v1/chat/completions): printable ASCII only, so the
+# character tokenizer encodes it
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 # the fields every family shares; each family's own come from its Family.tiny_config
 BASE = dict(vocab_size=len(SPECIALS) + len(CHARS) + 2, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -132,4 +138,6 @@ def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: st
     gen_cfg = {"bos_token_id": d.get("bos_token_id"), "eos_token_id": d.get("eos_token_id")}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     (out / "tokenizer.json").write_text(_tokenizer_json())
+    tok_cfg = {"bos_token": SPECIALS[1], "eos_token": SPECIALS[2], "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return out

@@ -1,0 +1,187 @@
+"""`moe-runtime serve` against 127.0.0.1: the official openai client on both endpoints, plain and streaming;
+a bounded load test of continuous batching (32 concurrent clients, mixed streaming and plain, random
+max_tokens, some disconnecting mid-stream): every completed answer equals its prompt decoded alone by
+generate(), the batch really ran more than one sequence, and the metrics' counts add up; offloaded
+serving gives the resident tokens; --config and the refusals of options that need the future."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+
+from serve_helpers import Solo, metric, serving, url
+
+import httpx  # noqa: E402  (serve_helpers skipped the module when the serve extra is missing)
+
+from moe_runtime.core.options import OffloadOptions
+from moe_runtime.model.tiny import write_tiny_checkpoint
+from moe_runtime.serve.text import ChatTemplate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """make-tiny's mixtral (character tokenizer, chat template), 2 layers, 8 experts."""
+    return write_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("serve-tiny"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def solo(tiny):
+    return Solo(tiny)
+
+
+def test_openai_client_both_endpoints_plain_and_streaming(tiny, solo):
+    openai = pytest.importorskip("openai")
+    with serving(tiny, max_batch=4) as server:
+        client = openai.OpenAI(base_url=url(server) + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [tiny.name]
+        ids = server.engine.tokenizer.encode("Hello").ids
+        want = solo(ids, 8)
+        c = client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0,
+                                      presence_penalty=0, user="t", stream_options=None)
+        assert c.choices[0].token_ids == want
+        assert c.choices[0].text == server.engine.tokenizer.decode([t for t in want if t != 2])
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(ids), len(want))
+        chunks = list(client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
+        assert chunks[-1].usage.completion_tokens == len(want)
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == c.choices[0].finish_reason
+
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        prompt = ChatTemplate.load(tiny).render(msgs)
+        assert prompt == "<s><|system|>Be brief.<|user|>Hi there<|assistant|>"
+        chat_ids = server.engine.tokenizer.encode(prompt, add_special_tokens=False).ids
+        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, seed=1)
+        assert r.choices[0].token_ids == solo(chat_ids, 6)
+        assert r.choices[0].message.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+            model="m", messages=msgs, max_tokens=6, temperature=0, stream=True))
+        assert text == r.choices[0].message.content
+        # seeded sampling repeats; logprobs come back for the chosen tokens
+        a, b = (client.completions.create(model="m", prompt="Hi", max_tokens=6, temperature=0.9, seed=7,
+                                          logprobs=2) for _ in range(2))
+        assert a.choices[0].token_ids == b.choices[0].token_ids
+        assert len(a.choices[0].logprobs.token_logprobs) == len(a.choices[0].token_ids)
+        assert all(lp <= 0 for lp in a.choices[0].logprobs.token_logprobs)
+        # a stop string ends the text before it
+        full = client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+        stop = full[3:5]
+        s = client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0, stop=[stop])
+        assert s.choices[0].text == full[:full.find(stop)] and s.choices[0].finish_reason == "stop"
+
+
+PROMPTS = ["The cat", "Once upon a time", "MoE", "Hello, world!", "abc", "Offloading experts",
+           "zzz", "1 2 3 4 5 6", "Q: why?", "A long prompt about caches and copies"]
+
+
+async def _client(base: str, i: int, ids: list[int], max_tokens: int, mode: str):
+    """One client: ('done', token_ids, usage) or ('gone', token_ids received)."""
+    body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": mode != "plain"}
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        if mode == "plain":
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            j = r.json()
+            return "done", j["choices"][0]["token_ids"], j["usage"]["completion_tokens"]
+        got = []
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return "done", got, len(got)
+                got += json.loads(line[6:])["choices"][0]["token_ids"]
+                if mode == "disconnect" and len(got) >= 2:
+                    return "gone", got, len(got)  # leaving the block closes the connection mid-stream
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def test_load_32_clients_continuous_batching_is_exact(tiny, solo):
+    rng = random.Random(5)
+    with serving(tiny, max_batch=8, max_queue=64) as server:
+        tok = server.engine.tokenizer
+        jobs = []
+        for i in range(32):
+            ids = tok.encode(PROMPTS[i % len(PROMPTS)] + "!" * (i // len(PROMPTS))).ids  # 32 distinct prompts
+            mode = "disconnect" if i % 8 == 3 else rng.choice(["plain", "stream"])
+            jobs.append((ids, rng.randint(4 if mode == "disconnect" else 1, 24), mode))
+
+        async def all_clients():
+            return await asyncio.gather(*(_client(url(server), i, *job) for i, job in enumerate(jobs)))
+
+        results = asyncio.run(asyncio.wait_for(all_clients(), 90))
+        completed = received_gone = 0
+        for (ids, max_tokens, mode), (state, got, n) in zip(jobs, results):
+            want = solo(ids, max_tokens)
+            if state == "done":
+                assert got == want, (ids, max_tokens, mode)  # exact, and no other sequence's tokens
+                completed += n
+            else:
+                assert got == want[:len(got)]
+                received_gone += len(got)
+        assert sum(s == "done" for s, _, _ in results) == 28
+        for _ in range(200):  # the disconnected clients' sequences leave at the next step
+            if server.engine.idle():
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        page = httpx.get(url(server) + "/metrics").text
+    steps = metric(page, "moe_batch_size_count")
+    assert metric(page, 'moe_batch_size_bucket{le="1.0"}') < steps  # some decode step ran several sequences
+    assert metric(page, "moe_batch_size_sum") / steps > 1
+    assert metric(page, "moe_prompt_tokens_total") == sum(len(ids) for ids, _, _ in jobs)
+    gone_max = sum(m for _, m, mode in jobs if mode == "disconnect")
+    generated = metric(page, "moe_generated_tokens_total")
+    assert completed + received_gone <= generated <= completed + gone_max
+    assert metric(page, 'moe_requests_total{outcome="completed"}') == 28
+    assert metric(page, 'moe_requests_total{outcome="cancelled"}') + metric(
+        page, 'moe_requests_total{outcome="completed"}') == 32
+
+
+def test_offloaded_serving_gives_the_resident_tokens_and_counts_experts(tiny, solo):
+    opts = OffloadOptions(budget="50%", eviction="lru", predictor="none")
+    with serving(tiny, opts, max_batch=4) as server:
+        tok = server.engine.tokenizer
+
+        async def four():
+            async with httpx.AsyncClient(base_url=url(server), timeout=60) as c:
+                return await asyncio.gather(*(c.post("/v1/completions", json={
+                    "prompt": tok.encode(p).ids, "max_tokens": 10, "temperature": 0}) for p in PROMPTS[:4]))
+
+        for p, r in zip(PROMPTS[:4], asyncio.run(four())):
+            assert r.json()["choices"][0]["token_ids"] == solo(tok.encode(p).ids, 10)
+        page = httpx.get(url(server) + "/metrics").text
+    hits, misses = metric(page, "moe_expert_hits_total"), metric(page, "moe_expert_misses_total")
+    assert misses > 0 and hits > 0
+    assert metric(page, "moe_bytes_copied_total") > 0
+
+
+def test_cli_refuses_options_that_need_the_future(run_cli, tiny):
+    for flags, word in ((["--eviction", "belady"], "belady"), (["--predictor", "oracle"], "oracle"),
+                        (["--route-from-trace", "x.npz"], "route-from-trace")):
+        code, out, err = run_cli(["serve", "--model", tiny, *flags])
+        assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_config_file_values_and_flag_override(tmp_path, tiny):
+    from moe_runtime.cli.runtime import build_parser
+    from moe_runtime.cli.config import apply_config
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model: {tiny}\nmax_batch: 3\nexpert_budget: 50%\nport: 9001\n")
+    parser = build_parser()
+    apply_config(parser.commands["serve"], ["--config", str(cfg), "--port", "9002"])
+    args = parser.parse_args(["serve", "--config", str(cfg), "--port", "9002"])
+    assert (args.model, args.max_batch, args.budget, args.port) == (str(tiny), 3, "50%", 9002)
+
+
+@pytest.mark.parametrize("text, word", [("max_batch: lots\n", "max_batch"), ("nonsense: 1\n", "unknown option"),
+                                        ("eviction: nope\n", "eviction"), ("- 1\n", "mapping")])
+def test_config_file_refused_in_one_line(run_cli, tmp_path, tiny, text, word):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    code, out, err = run_cli(["serve", "--model", tiny, "--config", cfg])
+    assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
