@@ -1,10 +1,19 @@
 """Bounds of a replay: the all-resident time and the best possible time at a budget.
 
 - all-resident: every expert on the device, so no copies: the compute time.
-- best possible: max(all-resident time, Belady's miss bytes / aggregate copy
-  bandwidth), i.e. Belady eviction (fewest copies of any policy, prefetching
-  or not) with a perfect prefetcher limited only by bandwidth: no latency,
-  copies fully overlapped with compute. Computed, not simulated.
+- best possible, copy-only (``best_*``): max(all-resident time, Belady's miss
+  bytes / aggregate copy bandwidth), i.e. Belady eviction (fewest copies of
+  any policy, prefetching or not) with a perfect prefetcher limited only by
+  bandwidth: no latency, copies fully overlapped with compute. Computed, not
+  simulated. It is the best a run can do when every miss is copied.
+- best possible, hybrid (``best_hybrid_*``): the same Belady misses M, each
+  either copied (c = expert bytes / aggregate bandwidth) or computed on the host
+  (h = the host profile's time for one expert at one token, its cheapest), the
+  link and the host working in parallel with the device and with each other,
+  perfectly balanced: max(all-resident time, M x c x h / (c + h)). It is the
+  best the hybrid can do *with Belady's residency*: a policy that also skips
+  caching some misses could miss less, so it is a figure to compare with, not a
+  proven lower bound; with no host profile for the format it is left out.
 
 ``belady_misses`` follows the runtime ``ExpertCache``'s rules with the
 ``belady`` policy and no prefetch exactly (tests/test_sim_bounds.py checks it
@@ -169,10 +178,20 @@ def cached_belady_misses(ids, *, n_slots: int, scope: str, n_moe_layers: int, ke
 
 def bounds(ids, *, n_slots: int, scope: str, n_moe_layers: int, expert_bytes: int, compute_s: float,
            n_tokens: int, h2d_bytes_per_s: float, copy_engines: int, key: str | None = None,
-           cache: BoundsCache | None = None) -> dict:
+           cache: BoundsCache | None = None, host_expert_s: float | None = None) -> dict:
     """The report's ``bounds`` entry (see the module docstring for the definitions)."""
     misses = cached_belady_misses(ids, n_slots=n_slots, scope=scope, n_moe_layers=n_moe_layers, key=key, cache=cache)
-    best = max(compute_s, misses * expert_bytes / (h2d_bytes_per_s * copy_engines))
-    return {"all_resident_s": compute_s, "all_resident_tokens_per_s": n_tokens / compute_s,
-            "best_s": best, "best_tokens_per_s": n_tokens / best, "belady_misses": misses,
-            "best_definition": "max(all-resident compute, Belady misses x expert bytes / aggregate H2D bandwidth)"}
+    c = expert_bytes / (h2d_bytes_per_s * copy_engines)
+    best = max(compute_s, misses * c)
+    out = {"all_resident_s": compute_s, "all_resident_tokens_per_s": n_tokens / compute_s,
+           "best_s": best, "best_tokens_per_s": n_tokens / best, "belady_misses": misses,
+           "best_definition": "copy-only: max(all-resident compute, Belady misses x expert bytes / aggregate H2D "
+                              "bandwidth)"}
+    if host_expert_s is not None:
+        h = host_expert_s
+        hybrid = max(compute_s, misses * c * h / (c + h))
+        out.update(best_hybrid_s=hybrid, best_hybrid_tokens_per_s=n_tokens / hybrid,
+                   best_hybrid_definition="hybrid: max(all-resident compute, Belady misses x c x h / (c + h)), "
+                                          "c = one copy at aggregate bandwidth, h = the host's time for one expert "
+                                          "at one token; with Belady's residency")
+    return out

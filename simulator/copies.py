@@ -42,6 +42,17 @@ for the latest finish of its waits: no simpy event at all. It equals
 within a priority); each copy is a process that holds an engine for latency +
 bytes / bandwidth.
 
+Hybrid execution (``backlog_s``, ``ready_in_s``: the protocol's questions
+to the link; ``fill``: background copies of host-computed experts) is
+modelled by ``AnalyticCopies`` only. Fills use engine 0's idle time only:
+when the compute next looks (``begin_layer(t)``), after the queued
+prefetches have started, the gap from the engine's free time to t goes to
+the queued fills in order; a fill is paused (it keeps its progress) whenever
+the engine has a demand copy or a prefetch, as a fill copied in chunks
+between them would be. Fills never move an engine's free time, so no demand
+copy or prefetch starts later for them. A promoted fill becomes a demand copy
+of the whole expert.
+
 ``LockstepCopies``: no time at all; demand (and promoted) copies complete at
 the wait, prefetches in issue order at the next layer (all, or the first
 ``per_layer``). The executor's ``LockstepEngine`` follows the same rule, so
@@ -256,6 +267,9 @@ class AnalyticCopies:
         self.finish = [0.0] * cache.n_slots  # finish time of each slot's started copy
         self.now = 0.0  # the compute's instant, set by begin_layer
         self._seq = 0
+        self.fill_q: deque = deque()  # fills not yet done, FIFO: [slot, key, issued, remaining seconds]
+        self.fill_of: dict[int, list] = {}  # slot -> its fill entry
+        self.fill_clock = -math.inf  # engine 0's idle time before this went to fills already
 
     # -- CopyLink --------------------------------------------------------------------------
     def withdraw(self, slot: int) -> bool:
@@ -274,6 +288,11 @@ class AnalyticCopies:
         if entry is not None:  # not started: it becomes a demand copy, issued now
             self.queue.remove(entry)
             self._start(slot, entry[1], self.now, self.now, True, entry[3])
+        elif self.fill_of:
+            fill = self.fill_of.pop(slot, None)
+            if fill is not None:  # a fill still under way: the compute needs it now, a demand copy
+                self.fill_q.remove(fill)
+                self._start(slot, fill[1], self.now, self.now, True)
 
     def prefetch(self, slot: int, key: Key) -> None:
         # three tiers: the expert is staged into host RAM as the prefetch is issued
@@ -282,6 +301,46 @@ class AnalyticCopies:
         self.queue.append(entry)
         self.queued[slot] = entry
 
+    def fill(self, slot: int, key: Key) -> None:
+        """A background copy of a host-computed expert in the link's idle time (module docstring)."""
+        entry = [slot, key, self.now, self.copy_s]  # remaining seconds of copy
+        self.fill_q.append(entry)
+        self.fill_of[slot] = entry
+
+    def backlog_s(self) -> float:
+        """Seconds until a demand copy issued now would start: queued prefetches do not count (a demand
+        goes ahead of them); begin_layer has started those whose engine was free."""
+        d = min(self.free_at) - self.now
+        return d if d > 0 else 0.0
+
+    def ready_in_s(self, slot: int) -> float | None:
+        if slot in self.queued or slot in self.fill_of:
+            return None
+        d = self.finish[slot] - self.now
+        return d if d > 0 else 0.0
+
+    def _advance_fills(self, t: float) -> None:
+        """Give engine 0's idle time up to ``t`` to the queued fills, in order; finished ones are done."""
+        g = max(self.free_at[0], self.fill_clock, self.fill_q[0][2])
+        q = self.fill_q
+        while q and g < t:
+            entry = q[0]
+            if entry[2] > g:
+                g = entry[2]
+                continue
+            d = min(entry[3], t - g)
+            entry[3] -= d
+            g += d
+            if entry[3] <= 1e-15:
+                q.popleft()
+                slot, key, issued, _ = entry
+                del self.fill_of[slot]
+                self.cache.copy_done(slot)
+                if self.timeline is not None:  # drawn as one span: from its first idle moment to its end
+                    self.timeline.add("copy engine 0", f"L{key[0]} e{key[1]}", max(issued, g - self.copy_s),
+                                      min(self.copy_s, g - issued), kind="fill", issued_us=issued * 1e6)
+        self.fill_clock = t
+
     # -- the compute's side ----------------------------------------------------------------
     def begin_layer(self, t: float) -> None:
         """Bring the engines to instant ``t``: start queued prefetches whose engine freed before t,
@@ -289,6 +348,8 @@ class AnalyticCopies:
         self.now = t
         if self.queue:
             self._start_queued(t)
+        if self.fill_q:
+            self._advance_fills(t)
         run = self.running
         while run and run[0][0] <= t:
             self._done(heapq.heappop(run))

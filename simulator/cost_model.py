@@ -91,6 +91,20 @@ class CostModel:
         return float(self.scale * self._roofline(self._moe_flops(len(c), c.sum()),
                                                  self._moe_bytes(len(c), c.sum(), n_unique)))
 
+    def expert_seconds(self, n_tokens: int) -> float:
+        """The device's time for one routed expert at ``n_tokens`` tokens (the cost rule's device term)."""
+        s = self.spec
+        return float(self.scale * max(n_tokens * s.expert_flops_per_token / self.device.peak_flops,
+                                      s.expert_bytes / self.device.hbm_bytes_per_s))
+
+    def layer_seconds_without(self, n_tokens: float, ctx_sum: float, n_unique: int, host_experts: int,
+                              host_tokens: int) -> float:
+        """One MoE layer when ``host_experts`` of its ``n_unique`` experts (``host_tokens`` token-expert
+        pairs) are computed on the host: the device neither reads nor computes them."""
+        flops = self._moe_flops(n_tokens, ctx_sum) - host_tokens * self.spec.expert_flops_per_token
+        nbytes = self._moe_bytes(n_tokens, ctx_sum, n_unique - host_experts)
+        return float(self.scale * max(flops / self.device.peak_flops, nbytes / self.device.hbm_bytes_per_s))
+
     def step_costs(self, n_tokens: np.ndarray, ctx_sum: np.ndarray, n_unique: np.ndarray) -> StepCosts:
         """Costs of S steps: tokens per step [S], summed context lengths [S], distinct experts [S, L]."""
         n = np.asarray(n_tokens, dtype=np.float64)[:, None]

@@ -50,11 +50,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import simpy
 
-from moe_runtime.core.budget import check_budget, layer_demand, parse_budget
-from moe_runtime.core.expert_cache import ExpertCache, access_sequence
-from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, option
+from moe_runtime.core.budget import check_budget, layer_demand, parse_budget, parse_bytes
+from moe_runtime.core.expert_cache import ExpertCache, Outcome, access_sequence
+from moe_runtime.core.host_profile import FORMATS, load_host
+from moe_runtime.core.memory import memory_plan
+from moe_runtime.core.options import DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, HybridOptions, OffloadOptions, option
 from moe_runtime.core.policies import EVICTION_POLICIES, popularity_counts
-from moe_runtime.core.protocol import LayerProtocol
+from moe_runtime.core.protocol import HostCost, LayerProtocol
 from moe_runtime.core.config_files import check_number
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.format_sizes import CODECS
@@ -70,7 +72,7 @@ from .workload import Workload, build_workload, load_inputs  # noqa: F401  (load
 
 
 @dataclass(frozen=True)
-class ReplayOptions(OffloadOptions):
+class ReplayOptions(HybridOptions, OffloadOptions):
     """One simulated configuration: the shared offloading options plus the replay's own.
 
     The CLI and the sweep take their flags and defaults from these fields; a budget left None
@@ -90,7 +92,8 @@ class ReplayOptions(OffloadOptions):
     def __post_init__(self) -> None:
         if self.budget is None:
             object.__setattr__(self, "budget", DEFAULT_BUDGET["replay"])
-        super().__post_init__()
+        OffloadOptions.__post_init__(self)
+        HybridOptions.__post_init__(self)
         name = self.predictor.split(":", 1)[0]
         if name in PREDICTORS and PREDICTORS[name].needs_hidden:
             raise MoeError(f"predictor {self.predictor!r} reads hidden states, so it runs only in the executor; "
@@ -113,12 +116,15 @@ class Replay:
 
     def __init__(self, trace, cost: CostModel, opts: ReplayOptions, *, workload: Workload | None = None,
                  timeline: Timeline | None = None, fast: bool = True, copies: str = "analytic",
-                 lockstep_per_layer: int | None = None, bounds_cache: BoundsCache | None = None) -> None:
+                 lockstep_per_layer: int | None = None, bounds_cache: BoundsCache | None = None,
+                 fit_check: bool = False) -> None:
         """``copies``: ``analytic`` (computed copy times, the default), ``event`` (a simpy process per
         copy: the reference the analytic model is tested against) or ``lockstep`` (copies complete by
         rule, for the differential test against the executor's LockstepEngine; ``lockstep_per_layer``
         prefetches complete per layer, None: all). ``bounds_cache``: where the Belady count is kept
-        on disk across runs (None: computed here, memoised only in this process)."""
+        on disk across runs (None: computed here, memoised only in this process). ``fit_check``: refuse
+        (``DoesNotFit``) a budget that does not fit in the device's memory beside the dense weights, the KV
+        cache and the workspace (``moe-sim replay`` and sweeps; off for code that replays any budget)."""
         if copies not in ("analytic", "event", "lockstep"):
             raise ValueError(f"copies must be analytic, event or lockstep, not {copies!r}")
         if opts.expert_dtype is not None:  # the same model with its experts stored otherwise
@@ -145,7 +151,12 @@ class Replay:
                            "analytic copies only")
         L, E = trace.n_layers, trace.n_experts
         self.expert_bytes = spec.expert_bytes
-        self.n_slots = parse_budget(opts.budget, expert_bytes=self.expert_bytes, total_experts=L * E)
+        self.memory = memory_plan(spec, device_name=dev.name, device_bytes=dev.memory_bytes, context=opts.context,
+                                  batch=opts.batch, workspace_bytes=parse_bytes(opts.workspace, "--workspace"))
+        self.n_slots = parse_budget(opts.budget, expert_bytes=self.expert_bytes, total_experts=L * E,
+                                    free_bytes=self.memory.free_for_experts)
+        if fit_check:
+            self.memory.check(self.n_slots * self.expert_bytes, opts.budget)
         self.epl = layer_demand(top_k=trace.top_k, batch=opts.batch, n_experts=E)
         opts.check_model(L)
         check_budget(self.n_slots, experts_per_layer=self.epl, max_inflight=opts.max_inflight,
@@ -169,10 +180,41 @@ class Replay:
                 self.host_slots = parse_budget(opts.host_budget, expert_bytes=self.expert_bytes, total_experts=L * E)
                 if copies != "analytic":
                     raise MoeError("a host tier (--host-budget) is modelled by the analytic copies only")
+        self._setup_host(spec, L)
         self.predictor = make_predictor(opts.predictor, PredictorOptions(
             n_moe_layers=L, n_experts=E, top_k=trace.top_k, lookahead=opts.lookahead,
             trace=trace if opts.predictor.startswith("recorded:") else None,
             seed=opts.seed, recall=opts.recall, precision=opts.precision))
+
+    def _setup_host(self, spec, n_moe_layers: int) -> None:
+        """The miss policy, host layers and host profile; the cost rule's ``HostCost`` (host profile for the
+        host, the copy link, the cost model's roofline for the device)."""
+        opts = self.opts
+        self.miss_policy, self.host_layers = opts.policy, opts.host_layer_set(n_moe_layers)
+        self.host, self.host_cost = None, None
+        if not opts.computes_on_host:
+            return
+        if self.copy_model != "analytic":
+            raise MoeError("host compute (--miss-policy host|auto, host layers) is modelled by the analytic "
+                           "copies only")
+        self.host = load_host(opts.host_profile or DEFAULT_HOST_PROFILE)
+        codec, nbytes, flops = spec.expert_dtype or spec.dtype, self.expert_bytes, spec.expert_flops_per_token
+        self.host.format_of(codec)  # a profile without this format is refused here, before the run
+        host_memo: dict[int, float] = {}
+        dev_memo: dict[int, float] = {}
+
+        def host_s(n: int) -> float:
+            v = host_memo.get(n)
+            if v is None:
+                v = host_memo[n] = self.host.expert_seconds(codec, nbytes, flops, n)
+            return v
+
+        def device_s(n: int) -> float:
+            v = dev_memo.get(n)
+            if v is None:
+                v = dev_memo[n] = self.cost.expert_seconds(n)
+            return v
+        self.host_cost = HostCost(host_s=host_s, copy_s=self.copy_s, device_s=device_s)
 
     def _make_cache(self) -> ExpertCache:
         tr, policy = self.trace, self.opts.eviction
@@ -190,6 +232,10 @@ class Replay:
         stall_l = self.layer_stall
         slow = self.slowdown
         self.interference_s = 0.0
+        hybrid, HOST = self.host_cost is not None, Outcome.HOST
+        counts_all = self.w.counts
+        n_tok, ctx, n_unique = self.w.n_tokens.tolist(), self.w.ctx_sum.tolist(), self.w.n_unique.tolist()
+        host_busy = host_wait = saved = 0.0
         first_token = self.w.first_token.tolist()
         step_end = self.step_end = []
         step_stall = self.step_stall = []  # per step: the compute's waits for copies
@@ -205,7 +251,8 @@ class Replay:
                 if not sync and t > env.now and env.peek() <= t:
                     yield wake_at(env, t)  # let copies that finish by this access finish
                 begin_layer(t)
-                waits = proto.layer(l, ids)
+                waits = proto.layer(l, ids, counts=None if counts_all is None else counts_all[s][l])
+                t0 = t
                 t1 = serve(waits, l, t) if sync else (yield from serve(waits, l, t))
                 if waits:
                     waited += 1
@@ -217,10 +264,26 @@ class Replay:
                     if tl is not None:
                         tl.add("compute", "stall", t, t1 - t, layer=l)
                     t = t1
-                c = costs_s[l] if not slow else self._stretched(costs_s[l], t)
+                c = costs_s[l]
+                hs = proto.host_seconds if hybrid else 0.0
+                if hs:  # the device computes only the experts the host does not (the host resource)
+                    cs = None if counts_all is None else counts_all[s][l]
+                    rows = [i for i, row in enumerate(proto.in_use) if row[2] is HOST]
+                    c_dev = self.cost.layer_seconds_without(n_tok[s], ctx[s], n_unique[s][l], len(rows),
+                                                            len(rows) if cs is None else sum(cs[i] for i in rows))
+                    saved += c - c_dev
+                    c = c_dev
+                    host_busy += hs
+                    if tl is not None:
+                        tl.add("host", f"L{l}", t0, hs, step=s, experts=len(rows))
+                if slow:
+                    c = self._stretched(c, t)
                 if tl is not None:
                     tl.add("compute", f"L{l}", t, c, step=s)
                 t += c
+                if hs and t0 + hs > t:  # the layer ends when the host's experts are done too: not stall
+                    host_wait += t0 + hs - t
+                    t = t0 + hs
                 proto.end_layer()
             c = overhead[s] if not slow else self._stretched(overhead[s], t)
             if tl is not None:
@@ -230,6 +293,7 @@ class Replay:
             step_stall.append(stalled)
             proto.end_step()
         self.layers_waited = waited
+        self.host_busy_s, self.host_wait_s, self.host_saved_s = host_busy, host_wait, saved
         if t > env.now:
             yield wake_at(env, t)
 
@@ -267,6 +331,17 @@ class Replay:
         return {"prefill": float(dur[~decode].sum()), "decode": float(dur[decode].sum()),
                 "decode_steps": int(decode.sum()), "decode_stall": float(np.asarray(self.step_stall)[decode].sum())}
 
+    def _host_expert_s(self) -> float | None:
+        """The host's time for one expert at one token (the hybrid bound's host rate), or None."""
+        if self.host_cost is not None:
+            return self.host_cost.host_s(1)
+        host = load_host(self.opts.host_profile or DEFAULT_HOST_PROFILE)
+        spec = self.cost.spec
+        codec = spec.expert_dtype or spec.dtype
+        if FORMATS.get(codec, codec) not in host.formats:
+            return None
+        return host.expert_seconds(codec, self.expert_bytes, spec.expert_flops_per_token, 1)
+
     def _bounds_key(self) -> str | None:
         """The Belady count's cache key; None for a workload passed in that was not cut from the trace."""
         if self._own_workload is False:
@@ -290,11 +365,14 @@ class Replay:
         else:
             self.link = EventCopies(self.env, self.cache, engines=self.link_engines, copy_s=self.link_s,
                                     timeline=self.timeline, fast=self.fast, idle_s=self.link_idle_s)
-        self.protocol = LayerProtocol(self.cache, self.link, self.predictor, lookahead=opts.lookahead,
-                                      prefetch_width=opts.prefetch_width)
+        self.protocol = LayerProtocol(self.cache, self.link, self.predictor, prefetch_width=opts.prefetch_width,
+                                      miss_policy=self.miss_policy, host_cost=self.host_cost,
+                                      host_layers=self.host_layers)
         self.layer_stall = [0.0] * self.trace.n_layers
         if self.timeline is not None:
             self.timeline.lane("compute")
+            if self.host_cost is not None:
+                self.timeline.lane("host")
         done = self.env.process(self._compute())
         self.env.run(until=done)
         if hasattr(self.link, "close"):
@@ -302,7 +380,7 @@ class Replay:
         stats = self.cache.finish().as_dict()
         wall = time.perf_counter() - t_wall
         n_tok = int(self.w.n_tokens.sum())
-        compute_s, total_s = self.costs.total, float(self.env.now)
+        compute_s, total_s = self.costs.total - self.host_saved_s, float(self.env.now)
         per_layer = {"hits": stats.pop("layer_hits"), "late": stats.pop("layer_late"),
                      "misses": stats.pop("layer_misses"), "stall_s": self.layer_stall}
         rep = {
@@ -314,6 +392,9 @@ class Replay:
             **stats, **self._tier_report(stats),
             "hit_rate": stats["hits"] / max(stats["accesses"], 1),
             "compute_s": compute_s, "stall_s": sum(self.layer_stall), "interference_s": self.interference_s,
+            "miss_policy": self.miss_policy, "host_profile": self.host.name if self.host else None,
+            "host_layers": sorted(self.host_layers), "host_s": self.host_busy_s, "host_wait_s": self.host_wait_s,
+            "memory": self.memory.as_dict(),
             "total_s": total_s,
             "tokens_per_s": n_tok / total_s if total_s > 0 else float("inf"),
             "phase_s": self._phase_times(), "layers_waited": self.layers_waited,
@@ -321,7 +402,8 @@ class Replay:
             "bounds": bounds(self.w.ids, n_slots=self.n_slots, scope=opts.scope, n_moe_layers=self.trace.n_layers,
                              key=self._bounds_key(), cache=self.bounds_cache,
                              expert_bytes=self.expert_bytes, compute_s=self.resident_s, n_tokens=n_tok,
-                             h2d_bytes_per_s=self._link_bytes_per_s(), copy_engines=self.link_engines),
+                             h2d_bytes_per_s=self._link_bytes_per_s(), copy_engines=self.link_engines,
+                             host_expert_s=self._host_expert_s()),
             "wall_s": wall, "accesses_per_wall_s": stats["accesses"] / wall if wall > 0 else float("inf"),
         }
         return rep

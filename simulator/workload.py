@@ -9,7 +9,7 @@ Nothing here knows about simpy, policies or the command line.
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +65,7 @@ class Workload:
     n_tokens: np.ndarray  # [S]
     ctx_sum: np.ndarray  # [S] summed context lengths (position + 1)
     n_unique: np.ndarray  # [S, L]
+    counts: list | None = None  # [S][L] tokens routed to each of ids[s][l] (None: one each, batch 1)
 
     @property
     def experts_per_layer(self) -> int:
@@ -94,8 +95,9 @@ def build_workload(trace, batch: int) -> Workload:
                 ln[0] += 1
         steps.append(toks)
     per_tok = ids_all.tolist()
-    ids = [[list(dict.fromkeys(e for t in toks for e in per_tok[t][l])) for l in range(trace.n_layers)]
-           for toks in steps]
+    tallies = [[Counter(e for t in toks for e in per_tok[t][l]) for l in range(trace.n_layers)] for toks in steps]
+    ids = [[list(c) for c in row] for row in tallies]  # a Counter keeps first appearance order
+    counts = [[list(c.values()) for c in row] for row in tallies]
     return Workload(ids, np.array([s[0] for s in steps]), np.array([len(s) for s in steps]),
                     np.array([int(ctx[s].sum()) for s in steps]),
-                    np.array([[len(x) for x in row] for row in ids]))
+                    np.array([[len(x) for x in row] for row in ids]), counts)

@@ -1,8 +1,10 @@
 """Expert-cache budgets: parse what the user typed, and refuse one too small to run.
 
 A budget is given as bytes (``4GiB``, ``512MiB``, ``2GB``), a share of all
-experts' bytes (``25%``), or a plain count of experts (``48``). It becomes a
-number of expert slots. The minimum is what one layer needs at once (its
+experts' bytes (``25%``), a plain count of experts (``48``), or ``fit`` /
+``fit:80%``: a share (default all) of the device memory left after the dense
+weights, the KV cache and the workspace (``core/memory.py``; the caller passes
+that as ``free_bytes``). It becomes a number of expert slots. The minimum is what one layer needs at once (its
 top-k experts, or the union over a batch) plus the slots prefetches may hold
 in flight; with ``per-layer`` scope every layer's equal share must meet it.
 """
@@ -17,10 +19,32 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_budget(text: str, *, expert_bytes: int, total_experts: int) -> int:
-    """Number of expert slots the budget ``text`` buys (capped at all experts)."""
+def parse_bytes(text, what: str = "size") -> int:
+    """``4GiB``, ``512MiB``, ``2GB``, ``1000`` -> bytes; MoeError naming ``what`` otherwise."""
     s = str(text).strip().lower().replace(" ", "")
-    if re.fullmatch(r"\d+", s):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)?", s)
+    if not m:
+        raise MoeError(f"cannot read {what} {text!r}: give bytes (512MiB, 1GiB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+def is_fit(text) -> bool:
+    """Whether ``text`` is a ``fit`` budget (a share of the memory left after the fixed terms)."""
+    return str(text).strip().lower().replace(" ", "").split(":", 1)[0] == "fit"
+
+
+def parse_budget(text: str, *, expert_bytes: int, total_experts: int, free_bytes: int | None = None) -> int:
+    """Number of expert slots the budget ``text`` buys (capped at all experts); ``free_bytes``: the device
+    memory left for experts, which ``fit`` budgets need."""
+    s = str(text).strip().lower().replace(" ", "")
+    if m := re.fullmatch(r"fit(?::(\d+(?:\.\d+)?)%)?", s):
+        pct = float(m.group(1) or 100)
+        if not 0 < pct <= 100:
+            raise MoeError(f"budget {text!r}: the share must be in (0, 100]%")
+        if free_bytes is None:
+            raise MoeError(f"budget {text!r} needs the device's memory; give bytes, a share or a count here")
+        slots = int(max(free_bytes, 0) * pct / 100.0) // expert_bytes
+    elif re.fullmatch(r"\d+", s):
         slots = int(s)
     elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
         pct = float(m.group(1))
@@ -30,7 +54,8 @@ def parse_budget(text: str, *, expert_bytes: int, total_experts: int) -> int:
     elif m := re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)", s):
         slots = int(float(m.group(1)) * _UNITS[m.group(2)] // expert_bytes)
     else:
-        raise MoeError(f"cannot read budget {text!r}: give bytes (4GiB, 512MiB), a share (25%) or a count of experts (48)")
+        raise MoeError(f"cannot read budget {text!r}: give bytes (4GiB, 512MiB), a share (25%), a count of "
+                       "experts (48) or fit / fit:80% (a share of the device memory left for experts)")
     return min(slots, total_experts)
 
 

@@ -30,6 +30,7 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]  # the checkout (an editable install runs from it)
 MODELS_DIR = REPO / "configs" / "models"
 DEVICES_DIR = REPO / "configs" / "devices"
+HOSTS_DIR = REPO / "configs" / "hosts"
 
 MAX_CONFIG_BYTES = 1 << 20  # the bundled configs are under 2 KiB
 MAX_DEPTH = 32  # nesting of mappings and lists; the schemas need 2

@@ -15,6 +15,11 @@ Contract, following DESIGN.md:
 - Eviction only takes READY, unpinned slots, chosen by the pool's policy; a
   LOADING slot is never evicted or overwritten.
 - Scope ``global`` is one pool; ``per-layer`` gives each layer an equal share.
+- Hybrid execution: ``to_host`` turns a classified miss (or late prefetch) into a
+  host-computed access (outcome HOST: a miss takes no slot and is forgotten by the
+  policy); ``host_layer`` counts a host layer's accesses without touching slots;
+  ``fill`` gives a host-computed expert a LOADING slot for a background copy,
+  evicting only what a prefetch could. Bytes are counted when a copy is issued.
 - Prefetches never evict a pinned expert or one the same plan wants, never
   exceed the budget, are capped at ``max_inflight`` in flight, and leave each
   pool room for one layer's demand (``experts_per_layer`` slots).
@@ -36,9 +41,10 @@ class Outcome(IntEnum):
     HIT = 0
     LATE = 1
     MISS = 2
+    HOST = 3  # computed on the host from its host copy (a miss or a late prefetch the protocol sent there)
 
 
-_HIT, _LATE, _MISS = Outcome.HIT, Outcome.LATE, Outcome.MISS
+_HIT, _LATE, _MISS, _HOST = Outcome.HIT, Outcome.LATE, Outcome.MISS, Outcome.HOST
 
 
 @dataclass
@@ -55,20 +61,14 @@ class CacheStats:
     prefetch_cancelled: int = 0
     evictions: int = 0
     bytes_h2d: int = 0
+    host_computed: int = 0  # accesses computed on the host (misses, late prefetches, host layers' experts)
+    fills: int = 0  # background copies of host-computed experts into the cache
     layer_hits: list[int] = field(default_factory=list)
     layer_late: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class LayerAccess:
-    """Result of ``access_layer``: per expert its slot and outcome; stale prefetch slots to cancel."""
-
-    outcomes: list[tuple[int, int, Outcome]]  # (expert, slot, outcome) in access order
-    stale: list[int]  # LOADING prefetch slots whose target layer has passed unused
 
 
 class ExpertCache:
@@ -113,18 +113,14 @@ class ExpertCache:
         # prefetch slots still loading, in issue order (a dict as an ordered set: see stale_prefetches)
         self._loading_prefetch: dict[int, None] = {}
         self._pending: list[Key] = []  # misses of the layer being classified, not yet given a slot
+        self._loading_fill: dict[int, int] = {}  # slot -> pool of fills still loading
+        self._fill_loading = [0] * n_pools
         self.step = 0
         self.stats = CacheStats(layer_hits=[0] * n_moe_layers, layer_late=[0] * n_moe_layers, layer_misses=[0] * n_moe_layers)
 
     # -- queries -----------------------------------------------------------------
     def _pool(self, layer: int) -> int:
         return 0 if self.scope == "global" else layer
-
-    def resident(self) -> list[Key]:
-        return list(self.slot_of)
-
-    def inflight_prefetches(self) -> int:
-        return len(self._loading_prefetch)
 
     # -- the compute's side ----------------------------------------------------------
     def begin_step(self) -> None:
@@ -174,7 +170,6 @@ class ExpertCache:
         if misses:
             st.misses += misses
             st.layer_misses[layer] += misses
-            st.bytes_h2d += misses * self.expert_bytes
         st.prefetch_used += used
         return out
 
@@ -196,8 +191,9 @@ class ExpertCache:
         layer = self._pending[0][0]
         pool = self._pool(layer)
         ok = self._evictable(())
+        self.stats.bytes_h2d += len(self._pending) * self.expert_bytes
         for o in outcomes:
-            if o[1] == -1:
+            if o[1] == -1 and o[2] is _MISS:
                 key = (layer, o[0])
                 o[1] = slot = self._take_slot(pool, layer, ok)
                 if slot is None:
@@ -206,13 +202,47 @@ class ExpertCache:
                 self._pinned.add(slot)
         self._pending.clear()
 
-    def access_layer(self, layer: int, ids: Iterable[int]) -> LayerAccess:
-        """``classify`` then ``admit_misses`` (no prefetch withdrawal in between): for callers without
-        prefetching, such as the bounds; stale prefetch slots are reported for the caller."""
-        outcomes = self.classify(layer, ids)
-        stale = self.stale_prefetches(layer)
-        self.admit_misses(outcomes)
-        return LayerAccess([tuple(o) for o in outcomes], stale)
+    def to_host(self, layer: int, row: list) -> None:
+        """``classify``'s ``row`` [expert, slot, outcome] is computed on the host: a miss takes no slot (the
+        policy forgets the key it was shown), a late prefetch keeps loading (it lands as a resident expert)."""
+        if row[2] is _MISS:
+            key = (layer, row[0])
+            self._pending.remove(key)
+            self.pools[self._pool(layer)].remove(key)
+        row[2] = _HOST
+        self.stats.host_computed += 1
+
+    def host_layer(self, layer: int, ids: Sequence[int]) -> None:
+        """A host layer's accesses: counted as misses computed on the host; no slot, no pin. Each key is
+        still shown to the policy (a no-op for keys it does not hold), so Belady's cursor stays in step."""
+        access = self.pools[self._pool(layer)].access
+        for e in ids:
+            access((layer, e))
+        n, st = len(ids), self.stats
+        st.accesses += n
+        st.misses += n
+        st.layer_misses[layer] += n
+        st.host_computed += n
+
+    def fill(self, key: Key, layer: int) -> int | None:
+        """A LOADING slot for a background copy of host-computed ``key`` (a fill), evicting only unpinned
+        READY experts; None when none may go, or when fills and prefetches in flight already take
+        ``max_inflight`` slots (or the pool's room beside one layer's demand). ``layer``: the compute's."""
+        pool = self._pool(key[0])
+        room = self.pool_size - self.experts_per_layer
+        if key in self.slot_of or len(self._loading_prefetch) + len(self._loading_fill) >= self.max_inflight \
+                or self._prefetch_loading[pool] + self._fill_loading[pool] >= room:
+            return None
+        slot = self._take_slot(pool, layer, self._evictable(()))
+        if slot is None:
+            return None
+        self._map(slot, key)
+        self.pools[pool].insert(key)
+        self._loading_fill[slot] = pool
+        self._fill_loading[pool] += 1
+        self.stats.fills += 1
+        self.stats.bytes_h2d += self.expert_bytes
+        return slot
 
     def release_layer(self) -> None:
         """Unpin the experts of the layer just computed."""
@@ -226,6 +256,10 @@ class ExpertCache:
             if slot in self._loading_prefetch:
                 del self._loading_prefetch[slot]
                 self._prefetch_loading[self._pool(self.key_of[slot][0])] -= 1
+            elif self._loading_fill:
+                pool = self._loading_fill.pop(slot, None)
+                if pool is not None:
+                    self._fill_loading[pool] -= 1
 
     def cancel(self, slot: int) -> None:
         """A queued prefetch was withdrawn before its copy started: the slot is free again."""
@@ -251,14 +285,15 @@ class ExpertCache:
         ok = self._evictable(protect)  # one predicate for the whole plan (host time)
         slot_of, loading, unused = self.slot_of, self._loading_prefetch, self._unused_prefetch
         room, per_pool, step = self.pool_size - self.experts_per_layer, self._prefetch_loading, self.step
+        fills, fill_pool = len(self._loading_fill), self._fill_loading  # fills hold slots too (0 under copy)
         issued = []
         for key in plan:
             if key in slot_of:
                 continue
-            if len(loading) >= self.max_inflight:
+            if len(loading) + fills >= self.max_inflight:
                 break
             pool = 0 if self.scope == "global" else key[0]
-            if per_pool[pool] >= room:
+            if per_pool[pool] + fill_pool[pool] >= room:
                 continue  # keep room for one layer's demand in this pool
             slot = self._take_slot(pool, layer, ok)
             if slot is None:
@@ -319,5 +354,6 @@ class ExpertCache:
 
 
 def access_sequence(steps: Iterable[Sequence[Sequence[int]]]) -> list[Key]:
-    """The keys ``access_layer`` will see, in order: ``steps`` yields, per step, the ids of each layer."""
+    """The keys ``classify`` (and ``host_layer``) will see, in order: ``steps`` yields, per step, the ids of
+    each layer."""
     return [(layer, int(e)) for step in steps for layer, ids in enumerate(step) for e in ids]

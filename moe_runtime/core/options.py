@@ -24,6 +24,11 @@ from moe_runtime.core.config_files import short
 from moe_runtime.core.errors import MoeError
 
 DEFAULT_BUDGET = {"generate": "100%", "replay": "25%"}
+# ``miss_policy`` None: the commands (`moe-sim replay`, sweeps) use "auto"; options built in code without one
+# copy every miss, as before hybrid execution existed (what the reference and differential tests pin)
+DEFAULT_MISS_POLICY = {"command": "auto", "code": "copy"}
+DEFAULT_HOST_PROFILE = "ddr5-desktop"  # the simulator's host when a policy computes on it and none is named
+MISS_POLICIES = ("copy", "host", "auto")
 SCOPES = ("global", "per-layer")
 SOURCES = ("memory", "disk")
 
@@ -101,3 +106,72 @@ class OffloadOptions:
         """Refuse a lookahead that reaches past the model's MoE layers (the same rule everywhere)."""
         if self.prefetching and self.lookahead >= n_moe_layers:
             raise MoeError(f"lookahead {self.lookahead} must be below the number of MoE layers ({n_moe_layers})")
+
+
+def parse_layer_list(text, n_moe_layers: int | None = None) -> tuple[int, ...]:
+    """``"0,1,5"`` (or a list) -> sorted MoE-layer indices; MoeError on anything else or past the model."""
+    if text is None or text == "":
+        return ()
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(" ", "").split(",")
+    try:
+        out = sorted({int(i) for i in items if not isinstance(i, bool)})
+        if len(out) != len(items) or any(isinstance(i, float) and not i.is_integer() for i in items):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise MoeError(f"--host-layers must be MoE-layer indices like 0,1,5, not {short(text)}") from None
+    if out and out[0] < 0:
+        raise MoeError(f"--host-layers indices must be >= 0, got {out[0]}")
+    if n_moe_layers is not None and out and out[-1] >= n_moe_layers:
+        raise MoeError(f"--host-layers index {out[-1]} is past the model's {n_moe_layers} MoE layers (0-based)")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class HybridOptions:
+    """Hybrid execution (a miss copied or computed on the host) and the memory a budget must fit beside.
+
+    Used by `moe-sim replay` and sweeps (``ReplayOptions``); the executor takes them when it computes
+    experts on the host. See docs/hybrid.md for the semantics.
+    """
+
+    miss_policy: str | None = option(
+        None, "--miss-policy", choices=lambda: list(MISS_POLICIES),
+        help="a missed expert: copy it to the device, compute it on the host, or auto (the cheaper by the "
+             "host profile and the link's queue, per expert)")
+    n_host_layers: int = option(0, "--n-host-layers", type=int,
+                                help="the first N MoE layers' experts are always computed on the host")
+    host_layers: str | None = option(None, "--host-layers",
+                                     help="MoE-layer indices (0-based, e.g. 0,1,5) always computed on the host")
+    host_profile: str | None = option(None, "--host-profile",
+                                      help="host profile: a name in configs/hosts or a YAML file "
+                                           f"(default for the simulator: {DEFAULT_HOST_PROFILE})")
+    context: int = option(4096, "--context", type=int,
+                          help="positions per sequence the KV cache is sized for (device memory check)")
+    workspace: str = option("512MiB", "--workspace",
+                            help="device memory kept for the CUDA context, activations and kernel workspace")
+
+    def __post_init__(self) -> None:
+        if self.miss_policy is not None and self.miss_policy not in MISS_POLICIES:
+            raise MoeError(f"--miss-policy must be one of {', '.join(MISS_POLICIES)}, got {short(self.miss_policy)}")
+        _check_int("n_host_layers", self.n_host_layers, 0)
+        _check_int("context", self.context, 1)
+        parse_layer_list(self.host_layers)
+        from moe_runtime.core.budget import parse_bytes
+        parse_bytes(self.workspace, "--workspace")
+        if self.host_profile is not None and (not isinstance(self.host_profile, str) or not self.host_profile):
+            raise MoeError(f"--host-profile must be a name or a file, got {short(self.host_profile)}")
+
+    @property
+    def policy(self) -> str:
+        """The miss policy in force for options built in code (None: copy; commands fill in auto)."""
+        return self.miss_policy or DEFAULT_MISS_POLICY["code"]
+
+    def host_layer_set(self, n_moe_layers: int) -> frozenset:
+        """The MoE layers computed on the host: the first ``n_host_layers`` and ``host_layers``."""
+        if self.n_host_layers > n_moe_layers:
+            raise MoeError(f"--n-host-layers {self.n_host_layers} is more than the model's {n_moe_layers} MoE layers")
+        return frozenset(range(self.n_host_layers)) | frozenset(parse_layer_list(self.host_layers, n_moe_layers))
+
+    @property
+    def computes_on_host(self) -> bool:
+        return self.policy != "copy" or self.n_host_layers > 0 or bool(parse_layer_list(self.host_layers))

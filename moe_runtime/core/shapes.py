@@ -52,6 +52,16 @@ class ModelSpec:
     dense_intermediate_size: int = 0  # MLP of the non-MoE layers
     expert_dtype: str = ""  # how routed experts are stored and moved ("" = dtype); see the module docstring
     expert_biases: bool = False  # GPT-OSS: b1, b3, b2 per expert
+    # latent attention (MLA, DeepSeek-V2/V3): the KV cache holds kv_lora_rank + qk_rope_head_dim values per
+    # token and layer; head_dim is then qk_nope + qk_rope (the cost model's approximation), v_head_dim the
+    # value head (0: head_dim), q_lora_rank the query's low rank (0: a full query projection)
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    q_lora_rank: int = 0
+    v_head_dim: int = 0
+    # sliding-window attention (GPT-OSS): the decoder layers listed keep at most sliding_window positions
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -89,6 +99,25 @@ class ModelSpec:
             raise MoeError("n_shared_experts and shared_intermediate_size must be both zero or both positive")
         if self.n_moe_layers < self.n_layers and self.dense_intermediate_size == 0:
             raise MoeError("dense_intermediate_size is needed: the model has non-MoE layers")
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "q_lora_rank", "v_head_dim", "sliding_window"):
+            if getattr(self, name) < 0:
+                raise MoeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.kv_lora_rank > 0) != (self.qk_rope_head_dim > 0):
+            raise MoeError("kv_lora_rank and qk_rope_head_dim (latent attention) must be both zero or both positive")
+        if self.kv_lora_rank and self.qk_rope_head_dim >= self.head_dim:
+            raise MoeError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be below head_dim={self.head_dim} "
+                           "(qk_nope + qk_rope)")
+        if (self.q_lora_rank or self.v_head_dim) and not self.kv_lora_rank:
+            raise MoeError("q_lora_rank and v_head_dim are latent-attention fields: give kv_lora_rank too")
+        if not isinstance(self.sliding_layers, tuple) or any(
+                not isinstance(i, int) or isinstance(i, bool) for i in self.sliding_layers):
+            raise MoeError(f"sliding_layers must be a list of layer indices, got {self.sliding_layers!r}")
+        if (self.sliding_window > 0) != bool(self.sliding_layers):
+            raise MoeError("sliding_window and sliding_layers must be given together")
+        if list(self.sliding_layers) != sorted(set(self.sliding_layers)) or (
+                self.sliding_layers and (self.sliding_layers[0] < 0 or self.sliding_layers[-1] >= self.n_layers)):
+            raise MoeError(f"sliding_layers must be strictly increasing in [0, {self.n_layers}), "
+                           f"got {list(self.sliding_layers)}")
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -166,8 +195,29 @@ class ModelSpec:
         return self.resident_bytes + self.total_expert_bytes
 
     def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes one token adds across all layers."""
-        return 2 * self.n_kv_heads * self.head_dim * self.dtype_bytes * self.n_layers
+        """KV-cache bytes one token adds across all layers (before any sliding window caps them)."""
+        return self.kv_bytes_per_position * self.n_layers
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """KV-cache bytes of one position in one layer: the latent (kv_lora_rank + qk_rope_head_dim) for MLA,
+        keys and values of every KV head otherwise."""
+        if self.kv_lora_rank:
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * self.dtype_bytes
+        return 2 * self.n_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def attention_weight_params(self) -> int:
+        """One layer's attention weights as stored: MLA's low-rank projections (q or q_a/q_b, kv_a, its
+        norm, kv_b, o) when ``kv_lora_rank`` is set, else ``attention_params``. Memory sizes use this; the
+        cost model keeps its ``attention_params`` approximation."""
+        if not self.kv_lora_rank:
+            return self.attention_params
+        H, n, qk, rope = self.hidden_size, self.n_heads, self.head_dim, self.qk_rope_head_dim
+        v = self.v_head_dim or self.head_dim
+        q = H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * n * qk if self.q_lora_rank else H * n * qk
+        kv = H * (self.kv_lora_rank + rope) + self.kv_lora_rank + self.kv_lora_rank * n * (qk - rope + v)
+        return q + kv + n * v * H
 
     # ---- FLOPs per token (multiply-add = 2 FLOPs) ---------------------------------------
     def attention_flops_per_token(self, context_len: int) -> int:
@@ -227,7 +277,11 @@ _FIELDS = {f.name for f in fields(ModelSpec)}
 _YAML_LIMITS = {"n_layers": 4096, "first_moe_layer": 4095, "n_experts": 32767, "top_k": 32767,
                 "hidden_size": 1 << 20, "moe_intermediate_size": 1 << 22, "n_heads": 4096, "n_kv_heads": 4096,
                 "head_dim": 1 << 16, "vocab_size": 1 << 24, "n_shared_experts": 1024,
-                "shared_intermediate_size": 1 << 24, "dense_intermediate_size": 1 << 24}
+                "shared_intermediate_size": 1 << 24, "dense_intermediate_size": 1 << 24,
+                "kv_lora_rank": 1 << 20, "qk_rope_head_dim": 1 << 16, "q_lora_rank": 1 << 20, "v_head_dim": 1 << 16,
+                "sliding_window": 1 << 30}
+_ZERO_OK = ("first_moe_layer", "n_shared_experts", "shared_intermediate_size", "dense_intermediate_size",
+            "kv_lora_rank", "qk_rope_head_dim", "q_lora_rank", "v_head_dim", "sliding_window")
 
 
 def model_spec_from_dict(d: dict) -> ModelSpec:
@@ -238,8 +292,7 @@ def model_spec_from_dict(d: dict) -> ModelSpec:
     d = dict(d)
     for k, hi in _YAML_LIMITS.items():  # before any size is derived from them
         if k in d:
-            lo = 0 if k in ("first_moe_layer", "n_shared_experts", "shared_intermediate_size",
-                            "dense_intermediate_size") else 1
+            lo = 0 if k in _ZERO_OK else 1
             config_files.check_number(k, d[k], lo=lo, hi=hi, integer=True)
     if "moe_layers" in d and "first_moe_layer" in d:
         raise MoeError("give either moe_layers or first_moe_layer, not both")
@@ -266,6 +319,10 @@ def model_spec_from_dict(d: dict) -> ModelSpec:
     if not isinstance(d["moe_layers"], (list, tuple)):
         raise MoeError(f"moe_layers must be a list of layer indices, got {config_files.short(d['moe_layers'])}")
     d["moe_layers"] = tuple(d["moe_layers"])
+    if "sliding_layers" in d:
+        if not isinstance(d["sliding_layers"], (list, tuple)):
+            raise MoeError(f"sliding_layers must be a list of layer indices, got {config_files.short(d['sliding_layers'])}")
+        d["sliding_layers"] = tuple(d["sliding_layers"])
     return ModelSpec(**d)
 
 

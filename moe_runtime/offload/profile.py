@@ -167,7 +167,7 @@ def measure_protocol(n_layers: int, n_experts: int, top_k: int, steps: int = 300
             link = _NullLink(cache)
             pred = make_predictor(predictor, PredictorOptions(n_moe_layers=n_layers, n_experts=n_experts, top_k=top_k,
                                                               lookahead=lookahead))
-            proto = LayerProtocol(cache, link, pred, lookahead=lookahead)
+            proto = LayerProtocol(cache, link, pred)
             missed = 0
             t0 = time.perf_counter()
             for step in routing:
