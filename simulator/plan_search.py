@@ -103,6 +103,14 @@ def evictions_for_executor() -> tuple:
     return tuple(n for n, p in EVICTION_POLICIES.items() if not p.needs_future and not p.needs_popularity)
 
 
+def size(n: int) -> str:
+    """Bytes as GB, MB or kB, with enough digits to see what does not fit."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 class Planner:
     """Scores points of one (model, device, host, trace, batch, context) on one workload."""
 
@@ -258,7 +266,7 @@ class Planner:
 
     def check_runnable(self, space: Space) -> None:
         """MoeError naming the numbers when no configuration can run: device memory, then host RAM."""
-        g = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+        g = size
         fits = [d for d in space.expert_dtypes
                 if self.memory(d).free_for_experts >= self.minimum_slots() * self.fmt_spec(d).expert_bytes]
         if not fits:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from moe_runtime.cli import config_file
 from moe_runtime.core.errors import ArgumentParser, run_cli
 
 # name -> (module, flags function, run function, one-line help)
@@ -32,17 +33,23 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="moe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = {}  # name -> its parser (config_file.parse_args reads the chosen one's --config)
     for name, (module, add, run, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(module)
         p.set_defaults(_run=getattr(mod, run))
         getattr(mod, add)(p)
+        parser.subcommands[name] = p
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run_cli(lambda: args._run(args), "moe-runtime")
+    parser = build_parser()
+
+    def body():
+        args = config_file.parse_args(parser, argv, parser.subcommands)  # a bad --config file is one line too
+        return args._run(args)
+    run_cli(body, "moe-runtime")
 
 
 if __name__ == "__main__":
