@@ -38,7 +38,7 @@ from moe_runtime.core.shapes import ModelSpec, load_model_spec
 from .device import load_device
 from .plan_inputs import ROUTER_PREDICTORS, choose_trace, default_host_profile, host_ram_bytes, \
     load_predictor_quality
-from .plan_search import PLAIN, Planner, Space, evictions_for_executor
+from .plan_search import Planner, Space, evictions_for_executor
 
 _HYB = {f: getattr(HybridOptions, f) for f in ("context", "workspace")}
 QUANTIZED = ("int8", "int4")
@@ -91,7 +91,7 @@ def model_spec(name) -> ModelSpec:
     return load_model_spec(name)
 
 
-def build_space(spec, args, quality: dict) -> Space:
+def build_space(spec, args, quality: dict, cpu: bool = False) -> Space:
     L = spec.n_moe_layers
     preds = [("none", 1)] + [(p, la) for p, la in (("history", 1), ("history", 2), ("popularity", 1)) if la < L]
     for name, (rec, _) in quality.items():
@@ -105,12 +105,16 @@ def build_space(spec, args, quality: dict) -> Space:
         if d != (spec.expert_dtype or spec.dtype):
             dtypes.append(d)
     sources = [("memory", 1.0)] + ([("disk", 1.0), ("disk", 0.5)] if args.disk else [])
+    if cpu:  # one machine: the host is the device, and on disk the expert budget is the RAM tier
+        return Space(miss_policies=("copy",), predictors=tuple(preds), evictions=evictions_for_executor(),
+                     n_host_layers=(0,), expert_dtypes=tuple(dtypes),
+                     sources=(("disk", 1.0),) if args.disk else (("memory", 1.0),))
     return Space(predictors=tuple(preds), evictions=evictions_for_executor(),
                  n_host_layers=tuple(sorted({0, L // 4, L // 2, L})),
                  expert_dtypes=tuple(dtypes), sources=tuple(sources))
 
 
-def describe(point) -> str:
+def describe(point, cpu: bool = False) -> str:
     p = point
     s = f"{p.miss_policy}, {p.eviction}, {p.predictor}" + (f"@{p.lookahead}" if p.predictor != "none" else "")
     if p.n_host_layers:
@@ -122,7 +126,7 @@ def describe(point) -> str:
     if p.expert_dtype:
         s += f", {p.expert_dtype}"
     if p.expert_source == "disk":
-        s += f", disk + host tier {p.host_share:.0%}"
+        s += ", disk" + (f" + host tier {p.host_share:.0%}" if not cpu else "")
     return s
 
 
@@ -134,7 +138,7 @@ def tiers(planner: Planner, row: dict) -> dict:
     return {"device_bytes": m["dense_bytes"] + m["kv_bytes"] + m["workspace_bytes"] + row["n_slots"] * eb,
             "device_experts_bytes": row["n_slots"] * eb, "dense_bytes": m["dense_bytes"], "kv_bytes": m["kv_bytes"],
             "workspace_bytes": m["workspace_bytes"], "device_memory_bytes": m["device_bytes"],
-            "host_experts_bytes": row["host_slots"] * eb if disk else all_experts,
+            "host_experts_bytes": 0 if disk and planner.cpu else row["host_slots"] * eb if disk else all_experts,
             "disk_bytes": all_experts if disk else 0}
 
 
@@ -170,10 +174,10 @@ def run(args) -> int:
     choice = choose_trace(spec, trace_path=args.trace, tokens=tokens, batch=args.batch, seed=args.seed)
     planner = Planner(spec, device, choice.trace, batch=args.batch, context=args.context, workspace=args.workspace,
                       host_profile=host_profile, host_ram_bytes=ram, quality=quality, seed=args.seed)
-    space = build_space(spec, args, quality)
+    space = build_space(spec, args, quality, planner.cpu)
     planner.check_runnable(space)
     best = planner.search(space)
-    plain = planner.evaluate(PLAIN)
+    plain = planner.evaluate(planner.plain(space))
     wall = time.perf_counter() - t0
     result = summary(planner, best, plain, choice, args, host_profile, host_why, ram, ram_why, wall)
     if args.out:
@@ -187,7 +191,7 @@ def run(args) -> int:
 
 def summary(planner, best, plain, choice, args, host_profile, host_why, ram, ram_why, wall) -> dict:
     def entry(row):
-        return {"config": describe(row["point"]), "options": plan_options(row, args),
+        return {"config": describe(row["point"], planner.cpu), "options": plan_options(row, args),
                 "tokens_per_s": row["tokens_per_s"], "seconds_per_token": args.batch / row["tokens_per_s"],
                 "bound_tokens_per_s": row["bound_tokens_per_s"], "ratio_to_default": row["tokens_per_s"] /
                 plain["tokens_per_s"], "memory": tiers(planner, row), "n_slots": row["n_slots"],

@@ -98,6 +98,11 @@ class Space:
         return list(dict.fromkeys(out))
 
 
+def is_cpu(device) -> bool:
+    """A profile of a CPU-only machine (`moe-runtime profile --device cpu`): host and device are one."""
+    return device.name.startswith("cpu") or "profile on cpu" in (device.source or "")
+
+
 def evictions_for_executor() -> tuple:
     """Eviction policies the executor runs from the options alone (no future, no popularity file)."""
     return tuple(n for n, p in EVICTION_POLICIES.items() if not p.needs_future and not p.needs_popularity)
@@ -117,6 +122,7 @@ class Planner:
     def __init__(self, spec, device, trace, *, batch: int, context: int, workspace: str, host_profile: str,
                  host_ram_bytes: int, quality: dict | None = None, seed: int = 0) -> None:
         self.spec, self.device, self.trace = spec, device, trace
+        self.cpu = is_cpu(device)
         self.batch, self.context, self.workspace = batch, context, workspace
         self.host_profile, self.host_ram = host_profile, host_ram_bytes
         self.host_avail = int(host_ram_bytes * (1 - HOST_RAM_RESERVE))
@@ -177,7 +183,7 @@ class Planner:
             if rp is None:
                 raise MoeError(f"no measured quality of {pred} at lookahead {point.lookahead}")
             pred, extra = "noisy-oracle", {"recall": rp[0], "precision": rp[1]}
-        host = self.host_slots(point)
+        host = None if self.cpu else self.host_slots(point)  # a CPU's expert budget is the RAM tier itself
         return ReplayOptions(budget=str(slots), eviction=point.eviction, scope=point.scope, predictor=pred,
                              lookahead=point.lookahead, miss_policy=point.miss_policy,
                              n_host_layers=point.n_host_layers, host_profile=self.host_profile,
@@ -231,10 +237,21 @@ class Planner:
             return None
 
     # -- search --------------------------------------------------------------------------------
+    def plain(self, space: Space) -> Point:
+        """The plain default in ``space``: LRU, no prefetch, copy-only, the largest budget that fits, on the
+        first source of the space that holds the experts."""
+        for src, share in space.sources:
+            p = replace(PLAIN, expert_source=src, host_share=share)
+            if self.fits_host(p):
+                return p
+        return replace(PLAIN, expert_source=space.sources[0][0], host_share=space.sources[0][1])
+
     def search(self, space: Space, max_rounds: int = 4) -> dict:
         """Coordinate ascent over ``space`` from the plain and the hybrid defaults (module docstring)."""
         best = None
-        for seed in (PLAIN, replace(PLAIN, miss_policy="auto")):
+        plain = self.plain(space)
+        seeds = [plain] + [replace(plain, miss_policy=m) for m in space.miss_policies if m != plain.miss_policy][:1]
+        for seed in seeds:
             row = self.try_point(seed, None)
             if row is not None and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
                 best = row
