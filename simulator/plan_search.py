@@ -11,10 +11,12 @@ and precision), replays it on the plan's workload and returns its row;
 copy-only bound for ``copy``, the hybrid one otherwise), computed without a
 replay.
 
-``Planner.search`` is coordinate ascent from the plain default and the
+``Planner.search`` is cyclic coordinate ascent from the plain default and the
 hybrid default: for each axis in turn, the best point so far with that axis
 changed is replayed unless its bound is not above the best score so far
-(pruned), and the best is kept; rounds repeat until one changes nothing. The
+(pruned), and the best is kept; it stops when every other axis has been
+scanned since the last improvement (no axis can improve alone), or after
+``max_rounds`` passes. The
 answer is the best point simulated (ties: the earlier one). ``Planner.run_all``
 replays every point of a space (the exhaustive comparison of
 ``benchmarks/plan.py``).
@@ -257,15 +259,17 @@ class Planner:
                 best = row
         if best is None:
             raise MoeError("no configuration of the search space can run here (see the memory above)")
-        for _ in range(max_rounds):
-            start = best["point"]
-            for _, values in space.axes():
-                for v in values:
-                    row = self.try_point(replace(best["point"], **v), best["tokens_per_s"])
-                    if row is not None and row["tokens_per_s"] > best["tokens_per_s"]:
-                        best = row
-            if best["point"] == start:
-                break
+        axes = [values for _, values in space.axes()]
+        since, scans = -1, 0  # axes scanned since the last improvement (the improving one included: 0)
+        while since < len(axes) - 1 and scans < max_rounds * len(axes):
+            values = axes[scans % len(axes)]
+            scans += 1
+            improved = False
+            for v in values:
+                row = self.try_point(replace(best["point"], **v), best["tokens_per_s"])
+                if row is not None and row["tokens_per_s"] > best["tokens_per_s"]:
+                    best, improved = row, True
+            since = 0 if improved else since + 1
         return self.best()
 
     def run_all(self, space: Space) -> dict:
