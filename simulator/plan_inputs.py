@@ -7,7 +7,8 @@
   trace of the closest shape (top-k / experts) and which takes the model's own
   shape (layers, experts, top-k). A trace with fewer sequences than the batch
   is replaced by a synthetic one fitted to it with enough sequences. Fitted
-  knobs are kept under ``out/cache/plan`` (they depend only on the trace). The
+  knobs of the bundled traces are checked in (``traces/fitted-knobs.json``,
+  ``write_bundled_knobs``), others kept under ``out/cache/plan`` (by content). The
   returned ``TraceChoice`` says which it is, in words.
 - ``host_ram_bytes``: this machine's physical memory (``os.sysconf``).
 - ``default_host_profile``: ``configs/hosts/local.yaml`` when a measured
@@ -21,6 +22,7 @@ This module knows nothing about search or replays.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from moe_runtime.traces.synth import SynthKnobs, fit_knobs, synth_trace
 
 TRACES_DIR = config_files.REPO / "traces"
 CACHE_DIR = Path("out/cache/plan")
+KNOBS_FILE = TRACES_DIR / "fitted-knobs.json"
 LOCAL_HOST = config_files.HOSTS_DIR / "local.yaml"
 ROUTER_PREDICTORS = ("gate", "aligned")  # read hidden states: modelled as noisy-oracle from measured quality
 
@@ -60,10 +63,21 @@ def bundled_traces() -> dict[str, list[Path]]:
     return {m: [p for _, p in sorted(v, key=lambda x: (-x[0], str(x[1])))] for m, v in out.items()}
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def _fitted_knobs(path: Path) -> SynthKnobs:
-    """The synthetic knobs fitted to the trace at ``path``, from the cache when it holds them."""
-    st = path.stat()
-    key = CACHE_DIR / f"knobs-{path.stem}-{st.st_size}-{int(st.st_mtime)}.json"
+    """The synthetic knobs fitted to the trace at ``path``: from ``traces/fitted-knobs.json`` (the bundled
+    traces' fits, checked in) or the cache when either holds them for this file's content, else fitted."""
+    digest = _digest(path)
+    try:
+        entry = json.loads(KNOBS_FILE.read_text()).get(path.name, {})
+        if entry.get("sha256") == digest:
+            return SynthKnobs(**entry["knobs"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, MoeError):
+        pass
+    key = CACHE_DIR / f"knobs-{path.stem}-{digest}.json"
     try:
         return SynthKnobs(**json.loads(key.read_text()))
     except (OSError, ValueError, TypeError, MoeError):
@@ -75,6 +89,13 @@ def _fitted_knobs(path: Path) -> SynthKnobs:
     except (OSError, MoeError):
         pass  # a cache that cannot be written only costs time
     return knobs
+
+
+def write_bundled_knobs() -> dict:
+    """Fit every bundled trace and write ``traces/fitted-knobs.json`` (run after a bundled trace changes)."""
+    out = {p.name: {"sha256": _digest(p), "knobs": _fitted_knobs(p).__dict__} for p in sorted(TRACES_DIR.glob("*.npz"))}
+    write_json_atomic(KNOBS_FILE, out)
+    return out
 
 
 def _closest(spec, traces: dict[str, list[Path]]) -> Path:
