@@ -12,7 +12,9 @@ import argparse
 import json
 import sys
 
-from moe_runtime.core.options import DEFAULT_BUDGET
+from dataclasses import replace
+
+from moe_runtime.core.options import DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, DEFAULT_MISS_POLICY
 from moe_runtime.core.flags import add_option_flags, options_from_args
 from moe_runtime.core.errors import ArgumentParser, run_cli
 from moe_runtime.core.outputs import check_output, write_json_atomic
@@ -25,6 +27,8 @@ from .replay import Replay, ReplayOptions, load_inputs
 
 def run_replay(args) -> int:
     opts = options_from_args(ReplayOptions, args)
+    if opts.miss_policy is None:  # the command's default (options built in code copy; options.py)
+        opts = replace(opts, miss_policy=DEFAULT_MISS_POLICY["command"])
     for flag, path in (("--out", args.out), ("--timeline", args.timeline)):
         if path:  # before the work: a report that cannot be written is found out now
             check_output(path, flag)
@@ -32,7 +36,7 @@ def run_replay(args) -> int:
     device = load_device(args.device)
     timeline = Timeline("moe-sim") if args.timeline else None
     cache = BoundsCache(args.bounds_cache) if args.bounds_cache else None
-    rep = Replay(trace, CostModel(spec, device), opts, timeline=timeline, bounds_cache=cache).run()
+    rep = Replay(trace, CostModel(spec, device), opts, timeline=timeline, bounds_cache=cache, fit_check=True).run()
     rep["trace"] = str(args.trace)
     if timeline is not None:
         timeline.write(args.timeline)
@@ -47,7 +51,9 @@ def run_replay(args) -> int:
           f"{rep['tokens']} tokens in {rep['steps']} steps, budget {opts.budget} = {rep['n_slots']} experts "
           f"({rep['budget_bytes'] / 2**30:.2f} GiB, {100 * rep['budget_fraction']:.1f}%), "
           f"{opts.eviction}, predictor {opts.predictor}"
-          + (f" (lookahead {opts.lookahead})" if opts.prefetching else "") + f", scope {opts.scope}")
+          + (f" (lookahead {opts.lookahead})" if opts.prefetching else "") + f", scope {opts.scope}, "
+          f"miss policy {rep['miss_policy']}" + (f" on host {rep['host_profile']}" if rep["host_profile"] else "")
+          + (f", host layers {rep['host_layers']}" if rep["host_layers"] else ""))
     print(f"  accesses {rep['accesses']:,}: hits {rep['hits']:,} ({100 * rep['hit_rate']:.1f}%), "
           f"late {rep['late']:,}, misses {rep['misses']:,}")
     print(f"  prefetches issued {rep['prefetch_issued']:,}, used {rep['prefetch_used']:,}, "
@@ -56,10 +62,19 @@ def run_replay(args) -> int:
         tier = (f"host tier of {rep['host_slots']:,} experts: hits {rep['host_hits']:,}, misses "
                 f"{rep['host_misses']:,}; " if "host_slots" in rep else "")
         print(f"  experts on disk: {tier}read {rep['bytes_read'] / 1e9:.2f} GB from storage")
-    print(f"  compute {rep['compute_s']:.3f} s + stall {rep['stall_s']:.3f} s = {rep['total_s']:.3f} s "
-          f"-> {rep['tokens_per_s']:.2f} tokens/s")
-    print(f"  bounds: all-resident {b['all_resident_tokens_per_s']:.2f} tokens/s, best possible at this budget "
-          f"{b['best_tokens_per_s']:.2f} tokens/s (Belady misses {b['belady_misses']:,})")
+    if rep["host_profile"]:
+        print(f"  host computed {rep['host_computed']:,} experts in {rep['host_s']:.3f} s of host time; fills "
+              f"{rep['fills']:,}")
+    m = rep["memory"]
+    print(f"  device memory {m['device_bytes'] / 1e9:.2f} GB: dense {m['dense_bytes'] / 1e9:.2f} + KV "
+          f"{m['kv_bytes'] / 1e9:.2f} (context {m['context']} x batch {m['batch']}) + workspace "
+          f"{m['workspace_bytes'] / 1e9:.2f} + experts {rep['budget_bytes'] / 1e9:.2f} GB")
+    print(f"  compute {rep['compute_s']:.3f} s + stall {rep['stall_s']:.3f} s"
+          + (f" + waiting for the host {rep['host_wait_s']:.3f} s" if rep["host_wait_s"] else "")
+          + f" = {rep['total_s']:.3f} s -> {rep['tokens_per_s']:.2f} tokens/s")
+    hyb = (f", hybrid (copy or host) {b['best_hybrid_tokens_per_s']:.2f}" if "best_hybrid_tokens_per_s" in b else "")
+    print(f"  bounds: all-resident {b['all_resident_tokens_per_s']:.2f} tokens/s; best possible at this budget: "
+          f"copy-only {b['best_tokens_per_s']:.2f}{hyb} tokens/s (Belady misses {b['belady_misses']:,})")
     print(f"  replayed {rep['accesses_per_wall_s']:,.0f} accesses/s of wall time")
     if args.timeline:
         print(f"  timeline: {args.timeline} (open in https://ui.perfetto.dev)")
@@ -82,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="model name in configs/models, a YAML file or a checkpoint "
                                                  "directory (default: the trace's meta.model)")
     add_option_flags(r.add_argument_group("offloading and replay options"), ReplayOptions,
-                     default_note={"budget": DEFAULT_BUDGET["replay"].replace("%", "%%")}, executor=False)
+                     default_note={"budget": DEFAULT_BUDGET["replay"].replace("%", "%%"),
+                                   "miss_policy": DEFAULT_MISS_POLICY["command"],
+                                   "host_profile": DEFAULT_HOST_PROFILE}, executor=False)
     r.add_argument("--json", action="store_true", help="print the full report as JSON")
     r.add_argument("--out", default=None, help="also write the JSON report to this file (atomically)")
     r.add_argument("--timeline", default=None, help="write a Chrome/Perfetto trace-event JSON here")

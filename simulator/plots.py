@@ -4,8 +4,10 @@
 predictor (``none`` first, then in order of appearance); in a panel, tokens/s
 against the budget (% of all experts), one colour per eviction policy and one
 line style per (lookahead, scope, device); per (scope, device) the all-resident
-bound as a grey dashed line and the best possible at each budget as a dotted
-black line. Rows are the dicts ``sweep`` writes (rows of old results have no
+bound as a grey dashed line, the copy-only best possible at each budget as a
+dotted black line and, where rows carry it, the hybrid best possible (copy or
+compute on the host) as a dash-dotted black line. With several miss policies
+(or hosts, or host layers) a line's name adds them: "lru / auto". Rows are the dicts ``sweep`` writes (rows of old results have no
 ``trace``: one row of panels). This module knows nothing about replays.
 """
 
@@ -31,7 +33,13 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> str | None:
     preds = list(dict.fromkeys(r["predictor"] for r in rows))
     preds.sort(key=lambda p: p != "none")  # stable: none first, the others as they came
     variants = sorted({(r["lookahead"] if r["predictor"] != "none" else 0, r["scope"], r["device"]) for r in rows})
-    policies = sorted({r["eviction"] for r in rows})
+    hyb = [k for k in ("miss_policy", "host_profile", "n_host_layers")
+           if len({r.get(k) for r in rows if r.get(k) is not None}) > 1]  # copy-only rows name no host
+
+    def line_name(r) -> str:
+        return " / ".join([r["eviction"], *(f"h{r[k]}" if k == "n_host_layers" else str(r[k])
+                                            for k in hyb if r.get(k) is not None)])
+    policies = sorted({line_name(r) for r in rows})
     colours = {p: f"C{i % 10}" for i, p in enumerate(policies)}
     fig, axes = plt.subplots(len(traces), len(preds), figsize=(4.6 * len(preds), 3.6 * len(traces)),
                              squeeze=False)
@@ -42,7 +50,7 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> str | None:
             lines = defaultdict(list)
             for r in sel:
                 la = r["lookahead"] if pred != "none" else 0
-                lines[(r["eviction"], la, r["scope"], r["device"])].append(
+                lines[(line_name(r), la, r["scope"], r["device"])].append(
                     (100 * r["budget_fraction"], r["tokens_per_s"]))
             for (pol, la, scope, dev), pts in sorted(lines.items()):
                 pts.sort()
@@ -56,7 +64,11 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> str | None:
                 ax.axhline(drows[0]["all_resident_tokens_per_s"], color="grey", ls="--", lw=1,
                            label="all resident")
                 best = sorted({(100 * r["budget_fraction"], r["best_tokens_per_s"]) for r in drows})
-                ax.plot(*zip(*best), ":", color="black", lw=1.2, label="best possible")
+                ax.plot(*zip(*best), ":", color="black", lw=1.2, label="best possible, copy-only")
+                hb = sorted({(100 * r["budget_fraction"], r["best_hybrid_tokens_per_s"]) for r in drows
+                             if r.get("best_hybrid_tokens_per_s")})
+                if hb:
+                    ax.plot(*zip(*hb), "-.", color="black", lw=1.2, label="best possible, hybrid")
             name = os.path.basename(tr)
             ax.set_title((f"{name}: " if name else "") + f"predictor {pred}", fontsize=9)
             ax.set_xlabel("expert budget (% of all experts)")

@@ -14,6 +14,12 @@ Experiment YAML (frozen ``Experiment``; lists are swept, scalars fixed)::
     devices: [rtx-4060-8gb]          # names or YAML files
     scopes: [global]                 # default [ReplayOptions.scope]
     batch, max_inflight, prefetch_width, recall, precision, seed: scalars, defaults from ReplayOptions
+    miss_policies: [copy, auto]      # optional axis: copy | host | auto (default [auto]; docs/hybrid.md)
+    host_profiles: [ddr5-desktop]    # optional axis: hosts (names in configs/hosts or YAML files)
+    n_host_layers: [0, 4]            # optional axis: the first N MoE layers computed on the host
+    host_layers: "0,5"               # optional: MoE layers always on the host (scalar)
+    context: 4096                    # optional: positions per sequence the KV cache is sized for
+    workspace: 512MiB                # optional: device memory kept for workspace
     expert_source: disk              # optional: experts on storage (the devices' storage link)
     host_budget: "25%"               # optional, with disk: a host-RAM tier between storage and the device
     out: out/quickstart              # optional (default out/<name>)
@@ -38,8 +44,11 @@ trace paths must resolve there (``ray_backend.py``). The Belady bound of each
 (``bounds.BoundsCache``).
 
 A point whose budget is below the minimum is recorded with its error, not fatal; but a budget that cannot be read
-or buys no expert, and a grid in which no point can run, are refused before
-anything runs. ``name`` is a plain name (it names ``out/<name>``). Files are
+or buys no expert, a budget that does not fit in a device's memory beside the
+dense weights, KV cache and workspace (``core/memory.py``; one line with the
+numbers), and a grid in which no point can run, are refused before anything
+runs. The hybrid axes add ``|policy``, ``|host`` and ``|hN`` to a point's key
+only when the experiment names them, so old keys keep their form. ``name`` is a plain name (it names ``out/<name>``). Files are
 written through ``moe_runtime.core.outputs``; temporary files left by a killed run
 are removed when the sweep starts again, and a results.json that is not one
 this module wrote is one error line.
@@ -62,9 +71,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from moe_runtime.core import config_files
-from moe_runtime.core.budget import parse_budget
+from moe_runtime.core.budget import is_fit, parse_budget
 from moe_runtime.core.config_files import check_number, short
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.memory import DoesNotFit
+from moe_runtime.core.options import DEFAULT_MISS_POLICY
 from moe_runtime.core.outputs import check_output_dir, remove_stale_temps, write_json_atomic, write_text_atomic
 
 from .bounds import BoundsCache
@@ -77,11 +88,13 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SWEPT = {"budgets": "budget", "evictions": "eviction", "predictors": "predictor", "lookaheads": "lookahead",
          "scopes": "scope"}
 FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed", "expert_dtype", "expert_source",
-         "host_budget")
-CSV_COLUMNS = ("key", "trace", "device", "scope", "budget", "eviction", "predictor", "lookahead", "n_slots",
-               "budget_fraction", "accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_used",
-               "prefetch_wasted", "bytes_h2d", "bytes_read", "compute_s", "stall_s", "total_s", "tokens_per_s",
-               "all_resident_tokens_per_s", "best_tokens_per_s", "wall_s", "error")
+         "host_budget", "host_layers", "context", "workspace")
+HYBRID_AXES = {"miss_policies": "miss_policy", "host_profiles": "host_profile", "n_host_layers": "n_host_layers"}
+CSV_COLUMNS = ("key", "trace", "device", "scope", "budget", "eviction", "predictor", "lookahead", "miss_policy",
+               "host_profile", "n_host_layers", "n_slots", "budget_fraction", "accesses", "hits", "late", "misses",
+               "host_computed", "fills", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_h2d",
+               "bytes_read", "compute_s", "stall_s", "host_s", "total_s", "tokens_per_s", "all_resident_tokens_per_s",
+               "best_tokens_per_s", "best_hybrid_tokens_per_s", "wall_s", "error")
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,12 @@ class Experiment:
     expert_dtype: str | None = _OPT["expert_dtype"]  # overrides the model's (int4, mxfp4, ...)
     expert_source: str = _OPT["expert_source"]  # memory | disk (the devices' storage link)
     host_budget: str | None = _OPT["host_budget"]  # a host tier above the disk (three tiers)
+    host_layers: str | None = _OPT["host_layers"]
+    context: int = _OPT["context"]
+    workspace: str = _OPT["workspace"]
+    miss_policies: tuple | None = None  # None: [auto], and keys without the axis
+    host_profiles: tuple | None = None  # None: the default host, and keys without the axis
+    n_host_layers: tuple | None = None  # None: [0], and keys without the axis
     out: str | None = None
     traces: tuple | None = None
 
@@ -136,7 +155,7 @@ class Experiment:
                                                      and not isinstance(x, bool)):
                     raise MoeError(f"{f} must hold {'budgets' if f == 'budgets' else 'names'}, got {short(x)}")
         for b in self.budgets:  # syntax and "buys nothing", before anything runs; the model's sizes later
-            if parse_budget(str(b), expert_bytes=1, total_experts=1 << 62) < 1:
+            if parse_budget(str(b), expert_bytes=1, total_experts=1 << 62, free_bytes=1 << 62) < 1:
                 raise MoeError(f"budget {short(b)} buys no experts")
         for f in ("recall", "precision"):
             check_number(f, getattr(self, f), lo=0, hi=1)
@@ -146,12 +165,31 @@ class Experiment:
         for f in ("batch", "max_inflight", "prefetch_width"):  # a batch of 10**9 would allocate 10**9 lanes
             if getattr(self, f) is not None:
                 check_number(f, getattr(self, f), lo=1, hi=1 << 16, integer=True)
+        for f in HYBRID_AXES:
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, tuple) or not v):
+                raise MoeError(f"{f} must be a non-empty list")
+            for x in v or ():
+                if f == "n_host_layers":
+                    check_number("n_host_layers", x, lo=0, hi=4096, integer=True)
+                elif not isinstance(x, str) or not x:
+                    raise MoeError(f"{f} must hold names, got {short(x)}")
         for p in self.points():  # validates every option combination (no I/O)
             pass
 
-    def options(self, budget, eviction, predictor, lookahead, scope) -> ReplayOptions:
+    def axis(self, f: str) -> tuple:
+        """A hybrid axis's values (its default alone when the experiment does not name it)."""
+        v = getattr(self, f)
+        if v is not None:
+            return v
+        return {"miss_policies": (DEFAULT_MISS_POLICY["command"],), "host_profiles": (None,),
+                "n_host_layers": (0,)}[f]
+
+    def options(self, budget, eviction, predictor, lookahead, scope, miss_policy=DEFAULT_MISS_POLICY["command"],
+                host_profile=None, n_host_layers=0) -> ReplayOptions:
         return ReplayOptions(budget=str(budget), eviction=eviction, predictor=predictor, lookahead=lookahead,
-                             scope=scope, tokens=self.tokens, **{f: getattr(self, f) for f in FIXED})
+                             scope=scope, tokens=self.tokens, miss_policy=miss_policy, host_profile=host_profile,
+                             n_host_layers=n_host_layers, **{f: getattr(self, f) for f in FIXED})
 
     def trace_list(self) -> tuple:
         return self.traces if self.traces is not None else (self.trace,)
@@ -159,23 +197,28 @@ class Experiment:
     def points(self) -> list[tuple[str, str, str, ReplayOptions]]:
         """(key, trace, device, options) of every grid point, "none" predictors once per lookahead list."""
         out, seen = [], set()
-        for tr, dev, scope, b, ev, pred, la in itertools.product(
+        for tr, dev, scope, b, ev, pred, la, mp, host, nh in itertools.product(
                 self.trace_list(), self.devices, self.scopes, self.budgets, self.evictions, self.predictors,
-                self.lookaheads):
+                self.lookaheads, *(self.axis(f) for f in HYBRID_AXES)):
             if pred == "none":
                 la = self.lookaheads[0]
             key = f"{dev}|{scope}|{b}|{ev}|{pred}|{la}"
             if self.traces is not None:  # one trace keeps the keys of old results
                 key = f"{Path(tr).name}|{key}"
+            for f, v in zip(HYBRID_AXES, (mp, host, f"h{nh}")):
+                if getattr(self, f) is not None:
+                    key += f"|{v}"
             if key not in seen:
                 seen.add(key)
-                out.append((key, tr, dev, self.options(b, ev, pred, la, scope)))
+                out.append((key, tr, dev, self.options(b, ev, pred, la, scope, mp, host, nh)))
         return out
 
     def fingerprint(self) -> str:
         """What results depend on besides the grid: a resumed sweep must match it."""
-        d = {k: v for k, v in asdict(self).items() if k not in SWEPT and k not in ("devices", "out", "name")}
-        for f in ("expert_dtype", "host_budget"):
+        d = {k: v for k, v in asdict(self).items() if k not in SWEPT and k not in ("devices", "out", "name")
+             and k not in HYBRID_AXES}
+        d["semantics"] = "hybrid"  # results from before a miss could be computed on the host are not resumed
+        for f in ("expert_dtype", "host_budget", "host_layers"):
             if d[f] is None:
                 del d[f]  # as before it existed: old results still resume
         if d["expert_source"] == "memory":
@@ -201,7 +244,7 @@ def experiment_from_dict(d) -> Experiment:
         raise MoeError(f"missing field(s): {', '.join(missing)}")
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     d.setdefault("trace", None)
-    for k in ("budgets", "evictions", "predictors", "devices", "lookaheads", "scopes", "traces"):
+    for k in ("budgets", "evictions", "predictors", "devices", "lookaheads", "scopes", "traces", *HYBRID_AXES):
         if k in d and not isinstance(d[k], tuple):
             d[k] = (d[k],)
     try:
@@ -246,7 +289,8 @@ def _replay(point) -> Replay:
             config_files.bundled(dev_name) if "/" in dev_name else dev_name))
     wk = (trace_path, opts.batch)
     w = _STATE["workloads"].get(wk) or _STATE["workloads"].setdefault(wk, build_workload(trace, opts.batch))
-    return Replay(trace, _STATE["devices"][trace_path, dev_name], opts, workload=w, bounds_cache=_STATE["cache"])
+    return Replay(trace, _STATE["devices"][trace_path, dev_name], opts, workload=w, bounds_cache=_STATE["cache"],
+                  fit_check=True)
 
 
 def _check_budgets(exp: Experiment) -> None:
@@ -254,23 +298,29 @@ def _check_budgets(exp: Experiment) -> None:
     for tr in exp.trace_list():
         trace, spec = _inputs(config_files.bundled(tr))
         for b in exp.budgets:
+            if is_fit(b):
+                continue  # what it buys depends on the device: the points' own check below
             if parse_budget(str(b), expert_bytes=spec.expert_bytes,
                             total_experts=trace.n_layers * trace.n_experts) < 1:
                 raise MoeError(f"budget {short(b)} buys no expert of {spec.name} ({spec.expert_bytes:,} bytes each)")
-    first = None
-    for point in exp.points():
+    first, runs = None, False
+    for point in exp.points():  # every point: a budget that does not fit refuses the whole sweep
         try:
             _replay(point)
-            return
+            runs = True
+        except DoesNotFit as e:
+            raise MoeError(f"{point[0]}: {e}") from None
         except MoeError as e:
             first = first or e
-    raise MoeError(f"no point of the grid can run: {first}")
+    if not runs:
+        raise MoeError(f"no point of the grid can run: {first}")
 
 
 def _run_point(point) -> dict:
     key, trace_name, dev_name, opts = point
     row = {"key": key, "trace": trace_name, "device": dev_name, "scope": opts.scope, "budget": opts.budget,
-           "eviction": opts.eviction, "predictor": opts.predictor, "lookahead": opts.lookahead}
+           "eviction": opts.eviction, "predictor": opts.predictor, "lookahead": opts.lookahead,
+           "miss_policy": opts.miss_policy, "host_profile": opts.host_profile, "n_host_layers": opts.n_host_layers}
     try:
         rep = _replay(point).run()
     except MoeError as e:
@@ -279,6 +329,8 @@ def _run_point(point) -> dict:
     row.update({k: rep[k] for k in CSV_COLUMNS if k in rep})
     row["all_resident_tokens_per_s"] = rep["bounds"]["all_resident_tokens_per_s"]
     row["best_tokens_per_s"] = rep["bounds"]["best_tokens_per_s"]
+    row["best_hybrid_tokens_per_s"] = rep["bounds"].get("best_hybrid_tokens_per_s")
+    row["host_profile"] = rep["host_profile"]
     row["report"] = rep
     return row
 
@@ -416,23 +468,32 @@ def run_experiment(path, out: str | None = None, workers: int | None = None, bac
 
 
 def summary(rows: list[dict]) -> str:
-    """Per (trace, device, scope, budget): the fastest configuration, beside the bounds."""
+    """Per (trace, device, scope, budget), and miss policy when several ran: the fastest configuration, beside
+    the bounds (copy-only and hybrid)."""
     best: dict = {}
+    policies = len({r.get("miss_policy") for r in rows if not r.get("error")}) > 1  # a row per policy then
     for r in rows:
         if r.get("error"):
             continue
-        k = (Path(r.get("trace") or "").name, r["device"], r["scope"], r["budget"])
+        k = (Path(r.get("trace") or "").name, r["device"], r["scope"], r["budget"]) + (
+            (r.get("miss_policy"),) if policies else ())
         if k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]:
             best[k] = r
     lines = []
     for tr in sorted({k[0] for k in best}):
         if tr:
             lines.append(f"trace {tr}")
-        lines.append(f"{'device':<16} {'scope':<9} {'budget':>7} {'tok/s':>8} {'best':>8} {'resident':>8}  fastest")
-        for k in sorted((k for k in best if k[0] == tr), key=lambda k: (k[1], k[2], best[k]["budget_fraction"])):
+        lines.append(f"{'device':<16} {'scope':<9} {'budget':>7} {'tok/s':>8} {'best,copy':>9} {'best,hyb':>8} "
+                     f"{'resident':>8}  fastest")
+        for k in sorted((k for k in best if k[0] == tr), key=lambda k: (k[1], k[2], best[k]["budget_fraction"],
+                                                                          k[4:])):
             r = best[k]
             how = f"{r['eviction']} + {r['predictor']}" + (f" (lookahead {r['lookahead']})"
                                                            if r["predictor"] != "none" else "")
-            lines.append(f"{k[1]:<16} {k[2]:<9} {k[3]:>7} {r['tokens_per_s']:>8.2f} {r['best_tokens_per_s']:>8.2f} "
-                         f"{r['all_resident_tokens_per_s']:>8.2f}  {how}")
+            if r.get("miss_policy"):
+                how = f"miss {r['miss_policy']}" + (f", {r['n_host_layers']} host layers" if r.get("n_host_layers")
+                                                    else "") + f": {how}"
+            hb = r.get("best_hybrid_tokens_per_s")
+            lines.append(f"{k[1]:<16} {k[2]:<9} {k[3]:>7} {r['tokens_per_s']:>8.2f} {r['best_tokens_per_s']:>9.2f} "
+                         f"{hb if hb is not None else float('nan'):>8.2f} {r['all_resident_tokens_per_s']:>8.2f}  {how}")
     return "\n".join(lines)

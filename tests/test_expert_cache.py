@@ -9,13 +9,14 @@ from hypothesis import strategies as st
 
 from moe_runtime.core.expert_cache import LOADING, READY, ExpertCache, Outcome, access_sequence
 from moe_runtime.core.policies import EVICTION_POLICIES
+from cache_reference import access_layer
 
 
 def _run(cache, steps, complete_misses=True):
     for step in steps:
         cache.begin_step()
         for layer, ids in enumerate(step):
-            acc = cache.access_layer(layer, ids)
+            acc = access_layer(cache, layer, ids)
             for _, slot, outcome in acc.outcomes:
                 if outcome != Outcome.HIT and complete_misses:
                     cache.copy_done(slot)
@@ -78,7 +79,7 @@ def test_per_layer_scope_splits_budget():
 def test_prefetch_used_late_and_wasted():
     cache = ExpertCache(n_slots=6, n_moe_layers=3, n_experts=8, experts_per_layer=2, expert_bytes=1, max_inflight=2)
     cache.begin_step()
-    acc = cache.access_layer(0, [0, 1])
+    acc = access_layer(cache, 0, [0, 1])
     assert [o for *_, o in acc.outcomes] == [Outcome.MISS, Outcome.MISS]
     issued = cache.prefetch([(1, 2), (1, 3), (2, 4)], layer=0)
     assert [k for k, _ in issued] == [(1, 2), (1, 3)]  # max_inflight caps the third
@@ -86,12 +87,12 @@ def test_prefetch_used_late_and_wasted():
         cache.copy_done(slot)
     cache.copy_done(issued[0][1])  # (1, 2) arrives, (1, 3) still loading
     cache.release_layer()
-    acc = cache.access_layer(1, [2, 3])
+    acc = access_layer(cache, 1, [2, 3])
     assert [o for *_, o in acc.outcomes] == [Outcome.HIT, Outcome.LATE]
     cache.copy_done(issued[1][1])
     cache.release_layer()
     late_prefetch = cache.prefetch([(2, 5)], layer=1)
-    acc = cache.access_layer(2, [6, 7])  # (2, 5) was a wrong guess, still queued: stale
+    acc = access_layer(cache, 2, [6, 7])  # (2, 5) was a wrong guess, still queued: stale
     assert acc.stale == [late_prefetch[0][1]]
     cache.cancel(acc.stale[0])
     stats = cache.finish()
@@ -102,7 +103,7 @@ def test_prefetch_used_late_and_wasted():
 def test_prefetch_never_evicts_pinned_or_loading():
     cache = ExpertCache(n_slots=3, n_moe_layers=2, n_experts=8, experts_per_layer=2, expert_bytes=1, max_inflight=1)
     cache.begin_step()
-    acc = cache.access_layer(0, [0, 1])  # both pinned and loading
+    acc = access_layer(cache, 0, [0, 1])  # both pinned and loading
     assert cache.prefetch([(1, 5)], layer=0) != []  # the one free slot
     assert cache.prefetch([(1, 6)], layer=0) == []  # nothing evictable: pinned, loading
     for _, slot, _ in acc.outcomes:
@@ -129,7 +130,7 @@ def test_no_pinned_or_loading_slot_is_ever_taken(policy, slots, scope, seed, inf
         cache.begin_step()
         for layer, ids in enumerate(step):
             before = {s: cache.key_of[s] for s in loading}
-            acc = cache.access_layer(layer, ids)
+            acc = access_layer(cache, layer, ids)
             pinned = {slot: (layer, e) for e, slot, _ in acc.outcomes}
             for s, key in before.items():
                 assert cache.key_of[s] == key, "a loading slot was overwritten"

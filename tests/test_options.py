@@ -38,7 +38,7 @@ def test_old_spellings_still_parse():
 
 
 def test_defaults_are_the_dataclass_ones():
-    assert ReplayOptions().budget == "25%" and OffloadOptions().budget is None
+    assert ReplayOptions().budget == "fit" and OffloadOptions().budget is None
     args = sim_parser().parse_args(["replay", "--trace", "t", "--device", "d"])
     assert (args.eviction, args.max_inflight, args.lookahead) == ("lru", 4, 1)
 

@@ -10,6 +10,7 @@ import pytest
 from moe_runtime.core.expert_cache import ExpertCache, Outcome, access_sequence
 from simulator import bounds as B
 from simulator.workload import build_workload, load_inputs
+from cache_reference import access_layer
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 
@@ -23,7 +24,7 @@ def cache_belady(ids, n_slots, scope, n_layers):
     for step in ids:
         cache.begin_step()
         for layer, layer_ids in enumerate(step):
-            for _, slot, outcome in cache.access_layer(layer, layer_ids).outcomes:
+            for _, slot, outcome in access_layer(cache, layer, layer_ids).outcomes:
                 if outcome == Outcome.MISS:
                     cache.copy_done(slot)
             cache.release_layer()

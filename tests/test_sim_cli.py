@@ -21,7 +21,7 @@ def _run(capsys, *argv):
 def test_replay_json_has_the_report_fields(capsys, tmp_path):
     code, out, err = _run(capsys, "replay", "--trace", LAW, "--device", "rtx-4060-8gb", "--budget", "2GiB",
                           "--eviction", "lru", "--predictor", "history", "--lookahead", "2", "--tokens", "60",
-                          "--json", "--timeline", str(tmp_path / "tl.json"))
+                          "--miss-policy", "copy", "--json", "--timeline", str(tmp_path / "tl.json"))
     assert code == 0, err
     rep = json.loads(out)
     for k in ("accesses", "hits", "late", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted",

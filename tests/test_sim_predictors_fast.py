@@ -159,7 +159,7 @@ def test_a_replayed_step_ranked_at_once_prefetches_as_layer_by_layer(name):
                             policy="lru", scope="global", max_inflight=8)
         pred = make_predictor(name, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2))
         link = LockstepCopies(cache, per_layer=2)  # two prefetches land per layer: some arrive, some go stale
-        proto = LayerProtocol(cache, link, pred, lookahead=2, record_predictions=True)
+        proto = LayerProtocol(cache, link, pred, record_predictions=True)
         predictions = []
         for step in steps:
             proto.begin_step(future=step.__getitem__, routing=step if whole else None)

@@ -16,7 +16,7 @@ from simulator import ray_backend, sweep  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 EXP = {"name": "ray-small", "traces": [str(REPO / "traces/mixtral-8x7b-humaneval.npz"),
                                        str(REPO / "traces/deepseek-v2-lite-law.npz")],
-       "tokens": 30, "budgets": ["30%", "60%"], "evictions": ["lru"], "predictors": ["none", "history"],
+       "tokens": 30, "budgets": ["5%", "12%"], "evictions": ["lru"], "predictors": ["none", "history"],
        "lookaheads": [1], "devices": ["t4"]}
 WALL = ("wall_s", "accesses_per_wall_s")
 

@@ -142,7 +142,7 @@ def test_replay_and_sweep_take_the_tier_options(capsys, tmp_path):
     dev = tmp_path / "disk.yaml"
     dev.write_text(yaml.safe_dump(dataclasses.asdict(disk_device()) | {"name": "t4-disk"}))
     code, out, err = _sim(capsys, "replay", "--trace", LAW, "--device", dev, "--tokens", "40", "--expert-source",
-                          "disk", "--host-budget", "30%", "--json")
+                          "disk", "--host-budget", "30%", "--miss-policy", "copy", "--json")
     assert code == 0, err
     rep = json.loads(out)
     assert rep["expert_source"] == "disk" and rep["host_misses"] > 0 and rep["bytes_read"] > 0
@@ -152,7 +152,8 @@ def test_replay_and_sweep_take_the_tier_options(capsys, tmp_path):
     exp = tmp_path / "tiers.yaml"
     exp.write_text(yaml.safe_dump({"name": "tiers", "trace": LAW, "tokens": 30, "budgets": ["25%"],
                                    "evictions": ["lru"], "predictors": ["none"], "devices": [str(dev)],
-                                   "expert_source": "disk", "host_budget": "50%", "out": str(tmp_path / "out")}))
+                                   "expert_source": "disk", "host_budget": "50%", "out": str(tmp_path / "out"),
+                                   "miss_policies": ["copy"]}))
     code, _, err = _sim(capsys, "sweep", exp, "--workers", "1")
     assert code == 0, err
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]

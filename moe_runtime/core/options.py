@@ -23,7 +23,7 @@ from moe_runtime.core.predictors import predictor_names
 from moe_runtime.core.config_files import short
 from moe_runtime.core.errors import MoeError
 
-DEFAULT_BUDGET = {"generate": "100%", "replay": "25%"}
+DEFAULT_BUDGET = {"generate": "100%", "replay": "fit"}
 # ``miss_policy`` None: the commands (`moe-sim replay`, sweeps) use "auto"; options built in code without one
 # copy every miss, as before hybrid execution existed (what the reference and differential tests pin)
 DEFAULT_MISS_POLICY = {"command": "auto", "code": "copy"}

@@ -253,13 +253,28 @@ class ModelSpec:
         is kept only when some layer is dense, as the YAML specs write it.
         """
         shared = cfg.shared_expert_intermediate_size
+        mem = cls._memory_fields(cfg)
         return cls(name=name, n_layers=cfg.n_layers, moe_layers=cfg.moe_layers, n_experts=cfg.n_experts,
                    top_k=cfg.top_k, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
-                   n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                   n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=mem.pop("head_dim", cfg.head_dim),
                    vocab_size=cfg.vocab_size, dtype=dtype, n_shared_experts=1 if shared else 0,
                    shared_intermediate_size=shared,
                    dense_intermediate_size=cfg.dense_intermediate_size if cfg.n_moe_layers < cfg.n_layers else 0,
-                   expert_dtype=cfg.quantization or "", expert_biases=cfg.expert_activation == "clamped_swiglu")
+                   expert_dtype=cfg.quantization or "", expert_biases=cfg.expert_activation == "clamped_swiglu",
+                   **mem)
+
+    @staticmethod
+    def _memory_fields(cfg: ModelConfig) -> dict:
+        """MLA ranks (head_dim then qk_nope + qk_rope, as the YAML specs write it) and sliding layers."""
+        out = {}
+        if cfg.attention == "mla":
+            out = dict(kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                       q_lora_rank=cfg.q_lora_rank, v_head_dim=cfg.v_head_dim,
+                       head_dim=cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        sliding = tuple(i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention")
+        if sliding and cfg.sliding_window:
+            out.update(sliding_window=cfg.sliding_window, sliding_layers=sliding)
+        return out
 
     @classmethod
     def from_hf_config(cls, d: dict, name: str | None = None) -> "ModelSpec":

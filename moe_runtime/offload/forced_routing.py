@@ -16,7 +16,7 @@ Contract:
   forward's ``route`` (views for one sequence's positions).
 - ``step_ids(step, layer)`` is the list the MoE block hands the provider
   (unique ids, token-major then rank), so ``future(steps)`` is exactly the key
-  sequence ``ExpertCache.access_layer`` will see over a list of steps
+  sequence ``ExpertCache.classify`` will see over a list of steps
   (Belady's future), and ``popularity()`` is the per-(layer, expert) count of
   uses (the static policy's profile).
 
@@ -115,7 +115,7 @@ class ForcedRouting:
         return [sorted(ids) if capacity is not None and len(ids) > capacity else ids for ids in out]
 
     def future(self, steps: Sequence[Step], capacity: int | None = None) -> list[Key]:
-        """The keys ``access_layer`` sees over ``steps``, in order (step, layer, rank), for a provider whose
+        """The keys ``ExpertCache.classify`` sees over ``steps``, in order (step, layer, rank), for a provider whose
         ``capacity`` is given (its waves' order); None: every union fits."""
         return access_sequence(self.step_routing(s, capacity) for s in steps)
 

@@ -81,7 +81,7 @@ def test_moe_trace_outputs(trace_cli, tmp_path):
 
 def test_sweep_output_directory(sim, tmp_path):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(yaml.safe_dump({"name": "o", "trace": LAW, "tokens": 10, "budgets": ["50%"], "evictions": ["lru"],
+    exp.write_text(yaml.safe_dump({"name": "o", "trace": LAW, "tokens": 10, "budgets": ["40%"], "evictions": ["lru"],
                                    "predictors": ["none"], "devices": ["t4"]}))
     (tmp_path / "file").write_text("x")
     for path, words in [(tmp_path / "file", "not a directory"), (tmp_path / "file" / "d", "is a file")] + \

@@ -38,7 +38,7 @@ def _csv(out) -> list:
 
 def test_killed_sweep_resumes_to_the_same_rows(tmp_path, capsys):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(yaml.safe_dump({"name": "kill", "trace": LAW, "tokens": 150, "budgets": ["10%", "25%", "50%"],
+    exp.write_text(yaml.safe_dump({"name": "kill", "trace": LAW, "tokens": 150, "budgets": ["10%", "25%", "40%"],
                                    "evictions": ["lru", "fifo"], "predictors": ["none"], "devices": ["t4"]}))
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     run_experiment(exp, out=str(ref), workers=1)

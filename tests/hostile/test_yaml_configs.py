@@ -25,7 +25,7 @@ def _replay_args(tmp_path, device=None, model=None):
 
 
 def _experiment(tmp_path, **over) -> str:
-    exp = {"name": "hostile", "trace": LAW, "tokens": 20, "budgets": ["50%"], "evictions": ["lru"],
+    exp = {"name": "hostile", "trace": LAW, "tokens": 20, "budgets": ["40%"], "evictions": ["lru"],
            "predictors": ["none"], "devices": ["t4"], **over}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     return str(tmp_path / "exp.yaml")
