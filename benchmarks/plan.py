@@ -1,20 +1,17 @@
 """`moe-sim plan` against an exhaustive search of the same space, and a plan's prediction against the executor.
 
-Part 1 (simulator, reproducible here): for each model and device of the grid
-file (default ``configs/experiments/plan-exhaustive.yaml``) with its host
-profile, three configurations on the same trace, tokens and scorer
-(``simulator/plan_search.py``): the plan's (coordinate ascent pruned by the
-bounds), the best of every point of the grid (exhaustive), and the plain
-default (LRU, no prefetch, copy-only, the largest budget that fits). Each with
-tokens/s; the wall time of the plan (trace choice, search; a fresh bounds
-cache, so nothing is reused from earlier runs) and of the exhaustive search.
-Targets: plan >= 97% of the exhaustive best; plan time <= 1/10 of it.
-
-Grid schema: name, models, devices, host_profile, host_ram_gib, batch,
-context, workspace, tokens, and ``space``: miss_policies, predictors
-([name, lookahead] pairs), evictions, n_host_layers (shares of the MoE layers),
-scopes, budget_shares. The exhaustive search replays the grid with the plan's
-scorer in this process: `moe-sim sweep` has no miss-policy or host-layer axes.
+Part 1 (simulator, reproducible here): `moe-sim sweep` of the grid
+``configs/experiments/plan-exhaustive.yaml`` (every point: each bundled
+trace's model on rtx-4060-8gb, rtx-3060-12gb and t4 with the DDR5 desktop
+host), then, per trace and device, `moe-sim plan`'s search over the same space
+(the same axes and values, trace, tokens and replay; ``simulator/plan_search.py``)
+and the plain default (LRU, no prefetch, copy-only, the largest budget that
+fits). Each one's tokens/s; the plan's wall time (a fresh bounds cache: nothing
+reused from earlier runs) against the sweep's replay time for the same (trace,
+device): the sum of its points' ``wall_s``, i.e. one worker's time, without the
+sweep's own start-up. Targets: plan >= 97% of the sweep's best; plan time <=
+1/10 of the sweep's. The plan is given 128 GiB of host RAM (it checks that the
+experts fit; the sweep does not).
 
 Part 2 (``--cpu``, this machine, experts on disk): a mixtral-family checkpoint
 (make-tiny's writer, hidden 512, 4 layers of 8 experts of 6.3 MB in fp32) is
@@ -23,8 +20,8 @@ recorded by a first decode, planned with that trace and ``--disk`` at a RAM
 tier of half the experts, and decoded with `moe-runtime generate --config` on
 the plan: predicted tokens/s against measured (three decodes, the median).
 
-    python benchmarks/plan.py --json                 # part 1 (~20 min alone)
-    python benchmarks/plan.py --tokens 60 --cpu      # shorter, plus part 2
+    python benchmarks/plan.py --json                         # part 1 (the sweep: ~12 min on 2 workers here)
+    python benchmarks/plan.py --sweep-out DIR --cpu --json   # a finished sweep read again, plus part 2
 """
 
 from __future__ import annotations
@@ -41,68 +38,70 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.core import config_files  # noqa: E402
-from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from simulator.bounds import BoundsCache  # noqa: E402
 from simulator.device import load_device  # noqa: E402
 from simulator.plan import describe  # noqa: E402
-from simulator.plan_inputs import choose_trace  # noqa: E402
 from simulator.plan_search import Planner, Space  # noqa: E402
+from simulator.sweep import load_experiment  # noqa: E402
+from simulator.workload import load_inputs  # noqa: E402
+
+HOST_RAM = 128 * 2**30  # a desktop that holds Mixtral's 90 GB of bf16 experts (the plan checks host RAM)
 
 
-def load_grid(path) -> dict:
-    return config_files.load_yaml(Path(config_files.bundled(path)), lambda d: d)
+def space_for(exp) -> Space:
+    """The plan's space for the sweep's grid: the same axes and values."""
+    preds = (("none", exp.lookaheads[0]),) * ("none" in exp.predictors) + tuple(
+        (p, la) for p in exp.predictors if p != "none" for la in exp.lookaheads)
+    shares = tuple(1.0 if b == "fit" else float(b.split(":")[1].rstrip("%")) / 100 for b in exp.budgets)
+    return Space(miss_policies=tuple(exp.miss_policies), predictors=preds, evictions=tuple(exp.evictions),
+                 n_host_layers=tuple(exp.n_host_layers), scopes=tuple(exp.scopes), budget_shares=shares)
 
 
-def space_for(grid: dict, spec) -> Space:
-    s, L = grid["space"], spec.n_moe_layers
-    return Space(miss_policies=tuple(s["miss_policies"]), predictors=tuple(tuple(p) for p in s["predictors"]
-                                                                             if p[1] < L),
-                 evictions=tuple(s["evictions"]), n_host_layers=tuple(sorted({int(f * L) for f in s["n_host_layers"]})),
-                 scopes=tuple(s["scopes"]), budget_shares=tuple(s["budget_shares"]))
+def run_sweep(exp_path: str, out: str, workers: int) -> float:
+    """`moe-sim sweep` of the grid into ``out`` (a fresh directory); its wall time."""
+    t = time.perf_counter()
+    _sh("-m", "simulator.cli", "sweep", exp_path, "--out", out, "--workers", str(workers))
+    return time.perf_counter() - t
 
 
-def planner_for(grid, spec, device, tokens, cache_dir) -> tuple[Planner, str]:
-    choice = choose_trace(spec, trace_path=None, tokens=tokens, batch=grid["batch"])
-    p = Planner(spec, device, choice.trace, batch=grid["batch"], context=grid["context"],
-                workspace=grid["workspace"], host_profile=grid["host_profile"],
-                host_ram_bytes=int(grid["host_ram_gib"] * 2**30))
-    p.bounds_cache = BoundsCache(cache_dir)
-    return p, choice.words
-
-
-def part1(grid: dict, tokens: int, exhaustive: bool) -> list[dict]:
-    rows = []
-    for model in grid["models"]:
-        spec = load_model_spec(model)
-        space = space_for(grid, spec)
-        for dev_name in grid["devices"]:
-            device = load_device(dev_name)
-            with tempfile.TemporaryDirectory() as cold:
+def part1(exp_path: str, sweep_dir: str, sweep_wall: float | None) -> list[dict]:
+    exp = load_experiment(exp_path)
+    rows_by = {}
+    for r in json.loads((Path(sweep_dir) / "results.json").read_text())["results"]:
+        rows_by.setdefault((Path(r["trace"]).name, r["device"]), []).append(r)
+    space = space_for(exp)
+    out = []
+    for tr in exp.trace_list():
+        for dev_name in exp.devices:
+            with tempfile.TemporaryDirectory() as cold:  # no bound cached by earlier runs
                 t = time.perf_counter()
-                plan, words = planner_for(grid, spec, device, tokens, cold)
+                trace, spec = load_inputs(tr, exp.model, exp.tokens)
+                plan = Planner(spec, load_device(dev_name), trace, batch=exp.batch, context=exp.context,
+                               workspace=exp.workspace, host_profile=exp.host_profiles[0],
+                               host_ram_bytes=HOST_RAM)
+                plan.bounds_cache = BoundsCache(cold)
                 plan.check_runnable(space)
                 best = plan.search(space)
                 plan_s = time.perf_counter() - t
-                n_sim = len(plan.rows)
+            n_sim = len(plan.rows)
             default = plan.evaluate(plan.plain(space))
-            row = {"model": model, "device": dev_name, "host": grid["host_profile"], "trace": words,
-                   "tokens": tokens, "plan_tokens_per_s": best["tokens_per_s"], "plan_config": describe(best["point"]),
-                   "plan_wall_s": plan_s, "plan_simulated": n_sim,
+            done = [r for r in rows_by.get((Path(tr).name, dev_name), []) if not r.get("error")]
+            top = max(done, key=lambda r: r["tokens_per_s"])
+            sweep_s = sum(r["wall_s"] for r in done)
+            row = {"model": spec.name, "device": dev_name, "host": exp.host_profiles[0], "trace": Path(tr).name,
+                   "tokens": exp.tokens, "plan_tokens_per_s": best["tokens_per_s"],
+                   "plan_config": describe(best["point"]), "plan_wall_s": plan_s, "plan_simulated": n_sim,
                    "plan_pruned": plan.pruned, "default_tokens_per_s": default["tokens_per_s"],
-                   "grid_points": len(space.points())}
-            if exhaustive:
-                with tempfile.TemporaryDirectory() as cold:
-                    t = time.perf_counter()
-                    ex, _ = planner_for(grid, spec, device, tokens, cold)
-                    top = ex.run_all(space)
-                    row.update(exhaustive_wall_s=time.perf_counter() - t, exhaustive_simulated=len(ex.rows),
-                               exhaustive_tokens_per_s=top["tokens_per_s"], exhaustive_config=describe(top["point"]))
-                row["plan_to_best"] = row["plan_tokens_per_s"] / row["exhaustive_tokens_per_s"]
-                row["time_ratio"] = row["plan_wall_s"] / row["exhaustive_wall_s"]
-            rows.append(row)
+                   "sweep_points": len(done), "sweep_errors": len(rows_by.get((Path(tr).name, dev_name), [])) - len(done),
+                   "sweep_tokens_per_s": top["tokens_per_s"],
+                   "sweep_config": f"{top['miss_policy']}, {top['eviction']}, {top['predictor']}@{top['lookahead']}, "
+                                   f"{top['n_host_layers']} host layers, {top['scope']}, {top['budget']}",
+                   "sweep_replay_s": sweep_s}
+            row["plan_to_best"] = row["plan_tokens_per_s"] / row["sweep_tokens_per_s"]
+            row["time_ratio"] = plan_s / sweep_s
+            out.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    return rows
+    return out
 
 
 def _sh(*argv) -> str:
@@ -156,35 +155,36 @@ def part2(new_tokens: int = 80) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", default="configs/experiments/plan-exhaustive.yaml")
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per configuration (default: the grid's)")
-    ap.add_argument("--no-exhaustive", action="store_true", help="plans only (fast)")
+    ap.add_argument("--grid", default="configs/experiments/plan-exhaustive.yaml", help="the sweep's experiment")
+    ap.add_argument("--sweep-out", default=None, help="the sweep's output directory; when it holds the finished "
+                                                      "sweep, it is read, not run again (default: a fresh one)")
+    ap.add_argument("--workers", type=int, default=2, help="the sweep's workers (default 2)")
     ap.add_argument("--cpu", action="store_true", help="also part 2: a plan's prediction vs the executor here")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    grid = load_grid(a.grid)
-    tokens = a.tokens or grid["tokens"]
-    rows = part1(grid, tokens, not a.no_exhaustive)
-    res = {"grid": a.grid, "tokens": tokens, "rows": rows}
-    if rows and "plan_to_best" in rows[0]:
-        res["targets"] = {"plan_within_3pct": all(r["plan_to_best"] >= 0.97 for r in rows),
-                          "plan_time_le_tenth": all(r["time_ratio"] <= 0.1 for r in rows),
-                          "worst_plan_to_best": min(r["plan_to_best"] for r in rows),
-                          "worst_time_ratio": max(r["time_ratio"] for r in rows)}
+    sweep_dir = a.sweep_out or tempfile.mkdtemp(prefix="plan-sweep-")
+    sweep_wall = None
+    if not (Path(sweep_dir) / "results.json").exists():
+        sweep_wall = run_sweep(a.grid, sweep_dir, a.workers)
+    rows = part1(a.grid, sweep_dir, sweep_wall)
+    res = {"grid": a.grid, "sweep_dir": sweep_dir, "sweep_wall_s": sweep_wall, "sweep_workers": a.workers,
+           "rows": rows,
+           "targets": {"plan_within_3pct": all(r["plan_to_best"] >= 0.97 for r in rows),
+                       "plan_time_le_tenth": all(r["time_ratio"] <= 0.1 for r in rows),
+                       "worst_plan_to_best": min(r["plan_to_best"] for r in rows),
+                       "worst_time_ratio": max(r["time_ratio"] for r in rows)}}
     if a.cpu:
         res["cpu"] = part2()
     if a.json:
         print(json.dumps(res, indent=1))
         return
-    print(f"{'model':<18} {'device':<14} {'plan':>7} {'best':>7} {'plain':>7} {'p/best':>6} {'plan s':>7} "
-          f"{'grid s':>7}  plan's configuration")
+    print(f"{'model':<18} {'device':<14} {'plan':>7} {'sweep':>7} {'plain':>7} {'p/best':>6} {'plan s':>7} "
+          f"{'sweep s':>7}  plan's configuration")
     for r in rows:
-        print(f"{r['model']:<18} {r['device']:<14} {r['plan_tokens_per_s']:7.2f} "
-              f"{r.get('exhaustive_tokens_per_s', float('nan')):7.2f} {r['default_tokens_per_s']:7.2f} "
-              f"{r.get('plan_to_best', float('nan')):6.3f} {r['plan_wall_s']:7.1f} {r.get('exhaustive_wall_s', 0):7.1f}"
-              f"  {r['plan_config']}")
-    if "targets" in res:
-        print("targets:", res["targets"])
+        print(f"{r['model']:<18} {r['device']:<14} {r['plan_tokens_per_s']:7.2f} {r['sweep_tokens_per_s']:7.2f} "
+              f"{r['default_tokens_per_s']:7.2f} {r['plan_to_best']:6.3f} {r['plan_wall_s']:7.1f} "
+              f"{r['sweep_replay_s']:7.1f}  {r['plan_config']}")
+    print("targets:", res["targets"])
     if "cpu" in res:
         print("cpu:", json.dumps(res["cpu"]))
 

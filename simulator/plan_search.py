@@ -173,11 +173,8 @@ class Planner:
         """The replay's options for ``point`` (MoeError when the executor could not run it)."""
         if point.expert_source == "disk" and (point.miss_policy != "copy" or point.n_host_layers):
             raise MoeError("host compute reads the host copy: experts on disk are copied (miss policy copy)")
-        if point.n_host_layers and point.miss_policy == "copy":
-            raise MoeError("host layers compute on the host: miss policy auto or host")
         if not self.fits_host(point):
             raise MoeError("the experts do not fit in host RAM")
-        slots = int(self.max_slots(point.expert_dtype) * point.budget_share)
         pred, extra = point.predictor, {}
         if pred in ROUTER_PREDICTORS:
             q = self.quality.get(pred)
@@ -186,7 +183,8 @@ class Planner:
                 raise MoeError(f"no measured quality of {pred} at lookahead {point.lookahead}")
             pred, extra = "noisy-oracle", {"recall": rp[0], "precision": rp[1]}
         host = None if self.cpu else self.host_slots(point)  # a CPU's expert budget is the RAM tier itself
-        return ReplayOptions(budget=str(slots), eviction=point.eviction, scope=point.scope, predictor=pred,
+        budget = "fit" if point.budget_share == 1.0 else f"fit:{100 * point.budget_share:g}%"  # as sweeps spell it
+        return ReplayOptions(budget=budget, eviction=point.eviction, scope=point.scope, predictor=pred,
                              lookahead=point.lookahead, miss_policy=point.miss_policy,
                              n_host_layers=point.n_host_layers, host_profile=self.host_profile,
                              context=self.context, workspace=self.workspace, expert_dtype=point.expert_dtype,
