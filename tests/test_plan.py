@@ -100,3 +100,22 @@ def test_router_predictors_are_modelled_from_measured_quality(tmp_path):
     assert (opts.predictor, opts.recall, opts.precision) == ("noisy-oracle", pytest.approx(0.7), pytest.approx(0.6))
     with pytest.raises(MoeError, match="no measured quality of gate at lookahead 3"):
         p.options(replace(PLAIN, predictor="gate", lookahead=3))
+
+
+def test_experts_beyond_host_ram_are_planned_on_disk_with_a_host_tier_that_fits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--model", "deepseek-v2-lite", "--device", "rtx-4060-8gb", "--host-ram", "16", "--disk",
+                  "--tokens", "24", "--out", str(tmp_path / "p.yaml"), "--json"])
+    assert e.value.code == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    o = best["options"]
+    assert (o["expert_source"], o["miss_policy"]) == ("disk", "copy")
+    host = int(o["host_budget"]) * 17_301_504
+    assert host == best["memory"]["host_experts_bytes"] <= 0.9 * 16 * 2**30 < host + 17_301_504
+
+
+def test_latency_is_one_sequence(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--model", "mixtral-8x7b", "--device", "t4", "--objective", "latency", "--batch", "2",
+                  "--out", str(tmp_path / "p.yaml")])
+    assert e.value.code == 2 and "--objective latency is seconds per token of one sequence" in capsys.readouterr().err
