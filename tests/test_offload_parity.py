@@ -241,27 +241,20 @@ class _Waves(ResidentExperts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_waves_equal_one_call_bitwise(family, dtype, tmp_path):
     """A prompt whose union exceeds the cache comes in waves of ascending ids; the logits equal one call's
-    bit for bit (both the fixed-shape and the per-expert compute)."""
-    from moe_runtime.model import transformer
-
+    bit for bit (the experts compute from their views, one at a time, in id order either way)."""
     path = write_tiny_checkpoint(family, tmp_path / family, seed=4, num_hidden_layers=3)
     model, store = load_model(path, "cpu", dtype)
     prompt = torch.tensor(list(range(3, 40)))
     pos = torch.arange(len(prompt))
-    for fixed_max in (transformer.FIXED_SHAPE_MAX, 0):  # fixed shapes, then the per-expert loop
-        old, transformer.FIXED_SHAPE_MAX = transformer.FIXED_SHAPE_MAX, fixed_max
-        try:
-            with torch.inference_mode():
-                model.setup_cache(len(prompt))
-                one = model(prompt, pos, ResidentExperts(store, "cpu"))
-                waves = _Waves(store, store.top_k + 1)
-                model.setup_cache(len(prompt))
-                split = model(prompt, pos, waves)
-        finally:
-            transformer.FIXED_SHAPE_MAX = old
-        assert torch.equal(one, split)
-        per_layer = [[ids for m, ids in waves.calls if m == layer] for layer in range(store.n_moe_layers)]
-        assert all(len(c) > 1 for c in per_layer)  # the union really exceeded the cap
-        for c in per_layer:
-            flat = [e for wave in c for e in wave]
-            assert flat == sorted(flat) and len(set(flat)) == len(flat)
+    with torch.inference_mode():
+        model.setup_cache(len(prompt))
+        one = model(prompt, pos, ResidentExperts(store, "cpu"))
+        waves = _Waves(store, store.top_k + 1)
+        model.setup_cache(len(prompt))
+        split = model(prompt, pos, waves)
+    assert torch.equal(one, split)
+    per_layer = [[ids for m, ids in waves.calls if m == layer] for layer in range(store.n_moe_layers)]
+    assert all(len(c) > 1 for c in per_layer)  # the union really exceeded the cap
+    for c in per_layer:
+        flat = [e for wave in c for e in wave]
+        assert flat == sorted(flat) and len(set(flat)) == len(flat)

@@ -70,7 +70,8 @@ def add_option_flags(group, cls, *, default_note: dict[str, str] | None = None,
             note = str(default).replace("%", "%%")
         if note:
             text += f" (default: {note})"
-        group.add_argument(m["flag"], dest=f.name, type=m["type"], default=default, metavar=f.name.upper(),
+        group.add_argument(m["flag"], dest=f.name, type=m["type"], default=default,
+                           metavar=m.get("metavar") or f.name.upper(),
                            help=text)
         for alias in m["aliases"]:  # old spellings keep working, out of the help
             group.add_argument(alias, dest=f.name, type=m["type"], default=default, help=argparse.SUPPRESS)

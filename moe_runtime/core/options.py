@@ -33,9 +33,12 @@ SCOPES = ("global", "per-layer")
 SOURCES = ("memory", "disk")
 
 
-def option(default, flag: str, help: str, *, type=str, aliases: tuple[str, ...] = (), choices=None):
-    """A dataclass field that carries its flag: ``choices`` is a callable returning the allowed names."""
-    return field(default=default, metadata=dict(flag=flag, help=help, type=type, aliases=aliases, choices=choices))
+def option(default, flag: str, help: str, *, type=str, aliases: tuple[str, ...] = (), choices=None,
+           metavar: str | None = None):
+    """A dataclass field that carries its flag: ``choices`` is a callable returning the allowed names;
+    ``metavar`` names the value in help (default: the field's name in capitals)."""
+    return field(default=default, metadata=dict(flag=flag, help=help, type=type, aliases=aliases, choices=choices,
+                                                metavar=metavar))
 
 
 def parse_expert_source(text) -> tuple[str, str | None]:

@@ -81,10 +81,10 @@ def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool,
         else:
             t = 0.02 * torch.randn(p.shape, generator=gen)
         # HF's own names (aliases) in the per-expert layout; GPT-OSS has no other (its router is mlp.router)
-        tensors[names.dense(name, classic=not fused or cfg.expert_activation == "clamped_swiglu")] = t
+        tensors[names.dense(name, classic=not fused or names.interleaved_gate_up)] = t
     h, i, n_e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_experts
     for layer in cfg.moe_layers:
-        if cfg.expert_activation == "clamped_swiglu":
+        if names.interleaved_gate_up:
             tensors.update(_gpt_oss_experts(cfg, gen, layer, mxfp4))
             continue
         w1, w3, w2 = (0.02 * torch.randn(n_e, *s, generator=gen) for s in ((i, h), (i, h), (h, i)))
@@ -114,9 +114,10 @@ def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: st
     """Write a tiny random checkpoint of ``family`` to directory ``out``; see the module docstring."""
     if dtype not in DTYPES:
         raise MoeError(f"unsupported dtype {dtype!r} (choose {', '.join(DTYPES)})")
-    if expert_dtype not in TINY_EXPERT_DTYPES or (expert_dtype == "mxfp4" and family != "gpt_oss"):
-        raise MoeError(f"make-tiny writes experts as auto (the --dtype) or, for gpt_oss, mxfp4; "
-                       f"not {expert_dtype!r} for {family}")
+    ships_mxfp4 = family in FAMILIES and "mxfp4" in FAMILIES[family].quantizations
+    if expert_dtype not in TINY_EXPERT_DTYPES or (expert_dtype == "mxfp4" and not ships_mxfp4):
+        raise MoeError(f"make-tiny writes experts as auto (the --dtype) or, for a family whose checkpoints "
+                       f"ship MXFP4 (gpt_oss), mxfp4; not {expert_dtype!r} for {family}")
     if expert_dtype == "mxfp4":
         overrides = {"quantization_config": {"quant_method": "mxfp4"}, **overrides}
     d = tiny_config_dict(family, torch_dtype=dtype, **overrides)

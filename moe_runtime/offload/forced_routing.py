@@ -111,7 +111,7 @@ class ForcedRouting:
 
     def step_routing(self, step: Step, capacity: int | None = None) -> list[list[int]]:
         out = [self.step_ids(step, layer) for layer in range(self.ids.shape[1])]
-        # a union beyond ``capacity`` is served in waves, in ascending id order (Transformer._moe)
+        # a union beyond ``capacity`` is served in waves, in ascending id order (MoeBlock.experts)
         return [sorted(ids) if capacity is not None and len(ids) > capacity else ids for ids in out]
 
     def future(self, steps: Sequence[Step], capacity: int | None = None) -> list[Key]:

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from moe_runtime.core.budget import check_budget, layer_demand, parse_budget, wave_capacity
+from moe_runtime.core.budget import BudgetFit, fit_budget, layer_demand, parse_budget
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import integer
 from moe_runtime.core.model_config import load_config
@@ -55,17 +55,17 @@ from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
 class ExecutorOptions:
     """The executor's settings beside the shared ``OffloadOptions`` (flags: the fields with one)."""
 
-    read_depth: int = option(4, "--read-depth", type=integer(1, 1024),
+    read_depth: int = option(4, "--read-depth", type=integer(1, 1024), metavar="N",
                              help="reads from storage in flight at once")
-    route_from_trace: str | None = option(None, "--route-from-trace",
+    route_from_trace: str | None = option(None, "--route-from-trace", metavar="FILE",
                                           help="force each layer's routing from a trace (.npz)")
-    trace_seq: int = option(0, "--trace-seq", type=integer(0), help="which sequence of that trace")
-    popularity_trace: str | None = option(None, "--popularity-trace",
+    trace_seq: int = option(0, "--trace-seq", type=integer(0), metavar="N", help="which sequence of that trace")
+    popularity_trace: str | None = option(None, "--popularity-trace", metavar="FILE",
                                           help="trace giving the 'static' policy's hot set")
-    adapters: str | None = option(None, "--adapters", help="aligned adapters for --predictor aligned")
-    record_trace: str | None = option(None, "--record-trace",
+    adapters: str | None = option(None, "--adapters", metavar="FILE", help="aligned adapters for --predictor aligned")
+    record_trace: str | None = option(None, "--record-trace", metavar="FILE",
                                       help="record the routing (and predictions) to a trace")
-    timeline: str | None = option(None, "--timeline", help="write a Perfetto/Chrome timeline JSON")
+    timeline: str | None = option(None, "--timeline", metavar="FILE", help="write a Perfetto/Chrome timeline JSON")
     chunk: int | None = None  # prefill in forwards of at most this many tokens (None: one forward)
     record: bool = False  # keep the routing in memory (``Run.recorder``) even without --record-trace
     check_finite: bool = True  # check experts read from disk for NaN/inf at their first read
@@ -77,16 +77,15 @@ class ExecutorOptions:
 
 
 def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
-                 batch: int = 1) -> int:
-    """Slots the budget buys, checked against the minimum (MoeError naming it in bytes and experts); a batch
-    of B prompts needs a layer's union of B x top-k experts at once."""
+                 batch: int = 1) -> BudgetFit:
+    """The slots the budget buys, fitted to a batch of ``batch`` prompts by core/budget.py's rule (the
+    prefetch depth shrinks, then unions come in waves; MoeError only below one token's top-k)."""
     opts.check_model(n_layers)
     n = parse_budget(opts.budget or DEFAULT_BUDGET["generate"], expert_bytes=expert_bytes,
                      total_experts=n_layers * n_experts)
-    demand = layer_demand(top_k=top_k, batch=batch, n_experts=n_experts)
-    check_budget(n, experts_per_layer=demand, max_inflight=opts.max_inflight, prefetching=opts.prefetching,
-                 scope=opts.scope, n_moe_layers=n_layers, expert_bytes=expert_bytes, batch=batch)
-    return n
+    return fit_budget(n, top_k=top_k, batch=batch, n_experts=n_experts, max_inflight=opts.max_inflight,
+                      prefetching=opts.prefetching, scope=opts.scope, n_moe_layers=n_layers,
+                      expert_bytes=expert_bytes)
 
 
 def host_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
@@ -165,7 +164,8 @@ class Run:
         out = self.provider.finish()
         o, x = self.opts, self.xopts
         out.update(policy=o.eviction, cache_scope=o.scope, predictor=o.predictor, lookahead=o.lookahead,
-                   expert_source=o.expert_source)
+                   expert_source=o.expert_source,
+                   max_inflight=self.provider.cache.max_inflight)  # as fitted to the budget (core/budget.py)
         if self.reads_from is not None:
             out["reads_from"] = self.reads_from
         if self.recorder is not None and x.record_trace:
@@ -202,11 +202,10 @@ def build_run(model: Transformer, store: HostExpertStore, opts: OffloadOptions |
         plain = forced is None and xopts.chunk is None
         return Run(resident, model if plain else SteppedModel(model, resident, chunk=xopts.chunk, forced=forced),
                    xopts=xopts)
-    n_slots = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes,
-                           batch=len(lens))
+    fit = budget_slots(opts, n_layers=L, n_experts=E, top_k=K, expert_bytes=store.layout.nbytes, batch=len(lens))
+    n_slots = fit.n_slots
     trace = forced.trace if forced is not None else None
-    capacity = wave_capacity(n_slots=n_slots, scope=opts.scope, n_moe_layers=L, max_inflight=opts.max_inflight,
-                             prefetching=opts.prefetching)  # a longer prompt's union comes in waves
+    capacity = fit.capacity  # a larger union (a long prompt's, a batch's beyond the pool) comes in waves
     future = None
     if opts.eviction == "belady":
         if forced is None:
@@ -235,7 +234,7 @@ def build_run(model: Transformer, store: HostExpertStore, opts: OffloadOptions |
         (make_engine, pool), source = engine, tier_source
     provider = OffloadedExperts(
         store, device, n_slots, policy=opts.eviction, scope=opts.scope, predictor=predictor,
-        prefetch_width=opts.prefetch_width, max_inflight=opts.max_inflight, future=future,
+        prefetch_width=opts.prefetch_width, max_inflight=fit.inflight, future=future,
         popularity=popularity, timeline=xopts.timeline is not None, record_predictions=record_preds,
         pool=pool, source=source, **({"make_engine": make_engine} if make_engine else {}))
     stepped = SteppedModel(model, provider, chunk=xopts.chunk, forced=forced, recorder=recorder,

@@ -52,16 +52,26 @@ from moe_runtime.predictors.adapters import AlignedAdapters, RidgeAccumulator, m
 
 
 
-class HiddenCapture:
+class HiddenCapture(ExpertProvider):
     """Provider wrapper: ``hidden[l]`` is the residual [T, H] entering MoE layer l in the last forward."""
 
     def __init__(self, inner: ExpertProvider, n_moe_layers: int):
         self.inner = inner
         self.hidden: list[Tensor | None] = [None] * n_moe_layers
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
+    def begin_step(self, start: int, n: int, future=None, token: int | None = None) -> None:
+        self.inner.begin_step(start, n, future, token)
+
+    def prepare(self, layer: int, hidden: Tensor) -> Tensor | None:
+        return self.inner.prepare(layer, hidden)
+
+    def capacity(self, layer: int) -> int:
+        return self.inner.capacity(layer)
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor,
+                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
         self.hidden[layer] = hidden  # the model never writes into it (h = h + ... makes a new tensor)
-        return self.inner.experts(layer, ids, hidden)
+        return self.inner.experts(layer, ids, hidden, rankings)
 
     def end_layer(self, layer: int) -> None:
         self.inner.end_layer(layer)
@@ -83,8 +93,7 @@ def forward_chunks(model: Transformer, provider: ExpertProvider, chunks: Sequenc
         tokens = torch.as_tensor(chunk, dtype=torch.long, device=model.device)  # [T]
         pos = torch.arange(len(chunk), device=model.device)  # [T]
         capture.hidden = [None] * n_moe_layers
-        if hasattr(provider, "begin_step"):  # an offloading provider opens a step per forward
-            provider.begin_step(0, len(chunk))
+        provider.begin_step(0, len(chunk))  # an offloading provider opens a step per forward
         model(tokens, pos, capture, last_only=True)  # logits unused; the residuals are what we want
         hidden = capture.hidden
         capture.hidden = [None] * n_moe_layers
