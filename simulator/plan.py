@@ -247,6 +247,9 @@ def print_result(planner, r: dict, args) -> None:
         v = f"{1e3 * e['seconds_per_token']:9.2f}" if lat else f"{e['tokens_per_s']:9.2f}"
         print(f"  {i:>2} {v} {e['bound_tokens_per_s']:8.2f} {e['ratio_to_default']:9.2f} {g(m['device_bytes']):>9} "
               f"{g(m['host_experts_bytes']):>7} {g(m['disk_bytes']):>7}  {e['config']}")
+    if any(e["tokens_per_s"] > e["bound_tokens_per_s"] for e in r["top"]):
+        print("  (bound: for copy-only rows Belady's misses at full bandwidth; for hybrid rows bounds.py's hybrid "
+              "figure, which host compute can exceed: it also takes work off the device)")
     d = r["default"]
     print(f"  plain default (LRU, no prefetch, copy-only, largest budget that fits): {d['tokens_per_s']:.2f} tok/s")
     print(f"  simulated {r['simulated']} configurations, pruned {r['pruned']} by their bound, "

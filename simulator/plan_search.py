@@ -13,8 +13,9 @@ replay.
 
 ``Planner.search`` is cyclic coordinate ascent from the plain default and the
 hybrid default: for each axis in turn, the best point so far with that axis
-changed is replayed unless its bound is not above the best score so far
-(pruned), and the best is kept; it stops when every other axis has been
+changed is replayed unless it is copy-only and its copy-only bound is not
+above the best score so far (pruned; the hybrid figure is not a proven bound,
+so hybrid points are always replayed), and the best is kept; it stops when every other axis has been
 scanned since the last improvement (no axis can improve alone), or after
 ``max_rounds`` passes. The
 answer is the best point simulated (ties: the earlier one). ``Planner.run_all``
@@ -195,7 +196,8 @@ class Planner:
         return Replay(self.trace, self.cost, self.options(point), workload=self.workload, fit_check=True)
 
     def bound(self, point: Point) -> float:
-        """Tokens/s no run of ``point`` beats (bounds.py; hybrid bound when it computes on the host)."""
+        """Tokens/s no run of ``point`` beats (bounds.py; hybrid bound when it computes on the host). Only the
+        copy-only bound is a proven one: see ``prunable``."""
         r = self.replay(point)
         n_tok = int(self.workload.n_tokens.sum())
         hybrid = r.opts.computes_on_host
@@ -205,6 +207,13 @@ class Planner:
                    key=BoundsCache.key(self.digest, r.n_slots, r.opts.scope, self.trace.n_tokens, self.batch),
                    cache=self.bounds_cache, host_expert_s=r._host_expert_s() if hybrid else None)
         return b["best_hybrid_tokens_per_s"] if hybrid and "best_hybrid_tokens_per_s" in b else b["best_tokens_per_s"]
+
+    @staticmethod
+    def prunable(point: Point) -> bool:
+        """Only copy-only points are pruned: their bound (Belady's misses at full bandwidth, all overlapped)
+        holds for any policy; the hybrid figure does not (host compute also takes work off the device, so a
+        hybrid run can beat even the all-resident time), so hybrid points are always replayed."""
+        return point.miss_policy == "copy" and not point.n_host_layers
 
     def evaluate(self, point: Point) -> dict:
         """Replay ``point`` (once; later calls return the same row)."""
@@ -228,7 +237,7 @@ class Planner:
         if point.key() in self.rows:
             return self.rows[point.key()]
         try:
-            if best is not None and self.bound(point) <= best:
+            if best is not None and self.prunable(point) and self.bound(point) <= best:
                 self.pruned += 1
                 return None
             return self.evaluate(point)
