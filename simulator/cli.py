@@ -1,4 +1,4 @@
-"""`moe-sim`: replay routing traces on modelled devices (``replay``), or sweep a grid (``sweep``).
+"""`moe-sim`: replay routing traces on modelled devices (``replay``), sweep a grid (``sweep``), or plan (``plan``).
 
 Flags are defined once, by the fields of ``ReplayOptions`` (the runtime's
 ``OffloadOptions`` plus the replay's own; ``moe_runtime/cli/options.py`` turns
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="with --backend ray: the Ray cluster to join (e.g. auto, or "
                                                    "HOST:6379 after `ray start --head`); default a local instance")
     s.set_defaults(_run=run_sweep)
+    from . import plan
+    pl = sub.add_parser("plan", help="from a device, a host and a model to the fastest configuration that fits",
+                        description=plan.__doc__.splitlines()[0])
+    plan.add_arguments(pl)
+    pl.set_defaults(_run=plan.run)
     return parser
 
 

@@ -28,6 +28,7 @@ from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import SEED, integer, number
 from moe_runtime.model.device import check_fits, use_cpu_threads
 from moe_runtime.model.generate import generate, load_tokenizer, parse_prompt_ids
+from moe_runtime.cli.config_file import add_config_argument, describe_sources
 from moe_runtime.cli.offload import add_arguments as add_offload_arguments, run_options, summary
 from moe_runtime.offload.session import load_run
 
@@ -58,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the check that every weight is finite (NaN/inf refused, naming the tensor): one "
                         "pass over the weights at load, and over each expert read from disk the first time")
     add_offload_arguments(p)  # --expert-budget, --eviction, --predictor, ... (cli/offload.py)
+    add_config_argument(p)  # --config plan.yaml (cli/config_file.py)
 
 
 def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max_new_tokens: int, device,
@@ -75,6 +77,9 @@ def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max
 
 
 def run(args: argparse.Namespace) -> int:
+    sources = describe_sources(args)
+    if sources:  # before the run: which values the file set and which flags overrode it
+        print(f"[{sources}]", file=sys.stderr)
     if not Path(args.model).is_dir():  # load_model's words, said before config.json is read for the checks
         raise MoeError(f"model directory not found: {args.model}")
     tokenizer = load_tokenizer(args.model)

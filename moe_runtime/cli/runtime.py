@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
-from moe_runtime.cli.config import apply_config
-from moe_runtime.core.errors import ArgumentParser, MoeError, _error, run_cli
+from moe_runtime.cli import config_file
+from moe_runtime.core.errors import ArgumentParser, run_cli
 
 # name -> (module, flags function, run function, one-line help)
 COMMANDS = {
@@ -28,41 +27,29 @@ COMMANDS = {
                   "fit early-aligned residual adapters for the aligned predictor"),
     "eval-predictors": ("moe_runtime.cli.predictors", "add_eval_arguments", "run_eval",
                         "recall/precision of expert predictors per distance"),
-    "serve": ("moe_runtime.cli.serve", "add_arguments", "run",
-              "an OpenAI-compatible HTTP server with continuous batching (the serve extra)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="moe-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    parser.commands = {}
+    parser.subcommands = {}  # name -> its parser (config_file.parse_args reads the chosen one's --config)
     for name, (module, add, run, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(module)
         p.set_defaults(_run=getattr(mod, run))
         getattr(mod, add)(p)
-        parser.commands[name] = p
+        parser.subcommands[name] = p
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    command = parser.commands.get(argv[0]) if argv else None
-    if command is not None and any(a.dest == "config" for a in command._actions):
-        # --config FILE: its values become the command's defaults, so flags override them
-        _config(command, argv[1:])
-    args = parser.parse_args(argv)
-    run_cli(lambda: args._run(args), "moe-runtime")
 
-
-def _config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    try:
-        apply_config(parser, argv)
-    except MoeError as e:  # one line, as for any refused flag
-        _error("moe-runtime", f"--config: {e}")
-        sys.exit(2)
+    def body():
+        args = config_file.parse_args(parser, argv, parser.subcommands)  # a bad --config file is one line too
+        return args._run(args)
+    run_cli(body, "moe-runtime")
 
 
 if __name__ == "__main__":
