@@ -15,7 +15,7 @@ import sys
 from moe_runtime.core.options import DEFAULT_BUDGET
 from moe_runtime.core.flags import add_option_flags, options_from_args
 from moe_runtime.core.errors import ArgumentParser, run_cli
-from moe_runtime.core.outputs import check_output, write_json_atomic
+from moe_runtime.core.outputs import FORCE_HELP, check_output, write_json_atomic
 from moe_runtime.core.timeline import Timeline
 
 from .bounds import DEFAULT_CACHE_DIR, BoundsCache
@@ -25,9 +25,10 @@ from .replay import Replay, ReplayOptions, load_inputs
 
 def run_replay(args) -> int:
     opts = options_from_args(ReplayOptions, args)
-    for flag, path in (("--out", args.out), ("--timeline", args.timeline)):
-        if path:  # before the work: a report that cannot be written is found out now
-            check_output(path, flag)
+    inputs = [args.trace, args.device, args.model, args.bounds_cache]  # names that are no path match nothing
+    for flag, path, kind in (("--out", args.out, "replay report"), ("--timeline", args.timeline, "timeline")):
+        if path:  # before the work: a report that cannot be written, or would replace an input, is refused now
+            check_output(path, flag, inputs=inputs, kind=kind, force=args.force)
     trace, spec = load_inputs(args.trace, args.model, opts.tokens)
     device = load_device(args.device)
     timeline = Timeline("moe-sim") if args.timeline else None
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeline", default=None, help="write a Chrome/Perfetto trace-event JSON here")
     r.add_argument("--bounds-cache", default=DEFAULT_CACHE_DIR, metavar="DIR",
                    help=f"keep the Belady bound here across runs (default {DEFAULT_CACHE_DIR}; '' for none)")
+    r.add_argument("--force", action="store_true", help=FORCE_HELP)
     r.set_defaults(_run=run_replay)
     s = sub.add_parser("sweep", help="run an experiment grid (budgets x policies x predictors x ...)")
     s.add_argument("experiment", help="experiment YAML (see configs/experiments/quickstart.yaml)")

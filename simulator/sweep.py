@@ -368,7 +368,8 @@ def run_experiment(path, out: str | None = None, workers: int | None = None, bac
     for d in exp.devices:
         load_device(config_files.bundled(d) if "/" in d else d)
     _check_budgets(exp)
-    out_dir = check_output_dir(out or exp.out or f"out/{exp.name}", "sweep output directory")
+    out_dir = check_output_dir(out or exp.out or f"out/{exp.name}", "sweep output directory",
+                               inputs=[path, *trace_paths])
     removed = remove_stale_temps(out_dir)  # left by a run killed while writing
     if removed:
         print(f"removed {removed} temporary file(s) left in {out_dir} by an interrupted run")

@@ -39,7 +39,7 @@ from moe_runtime.offload.tiers import disk_source
 from moe_runtime.offload.steps import SteppedModel, steps
 from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, parse_expert_source
 from moe_runtime.core.flags import add_option_flags, integer, options_from_args
-from moe_runtime.core.outputs import check_output
+from moe_runtime.core.outputs import FORCE_HELP, check_output
 from moe_runtime.predictors import PredictorOptions, make_predictor
 from moe_runtime.offload.telemetry import gpu_telemetry
 from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapters", metavar="FILE", help="aligned adapters for --predictor aligned")
     g.add_argument("--record-trace", metavar="FILE", help="record the routing (and predictions) to a trace")
     g.add_argument("--timeline", metavar="FILE", help="write a Perfetto/Chrome timeline JSON")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)  # not an offloading flag: outside the group
     _DEFAULTS.update({a.dest: a.default for a in g._group_actions})
 
 
@@ -116,10 +117,12 @@ def preflight(args: argparse.Namespace, batch: int = 1) -> None:
     if not offloading(args):
         return
     opts = options_from_args(OffloadOptions, args)
-    for flag in ("--record-trace", "--timeline"):
+    inputs = [args.model, parse_expert_source(args.expert_source)[1], args.route_from_trace,
+              args.popularity_trace, args.adapters]
+    for flag, kind in (("--record-trace", "trace"), ("--timeline", "timeline")):
         path = getattr(args, flag[2:].replace("-", "_"))
-        if path is not None:  # before the decode: text that took minutes is not thrown away at the end
-            check_output(path, flag)
+        if path is not None:  # before the decode; never over an input (core/outputs.py's rule)
+            check_output(path, flag, inputs=inputs, kind=kind, force=args.force)
     kind, packed = expert_source(args)
     if packed is not None:
         read_header(packed)  # a missing, foreign or truncated packed file is refused before loading

@@ -17,7 +17,7 @@ import numpy as np
 
 from moe_runtime.core.flags import SEED, integer, number
 from moe_runtime.core.errors import ArgumentParser, MoeError, run_cli
-from moe_runtime.core.outputs import check_output
+from moe_runtime.core.outputs import FORCE_HELP, check_output
 from moe_runtime.core.shapes import load_model_spec
 from moe_runtime.traces import TraceMeta, load_trace, save_trace
 from moe_runtime.traces.importers import import_routing
@@ -36,7 +36,7 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 
 
 def cmd_import(args) -> int:
-    check_output(args.out, "--out")  # before the work: creates missing folders, refuses what cannot be written
+    check_output(args.out, "--out", inputs=[args.src, args.model], kind="trace", force=args.force)  # before the work
     spec = load_model_spec(args.model)
     result = import_routing(args.src, spec, source=args.source)
     save_trace(result.trace, args.out)
@@ -113,7 +113,7 @@ def _synth_meta(args, like) -> TraceMeta:
 
 
 def cmd_synth(args) -> int:
-    check_output(args.out, "--out")
+    check_output(args.out, "--out", inputs=[args.like, args.model], kind="trace", force=args.force)
     like = load_trace(args.like) if args.like else None
     explicit = {k: getattr(args, k) for k in ("skew", "locality", "correlation") if getattr(args, k) is not None}
     if like is not None and explicit:
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model name in configs/models/ or a model YAML path")
     s.add_argument("--out", required=True, help="trace file to write (.npz)")
     s.add_argument("--source", help="provenance to store as meta.source (default: a description of SRC)")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(fn=cmd_import)
 
     s = sub.add_parser("info", help="shape, sequences, phases, predictors and metadata of a trace")
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=integer(1), dest="seq_len", help="tokens per sequence (default: all in one)")
     s.add_argument("--model", help="model name or YAML for shape and metadata")
     s.add_argument("--like", help="real trace to fit skew/locality/correlation and shape to")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(fn=cmd_synth)
 
     for name, action in sub.choices.items():

@@ -57,7 +57,7 @@ from moe_runtime.offload.packed import read_header
 from moe_runtime.core.flags import integer
 from moe_runtime.core.errors import MoeError
 from moe_runtime.offload.provider import OffloadedExperts
-from moe_runtime.core.outputs import check_output, write_text_atomic
+from moe_runtime.core.outputs import FORCE_HELP, check_output, write_text_atomic
 from moe_runtime.core.resources import check_fits, use_cpu_threads
 
 _HBM_BYTES = 256 * 2**20  # measure_hbm's buffer (two of them)
@@ -349,6 +349,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reads in flight for the storage link (default 4)")
     p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
     p.add_argument("--out", help="YAML file to write (default: print)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -356,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeError("--device cuda requested but CUDA is not available")
     if args.out:
-        check_output(args.out, "--out")  # before minutes of measuring
+        check_output(args.out, "--out", inputs=[args.model, args.model_config, parse_expert_source(
+            args.expert_source)[1]], kind="device profile", force=args.force)  # before minutes of measuring
     kind, packed = parse_expert_source(args.expert_source)
     if packed is not None:
         read_header(packed)  # a missing, foreign or truncated file is refused before measuring

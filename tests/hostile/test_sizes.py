@@ -22,7 +22,7 @@ def test_check_fits_names_the_size_and_the_machine():
 
 def test_synth_tokens_beyond_memory(trace_cli, tmp_path):
     out = precious(tmp_path / "s.npz")
-    code, _, err = trace_cli("synth", "--model", "mixtral-8x7b", "--tokens", 10**9, "--out", out)
+    code, _, err = trace_cli("synth", "--model", "mixtral-8x7b", "--tokens", 10**9, "--out", out, "--force")
     assert_one_error(code, err, "moe-trace", "1000000000 tokens", "available")
     assert out.read_text() == "precious"
 
@@ -30,7 +30,7 @@ def test_synth_tokens_beyond_memory(trace_cli, tmp_path):
 def test_profile_layers_beyond_memory(runtime, tmp_path):
     out = precious(tmp_path / "dev.yaml")
     code, _, err = runtime("profile", "--device", "cpu", "--model-config", "mixtral-8x7b", "--layers", 10000,
-                           "--out", out)
+                           "--out", out, "--force")
     assert_one_error(code, err, "moe-runtime", "--layers 10000", "GiB", "available")
     assert out.read_text() == "precious"
 
