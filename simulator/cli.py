@@ -22,6 +22,7 @@ from .bounds import DEFAULT_CACHE_DIR, BoundsCache
 from .cost_model import CostModel
 from .device import load_device
 from .replay import Replay, ReplayOptions, load_inputs
+from .sweep import MAX_POINTS
 
 def run_replay(args) -> int:
     opts = options_from_args(ReplayOptions, args)
@@ -70,7 +71,7 @@ def run_replay(args) -> int:
 def run_sweep(args) -> int:
     from .sweep import run_experiment
     return run_experiment(args.experiment, out=args.out, workers=args.workers, backend=args.backend,
-                          address=args.address)
+                          address=args.address, max_points=args.max_points)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: a process pool on this machine (default); ray: each point a Ray task")
     s.add_argument("--address", default=None, help="with --backend ray: the Ray cluster to join (e.g. auto, or "
                                                    "HOST:6379 after `ray start --head`); default a local instance")
+    s.add_argument("--max-points", type=int, default=MAX_POINTS, metavar="N",
+                   help=f"refuse a grid of more points than this (default {MAX_POINTS:,})")
     s.set_defaults(_run=run_sweep)
     return parser
 

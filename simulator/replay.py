@@ -52,13 +52,13 @@ import simpy
 
 from moe_runtime.core.budget import check_budget, layer_demand, parse_budget
 from moe_runtime.core.expert_cache import ExpertCache, access_sequence
-from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, option
+from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, option, parse_expert_source
 from moe_runtime.core.policies import EVICTION_POLICIES, popularity_counts
 from moe_runtime.core.protocol import LayerProtocol
 from moe_runtime.core.config_files import check_number
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.format_sizes import CODECS
-from moe_runtime.core.predictors import PREDICTORS, PredictorOptions, make_predictor
+from moe_runtime.core.predictors import PREDICTORS, ROUTER_BASED, PredictorOptions, make_predictor
 from moe_runtime.core.timeline import Timeline
 from moe_runtime.traces import PHASE_DECODE
 
@@ -91,8 +91,11 @@ class ReplayOptions(OffloadOptions):
         if self.budget is None:
             object.__setattr__(self, "budget", DEFAULT_BUDGET["replay"])
         super().__post_init__()
+        if parse_expert_source(self.expert_source)[1] is not None:  # a file here would be read by nothing
+            raise MoeError(f"--expert-source {self.expert_source}: the simulator reads no expert file (the device "
+                           "profile's storage link models the reads); give --expert-source disk")
         name = self.predictor.split(":", 1)[0]
-        if name in PREDICTORS and PREDICTORS[name].needs_hidden:
+        if name in ROUTER_BASED or (name in PREDICTORS and PREDICTORS[name].needs_hidden):  # registered or not yet
             raise MoeError(f"predictor {self.predictor!r} reads hidden states, so it runs only in the executor; "
                            f"replay its recorded predictions instead with --predictor recorded:{self.predictor}")
         for f, lo in (("batch", 1), ("tokens", 1), ("seed", 0)):

@@ -104,6 +104,28 @@ def parse_yaml(text: str):
         loader.dispose()
 
 
+def input_file(path, what: str = "file") -> str:
+    """``path`` if it is a regular file that can be opened without blocking, else one MoeError line that says
+    what it is: not found, a directory, or a FIFO/socket/device (opening a FIFO blocks until a writer comes,
+    and a device never ends). Every reader of a file the user names calls this before ``open``."""
+    import stat
+
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MoeError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise MoeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise MoeError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise MoeError(f"{what} {path} is {kind}; give a regular file")
+    return path
+
+
 def bundled(path) -> str:
     """``path`` as given when it exists (or is absolute), else relative to the checkout: bundled traces and
     configs resolve the same way from any working directory."""

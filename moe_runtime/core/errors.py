@@ -68,8 +68,8 @@ def run_cli(fn: Callable[[], int | None], prog: str) -> NoReturn:
     except MemoryError:
         _error(prog, "out of memory")
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # one line; a long run says in its message what it saved
+        print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

@@ -26,11 +26,13 @@ This module knows nothing about tensors or files other than config.json.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.config_files import input_file
 from moe_runtime.core.families import FAMILIES, Family, get_family
 from moe_runtime.core.hf_fields import Yarn, eos_ids_from, read_bool, read_int
 
@@ -222,8 +224,9 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MoeError(f"missing file: {path}")
+    input_file(path, "JSON file")
     try:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
