@@ -104,6 +104,19 @@ def parse_yaml(text: str):
         loader.dispose()
 
 
+def name_inside(name, what: str) -> str:
+    """``name`` (taken from a data file) if it names something inside the folder it came from, checked
+    lexically: a non-empty relative path without ``..`` or NUL. Not by resolving symlinks: a Hugging Face
+    snapshot's files are symlinks into its blob folder, and must keep working."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise MoeError(f"{what} {short(name)} is not a file name")
+    parts = Path(name).parts
+    if os.path.isabs(name) or name.startswith("~") or ".." in parts:
+        raise MoeError(f"{what} {short(name)} points outside its folder (an absolute path or '..'); only names "
+                       "inside the folder are read")
+    return name
+
+
 def input_file(path, what: str = "file") -> str:
     """``path`` if it is a regular file that can be opened without blocking, else one MoeError line that says
     what it is: not found, a directory, or a FIFO/socket/device (opening a FIFO blocks until a writer comes,

@@ -46,6 +46,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from moe_runtime.core.model_config import ModelConfig, load_config
+from moe_runtime.core.config_files import input_file, name_inside
 from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.core.families import TensorNames
@@ -78,11 +79,14 @@ class SafetensorsReader:
         else:
             raise MoeError(f"no model.safetensors or model.safetensors.index.json in {self.dir}")
         files = sorted(set(weight_map.values())) if weight_map else [single.name]
+        for name in files:  # names from data: inside this folder only (a lexical check, symlinks allowed)
+            name_inside(name, f"{index.name}: weight_map entry")
         self._handles = {}
         for name in files:
             p = self.dir / name
-            if not p.is_file():
+            if not p.is_file() and not p.is_symlink() and not p.exists():
                 raise MoeError(f"missing checkpoint shard: {p}")
+            input_file(p, "checkpoint shard")  # a FIFO or directory: one line, never a blocked open
             try:
                 self._handles[name] = safe_open(str(p), framework="pt", device="cpu")
             except (SafetensorError, OSError, ValueError) as e:
