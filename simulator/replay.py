@@ -52,6 +52,7 @@ import simpy
 
 from moe_runtime.core.budget import check_budget, layer_demand, parse_budget
 from moe_runtime.core.expert_cache import ExpertCache, access_sequence
+from moe_runtime.core.host_tier import host_tier_minimum
 from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, option, parse_expert_source
 from moe_runtime.core.policies import EVICTION_POLICIES, popularity_counts
 from moe_runtime.core.protocol import LayerProtocol
@@ -170,6 +171,12 @@ class Replay:
                 self.link_s = self.expert_bytes / (dev.read_bandwidth_gbps * 1e9)
             else:
                 self.host_slots = parse_budget(opts.host_budget, expert_bytes=self.expert_bytes, total_experts=L * E)
+                need = host_tier_minimum(layer_demand(top_k=trace.top_k, batch=opts.batch, n_experts=E),
+                                         opts.max_inflight if opts.prefetching else 0)
+                if self.host_slots < need:  # the executor's rule (cli/offload.host_slots), in the same words
+                    raise MoeError(f"--host-budget of {self.host_slots} experts is below the host tier's minimum "
+                                   f"of {need} ({need * self.expert_bytes:,} bytes): every copy in flight holds a "
+                                   "host slot")
                 if copies != "analytic":
                     raise MoeError("a host tier (--host-budget) is modelled by the analytic copies only")
         self.predictor = make_predictor(opts.predictor, PredictorOptions(

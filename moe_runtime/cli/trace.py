@@ -93,7 +93,13 @@ def cmd_stats(args) -> int:
 
 def _synth_meta(args, like) -> TraceMeta:
     """Shape from --like's trace, else --model, else the explicit flags; explicit flags must agree."""
-    if like is not None:
+    if like is not None and args.model:  # --model names the trace's model; it must have --like's shape
+        base = TraceMeta.for_spec(load_model_spec(args.model), source="")
+        mine, theirs = (base.n_layers, base.n_experts, base.top_k), (like.n_layers, like.n_experts, like.top_k)
+        if mine != theirs:
+            raise MoeError(f"--model {args.model} has {mine[0]} MoE layers x {mine[1]} experts, top-{mine[2]}, but the "
+                           f"--like trace {theirs[0]} x {theirs[1]}, top-{theirs[2]}; drop one of them")
+    elif like is not None:
         base = like.meta
     elif args.model:
         base = TraceMeta.for_spec(load_model_spec(args.model), source="")

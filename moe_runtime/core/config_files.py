@@ -70,7 +70,8 @@ def check_number(field: str, value, *, lo=None, hi=None, lo_open: bool = False, 
 
 class _ConfigLoader(yaml.SafeLoader):
     """SafeLoader that refuses anchors and aliases and deep nesting while composing (before any
-    expansion), and reads YAML 1.2 floats such as ``1e5``."""
+    expansion), refuses a key given twice in one mapping (YAML says keys are unique; PyYAML lets the last
+    win silently), and reads YAML 1.2 floats such as ``1e5``."""
 
     _depth = 0
 
@@ -86,6 +87,17 @@ class _ConfigLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise MoeError(f"key {short(key_node.value)} is given twice in one mapping "
+                                   f"(line {key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 # YAML 1.1 wants a dot and a signed exponent (1.0e+5); YAML 1.2 and people also write 1e5, 1e-300, 2.5E3

@@ -67,7 +67,7 @@ def import_routing(path, spec: ModelSpec, source: str | None = None) -> ImportRe
 
     ``source`` replaces the default ``meta.source`` (a description of the file).
     """
-    path = input_file(os.fspath(path), "routing file")  # a FIFO would block detect_format's open
+    path = input_file(os.fspath(path), "source file")  # a FIFO would block detect_format's open
     fmt = detect_format(path)
     try:
         r = import_esft_npz(path, spec) if fmt == "esft-npz" else import_routing_jsonl(path, spec)

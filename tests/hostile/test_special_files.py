@@ -33,7 +33,7 @@ def test_sim_replay_expert_source_with_a_file_is_refused(sim, fifo):
 
 def test_trace_import_fifo(trace_cli, fifo):
     code, _, err = trace_cli("import", fifo, "--model", "deepseek-v2-lite", "--out", fifo.parent / "o.npz")
-    assert_one_error(code, err, "moe-trace", "routing file", "FIFO")
+    assert_one_error(code, err, "moe-trace", "source file", "FIFO")
 
 
 @pytest.mark.parametrize("what", ["fifo", "dir", "device", "missing"])
