@@ -20,6 +20,7 @@ from moe_runtime.core.errors import ArgumentParser, MoeError, run_cli
 from moe_runtime.core.outputs import FORCE_HELP, check_output
 from moe_runtime.core.shapes import load_model_spec
 from moe_runtime.traces import TraceMeta, load_trace, save_trace
+from moe_runtime.traces.format import trace_summary
 from moe_runtime.traces.importers import import_routing
 from moe_runtime.traces.stats import compute_stats, format_stats, phase_counts
 from moe_runtime.traces.synth import TARGETS, SynthKnobs, fit_knobs, headline, synth_trace
@@ -53,16 +54,16 @@ def cmd_import(args) -> int:
 
 
 def trace_info(path: str) -> dict:
-    t = load_trace(path)
-    lens = np.array([b - a for _, a, b in t.sequences()])
+    """Read lazily (``trace_summary``): the routing arrays are never decompressed, only what info shows."""
+    t = trace_summary(path)
+    lens = np.array([b - a for _, a, b in t.sequences()] or [0])
     m = t.meta
-    return {"file": path, "model": m.model, "source": m.source, "tokens": t.n_tokens, "layers": t.n_layers,
-            "experts": t.n_experts, "top_k": t.top_k, "expert_bytes": m.expert_bytes, "dtype": m.dtype,
-            "sequences": len(lens),
+    return {"file": path, "model": m.model, "source": m.source, "tokens": t.n_tokens, "layers": m.n_layers,
+            "experts": m.n_experts, "top_k": m.top_k, "expert_bytes": m.expert_bytes, "dtype": m.dtype,
+            "sequences": len(t.sequences()),
             "sequence_lengths": {"min": int(lens.min()), "median": float(np.median(lens)), "max": int(lens.max())},
             "phases": phase_counts(t),
-            "predictors": {k: {"lookahead": int(v.shape[2]), "per_distance": int(v.shape[3])}
-                           for k, v in t.predictions.items()},
+            "predictors": {k: {"lookahead": int(v[2]), "per_distance": int(v[3])} for k, v in t.predictions.items()},
             "extra": m.extra}
 
 

@@ -34,7 +34,11 @@ from typing import Any
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.config_files import input_file
 from moe_runtime.core.families import FAMILIES, Family, get_family
+from moe_runtime.core.resources import check_fits
 from moe_runtime.core.hf_fields import Yarn, eos_ids_from, read_bool, read_dtype_name, read_int
+
+
+PER_LAYER_BYTES = 1024  # what parsing keeps per declared layer (list entries), generously
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,10 @@ class ModelConfig:
         n_layers = read_int(d, "num_hidden_layers")
         keys = fam.expert_count_keys
         n_experts = read_int(d, next((k for k in keys if d.get(k) is not None), keys[0]))
+        # the per-layer tables built next (MoE layer list, layer types) take memory per layer and expert:
+        # a declared 10**9 layers is refused here with the numbers, before a list of them exists
+        check_fits(f"config.json's {n_layers:,} layers x {n_experts:,} experts (their per-layer tables)",
+                   PER_LAYER_BYTES * n_layers + 64 * n_experts)
         switches = fam.switches(d)
         moe_layers = fam.moe_layers(d, n_layers)
         head_dim, kv = switches.pop("head_dim", head_dim), switches.pop("n_kv_heads", kv)  # mla sets its own
