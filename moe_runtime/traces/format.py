@@ -310,8 +310,11 @@ def trace_summary(path) -> TraceSummary:
     path = _trace_path(path)
     try:
         with open(path, "rb") as f:
-            if not f.read(2) == b"PK":
-                raise MoeError("not a trace file (not a readable .npz archive)")
+            magic = f.read(6)
+        if magic.startswith(b"\x93NUMPY"):
+            raise MoeError("not a trace file (a single .npy array, not an .npz archive)")
+        if not magic.startswith(b"PK"):
+            raise MoeError("not a trace file (not a readable .npz archive)")
         shapes = _check_members(path, fits=False)
         for key in ("format_version", "meta", "expert_ids", "seq_id", "phase"):
             if key not in shapes:
