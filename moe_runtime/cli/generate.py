@@ -129,4 +129,9 @@ def run(args: argparse.Namespace) -> int:
         n = sum(len(s.token_ids) for s in seqs)
         print(f"[{n} tokens{f' in {len(seqs)} sequences' if len(seqs) > 1 else ''}; prefill {res.prefill_s:.3f} s; "
               f"decode {res.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        if offload:  # what --json adds, in one line: did the budget and predictor work
+            print(f"[offload: {offload['hits']} hits, {offload['late']} late, {offload['misses']} misses of "
+                  f"{offload['accesses']} expert accesses; prefetched {offload['prefetch_used']} used of "
+                  f"{offload['prefetch_issued']}; stall {offload['stall_s']:.3f} s; {offload['budget_slots']} slots "
+                  f"({offload['policy']}, {offload['predictor']})]", file=sys.stderr)
     return 0

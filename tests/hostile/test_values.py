@@ -115,3 +115,16 @@ def test_synth_model_is_used_or_refused(trace_cli, tmp_path):
     assert code == 0, err
     from moe_runtime.traces import load_trace
     assert load_trace(tmp_path / "s.npz").meta.model == "mixtral-8x7b"
+
+
+# -- class 9: what a new user trips over ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_make_tiny_defaults_run_lookahead_2(runtime, tmp_path, family):
+    code, out, err = runtime("make-tiny", "--family", family, "--out", tmp_path / "m")
+    assert code == 0 and "(4 layers)" in out, err
+    code, out, err = runtime("generate", "--model", tmp_path / "m", "--prompt-ids", "1,2", "--max-new-tokens", 2,
+                             "--predictor", "history", "--lookahead", 2, "--expert-budget", "100%")
+    assert code == 0, err
+    line = [ln for ln in err.splitlines() if ln.startswith("[offload:")]
+    assert len(line) == 1 and "misses of" in line[0] and "stall" in line[0], err
