@@ -128,3 +128,11 @@ def test_make_tiny_defaults_run_lookahead_2(runtime, tmp_path, family):
     assert code == 0, err
     line = [ln for ln in err.splitlines() if ln.startswith("[offload:")]
     assert len(line) == 1 and "misses of" in line[0] and "stall" in line[0], err
+
+
+def test_mxfp4_experts_on_disk_without_a_pack_say_pack_first(runtime, tmp_path):
+    code, _, err = runtime("make-tiny", "--family", "gpt_oss", "--expert-dtype", "mxfp4", "--out", tmp_path / "m")
+    assert code == 0, err
+    code, _, err = runtime("generate", "--model", tmp_path / "m", "--prompt-ids", "1,2", "--max-new-tokens", 1,
+                           "--expert-source", "disk")
+    assert_one_error(code, err, "moe-runtime", "mxfp4", "pack them first", "--expert-source disk:FILE")
