@@ -44,17 +44,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe_runtime.core.budget import layer_demand, minimum_slots, wave_capacity  # noqa: E402
+from moe_runtime.core.budget import layer_demand, minimum_slots  # noqa: E402
 from moe_runtime.model.checkpoint import DTYPES  # noqa: E402
 from moe_runtime.offload.engines import achieved_gbps  # noqa: E402
-from moe_runtime.model.experts import ResidentExperts  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.model.generate import generate  # noqa: E402
 from moe_runtime.core.shapes import load_model_spec  # noqa: E402
-from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
-from moe_runtime.offload.steps import SteppedModel, steps  # noqa: E402
+from moe_runtime.offload.session import build_run  # noqa: E402
 from moe_runtime.core.policies import EVICTION_POLICIES  # noqa: E402
-from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
+from moe_runtime.core.options import OffloadOptions  # noqa: E402
 from moe_runtime.offload.profile import measure_copy  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.traces import Trace, load_trace  # noqa: E402
@@ -77,22 +75,13 @@ def tokens(res) -> list:
 def run(model, store, forced, device, prompts, new, *, n_slots=None, policy="lru", scope="global",
         predictor="none", lookahead=1, inflight=4, pool=None, warm=False):
     """Decode once (twice with ``warm``: the first pass fills the cache and only the second is timed and counted)."""
-    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     passes = 2 if warm else 1
-    lens = [len(p) for p in prompts]
-    if n_slots is None:  # all resident
-        provider = ResidentExperts(store, device)
-    else:
-        prefetching = predictor != "none"
-        cap = wave_capacity(n_slots=n_slots, scope=scope, n_moe_layers=L, max_inflight=inflight,
-                            prefetching=prefetching)
-        pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
-                                                          model=model))
-        future = forced.future(steps(lens, new) * passes, cap) if policy == "belady" else None
-        provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred,
-                                    lookahead=lookahead, max_inflight=inflight, future=future,
-                                    popularity=forced.popularity(), pool=pool)
-    stepped = SteppedModel(model, provider, forced=forced)
+    opts = None if n_slots is None else OffloadOptions(
+        budget=str(n_slots), eviction=policy, scope=scope, predictor=predictor, lookahead=lookahead,
+        max_inflight=inflight)
+    run_ = build_run(model, store, opts, device=device, prompt_lens=[len(p) for p in prompts],
+                     max_new_tokens=new, forced=forced, passes=passes, pool=pool)
+    provider, stepped = run_.provider, run_.model
     before, n_records = {k: 0 for k in COUNTERS}, 0
     for i in range(passes):
         if i and n_slots is not None:  # counters of the warm-up pass, to subtract

@@ -57,10 +57,9 @@ from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.offload.profile import measure_copy, warm_every_expert  # noqa: E402
-from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
-from moe_runtime.offload.steps import SteppedModel  # noqa: E402
-from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
-from moe_runtime.traces import Trace, TraceMeta, TraceRecorder, load_trace  # noqa: E402
+from moe_runtime.core.options import OffloadOptions  # noqa: E402
+from moe_runtime.offload.session import ExecutorOptions, build_run  # noqa: E402
+from moe_runtime.traces import Trace, load_trace  # noqa: E402
 from simulator.cost_model import CostModel  # noqa: E402
 from simulator.device import load_device  # noqa: E402
 from simulator.replay import Replay, ReplayOptions  # noqa: E402
@@ -78,18 +77,15 @@ def first_layers(trace: Trace, n: int) -> Trace:
 def decode(model, store, forced, device, new: int, n_slots: int, predictor: str, pool, warm: bool = False):
     """One decode of ``new`` tokens after a 1-token prompt, cold (or with every expert already in its slot:
     ``warm``, n_slots = all); (result, counters, recorded trace)."""
-    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
-    provider = OffloadedExperts(store, device, n_slots, policy="lru", predictor=pred, lookahead=LOOKAHEAD,
-                                max_inflight=INFLIGHT, pool=pool)
+    opts = OffloadOptions(budget=str(n_slots), eviction="lru", predictor=predictor, lookahead=LOOKAHEAD,
+                          max_inflight=INFLIGHT)
+    run_ = build_run(model, store, opts, ExecutorOptions(chunk=1, record=True), device=device, max_new_tokens=new,
+                     forced=forced, pool=pool)
+    provider, stepped = run_.provider, run_.model
     if warm:
         warm_every_expert(provider, store)
-    rec = TraceRecorder(TraceMeta(model="fidelity", n_layers=L, n_experts=E, top_k=K,
-                                  expert_bytes=store.layout.nbytes, dtype=str(store.layout.dtype).split(".")[-1],
-                                  source="benchmarks/fidelity.py"))
-    stepped = SteppedModel(model, provider, chunk=1, forced=forced, recorder=rec)
     res = generate(stepped, provider, [1], new)
-    return res, provider.finish(), rec.to_trace()
+    return res, provider.finish(), run_.recorder.to_trace()
 
 
 def warm_decode_ms(model, store, forced, device, new: int, pool) -> float:
@@ -134,7 +130,7 @@ def main(argv=None) -> int:
         f"{k} {getattr(dev, k)}" for k in ("h2d_bandwidth_gbps", "h2d_latency_us", "layer_compute_ms",
                                            "host_layer_us", "demand_us", "predictor_us")), file=log)
 
-    from moe_runtime.core.resources import use_cpu_threads
+    from moe_runtime.model.device import use_cpu_threads
     use_cpu_threads(device)  # as the executor and the profile run: a core left to the copy thread
     spec = load_model_spec("deepseek-v2-lite")
     cfg = dataclasses.replace(config_from_spec(spec, args.layers), vocab_size=args.vocab)

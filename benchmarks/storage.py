@@ -50,17 +50,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from decode import first_layers  # noqa: E402
-from moe_runtime.model.experts import ResidentExperts  # noqa: E402
 from moe_runtime.model.generate import generate  # noqa: E402
 from moe_runtime.core.shapes import load_model_spec  # noqa: E402
 from moe_runtime.model.synthetic import config_from_spec, synthetic_model  # noqa: E402
 from moe_runtime.offload.forced_routing import ForcedRouting  # noqa: E402
 from moe_runtime.offload.packed import read_header, write_packed  # noqa: E402
 from moe_runtime.offload.profile import running_beside, warm_every_expert  # noqa: E402
-from moe_runtime.offload.provider import OffloadedExperts  # noqa: E402
-from moe_runtime.offload.steps import SteppedModel, steps  # noqa: E402
 from moe_runtime.offload.storage import DiskReadEngine, aligned_pool, measure_read  # noqa: E402
-from moe_runtime.predictors import PredictorOptions, make_predictor  # noqa: E402
+from moe_runtime.core.options import OffloadOptions  # noqa: E402
+from moe_runtime.offload.session import ExecutorOptions, build_run  # noqa: E402
 from moe_runtime.traces import load_trace  # noqa: E402
 from simulator.cost_model import CostModel  # noqa: E402
 from simulator.device import DeviceSpec  # noqa: E402
@@ -84,20 +82,15 @@ def decode(model, store, forced, hdr, new, *, n_slots=None, policy="lru", predic
     first, n_slots = all, so the decode only hits); returns (seconds, report or None, tokens)."""
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     n_slots = L * E if warm else n_slots
-    if n_slots is None:
-        provider = ResidentExperts(store, "cpu")
-    else:
-        pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
-                                                          model=model, recall=recall))
-        future = forced.future(steps(1, new, 1)) if policy == "belady" else None
-        provider = OffloadedExperts(
-            store, "cpu", n_slots, policy=policy, predictor=pred, lookahead=lookahead,
-            max_inflight=min(inflight, max(1, n_slots - K)), future=future, popularity=forced.popularity(),
-            pool=pool, source=hdr.segments,
-            make_engine=lambda n, dev: DiskReadEngine(n, [hdr.path], threads=depth, max_read=hdr.record_bytes))
+    opts = None if n_slots is None else OffloadOptions(
+        budget=str(n_slots), eviction=policy, predictor=predictor, lookahead=lookahead,
+        max_inflight=min(inflight, max(1, n_slots - K)))
+    run_ = build_run(model, store, opts, ExecutorOptions(chunk=1), device="cpu", max_new_tokens=new, forced=forced,
+                     pool=pool, source=hdr.segments, predictor_extra={"recall": recall},
+                     make_engine=lambda n, dev: DiskReadEngine(n, [hdr.path], threads=depth, max_read=hdr.record_bytes))
+    provider, stepped = run_.provider, run_.model
     if warm:
         warm_every_expert(provider, store)
-    stepped = SteppedModel(model, provider, chunk=1, forced=forced)
     res = generate(stepped, provider, [1], new)
     if n_slots is None:
         return res.prefill_s + res.decode_s, None, res.token_ids

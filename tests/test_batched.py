@@ -17,7 +17,8 @@ import tempfile
 import pytest
 import torch
 
-from moe_runtime.core.budget import layer_demand, minimum_slots, wave_capacity
+from moe_runtime.core.budget import check_budget, fit_budget, layer_demand, minimum_slots, wave_capacity
+from moe_runtime.core.errors import MoeError
 from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.model.experts import ResidentExperts
@@ -80,7 +81,7 @@ def run_batched(family: str, policy: str, predictor: str, budget: str = "25%", s
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2,
                                                       model=model, adapters=random_adapters(model, L),
                                                       trace=trace if predictor == "history" else None))
-    provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
+    provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
     res = generate(SteppedModel(model, provider, forced=forced), provider, PROMPTS, NEW)
     return [s.token_ids for s in res.sequences], ref, provider.finish()
@@ -195,11 +196,19 @@ def test_cli_repeated_prompts(run_cli, tiny_mixtral):
     assert one["token_ids"] == one["sequences"][0]["token_ids"] == both["sequences"][1]["token_ids"]
 
 
-def test_cli_batch_budget_counts_the_union(run_cli, tiny_mixtral):
-    argv = ["generate", "--model", str(tiny_mixtral), "--max-new-tokens", "2", "--expert-budget", "2",
-            "--prompt-ids", "1,2", "--prompt-ids", "3"]
-    rc, _, err = run_cli(argv)
-    assert rc != 0 and "below the minimum" in err and "union of 2 sequences" in err and "Traceback" not in err
+def test_cli_batch_budget_adapts_to_the_union(run_cli, tiny_mixtral):
+    """A budget below the batch's union (2 slots for 2 x top-2) decodes in waves, tokens unchanged; only a
+    budget below one token's top-k is refused."""
+    base = ["generate", "--model", str(tiny_mixtral), "--max-new-tokens", "3", "--json", "--prompt-ids", "1,2",
+            "--prompt-ids", "3"]
+    rc, out, _ = run_cli(base)
+    resident = json.loads(out)["sequences"]
+    rc, out, err = run_cli(base + ["--expert-budget", "2", "--predictor", "gate"])
+    assert rc == 0 and json.loads(out)["sequences"] == resident
+    assert json.loads(out)["max_inflight"] == 0  # the prefetch depth shrank to fit
+    rc, _, err = run_cli(base + ["--expert-budget", "1"])
+    assert rc != 0 and "below the minimum of 2 experts" in err and "one token's top-2" in err
+    assert "Traceback" not in err
 
 
 def test_prompts_may_be_arrays_or_tensors():
@@ -212,3 +221,64 @@ def test_prompts_may_be_arrays_or_tensors():
     assert generate(model, provider, torch.tensor(PROMPTS[0]), NEW).token_ids == one
     two = generate(model, provider, np.array([PROMPTS[0], PROMPTS[0]]), NEW)
     assert [s.token_ids for s in two.sequences] == [one, one]
+
+
+class _Calls(OffloadedExperts):
+    """Counts provider calls per (step, layer): more than one is a layer served in waves."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls: dict[tuple[int, int], int] = {}
+
+    def experts(self, layer, ids, hidden, rankings=None):
+        key = (self._steps, layer)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        return super().experts(layer, ids, hidden, rankings)
+
+
+@pytest.mark.parametrize("family", ("qwen2_moe", "deepseek_v2"))
+@pytest.mark.parametrize("predictor", ("none", "gate"))
+@pytest.mark.parametrize("slots", ("below-union", "union-plus-one"))
+def test_batches_adapt_to_a_budget_below_their_union(family, predictor, slots):
+    """Below the batch's union plus the in-flight cap the run fits itself (core/budget.py's rule): the
+    prefetch depth shrinks, then a decode step's union comes in waves; tokens equal the resident run."""
+    model, store, ref, _ = reference(family)
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    union = min(len(PROMPTS) * K, E)
+    n_slots = K + 1 if slots == "below-union" else union + 1
+    if slots == "below-union" or predictor != "none":
+        with pytest.raises(MoeError):  # the old rule refused these: union + the full in-flight cap
+            check_budget(n_slots, experts_per_layer=union, max_inflight=INFLIGHT, prefetching=predictor != "none",
+                         scope="global", n_moe_layers=L, expert_bytes=1)
+    fit = fit_budget(n_slots, top_k=K, batch=len(PROMPTS), n_experts=E, max_inflight=INFLIGHT,
+                     prefetching=predictor != "none", scope="global", n_moe_layers=L, expert_bytes=1)
+    assert fit.decode_waves == (slots == "below-union")
+    if predictor != "none":
+        assert fit.inflight == (0 if slots == "below-union" else 1)
+    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
+    provider = _Calls(store, "cpu", n_slots, predictor=pred, max_inflight=fit.inflight)
+    assert provider.capacity(0) == fit.capacity
+    res = generate(SteppedModel(model, provider), provider, PROMPTS, NEW)
+    r = provider.finish()
+    assert [s.token_ids for s in res.sequences] == ref
+    decode = {k: n for k, n in provider.calls.items() if k[0] > len(PROMPTS)}  # steps after the prefills
+    assert decode and (max(decode.values()) > 1) == fit.decode_waves
+    assert r["hits"] + r["late"] + r["misses"] == r["accesses"] > 0
+    if predictor == "gate" and slots == "union-plus-one":
+        assert r["prefetch_issued"] > 0  # one slot in flight, not the asked two
+
+
+def test_budget_refused_only_below_one_tokens_top_k():
+    model, store, _, _ = reference("mixtral")
+    with pytest.raises(MoeError, match=r"below the minimum of 2 experts .*one token's top-2"):
+        fit_budget(1, top_k=2, batch=3, n_experts=8, max_inflight=4, prefetching=True, scope="global",
+                   n_moe_layers=2, expert_bytes=1)
+    with pytest.raises(MoeError, match=r"minimum of 4 experts .*times 2 layers for per-layer scope"):
+        fit_budget(3, top_k=2, batch=3, n_experts=8, max_inflight=4, prefetching=True, scope="per-layer",
+                   n_moe_layers=2, expert_bytes=1)
+    fit = fit_budget(4, top_k=2, batch=3, n_experts=8, max_inflight=4, prefetching=True, scope="per-layer",
+                     n_moe_layers=2, expert_bytes=1)
+    assert (fit.pool, fit.union, fit.inflight, fit.capacity, fit.decode_waves) == (2, 6, 0, 2, True)
+    fit = fit_budget(12, top_k=2, batch=3, n_experts=8, max_inflight=4, prefetching=True, scope="global",
+                     n_moe_layers=2, expert_bytes=1)
+    assert (fit.inflight, fit.capacity, fit.decode_waves) == (4, 8, False)  # room enough: nothing shrinks

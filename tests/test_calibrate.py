@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_runtime.predictors.calibrate import (Reservoir, calibrate, forward_chunks, load_adapters_for, make_provider,
-                                   router_digest)
+from moe_runtime.cli.predictors import make_provider
+from moe_runtime.predictors.calibrate import Reservoir, calibrate, forward_chunks, load_adapters_for, router_digest
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.cli.runtime import main
 from moe_runtime.core.errors import MoeError
@@ -50,7 +50,7 @@ def test_other_models_adapters_are_refused_in_one_line(adapters_file, tmp_path, 
 
 def test_adapter_predicts_later_residual_better_than_identity(mixtral4):
     model, store = load_model(mixtral4)
-    provider = make_provider(store, "cpu")
+    provider = make_provider(model, store, "cpu")
     chunks = token_chunks(load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=256, seed=3), 64)
     cal = calibrate(model, provider, chunks, lookahead=D, rank=64, ridge=1e-4, holdout=0)  # the fit alone
     assert cal.tokens == 256 and all(v > 0.5 for v in cal.explained.values())
@@ -65,7 +65,7 @@ def test_adapter_predicts_later_residual_better_than_identity(mixtral4):
 def test_kl_refinement_runs_on_a_bounded_sample(mixtral4):
     model, store = load_model(mixtral4)
     chunks = token_chunks(load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=96, seed=4), 32)
-    cal = calibrate(model, make_provider(store, "cpu"), chunks, lookahead=1, rank=4, refine_steps=20,
+    cal = calibrate(model, make_provider(model, store, "cpu"), chunks, lookahead=1, rank=4, refine_steps=20,
                     refine_samples=40, refine_lr=1e-4)
     assert set(cal.kl) == set(cal.adapters.pairs())
     for before, after in cal.kl.values():
@@ -99,13 +99,13 @@ def test_bad_requests_are_one_line_errors(mixtral4, tmp_path, run_cli):
 def test_offloaded_experts_calibrate_like_resident_ones(mixtral4):
     model, store = load_model(mixtral4)
     chunks = token_chunks(load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=64, seed=5), 32)
-    resident = calibrate(model, make_provider(store, "cpu"), chunks, lookahead=1, rank=4).adapters
-    offloaded = calibrate(model, make_provider(store, "cpu", slots=12), chunks, lookahead=1, rank=4).adapters
+    resident = calibrate(model, make_provider(model, store, "cpu"), chunks, lookahead=1, rank=4).adapters
+    offloaded = calibrate(model, make_provider(model, store, "cpu", slots=12), chunks, lookahead=1, rank=4).adapters
     for pair in resident.pairs():
         assert torch.allclose(resident.U[pair], offloaded.U[pair], atol=1e-5)
         assert torch.allclose(resident.V[pair], offloaded.V[pair], atol=1e-5)
     with pytest.raises(MoeError, match="cannot hold one layer's 8 experts"):
-        make_provider(store, "cpu", slots=11)
+        make_provider(model, store, "cpu", slots=11)
 
 
 def test_aligned_never_predicts_worse_than_the_gate(mixtral4):
@@ -114,7 +114,7 @@ def test_aligned_never_predicts_worse_than_the_gate(mixtral4):
     from moe_runtime.predictors.evaluate import evaluate
 
     model, store = load_model(mixtral4)
-    provider = make_provider(store, "cpu")
+    provider = make_provider(model, store, "cpu")
     calib = load_tokens(mixtral4, model.cfg.vocab_size, random_tokens=4096, seed=1)
     cal = calibrate(model, provider, token_chunks(calib, 256), 3, 8, holdout=0.25)
     assert cal.heldout_tokens == 1024 and len(cal.recall) == len(cal.adapters.pairs())

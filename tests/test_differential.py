@@ -55,8 +55,7 @@ def executor_counts(path, trace, policy, predictor, n_slots, scope, per_layer):
     forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
     ids = trace.expert_ids.tolist()
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
-    provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,
-                                lookahead=LOOKAHEAD, max_inflight=INFLIGHT, future=access_sequence(ids),
+    provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred, max_inflight=INFLIGHT, future=access_sequence(ids),
                                 popularity=popularity_counts(trace.expert_ids),
                                 make_engine=lambda n, dev: LockstepEngine(n, per_layer))
     stepped = SteppedModel(model, provider, chunk=1, forced=forced)

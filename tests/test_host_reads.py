@@ -34,7 +34,7 @@ def test_one_host_read_per_moe_layer(mixtral4, predictor, lookahead):
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                       model=model))
-    prov = OffloadedExperts(store, "cpu", L * E, predictor=pred, lookahead=lookahead)
+    prov = OffloadedExperts(store, "cpu", L * E, predictor=pred)
     ref = generate(model, ResidentExperts(store, "cpu"), [3, 4, 5], 6).token_ids
     prov.begin_step(0, 3)  # prefill outside the count
     model.setup_cache(16)

@@ -60,3 +60,56 @@ def test_simulator_and_cache_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Subpackage -> the project subpackages it imports, counting imports inside functions too."""
+    def package(mod: str) -> str | None:
+        bits = mod.split(".")
+        if bits[0] == "simulator":
+            return "simulator"
+        return ".".join(bits[:2]) if bits[0] == "moe_runtime" and len(bits) > 1 else None
+
+    graph: dict[str, set[str]] = {}
+    for f in sorted((ROOT / "moe_runtime").rglob("*.py")) + sorted((ROOT / "simulator").rglob("*.py")):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        src = package(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        if src is None:  # moe_runtime/__init__.py
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            graph.setdefault(src, set()).update(d for d in map(package, names) if d and d != src)
+    return graph
+
+
+def test_packages_form_no_cycle_counting_imports_inside_functions():
+    graph = _package_graph()
+    order: list[str] = []
+    while graph:
+        leaves = [p for p, deps in graph.items() if not deps - set(order)]
+        assert leaves, f"import cycle among packages: {sorted(graph)}"
+        order += sorted(leaves)
+        for p in leaves:
+            del graph[p]
+    assert order[0] == "moe_runtime.core"
+
+
+def test_core_stands_alone_and_imports_no_torch():
+    """The core imports no other part of the project (and so never the simulator) and no torch, anywhere in
+    its files; importing every core module leaves torch unloaded."""
+    assert not _package_graph().get("moe_runtime.core")
+    core = sorted((ROOT / "moe_runtime" / "core").rglob("*.py"))
+    for f in core:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] == "torch"], f"{f.name} imports torch"
+    mods = [".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for f in core]
+    code = f"import sys; import {', '.join(mods)}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

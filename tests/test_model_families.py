@@ -215,3 +215,30 @@ def test_mxfp4_is_refused_for_a_family_without_it(tiny_checkpoint, tmp_path):
     path = _rewrite(src, tmp_path / "q", edit_config=lambda c: {**c, "quantization_config": {"quant_method": "mxfp4"}})
     with pytest.raises(MoeError, match="quantization 'mxfp4' is not supported for deepseek_v3"):
         load_model(path)
+
+
+def test_behaviour_follows_the_familys_named_fields():
+    """Expert biases, the checkpoint's expert layout and the activation are named fields of the family,
+    read where they are used; no module compares one family's field value to stand for the family."""
+    import re
+    from pathlib import Path
+
+    from moe_runtime.core.families import FAMILIES
+    from moe_runtime.core.model_config import ModelConfig
+    from moe_runtime.core.shapes import ModelSpec
+    from moe_runtime.model.formats import format_for
+    from moe_runtime.model.tiny import tiny_config_dict
+
+    for name, fam in FAMILIES.items():
+        cfg = ModelConfig.from_hf_dict(tiny_config_dict(name))
+        assert cfg.expert_biases == fam.expert_biases and cfg.expert_activation == fam.expert_activation
+        fmt = format_for(cfg, "float32", torch.float32)
+        assert (fmt.biases, fmt.activation) == (fam.expert_biases, fam.expert_activation)
+        assert ModelSpec.from_config(cfg, name, "float32").expert_biases == fam.expert_biases
+    assert [n for n, f in FAMILIES.items() if f.expert_biases] == ["gpt_oss"]
+    root = Path(__file__).resolve().parent.parent
+    stand_ins = re.compile(r'(expert_activation|model_type|family)\s*[!=]=\s*["\']')
+    found = [f"{p.relative_to(root)}:{i}" for base in ("moe_runtime", "simulator", "benchmarks")
+             for p in (root / base).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+             if stand_ins.search(line)]
+    assert found == []

@@ -29,11 +29,11 @@ def test_budget_below_minimum_is_refused_before_loading(capsys, ckpt, tmp_path):
     only_config = tmp_path / "cfg"
     only_config.mkdir()
     shutil.copy(ckpt / "config.json", only_config / "config.json")  # no weights: must not be needed
-    code, out, err = gen(capsys, only_config, "--budget", "3", "--predictor", "gate", "--max-inflight", "2")
+    code, out, err = gen(capsys, only_config, "--budget", "1", "--predictor", "gate", "--max-inflight", "2")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
-        "moe-runtime: error: expert budget of 3 experts (110,592 bytes) is below the minimum of 4 experts "
-        "(147,456 bytes): 2 experts per layer + 2 in flight"]
+        "moe-runtime: error: expert budget of 1 experts (36,864 bytes) is below the minimum of 2 experts "
+        "(73,728 bytes): one token's top-2 experts per layer"]
 
 
 def test_json_fields_record_and_force(capsys, ckpt, tmp_path):

@@ -89,7 +89,7 @@ def test_cuda_engine_never_hands_out_an_unfinished_copy(fake_cuda, seed):
     n_slots = rng.randint(K + inflight, L * E)
     pred = RandomPredictor(PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2), rng)
     depth = rng.randint(1, 2)
-    prov = OffloadedExperts(store, "cpu", n_slots, policy=policy, predictor=pred, lookahead=2,
+    prov = OffloadedExperts(store, "cpu", n_slots, policy=policy, predictor=pred,
                             max_inflight=inflight, popularity={(0, 0): 1.0},
                             make_engine=lambda n, dev: CudaCopyEngine(n, dev, stream_depth=depth))
     engine = prov.engine

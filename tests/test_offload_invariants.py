@@ -98,8 +98,7 @@ def test_no_slot_in_use_or_loading_is_overwritten(policy, scope, prefetch, extra
     pred = RandomPredictor(PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead), seed) \
         if prefetch else None
     engines = []
-    prov = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,
-                            lookahead=lookahead, max_inflight=inflight, future=future, popularity=popularity,
+    prov = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred, max_inflight=inflight, future=future, popularity=popularity,
                             make_engine=lambda n, dev: engines.append(CheckedEngine(make_copy_engine(n, dev)))
                             or engines[0])
     prov.cache.experts_per_layer = per_layer  # prefetches leave room for the widest step's demand

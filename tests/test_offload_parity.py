@@ -62,7 +62,7 @@ def run_offloaded(family, policy, predictor, budget, scope, device="cpu", expert
         future = forced.future(steps(len(PROMPT), NEW), cap)
         popularity = forced.popularity()
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2, model=model))
-    provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred, lookahead=2,
+    provider = OffloadedExperts(store, device, n_slots, policy=policy, scope=scope, predictor=pred,
                                 max_inflight=INFLIGHT, future=future, popularity=popularity)
     stepped = SteppedModel(model, provider, forced=forced)
     tokens = generate(stepped, provider, PROMPT, NEW).token_ids
@@ -109,7 +109,7 @@ def forced_run(predictor: str, *, n_slots: int, lookahead: int, prior: bool = Fa
     forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=lookahead,
                                                       trace=trace if prior else None))
-    provider = OffloadedExperts(store, "cpu", n_slots, predictor=pred, lookahead=lookahead, max_inflight=INFLIGHT)
+    provider = OffloadedExperts(store, "cpu", n_slots, predictor=pred, max_inflight=INFLIGHT)
     stepped = SteppedModel(model, provider, chunk=1, forced=forced)
     assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
     return provider.finish()
@@ -241,27 +241,20 @@ class _Waves(ResidentExperts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_waves_equal_one_call_bitwise(family, dtype, tmp_path):
     """A prompt whose union exceeds the cache comes in waves of ascending ids; the logits equal one call's
-    bit for bit (both the fixed-shape and the per-expert compute)."""
-    from moe_runtime.model import transformer
-
+    bit for bit (the experts compute from their views, one at a time, in id order either way)."""
     path = write_tiny_checkpoint(family, tmp_path / family, seed=4, num_hidden_layers=3)
     model, store = load_model(path, "cpu", dtype)
     prompt = torch.tensor(list(range(3, 40)))
     pos = torch.arange(len(prompt))
-    for fixed_max in (transformer.FIXED_SHAPE_MAX, 0):  # fixed shapes, then the per-expert loop
-        old, transformer.FIXED_SHAPE_MAX = transformer.FIXED_SHAPE_MAX, fixed_max
-        try:
-            with torch.inference_mode():
-                model.setup_cache(len(prompt))
-                one = model(prompt, pos, ResidentExperts(store, "cpu"))
-                waves = _Waves(store, store.top_k + 1)
-                model.setup_cache(len(prompt))
-                split = model(prompt, pos, waves)
-        finally:
-            transformer.FIXED_SHAPE_MAX = old
-        assert torch.equal(one, split)
-        per_layer = [[ids for m, ids in waves.calls if m == layer] for layer in range(store.n_moe_layers)]
-        assert all(len(c) > 1 for c in per_layer)  # the union really exceeded the cap
-        for c in per_layer:
-            flat = [e for wave in c for e in wave]
-            assert flat == sorted(flat) and len(set(flat)) == len(flat)
+    with torch.inference_mode():
+        model.setup_cache(len(prompt))
+        one = model(prompt, pos, ResidentExperts(store, "cpu"))
+        waves = _Waves(store, store.top_k + 1)
+        model.setup_cache(len(prompt))
+        split = model(prompt, pos, waves)
+    assert torch.equal(one, split)
+    per_layer = [[ids for m, ids in waves.calls if m == layer] for layer in range(store.n_moe_layers)]
+    assert all(len(c) > 1 for c in per_layer)  # the union really exceeded the cap
+    for c in per_layer:
+        flat = [e for wave in c for e in wave]
+        assert flat == sorted(flat) and len(set(flat)) == len(flat)

@@ -161,7 +161,7 @@ def test_replay_and_sweep_take_the_tier_options(capsys, tmp_path):
 
 
 def test_profile_measures_the_storage_link(run_cli, tiny_mixtral, tmp_path, monkeypatch):
-    from moe_runtime.offload import profile
+    from moe_runtime.cli import profile
 
     measured = profile.measure_copy_slowdown
     links = []

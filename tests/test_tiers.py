@@ -160,7 +160,7 @@ def test_fake_cuda_never_uses_an_unfinished_read_or_copy(fake_cuda, setup, seed,
         return TieredEngine(CudaCopyEngine(n, dev, stream_depth=2), reader(host), pool, HostTierIndex(host),
                             hdr.segments)
     pred = make_predictor("popularity", PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2))
-    prov = OffloadedExperts(store, "cpu", rng.randint(K + 2, L * E), predictor=pred, lookahead=2, max_inflight=2,
+    prov = OffloadedExperts(store, "cpu", rng.randint(K + 2, L * E), predictor=pred, max_inflight=2,
                             source=lambda m, e: (m, e), make_engine=make)
     eng, hidden = prov.engine, torch.zeros(1, store.layout.hidden_size)
     for step in range(10):
@@ -198,7 +198,7 @@ def test_cuda_three_tiers_give_the_resident_tokens(setup, policy, predictor):
 
 def test_the_host_budget_is_required_and_checked_for_gpu_runs():
     from moe_runtime.core.options import OffloadOptions
-    from moe_runtime.cli.offload import host_slots
+    from moe_runtime.offload.session import host_slots
     from moe_runtime.core.errors import MoeError
 
     shape = dict(n_layers=3, n_experts=8, top_k=2, expert_bytes=1000, batch=1)

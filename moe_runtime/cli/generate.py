@@ -8,7 +8,7 @@ one prompt both also at the top level), prefill_s, decode_s, tokens_per_s
 ``--prompt``/``--prompt-ids`` decode together as one static batch.
 Before any weight is loaded, a decode longer than the model's
 ``max_position_embeddings`` or whose KV cache cannot fit in memory is refused;
-the CPU thread rule (``resources.use_cpu_threads``) is the same for the
+the CPU thread rule (``model/device.use_cpu_threads``) is the same for the
 resident and the offloading paths, so their speeds compare.
 """
 
@@ -21,16 +21,15 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.model.checkpoint import DTYPES, load_model, parse_dtype
+from moe_runtime.model.checkpoint import DTYPES, checkpoint_dtype
 from moe_runtime.core.format_sizes import EXPERT_DTYPES
 from moe_runtime.core.model_config import ModelConfig, load_config
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import SEED, integer, number
-from moe_runtime.core.resources import check_fits, use_cpu_threads
-from moe_runtime.model.experts import ResidentExperts
+from moe_runtime.model.device import check_fits, use_cpu_threads
 from moe_runtime.model.generate import generate, load_tokenizer, parse_prompt_ids
-from moe_runtime.cli.offload import (OffloadRun, add_arguments as add_offload_arguments, checkpoint_dtype,
-                                     expert_source, preflight)
+from moe_runtime.cli.offload import add_arguments as add_offload_arguments, run_options, summary
+from moe_runtime.offload.session import load_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-weights", action="store_true",
                    help="skip the check that every weight is finite (NaN/inf refused, naming the tensor): one "
                         "pass over the weights at load, and over each expert read from disk the first time")
-    add_offload_arguments(p)  # --budget, --policy, --predictor, ... (offload_cli.py)
+    add_offload_arguments(p)  # --expert-budget, --eviction, --predictor, ... (cli/offload.py)
 
 
 def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max_new_tokens: int, device,
@@ -94,22 +93,19 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graphs and (args.route_from_trace or args.record_trace):
         raise MoeError("--cuda-graphs cannot force or record routing (--route-from-trace, --record-trace): "
                        "their per-step host values are not part of a graph")
-    preflight(args, len(prompts))  # a budget below the minimum is refused before any weight is loaded
+    opts, xopts = run_options(args, check_finite=not args.trust_weights)
     use_cpu_threads(args.device)  # resident and offloaded alike
-    on_disk = expert_source(args)[0] == "disk"  # experts stay on storage: the store holds none
-    model, store = load_model(args.model, args.device, parse_dtype(args.dtype), load_experts=not on_disk,
-                              expert_dtype=args.expert_dtype, check_finite=not args.trust_weights)
-    off = OffloadRun.build(args, model, store, [len(p) for p in prompts])
-    provider = off.provider if off else ResidentExperts(store, args.device)
+    # a budget below the minimum is refused before any weight is loaded
+    run = load_run(args.model, opts, xopts, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
+                   prompt_lens=[len(p) for p in prompts], max_new_tokens=args.max_new_tokens)
     try:
-        res = generate(off.model if off else model, provider, prompts[0] if len(prompts) == 1 else prompts,
-                       args.max_new_tokens, args.temperature, args.top_p, args.seed, model.cfg.eos_token_ids,
+        res = generate(run.model, run.provider, prompts[0] if len(prompts) == 1 else prompts,
+                       args.max_new_tokens, args.temperature, args.top_p, args.seed, run.model.cfg.eos_token_ids,
                        cuda_graphs=args.cuda_graphs)
     except BaseException:
-        if off is not None:  # stop the copy thread before exiting: one left running can abort the interpreter
-            off.provider.engine.close()
+        run.close()
         raise
-    offload = off.finish() if off else None
+    offload = run.finish()
     seqs = getattr(res, "sequences", [res])
     sequences = [{"token_ids": s.token_ids} for s in seqs]
     if tokenizer is not None:
@@ -129,9 +125,6 @@ def run(args: argparse.Namespace) -> int:
         n = sum(len(s.token_ids) for s in seqs)
         print(f"[{n} tokens{f' in {len(seqs)} sequences' if len(seqs) > 1 else ''}; prefill {res.prefill_s:.3f} s; "
               f"decode {res.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
-        if offload:  # what --json adds, in one line: did the budget and predictor work
-            print(f"[offload: {offload['hits']} hits, {offload['late']} late, {offload['misses']} misses of "
-                  f"{offload['accesses']} expert accesses; prefetched {offload['prefetch_used']} used of "
-                  f"{offload['prefetch_issued']}; stall {offload['stall_s']:.3f} s; {offload['budget_slots']} slots "
-                  f"({offload['policy']}, {offload['predictor']})]", file=sys.stderr)
+        if offload:
+            print(f"[{summary(offload)}]", file=sys.stderr)
     return 0

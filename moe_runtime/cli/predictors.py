@@ -4,7 +4,7 @@ The work is in ``predictors/calibrate.py`` (fitting aligned adapters),
 ``predictors/evaluate.py`` (recall/precision per distance) and
 ``predictors/text_data.py`` (tokens from text or random ids); this module only
 parses flags and calls them. Outputs (``--out``, ``--plot``) are checked before
-the model is loaded; numeric flags are finite and in range (``cli/options.py``).
+the model is loaded; numeric flags are finite and in range (``core/flags.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,35 @@ from moe_runtime.core.flags import SEED, integer, number
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.outputs import FORCE_HELP, check_output
 from moe_runtime.model.checkpoint import load_model
-from moe_runtime.predictors.calibrate import calibrate, load_adapters_for, make_provider, save_adapters
+from moe_runtime.predictors.calibrate import calibrate, load_adapters_for, save_adapters
 from moe_runtime.predictors.evaluate import DEFAULT_PREDICTORS, evaluate, format_table, save_plot
 from moe_runtime.predictors.text_data import DEFAULT_SEQ_LEN, load_tokens, token_chunks
+from moe_runtime.core.options import OffloadOptions
+from moe_runtime.model.experts import ResidentExperts
+from moe_runtime.offload.session import build_run
 from moe_runtime.traces import load_trace
+
+MAX_INFLIGHT = 4  # copies in flight of an offloaded provider (no prefetching during calibration)
+
+
+def make_provider(model, store, device: str | torch.device, slots: int | None = None):
+    """Experts for ``device``: all resident when they fit (on the CPU no copy is made) and ``slots`` is None,
+    else an offloading cache (assembled as every run is) of ``slots`` device slots (default: what fits in 80% of free memory),
+    which must hold a whole layer's experts plus copies in flight, since a chunk may use every expert."""
+    device = torch.device(device)
+    if slots is None:
+        if device.type != "cuda":
+            return ResidentExperts(store, device)
+        free, _ = torch.cuda.mem_get_info(device)
+        if store.nbytes <= 0.8 * free:
+            return ResidentExperts(store, device)
+        slots = min(int(0.8 * free) // store.layout.nbytes, store.n_moe_layers * store.n_experts)
+    need = store.n_experts + MAX_INFLIGHT
+    if slots < need:
+        raise MoeError(f"{slots} expert slots cannot hold one layer's {store.n_experts} experts plus {MAX_INFLIGHT} "
+                       f"copies in flight (need {need}); free device memory or use --device cpu")
+    return build_run(model, store, OffloadOptions(budget=str(slots), max_inflight=MAX_INFLIGHT),
+                     device=device).provider
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,7 +97,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     model, store = load_model(args.model, args.device)
     tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
     chunks = token_chunks(tokens, args.seq_len)
-    provider = make_provider(store, args.device, args.expert_slots)
+    provider = make_provider(model, store, args.device, args.expert_slots)
     cal = calibrate(model, provider, chunks, args.lookahead, args.rank, args.ridge, args.refine_steps,
                     args.refine_samples, args.refine_lr, args.seed, progress=True, holdout=args.holdout)
     source = f"data:{Path(args.data).name}" if args.data else f"random:{args.random_tokens}:seed{args.seed}"
@@ -117,7 +142,7 @@ def run_eval(args: argparse.Namespace) -> int:
     adapters = load_adapters_for(model, args.adapters, args.lookahead) if args.adapters else None
     trace = load_trace(args.history_trace) if args.history_trace else None
     tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
-    provider = make_provider(store, args.device, args.expert_slots)
+    provider = make_provider(model, store, args.device, args.expert_slots)
     res = evaluate(model, provider, token_chunks(tokens, args.seq_len), names, args.lookahead, adapters, trace,
                    args.seed, progress=True)
     if args.plot:

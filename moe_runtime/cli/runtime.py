@@ -15,12 +15,12 @@ from moe_runtime.core.errors import ArgumentParser, run_cli
 
 # name -> (module, flags function, run function, one-line help)
 COMMANDS = {
-    "profile": ("moe_runtime.offload.profile", "add_arguments", "run",
+    "profile": ("moe_runtime.cli.profile", "add_arguments", "run",
                 "measure copy bandwidth/latency and MoE layer compute; write a device YAML"),
     "generate": ("moe_runtime.cli.generate", "add_arguments", "run", "decode text with a MoE checkpoint"),
     "pack": ("moe_runtime.cli.pack", "add_arguments", "run",
              "pack a checkpoint's experts into one file for --expert-source disk:FILE"),
-    "make-tiny": ("moe_runtime.model.tiny", "add_arguments", "run",
+    "make-tiny": ("moe_runtime.cli.tiny", "add_arguments", "run",
                   "write a tiny random MoE checkpoint (no download)"),
     "calibrate": ("moe_runtime.cli.predictors", "add_calibrate_arguments", "run_calibrate",
                   "fit early-aligned residual adapters for the aligned predictor"),

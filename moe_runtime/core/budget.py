@@ -1,15 +1,35 @@
-"""Expert-cache budgets: parse what the user typed, and refuse one too small to run.
+"""Expert-cache budgets: parse what the user typed, fit a run into it, and refuse one too small to run.
 
 A budget is given as bytes (``4GiB``, ``512MiB``, ``2GB``), a share of all
 experts' bytes (``25%``), or a plain count of experts (``48``). It becomes a
-number of expert slots. The minimum is what one layer needs at once (its
-top-k experts, or the union over a batch) plus the slots prefetches may hold
-in flight; with ``per-layer`` scope every layer's equal share must meet it.
+number of expert slots.
+
+The rule (``fit_budget``; the executor follows it, the design document quotes it):
+
+- A *pool* is the slots one layer may use: every slot with ``global`` scope,
+  an equal share (slots // MoE layers) with ``per-layer``.
+- A decode step's layer needs its *union* at once: U = min(B x top-k, experts)
+  for a batch of B sequences (one sequence: its top-k).
+- Prefetches in flight get what the union leaves: the in-flight cap is
+  min(--max-inflight, pool - U), never below 0. The prefetch depth shrinks
+  first; at 0 nothing is prefetched (the predictor still runs).
+- One provider call (a *wave*) holds at most pool - in-flight cap experts. A
+  larger union, a long prompt's or a batch's beyond the pool, is served in
+  waves of that many experts in ascending id order, in the prefill and in
+  decode alike; every expert still sees all its tokens and the sums keep
+  their order, so the tokens equal one call's.
+- Refused (one MoeError, before anything runs) only when a pool is below one
+  token's top-k: slots < top-k with ``global`` scope, slots < top-k x MoE
+  layers with ``per-layer``.
+
+``check_budget`` is the older, stricter rule (the union plus the full
+in-flight cap must fit) that the simulator still applies: it replays no waves.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.config_files import short
@@ -61,9 +81,45 @@ def minimum_slots(*, experts_per_layer: int, max_inflight: int, prefetching: boo
     return per_pool * (n_moe_layers if scope == "per-layer" else 1)
 
 
+@dataclass(frozen=True)
+class BudgetFit:
+    """How a run fits its slots (``fit_budget``): what the cache, the prefetcher and the waves use."""
+
+    n_slots: int
+    pool: int  # slots one layer may use
+    union: int  # experts a decode step's layer needs at once: min(B x top-k, experts)
+    inflight: int  # the prefetch cap the run uses: min(max_inflight, pool - union), at least 0
+    capacity: int  # experts one provider call holds (pool - inflight when prefetching); more come in waves
+
+    @property
+    def decode_waves(self) -> bool:
+        """Whether a decode step's union is served in waves (it exceeds ``capacity``)."""
+        return self.union > self.capacity
+
+
+def fit_budget(n_slots: int, *, top_k: int, batch: int, n_experts: int, max_inflight: int, prefetching: bool,
+               scope: str, n_moe_layers: int, expert_bytes: int) -> BudgetFit:
+    """Fit a run of ``batch`` sequences into ``n_slots`` by the module's rule; MoeError below one token's top-k."""
+    pool = n_slots if scope == "global" else n_slots // n_moe_layers
+    if pool < top_k:
+        need = top_k * (n_moe_layers if scope == "per-layer" else 1)
+        what = f"one token's top-{top_k} experts per layer"
+        if scope == "per-layer":
+            what += f", times {n_moe_layers} layers for per-layer scope"
+        raise MoeError(
+            f"expert budget of {n_slots} experts ({n_slots * expert_bytes:,} bytes) is below the minimum of "
+            f"{need} experts ({need * expert_bytes:,} bytes): {what}")
+    union = layer_demand(top_k=top_k, batch=batch, n_experts=n_experts)
+    inflight = max(0, min(max_inflight, pool - union))
+    capacity = wave_capacity(n_slots=n_slots, scope=scope, n_moe_layers=n_moe_layers, max_inflight=inflight,
+                             prefetching=prefetching)
+    return BudgetFit(n_slots, pool, union, inflight, capacity)
+
+
 def check_budget(n_slots: int, *, experts_per_layer: int, max_inflight: int, prefetching: bool,
                  scope: str, n_moe_layers: int, expert_bytes: int, batch: int = 1) -> None:
-    """Raise MoeError naming the minimum in bytes and experts when ``n_slots`` is below it."""
+    """Raise MoeError naming the minimum in bytes and experts when ``n_slots`` is below the union plus the
+    full in-flight cap (the simulator's rule; the executor fits with ``fit_budget``)."""
     need = minimum_slots(experts_per_layer=experts_per_layer, max_inflight=max_inflight,
                          prefetching=prefetching, scope=scope, n_moe_layers=n_moe_layers)
     if n_slots < need:

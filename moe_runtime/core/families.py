@@ -121,6 +121,9 @@ class TensorNames:
     expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # w1 (gate), w3 (up), w2 (down)
     fused_block: str = "mlp"  # where transformers 5 writes the fused experts
     fused_weights: tuple[str, str] = ("gate_up_proj", "down_proj")  # [E, 2I, H] gate rows first, [E, H, I]
+    # the only expert layout: fused [E, H, 2I] (transposed) with gate and up columns interleaved, down
+    # [E, I, H], each with a ``_bias`` tensor, or ``_blocks``/``_scales`` when MXFP4 (GPT-OSS)
+    interleaved_gate_up: bool = False
     aliases: tuple[tuple[str, str], ...] = ()
 
     def dense(self, name: str, classic: bool = False) -> str:
@@ -180,7 +183,8 @@ class Family:
     router_fp32: bool = False  # router logits computed in float32 from float32 weights
     router_bias: bool = False
     norm_weight_fp32: bool = False  # RMSNorm multiplies the weight in float32, then casts (gpt_oss)
-    expert_activation: str = "silu"  # "silu" | "clamped_swiglu" (gpt_oss, with expert biases)
+    expert_activation: str = "silu"  # "silu" | "clamped_swiglu" (gpt_oss): the expert format's forward
+    expert_biases: bool = False  # b1, b3, b2 per routed expert (gpt_oss): part of the expert format
     yarn: bool = False  # YaRN RoPE scaling accepted
     rope_defaults: dict[str, Any] = field(default_factory=dict, hash=False)  # when config.json has none
     partial_rotary_default: float = 1.0
@@ -213,7 +217,7 @@ class Family:
         extra = dict(
             attention=self.attention, attention_sinks=self.attention_sinks, router=self.router,
             router_fp32=self.router_fp32, router_bias=self.router_bias, norm_weight_fp32=self.norm_weight_fp32,
-            expert_activation=self.expert_activation, yarn=yarn, quantization=method,
+            expert_activation=self.expert_activation, expert_biases=self.expert_biases, yarn=yarn, quantization=method,
             shared_expert_gated=self.shared_experts_key is None,
             rotary_fraction=partial, rope_interleave=self.attention == "mla")
         return dict(
@@ -300,11 +304,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         expert_count_keys=("num_local_experts", "num_experts"), expert_size_key="intermediate_size",
         bias_key="attention_bias", bias_default=True, o_bias=True, sliding_window_key="sliding_window",
         attention_sinks=True, router="topk_softmax", router_bias=True, norm_weight_fp32=True,
-        expert_activation="clamped_swiglu", yarn=True, rms_norm_eps=1e-5, rope_theta=150000.0,
+        expert_activation="clamped_swiglu", expert_biases=True, yarn=True, rms_norm_eps=1e-5, rope_theta=150000.0,
         rope_defaults=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
                            original_max_position_embeddings=4096),
         quantizations=("mxfp4",), fields=gpt_oss_fields,
-        names=TensorNames(fused_weights=("gate_up_proj", "down_proj"), aliases=((".mlp.gate.", ".mlp.router."),)),
+        names=TensorNames(fused_weights=("gate_up_proj", "down_proj"), interleaved_gate_up=True,
+                          aliases=((".mlp.gate.", ".mlp.router."),)),
         tiny_config=dict(intermediate_size=64, num_local_experts=8, head_dim=16, sliding_window=4, attention_bias=True,
                          swiglu_alpha=1.702, swiglu_limit=7.0, rms_norm_eps=1e-5,
                          rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,

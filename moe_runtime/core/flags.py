@@ -53,10 +53,12 @@ def option_fields(cls) -> list:
 
 
 def add_option_flags(group, cls, *, default_note: dict[str, str] | None = None,
-                     executor: bool = True) -> None:
-    """Add ``cls``'s flags to ``group``. ``default_note`` replaces a field's "(default: X)" text;
-    ``executor`` False lists only the predictors the simulator can run."""
+                     executor: bool = True, only: tuple[str, ...] | None = None) -> None:
+    """Add ``cls``'s flags to ``group`` (``only``: just these fields). ``default_note`` replaces a field's
+    "(default: X)" text; ``executor`` False lists only the predictors the simulator can run."""
     for f in option_fields(cls):
+        if only is not None and f.name not in only:
+            continue
         m = f.metadata
         default = None if f.default is MISSING else f.default
         choices = m["choices"]() if m["choices"] else None
@@ -68,7 +70,8 @@ def add_option_flags(group, cls, *, default_note: dict[str, str] | None = None,
             note = str(default).replace("%", "%%")
         if note:
             text += f" (default: {note})"
-        group.add_argument(m["flag"], dest=f.name, type=m["type"], default=default, metavar=f.name.upper(),
+        group.add_argument(m["flag"], dest=f.name, type=m["type"], default=default,
+                           metavar=m.get("metavar") or f.name.upper(),
                            help=text)
         for alias in m["aliases"]:  # old spellings keep working, out of the help
             group.add_argument(alias, dest=f.name, type=m["type"], default=default, help=argparse.SUPPRESS)

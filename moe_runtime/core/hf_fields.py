@@ -83,11 +83,6 @@ def read_int_list(d: dict, key: str) -> list[int]:
     return v
 
 
-def read_rope_theta(d: dict, default: float) -> float:
-    """RoPE base of a config with default RoPE (a scaled RoPE is refused): see ``read_rope``."""
-    return read_rope(d, default)[0]
-
-
 @dataclass(frozen=True)
 class Yarn:
     """YaRN RoPE scaling as transformers 5.23 reads ``rope_parameters`` (rope_type yarn)."""

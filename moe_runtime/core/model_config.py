@@ -90,7 +90,8 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     norm_weight_fp32: bool = False
-    expert_activation: str = "silu"  # silu | clamped_swiglu (with expert biases)
+    expert_activation: str = "silu"  # silu | clamped_swiglu: the expert format's forward
+    expert_biases: bool = False  # b1, b3, b2 per routed expert (part of the expert format and its bytes)
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     quantization: str | None = None  # the checkpoint's expert quantization (mxfp4)

@@ -16,7 +16,7 @@ offloading option is given, and uses ``DEFAULT_BUDGET["generate"]`` if one is;
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.core.predictors import predictor_names
@@ -29,9 +29,12 @@ SCOPES = ("global", "per-layer")
 SOURCES = ("memory", "disk")
 
 
-def option(default, flag: str, help: str, *, type=str, aliases: tuple[str, ...] = (), choices=None):
-    """A dataclass field that carries its flag: ``choices`` is a callable returning the allowed names."""
-    return field(default=default, metadata=dict(flag=flag, help=help, type=type, aliases=aliases, choices=choices))
+def option(default, flag: str, help: str, *, type=str, aliases: tuple[str, ...] = (), choices=None,
+           metavar: str | None = None):
+    """A dataclass field that carries its flag: ``choices`` is a callable returning the allowed names;
+    ``metavar`` names the value in help (default: the field's name in capitals)."""
+    return field(default=default, metadata=dict(flag=flag, help=help, type=type, aliases=aliases, choices=choices,
+                                                metavar=metavar))
 
 
 def parse_expert_source(text) -> tuple[str, str | None]:
@@ -108,8 +111,3 @@ class OffloadOptions:
         """Refuse a lookahead that reaches past the model's MoE layers (the same rule everywhere)."""
         if self.prefetching and self.lookahead >= n_moe_layers:
             raise MoeError(f"lookahead {self.lookahead} must be below the number of MoE layers ({n_moe_layers})")
-
-    @classmethod
-    def shared_fields(cls) -> list:
-        """The fields every command has (subclasses add their own after these)."""
-        return list(fields(OffloadOptions))

@@ -1,20 +1,17 @@
 """The machine's resources, asked in one place: will this fit in memory, and how many compute threads.
 
 Contract:
-- ``available_bytes(device)`` is what a new allocation can take now: on the
-  host, /proc/meminfo's MemAvailable (else free pages from ``os.sysconf``),
-  lowered to the process's RLIMIT_DATA where one is set; on a CUDA device,
-  the free device memory.
+- ``available_bytes()`` is what a new host allocation can take now:
+  /proc/meminfo's MemAvailable (else free pages from ``os.sysconf``), lowered
+  to the process's RLIMIT_DATA where one is set. A CUDA device's free memory
+  is asked by ``model/device.py`` (torch), which calls ``check_fits`` with it.
 - ``check_fits(what, nbytes, device)`` raises one ``MoeError`` line saying
   what needs how much and what the machine has, before anything is allocated:
   "--tokens 1000000000 needs 12.3 TiB of memory; 21.4 GiB is available".
   Callers estimate ``nbytes`` from sizes alone (no allocation) and err on the
   large side; an estimate is not a promise that the run fits.
-- ``use_cpu_threads(device)``: the one thread rule of every CPU run (resident or
-  offloading): all cores but one for compute, so a copy or reader thread has a
-  core of its own instead of starving behind spinning compute threads.
 
-Imports torch only for a CUDA device or to set threads, so the simulator can use it.
+Imports no torch (the core's rule).
 """
 
 from __future__ import annotations
@@ -55,30 +52,15 @@ def _host_available() -> int:
     return avail
 
 
-def available_bytes(device="cpu") -> int:
-    """Bytes a new allocation on ``device`` ("cpu", "cuda", "cuda:1" or a torch.device) can take now."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise MoeError("device cuda requested but CUDA is not available")
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
+def available_bytes() -> int:
+    """Bytes a new allocation in host memory can take now (see the module docstring)."""
     return _host_available()
 
 
-def check_fits(what: str, nbytes: int, device="cpu") -> None:
-    """MoeError naming ``what``, its size and what ``device`` has, when ``nbytes`` exceed what is available."""
-    avail = available_bytes(device)
+def check_fits(what: str, nbytes: int, available: int | None = None, where: str = "memory") -> None:
+    """MoeError naming ``what``, its size and what there is, when ``nbytes`` exceed ``available`` (default:
+    host memory available now; ``model/device.py`` passes a CUDA device's free memory)."""
+    avail = available_bytes() if available is None else available
     if nbytes > avail:
-        where = "device memory" if str(device).startswith("cuda") else "memory"
         raise MoeError(f"{what} needs {fmt_bytes(nbytes)} of {where}; this machine has {fmt_bytes(avail)} "
                        "available")
-
-
-def use_cpu_threads(device) -> None:
-    """On a CPU run, compute on all cores but one (see the module docstring); nothing on a GPU run."""
-    if str(device).startswith("cpu"):
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))

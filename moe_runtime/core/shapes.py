@@ -209,7 +209,7 @@ class ModelSpec:
                    vocab_size=cfg.vocab_size, dtype=dtype, n_shared_experts=1 if shared else 0,
                    shared_intermediate_size=shared,
                    dense_intermediate_size=cfg.dense_intermediate_size if cfg.n_moe_layers < cfg.n_layers else 0,
-                   expert_dtype=cfg.quantization or "", expert_biases=cfg.expert_activation == "clamped_swiglu")
+                   expert_dtype=cfg.quantization or "", expert_biases=cfg.expert_biases)
 
     @classmethod
     def from_hf_config(cls, d: dict, name: str | None = None) -> "ModelSpec":

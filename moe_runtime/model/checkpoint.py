@@ -162,20 +162,23 @@ def read_expert(cfg: ModelConfig, reader: SafetensorsReader, m: int, e: int) -> 
     """Expert ``e`` of MoE layer ``m`` as the checkpoint stores it (float matrices, or MXFP4 as stored)."""
     h, i, names = cfg.hidden_size, cfg.moe_intermediate_size, cfg.family.names
     layer = cfg.moe_layers[m]
-    if cfg.expert_activation == "clamped_swiglu":  # GPT-OSS: fused, transposed, gate/up interleaved, biased
+    if names.interleaved_gate_up:  # GPT-OSS: fused, transposed, gate/up interleaved (and biased)
         gate_up, down = names.fused(layer)
-        b13 = reader.get(gate_up + "_bias", (2 * i,), index=e)  # [2I], gate and up interleaved
-        b2 = reader.get(down + "_bias", (h,), index=e)  # [H]
+        b13 = b2 = None
+        if cfg.expert_biases:
+            b13 = reader.get(gate_up + "_bias", (2 * i,), index=e)  # [2I], gate and up interleaved
+            b2 = reader.get(down + "_bias", (h,), index=e)  # [H]
+        b1, b3 = (None, None) if b13 is None else (b13[0::2], b13[1::2])
         if cfg.quantization == "mxfp4":
             gu = Mxfp4Matrix(reader.get(gate_up + "_blocks", (2 * i, h // 32, 16), index=e, raw=True),
                              reader.get(gate_up + "_scales", (2 * i, h // 32), index=e, raw=True))  # rows: out
             d = Mxfp4Matrix(reader.get(down + "_blocks", (h, i // 32, 16), index=e, raw=True),
                             reader.get(down + "_scales", (h, i // 32), index=e, raw=True))
             w1, w3 = Mxfp4Matrix(gu.blocks[0::2], gu.scales[0::2]), Mxfp4Matrix(gu.blocks[1::2], gu.scales[1::2])
-            return DenseExpert(w1, w3, d, b13[0::2], b13[1::2], b2)
+            return DenseExpert(w1, w3, d, b1, b3, b2)
         w13 = reader.get(gate_up, (h, 2 * i), index=e).t()  # [2I, H], gate and up rows interleaved
         w2 = reader.get(down, (i, h), index=e).t()  # [H, I]
-        return DenseExpert(w13[0::2], w13[1::2], w2, b13[0::2], b13[1::2], b2)
+        return DenseExpert(w13[0::2], w13[1::2], w2, b1, b3, b2)
     fused = next((f for f in (names.fused(layer, b) for b in names.fused_blocks) if f[0] in reader), None)
     if fused is not None:
         gate_up = reader.get(fused[0], (2 * i, h), index=e)  # [2I, H], gate rows first
@@ -271,3 +274,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise MoeError(f"unsupported dtype {name!r} (choose auto, {', '.join(DTYPES)})")
     return DTYPES[name]
+
+
+def checkpoint_dtype(model_dir, flag: str | None) -> torch.dtype:
+    """The compute dtype: ``flag`` (``--dtype``), else config.json's, else the safetensors header's (no weight
+    is read)."""
+    named = read_json(Path(model_dir) / "config.json")
+    named = named.get("torch_dtype") or named.get("dtype")
+    dtype = parse_dtype(flag) or (DTYPES[named] if named in DTYPES else None)
+    return dtype or SafetensorsReader(model_dir).dtype("model.embed_tokens.weight")

@@ -10,13 +10,18 @@ Contract:
   (pinned when CUDA is available), one flat contiguous buffer per
   (moe_layer, expert). MoE layers are numbered 0..n_moe_layers-1 over the MoE
   layers only; ``model_layers[m]`` is the model layer index of MoE layer m.
-- An expert provider (``ExpertProvider``) answers
-  ``experts(layer, ids, hidden) -> {id: ExpertWeights}`` with weights on the
-  compute device, valid until ``end_layer(layer)``. ``ids`` are the unique
-  experts the current step uses at that MoE layer, in order of first
-  appearance (token-major, then rank); ``hidden`` is the residual stream
-  entering the layer's MoE block ([N, H], before post_attention_layernorm), so
-  a prefetcher can predict later layers from it.
+- An expert provider (``ExpertProvider``) is the one interface between a MoE
+  block and wherever its experts live; every call the block makes is declared
+  there. Per forward, the runner opens a step (``begin_step(start, n)``); per
+  MoE layer the block calls ``prepare(layer, hidden)`` (device work before the
+  host reads the ids, e.g. a predictor's rankings), then, once the host holds
+  the ids, ``experts(layer, ids, hidden, rankings)`` -> ``{id: weights}`` with
+  weights on the compute device (views of the provider's memory, read in
+  place), valid until ``end_layer(layer)``. ``ids`` are unique experts, at most
+  ``capacity(layer)`` of them: a layer whose union is larger asks in waves
+  (ascending ids, one ``experts``/``end_layer`` pair each). ``hidden`` is the
+  residual stream entering the layer's MoE block ([N, H], before
+  post_attention_layernorm), so a prefetcher can predict later layers from it.
 - ``ResidentExperts`` is the all-resident reference provider: every expert is
   copied to the device once.
 
@@ -25,8 +30,6 @@ eviction policy; a cache is another provider behind the same interface.
 """
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -85,15 +88,31 @@ class HostExpertStore:
         return self.layout.views(self._buffers[layer][expert])
 
 
-class ExpertProvider(Protocol):
-    """What a MoE block asks for its experts; see the module docstring for the contract."""
+class ExpertProvider:
+    """What a MoE block asks of wherever its experts live; see the module docstring for the contract.
+    Defaults are the all-resident answers (no steps, no prediction, every expert at once)."""
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]: ...
+    def begin_step(self, start: int, n: int, future=None, token: int | None = None) -> None:
+        """A forward over positions start..start+n-1 begins (called by the runner, not the block)."""
 
-    def end_layer(self, layer: int) -> None: ...
+    def prepare(self, layer: int, hidden: Tensor) -> Tensor | None:
+        """Device work before the host reads the layer's ids (fetched with them in one transfer), or None."""
+        return None
+
+    def capacity(self, layer: int) -> int:
+        """The most distinct experts one ``experts`` call may hold at ``layer``."""
+        raise NotImplementedError
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor,
+                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
+        """Device weights (views, read in place) of ``ids`` at ``layer``, valid until ``end_layer``."""
+        raise NotImplementedError
+
+    def end_layer(self, layer: int) -> None:
+        """The layer's reads of the returned weights are enqueued: their slots may be reused after them."""
 
 
-class ResidentExperts:
+class ResidentExperts(ExpertProvider):
     """The all-resident provider: every expert copied once to ``device``; nothing moves afterwards."""
 
     def __init__(self, store: HostExpertStore, device: torch.device | str):
@@ -102,15 +121,11 @@ class ResidentExperts:
         self._buffers = [store.layer_buffer(m).to(self.device) for m in range(store.n_moe_layers)]  # [E, numel] each
         # views built once, so a step does no per-expert slicing
         self._views = [[store.layout.views(buf[e]) for e in range(store.n_experts)] for buf in self._buffers]
-        self._identity = torch.arange(store.n_experts, device=self.device)  # expert e sits in row e
 
-    def expert_table(self, layer: int) -> tuple[Tensor, Tensor]:
-        """(expert -> row [E] long, rows [E, numel]) on the device, for the fixed-shape expert compute."""
-        return self._identity, self._buffers[layer]
+    def capacity(self, layer: int) -> int:
+        return self.store.n_experts
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
+    def experts(self, layer: int, ids: list[int], hidden: Tensor,
+                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
         views = self._views[layer]
         return {e: views[e] for e in ids}
-
-    def end_layer(self, layer: int) -> None:
-        pass

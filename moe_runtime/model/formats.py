@@ -55,7 +55,8 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 
 
 class ExpertWeights(NamedTuple):
-    """The three matrices of one SwiGLU expert: down(silu(x @ w1.T) * (x @ w3.T))."""
+    """The three matrices of one SwiGLU expert: down(silu(x @ w1.T) * (x @ w3.T)). Made by
+    ``ExpertFormat.views`` only: views of one flat buffer, w3's rows right after w1's."""
 
     w1: Tensor  # gate proj [I, H]
     w3: Tensor  # up proj [I, H]
@@ -94,6 +95,8 @@ class ExpertFormat:
     alpha: float = 1.702  # clamped_swiglu: glu = gate * sigmoid(alpha * gate)
     limit: float = 7.0  # clamped_swiglu: gate <= limit, -limit <= up <= limit
     _pieces: tuple = field(default=(), init=False, repr=False, compare=False)
+    _numel: int = field(default=0, init=False, repr=False, compare=False)  # computed once (read per layer)
+    _nbytes: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         codec = self.codec or NAMES.get(self.dtype, "")
@@ -111,6 +114,9 @@ class ExpertFormat:
         object.__setattr__(self, "compute_dtype", compute)
         object.__setattr__(self, "_pieces", tuple(expert_pieces(codec, self.hidden_size, self.intermediate_size,
                                                                 bias)))
+        numel = expert_numel(codec, self.hidden_size, self.intermediate_size, bias)
+        object.__setattr__(self, "_numel", numel)
+        object.__setattr__(self, "_nbytes", numel * torch.empty((), dtype=self.dtype).element_size())
 
     # ---- size ---------------------------------------------------------------------------
     @property
@@ -120,12 +126,11 @@ class ExpertFormat:
 
     @property
     def numel(self) -> int:
-        bias = (self.codec if self.codec in PLAIN else NAMES[self.compute_dtype]) if self.biases else None
-        return expert_numel(self.codec, self.hidden_size, self.intermediate_size, bias)
+        return self._numel
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self._nbytes
 
     # ---- views ----------------------------------------------------------------------------
     def views(self, flat: Tensor):
@@ -179,15 +184,14 @@ class ExpertFormat:
     # ---- unpacking and forward (device, at use) ---------------------------------------------
     def dense(self, w) -> tuple[Tensor, ...]:
         """(w1, w3, w2, b1, b3, b2) in the compute dtype (biases None without them) from ``views`` output."""
-        if isinstance(w, ExpertWeights):
-            mats = tuple(w)
-            biases = (None, None, None)
-        else:
-            mats = tuple(self._matrix(w, n, shape) for n, shape in
-                         (("w1", (self.intermediate_size, self.hidden_size)),
-                          ("w3", (self.intermediate_size, self.hidden_size)),
-                          ("w2", (self.hidden_size, self.intermediate_size))))
-            biases = tuple(w[n].to(self.compute_dtype) for n in ("b1", "b3", "b2")) if self.biases else (None,) * 3
+        if isinstance(w, ExpertWeights):  # a plain codec's views: converted only if stored in another dtype
+            return (*w, None, None, None) if self.dtype == self.compute_dtype else (
+                *(m.to(self.compute_dtype) for m in w), None, None, None)
+        mats = tuple(self._matrix(w, n, shape) for n, shape in
+                     (("w1", (self.intermediate_size, self.hidden_size)),
+                      ("w3", (self.intermediate_size, self.hidden_size)),
+                      ("w2", (self.hidden_size, self.intermediate_size))))
+        biases = tuple(w[n].to(self.compute_dtype) for n in ("b1", "b3", "b2")) if self.biases else (None,) * 3
         if mats[0].dtype != self.compute_dtype:
             mats = tuple(m.to(self.compute_dtype) for m in mats)
         return (*mats, *biases)
@@ -206,20 +210,26 @@ class ExpertFormat:
 
     def forward(self, x: Tensor, w) -> Tensor:
         """The expert on tokens x [..., n, H] -> [..., n, H] (weights from ``views``, one or stacked)."""
+        if isinstance(w, ExpertWeights) and self.activation == "silu" and self.dtype == self.compute_dtype \
+                and w.w1.dim() == 2:
+            # one plain expert read in place: w1 | w3 are adjacent rows of its buffer, so gate and up are one
+            # [2I, H] matmul over a view (as transformers computes its fused gate_up_proj): one launch fewer
+            I, H = self.intermediate_size, self.hidden_size
+            gate, up = F.linear(x, w.w1.as_strided((2 * I, H), (H, 1))).chunk(2, dim=-1)  # [..., n, I] each
+            return F.linear(F.silu(gate) * up, w.w2)  # [..., n, H]
         w1, w3, w2, b1, b3, b2 = self.dense(w)
+        lin = F.linear if w1.dim() == 2 else _stacked_linear  # one expert (as transformers computes it), or stacked
         if self.activation == "silu":
-            return _linear(F.silu(_linear(x, w1)) * _linear(x, w3), w2)
+            return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
         # GPT-OSS: gate_up = x W + b, gate clamped above, up clamped both ways, (up + 1) * gate * sigmoid(alpha gate)
-        gate = _linear(x, w1, b1).clamp(max=self.limit)  # [..., n, I]
-        up = _linear(x, w3, b3).clamp(min=-self.limit, max=self.limit)  # [..., n, I]
+        gate = lin(x, w1, b1).clamp(max=self.limit)  # [..., n, I]
+        up = lin(x, w3, b3).clamp(min=-self.limit, max=self.limit)  # [..., n, I]
         glu = gate * torch.sigmoid(gate * self.alpha)
-        return _linear((up + 1) * glu, w2, b2)  # [..., n, H]
+        return lin((up + 1) * glu, w2, b2)  # [..., n, H]
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    # one expert: F.linear (as transformers computes it); stacked experts: a batched matmul
-    if w.dim() == 2:
-        return F.linear(x, w, b)
+def _stacked_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    # stacked experts [S, out, in]: a batched matmul
     y = torch.matmul(x, w.transpose(-1, -2))
     return y if b is None else y + b.unsqueeze(-2)
 
@@ -294,7 +304,8 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     Each value is FP4_VALUES[nibble] * 2^(scale - 127): exact in float32 and bfloat16, as transformers'
     dequantization (``Mxfp4Config(dequantize=True)``) computes it."""
     lut = _fp4_table(blocks.device)
-    idx = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [..., out, G, 32]
+    # int32 indices: an int64 [out, in] index would outweigh the dequantized matrix itself in bf16
+    idx = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).int()  # [..., out, G, 32]
     vals = lut[idx] * torch.exp2(scales.float() - 127)[..., None]  # [..., out, G, 32]
     return vals.flatten(-2).to(dtype)
 
@@ -332,5 +343,5 @@ def format_for(cfg, codec: str, compute_dtype: torch.dtype) -> ExpertFormat:
     if codec not in (*PLAIN, *QUANTIZED):
         raise MoeError(f"unsupported expert dtype {codec!r} (choose {', '.join((*PLAIN, 'int8', 'int4'))})")
     return ExpertFormat(cfg.hidden_size, cfg.moe_intermediate_size, TORCH[codec] if codec in PLAIN else torch.uint8,
-                        codec=codec, compute_dtype=compute_dtype, biases=cfg.expert_activation == "clamped_swiglu",
+                        codec=codec, compute_dtype=compute_dtype, biases=cfg.expert_biases,
                         activation=cfg.expert_activation, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)

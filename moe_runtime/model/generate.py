@@ -2,7 +2,8 @@
 
 Contract: ``generate(model, provider, prompt_ids, max_new_tokens, temperature,
 top_p, seed, eos_ids, on_step=None) -> GenerationResult``; given a list of
-prompts, a static batch (``generate_batch``) -> ``BatchResult``.
+prompts, a static batch (``generate_batch``) -> ``BatchResult``. One decode
+loop serves both: a single prompt is a batch of one.
 
 - The KV cache is preallocated for len(prompt) + max_new_tokens positions;
   each decode step is a forward of one token with fixed shapes.
@@ -134,45 +135,9 @@ def generate(model: Transformer, provider: ExpertProvider, prompt_ids: Sequence[
     if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) > 0:  # a list of prompts, not of ids
         return generate_batch(model, provider, prompt_ids, max_new_tokens, temperature, top_p, seed, eos_ids,
                               on_step, cuda_graphs)
-    _check(model, [prompt_ids], max_new_tokens, temperature, top_p)
-    device = model.device
-    n_prompt = len(prompt_ids)
-    model.setup_cache(n_prompt + max_new_tokens)
-    generator = _generator(device, temperature, seed)
-    eos = set(eos_ids)
-    graphed = GraphedDecoder(model, provider) if cuda_graphs else None
-
-    _sync(device)
-    t0 = time.perf_counter()
-    tokens = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)  # [T]
-    logits = model(tokens, torch.arange(n_prompt, device=device), provider, last_only=True)  # [1, V]
-    tok = int(sample(finite(logits[0], 0), temperature, top_p, generator))  # CPU waits for the first token
-    prefill_s = time.perf_counter() - t0
-    out = [tok]
-    if on_step is not None:
-        on_step(0, tok)
-
-    # decode: one token per step into preallocated position/token buffers (fixed shapes)
-    cur = torch.empty(1, dtype=torch.long, device=device)  # [1]
-    pos = torch.empty(1, dtype=torch.long, device=device)  # [1]
-    step_s: list[float] = []
-    t1 = time.perf_counter()
-    while tok not in eos and len(out) < max_new_tokens:
-        ts = time.perf_counter()
-        cur.fill_(tok)
-        pos.fill_(n_prompt + len(out) - 1)
-        if graphed is not None and len(out) > 1:  # the first decode step ran eagerly: kernels are warm
-            logits = graphed(cur, pos, 0, n_prompt + len(out) - 1)  # [1, V]
-        else:
-            logits = model(cur, pos, provider)  # [1, V]
-        tok = int(sample(finite(logits[0], len(out)), temperature, top_p, generator))  # CPU waits for the token
-        out.append(tok)
-        step_s.append(time.perf_counter() - ts)
-        if on_step is not None:
-            on_step(len(out) - 1, tok)
-    _sync(device)
-    decode_s = time.perf_counter() - t1 - (graphed.capture_s if graphed is not None else 0.0)  # capture: once
-    return GenerationResult(out, prefill_s, decode_s, n_prompt, tok in eos, step_s)
+    step = None if on_step is None else (lambda s, b, tok: on_step(s, tok))
+    return _decode(model, provider, [prompt_ids], max_new_tokens, temperature, top_p, seed, eos_ids, step,
+                   cuda_graphs, single=True).sequences[0]
 
 
 def _generator(device: torch.device, temperature: float, seed: int | None) -> torch.Generator | None:
@@ -196,6 +161,15 @@ def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequen
     generator per sequence, seeded with ``seed`` (a sequence samples as it would decoding alone).
     ``on_step(step, sequence, token)``: step 0 is the sequence's prefill.
     """
+    return _decode(model, provider, prompts, max_new_tokens, temperature, top_p, seed, eos_ids, on_step,
+                   cuda_graphs, single=False)
+
+
+def _decode(model: Transformer, provider: ExpertProvider, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+            temperature: float, top_p: float, seed: int | None, eos_ids: Sequence[int],
+            on_step: Callable[[int, int, int], None] | None, cuda_graphs: bool, single: bool) -> BatchResult:
+    """The one decode loop. ``single``: one prompt decoded alone, its steps addressed by its row index (an
+    int: attention then reads its own cache row as a view, as a prefill does) rather than a list of rows."""
     _check(model, prompts, max_new_tokens, temperature, top_p)
     device = model.device
     prompts = [[int(t) for t in p] for p in prompts]  # lists, tuples, arrays or tensors of ids alike
@@ -224,10 +198,11 @@ def generate_batch(model: Transformer, provider: ExpertProvider, prompts: Sequen
         # the step's tokens and positions: two small uploads per step (the tokens were read back anyway)
         cur = torch.tensor([outs[b][-1] for b in active], dtype=torch.long, device=device)  # [A]
         pos = torch.tensor([lens[b] + len(outs[b]) - 1 for b in active], dtype=torch.long, device=device)  # [A]
+        rows = active[0] if single else active
         if graphed is not None and step_s:  # after one eager step; captured again when ``active`` shrinks
-            logits = graphed(cur, pos, active, lens[active[0]] + len(outs[active[0]]) - 1)
+            logits = graphed(cur, pos, rows, lens[active[0]] + len(outs[active[0]]) - 1)
         else:
-            logits = model(cur, pos, provider, rows=active)
+            logits = model(cur, pos, provider, rows=rows)
         logits = finite(logits, len(outs[active[0]]))  # [A, V]
         if temperature <= 0:
             toks = torch.argmax(logits, dim=-1).tolist()  # CPU waits for the step's tokens, once

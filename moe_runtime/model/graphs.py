@@ -1,20 +1,30 @@
-"""Decode steps replayed as CUDA graphs, with the host's bookkeeping between them (``--cuda-graphs``).
+"""Decode steps replayed as CUDA graphs, with the host's part of each MoE layer between them (``--cuda-graphs``).
 
-A decode step splits at each MoE layer's fetch, the one place the host must learn the routed ids:
+There is one forward (transformer.py); this module captures its segments, it does not re-write them. A
+decode step splits at each MoE layer's host read of the routed ids:
 
-- segment 0: embedding, then every block up to MoE layer 0's attention and router (``moe_route``);
-- segment s (1..M-1): MoE layer s-1's experts and shared experts, then every block up to MoE layer s's
-  router;
-- segment M: the last MoE layer's experts, the remaining blocks, the final norm and the LM head.
+- segment 0: embedding and step inputs, then every block up to MoE layer 0's router (``Transformer.segment``);
+- segment s (1..M-1): MoE layer s-1's shared experts and residual add, then every block up to MoE layer
+  s's router;
+- segment M: the last MoE layer's shared experts, the remaining blocks, then the final norm and LM head.
 
 Each segment is captured once over static buffers (tokens, positions and sequence rows in; the residual,
 the normed input, ids, weights and the predictor's ranking out, which the next segment reads) and
-replayed at every step. Between replays the host does what only it can: it reads the ids (and the
-rankings, in the same transfer), runs the provider's per-layer protocol (its copies, and the compute
-stream's wait on them), uploads the slot table the next segment gathers from (``expert_table``), and ends
-the previous layer (``end_layer``). The experts compute with fixed shapes from the slot table, so the
-router-to-logits device work needs no host values; a batch too large for that, or whose union would not
-fit one layer's pool (waves), is refused with one line.
+replayed at every step. Between replays the host runs ``MoeBlock.experts``, as the eager forward does:
+it reads the ids (and the rankings, in the same transfer), runs the provider's per-layer protocol (its
+copies, and the compute stream's wait on them) and computes the routed experts eagerly from the
+provider's slot views into a static output buffer the next segment reads, then ends the layer.
+
+Why the expert compute is not captured: a graph needs fixed shapes and addresses, and the routed experts'
+weights sit in slots the host picks per step. The fixed-shape alternative gathers a copy of every (token,
+rank)'s expert (2 x 352 MB per layer per token for Mixtral in bf16), tripling the weight traffic of a
+bandwidth-bound decode. Computing from per-slot views reads each expert once, in place; the host is
+between the segments anyway for the fetch, so the per-expert launches overlap the GPU's work on the
+previous ones. It also lets a batch whose union exceeds one layer's pool come in waves under graphs.
+Its cost is host launches: about six kernels per routed expert (a plain expert's gate and up are one
+matmul over an in-place [2I, H] view). For many small experts (top-8 over 48 layers) those launches may
+bound a GPU decode; the fixed-shape form that also reads in place is an index-reading grouped GEMM over
+the slot pool (e.g. ``torch._grouped_mm`` on sm90), not built here for want of a GPU to check it on.
 
 Contract: ``GraphedStep(model, provider, rows, tokens, positions, runner)`` captures the segments for one
 batch shape (``rows`` as in ``Transformer.forward``) after at least one eager step has warmed the
@@ -34,6 +44,7 @@ import torch
 from torch import Tensor
 
 from moe_runtime.core.errors import MoeError
+from moe_runtime.model.transformer import Routed, StepInputs
 
 
 class EagerGraphs:
@@ -68,71 +79,47 @@ class CudaGraphs:
 class GraphedStep:
     def __init__(self, model, provider, rows: int | Tensor, tokens: Tensor, positions: Tensor,
                  runner: EagerGraphs | CudaGraphs) -> None:
-        if getattr(provider, "expert_table", None) is None:
-            raise MoeError("CUDA graphs need a provider with a device slot table (fixed-shape expert compute)")
-        n, k, M = tokens.shape[0], model.cfg.top_k, len(model.moe_layers)
-        if not model.fixed_shape_step(n, k):
-            raise MoeError(f"--cuda-graphs needs fixed-shape expert compute, but a batch of {n} x top-{k} would "
-                           f"gather {n * k * model.expert_format.numel:,} expert elements per layer, over the "
-                           f"cap; decode fewer prompts together")
-        capacity = getattr(provider, "capacity", None)
-        union = min(n * k, model.cfg.n_experts)
-        if capacity is not None and any(capacity(m) < union for m in range(M)):  # a graph cannot do waves
-            raise MoeError(f"--cuda-graphs needs room for the batch's whole union ({union} experts) in one "
-                           f"layer's pool; raise --expert-budget")
+        M = len(model.moe_layers)
         self.model, self.provider, self.rows = model, provider, rows
         self.tok = tokens.clone()  # [B] static inputs, refilled each step
         self.pos = positions.clone()
-        self.tables = [provider.expert_table(m) for m in range(M)]  # static views; uploads pending slots now
-        bounds = [-1, *model.moe_layers, len(model.layers)]  # segment s runs blocks bounds[s]+1 .. bounds[s+1]
+        # each MoE layer's routed-expert output [B, H], written by the host's eager expert compute
+        self.moe_out = [torch.zeros(tokens.shape[0], model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+                        for _ in range(M)]
         self.outs: list[dict] = []
         self.replays: list[Callable[[], None]] = []
         for s in range(M + 1):
-            replay, static = runner.capture(lambda s=s: self._segment(s, bounds))
+            replay, static = runner.capture(lambda s=s: self._segment(s))
             self.replays.append(replay)
             self.outs.append(static)
 
-    def _segment(self, s: int, bounds: list[int]) -> dict:
-        model, M = self.model, len(self.model.moe_layers)
+    def _routed(self, s: int) -> Routed:
+        o = self.outs[s]
+        return Routed(o["h"], o["x"], o["ids"], o["weights"], o["ranked"])
+
+    def _segment(self, s: int) -> dict:
+        model = self.model
         if s == 0:
-            pos = self.pos
-            cos, sin = model.cos[pos], model.sin[pos]  # [B, R]
-            mask = model.causal_mask[pos]  # [B, L]
-            window = mask if model.window_mask is None else model.window_mask[pos]
-            h = model.embed_tokens(self.tok)  # [B, H]
+            inp = model.step_inputs(self.pos, self.rows)
+            h, r = model.segment(0, inp, self.provider, h=model.embed_tokens(self.tok))
         else:
-            prev = self.outs[s - 1]
-            cos, sin, mask, window = prev["cos"], prev["sin"], prev["mask"], prev["window"]
-            block = model.layers[bounds[s]]
-            out = model.moe_experts(prev["x"], prev["ids"], prev["weights"], None, self.tables[s - 1])
-            h = prev["h"] + model.moe_shared(block, prev["x"], out)
-        last = bounds[s + 1] if s < M else len(model.layers)
-        for j in range(bounds[s] + 1, last + (1 if s < M else 0)):
-            block = model.layers[j]
-            h = h + block.self_attn(block.input_layernorm(h), self.pos, cos, sin,
-                                    window if block.sliding else mask, self.rows)
-            if j == last:  # MoE layer s: its router; the host fetches its experts next
-                x, ids, weights, ranked = model.moe_route(s, block, h, self.provider)
-                return dict(h=h, x=x, ids=ids, weights=weights, ranked=ranked, cos=cos, sin=sin, mask=mask,
-                            window=window)
-            h = h + block.mlp(block.post_attention_layernorm(h))
-        h = model.norm(h)
-        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        return dict(logits=torch.nn.functional.linear(h, head))  # [B, V]
+            o = self.outs[s - 1]
+            inp = StepInputs(self.pos, o["cos"], o["sin"], o["mask"], o["window"], self.rows)
+            h, r = model.segment(s, inp, self.provider, prev=self._routed(s - 1), moe_out=self.moe_out[s - 1])
+        if r is None:
+            return dict(logits=model.head(h))  # [B, V]
+        return dict(h=r.h, x=r.x, ids=r.ids, weights=r.weights, ranked=r.ranked, cos=inp.cos, sin=inp.sin,
+                    mask=inp.mask, window=inp.window)
 
     def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """One decode step -> logits [B, V] (a static buffer: read or copy it before the next step)."""
-        model, provider, M = self.model, self.provider, len(self.model.moe_layers)
+        model, M = self.model, len(self.model.moe_layers)
         self.tok.copy_(tokens)
         self.pos.copy_(positions)
         for s, replay in enumerate(self.replays):
             replay()
-            if s > 0:
-                provider.end_layer(s - 1)  # its reads are enqueued: copies into its slots may follow
-            if s < M:
-                o = self.outs[s]
-                model.moe_fetch(s, o["ids"], o["h"], o["ranked"], provider)  # the layer's one host read
-                provider.expert_table(s)  # slots assigned just now, uploaded before segment s+1 gathers
+            if s < M:  # the layer's one host read, its fetch and its experts, as the eager forward runs them
+                model.moe_block(s).experts(self._routed(s), self.provider, model.expert_format, out=self.moe_out[s])
         return self.outs[M]["logits"]
 
 
@@ -161,7 +148,5 @@ class GraphedDecoder:
             index = rows if isinstance(rows, int) else self.inner._row_index(key)
             self._step, self._key = GraphedStep(self.inner, self.provider, index, tokens, positions, runner), key
             self.capture_s += time.perf_counter() - t
-        begin = getattr(self.provider, "begin_step", None)
-        if begin is not None:
-            begin(start, tokens.shape[0])
+        self.provider.begin_step(start, tokens.shape[0])
         return self._step.step(tokens, positions)

@@ -18,7 +18,6 @@ family's own config.json fields come from its ``Family.tiny_config``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -82,10 +81,10 @@ def _random_tensors(cfg: ModelConfig, gen: torch.Generator, fused: bool,
         else:
             t = 0.02 * torch.randn(p.shape, generator=gen)
         # HF's own names (aliases) in the per-expert layout; GPT-OSS has no other (its router is mlp.router)
-        tensors[names.dense(name, classic=not fused or cfg.expert_activation == "clamped_swiglu")] = t
+        tensors[names.dense(name, classic=not fused or names.interleaved_gate_up)] = t
     h, i, n_e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_experts
     for layer in cfg.moe_layers:
-        if cfg.expert_activation == "clamped_swiglu":
+        if names.interleaved_gate_up:
             tensors.update(_gpt_oss_experts(cfg, gen, layer, mxfp4))
             continue
         w1, w3, w2 = (0.02 * torch.randn(n_e, *s, generator=gen) for s in ((i, h), (i, h), (h, i)))
@@ -115,9 +114,10 @@ def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: st
     """Write a tiny random checkpoint of ``family`` to directory ``out``; see the module docstring."""
     if dtype not in DTYPES:
         raise MoeError(f"unsupported dtype {dtype!r} (choose {', '.join(DTYPES)})")
-    if expert_dtype not in TINY_EXPERT_DTYPES or (expert_dtype == "mxfp4" and family != "gpt_oss"):
-        raise MoeError(f"make-tiny writes experts as auto (the --dtype) or, for gpt_oss, mxfp4; "
-                       f"not {expert_dtype!r} for {family}")
+    ships_mxfp4 = family in FAMILIES and "mxfp4" in FAMILIES[family].quantizations
+    if expert_dtype not in TINY_EXPERT_DTYPES or (expert_dtype == "mxfp4" and not ships_mxfp4):
+        raise MoeError(f"make-tiny writes experts as auto (the --dtype) or, for a family whose checkpoints "
+                       f"ship MXFP4 (gpt_oss), mxfp4; not {expert_dtype!r} for {family}")
     if expert_dtype == "mxfp4":
         overrides = {"quantization_config": {"quant_method": "mxfp4"}, **overrides}
     d = tiny_config_dict(family, torch_dtype=dtype, **overrides)
@@ -133,33 +133,3 @@ def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: st
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     (out / "tokenizer.json").write_text(_tokenizer_json())
     return out
-
-
-MAKE_TINY_LAYERS = 4  # deepseek/glm keep their first layer dense: 4 layers give 3 MoE layers (lookahead 2 < 3)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moe_runtime.core.flags import SEED, integer
-
-    p.add_argument("--family", required=True, choices=list(FAMILIES), help="model family (config.json model_type)")
-    p.add_argument("--out", required=True, help="directory to write the checkpoint to")
-    p.add_argument("--seed", type=SEED, default=0, help="random seed (default 0)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
-    p.add_argument("--expert-dtype", default="auto", choices=list(TINY_EXPERT_DTYPES),
-                   help="experts as --dtype (auto) or, for gpt_oss, MXFP4 blocks and scales as released")
-    p.add_argument("--layers", type=integer(1, 64), default=MAKE_TINY_LAYERS,
-                   help=f"decoder layers (default {MAKE_TINY_LAYERS}: at least 3 MoE layers in every family, so the "
-                        "prefetch examples run at --lookahead 2)")
-    p.add_argument("--force", action="store_true", help="replace what --out already holds")
-
-
-def run(args: argparse.Namespace) -> int:
-    from moe_runtime.core.outputs import check_output_dir
-
-    if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:  # a checkpoint is precious
-        raise MoeError(f"--out {args.out} is not empty (a checkpoint?); give --force to replace it")
-    check_output_dir(args.out, "--out")  # creates it; refuses a file or an unwritable place in one line
-    out = write_tiny_checkpoint(args.family, args.out, args.seed, args.dtype, expert_dtype=args.expert_dtype,
-                                num_hidden_layers=args.layers)
-    print(f"wrote a tiny random {args.family} checkpoint ({args.layers} layers) to {out}")
-    return 0

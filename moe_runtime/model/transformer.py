@@ -24,6 +24,25 @@ Contract:
   two. A forward's ``route`` (moe_layer, logits) -> (ids, weights), when given,
   replaces top-k routing (to force a recorded trace, or to record it); the
   model keeps no state of it.
+- There is one forward. It is a chain of segments split at each MoE layer's
+  host read: ``segment(s, ...)`` runs the device work from MoE layer s-1's
+  expert output (its shared experts and residual add) to MoE layer s's router
+  (``MoeBlock.select``); between segments ``MoeBlock.experts`` is the host's
+  part: the one device-to-host read of the layer's ids, the provider's fetch
+  (in waves when the union exceeds ``provider.capacity``), and the routed
+  experts computed from the provider's weights. ``forward`` runs the chain;
+  graphs.py captures the same segments as CUDA graphs and runs the same host
+  part between replays.
+- Experts are read in place: each routed expert computes from the views the
+  provider returns (its slot, or its resident row), one expert at a time over
+  its tokens, in ascending id order (as transformers accumulates), so no step
+  copies an expert's weights and the bytes a MoE layer writes do not grow with
+  the expert's size (quantized formats dequantize one matrix at a time). The
+  host holds the ids anyway after its one read per layer, so grouping tokens
+  by expert costs no further sync. This is also the CUDA-graph form: the dense
+  segments are graphs, the expert compute runs eagerly between replays (the
+  host is there for the fetch), so graphs need neither a gathered copy nor a
+  fixed union, and a union beyond the pool comes in waves there too.
 
 Numerics follow transformers 5.23 (eager attention): RMSNorm in float32, RoPE
 tables in float32 cast to the compute dtype, attention softmax in float32,
@@ -34,7 +53,7 @@ no I/O (see checkpoint.py).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,16 +62,7 @@ from torch import Tensor, nn
 from moe_runtime.model.attention import Attention, MLAttention, RMSNorm, rope_tables
 from moe_runtime.core.model_config import ModelConfig
 from moe_runtime.model.experts import ExpertProvider
-from moe_runtime.model.formats import format_for
-
-# The fixed-shape expert compute gathers a copy of every (token, rank)'s expert. On CPU that is worth it
-# only while the copy is small (it removes the per-expert Python); larger steps compute each expert in place.
-FIXED_SHAPE_MAX = 1 << 22  # elements gathered per MoE layer
-# On CUDA it is what decode steps use (no host values: a graph can capture it), but a prefill's N x k
-# copies of real-sized experts would not fit, so only steps of at most one token per sequence take it, and
-# a batch only while its copy stays under this many elements (1 GiB in bf16).
-FIXED_SHAPE_MAX_CUDA = 1 << 29
-
+from moe_runtime.model.formats import ExpertFormat, format_for
 
 class MLP(nn.Module):
     """Dense SwiGLU MLP (qwen's dense layers and shared expert)."""
@@ -67,13 +77,39 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class MoeBlock(nn.Module):
-    """Router (with GPT-OSS's bias or DeepSeek-V3's score correction) and shared experts: qwen2_moe's one
-    sigmoid-gated ``shared_expert``, deepseek/glm's ungated ``shared_experts``. Routed experts come from
-    the provider."""
+RouterOverride = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 
-    def __init__(self, cfg: ModelConfig):
+
+class StepInputs(NamedTuple):
+    """What every block of a forward reads besides the residual (``Transformer.step_inputs``)."""
+
+    pos: Tensor  # [T] long
+    cos: Tensor  # [T, R]
+    sin: Tensor  # [T, R]
+    mask: Tensor  # [T, L] bool, causal
+    window: Tensor  # [T, L] bool, for sliding-window layers (= mask without a window)
+    rows: int | Tensor  # the tokens' sequences (see the module docstring)
+
+
+class Routed(NamedTuple):
+    """A MoE layer's routing as the device computed it: what the host reads and the experts compute from."""
+
+    h: Tensor  # [N, H] the residual entering the block (providers predict from it)
+    x: Tensor  # [N, H] its post-attention norm, the experts' input
+    ids: Tensor  # [N, k] long
+    weights: Tensor  # [N, k]
+    ranked: Tensor | None  # the provider's device output (a predictor's rankings), read with the ids
+
+
+class MoeBlock(nn.Module):
+    """MoE layer ``layer``: router (with GPT-OSS's bias or DeepSeek-V3's score correction), routed experts
+    from the provider, and shared experts: qwen2_moe's one sigmoid-gated ``shared_expert``, deepseek/glm's
+    ungated ``shared_experts``. Its forward is ``select`` (device) -> ``experts`` (host read, fetch,
+    compute) -> ``shared``; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.cfg, self.layer = cfg, layer
         self.gate = nn.Linear(cfg.hidden_size, cfg.n_experts, bias=cfg.router_bias)
         if cfg.router == "sigmoid":  # added to the scores for choosing experts only, never to their weights
             self.gate.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_experts))
@@ -83,6 +119,127 @@ class MoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         elif cfg.shared_expert_intermediate_size:
             self.shared_experts = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+
+    def forward(self, x: Tensor, h: Tensor, provider: ExpertProvider, fmt: ExpertFormat,
+                route: RouterOverride | None = None) -> Tensor:
+        """The block's output [N, H] for its normed input x and the residual h (what ``forward`` chains)."""
+        r = self.select(x, h, provider, route)
+        return self.shared(r.x, self.experts(r, provider, fmt))
+
+    # -- router --
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Router logits [N, E] of the normed input x [N, H]."""
+        if self.cfg.router_fp32:  # deepseek/glm: float32 logits from float32 weights
+            return F.linear(x.float(), self.gate.weight.float())
+        return self.gate(x)
+
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The family's top-k -> (ids [N,k] long, weights [N,k]), as transformers routes.
+
+        softmax: softmax in float32 (deepseek_v2: only the best ``topk_group`` of ``n_group`` groups by
+        their best expert), top-k, renormalised if norm_topk_prob. sigmoid (deepseek_v3, glm4_moe): sigmoid
+        scores; experts chosen on scores + e_score_correction_bias within the best groups (by their top-2
+        sum), weighted by their scores. topk_softmax (gpt_oss): top-k logits, softmax over those. Then
+        times routed_scaling_factor; weights stay float32 where route_weights_fp32, else the logits' dtype.
+        """
+        cfg, n = self.cfg, logits.shape[0]
+        if cfg.router == "topk_softmax":
+            top, ids = torch.topk(logits, cfg.top_k, dim=-1)  # [N, k]
+            return ids, F.softmax(top, dim=-1, dtype=top.dtype)
+        per_group = cfg.n_experts // cfg.n_group
+        if cfg.router == "sigmoid":
+            scores = logits.sigmoid()  # [N, E] float32
+            choice = scores + self.gate.e_score_correction_bias.float()  # [N, E]
+            group = choice.view(n, cfg.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
+            fill = float("-inf")
+        else:
+            scores = choice = F.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
+            group = choice.view(n, cfg.n_group, per_group).max(dim=-1).values  # [N, G]
+            fill = 0.0
+        if cfg.n_group > 1:  # keep the best topk_group groups
+            keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, group.topk(cfg.topk_group, dim=-1)[1], True)
+            choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), fill)  # [N, E]
+        weights, ids = torch.topk(choice, cfg.top_k, dim=-1)  # [N, k]
+        if cfg.router == "sigmoid":
+            weights = scores.gather(1, ids)
+            if cfg.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        elif cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if cfg.routed_scaling_factor != 1.0:
+            weights = weights * cfg.routed_scaling_factor
+        if not cfg.route_weights_fp32:
+            weights = weights.to(logits.dtype)
+        return ids, weights
+
+    def select(self, x: Tensor, h: Tensor, provider: ExpertProvider, route: RouterOverride | None = None) -> Routed:
+        """The device work before the host learns the ids: routing, and the provider's ``prepare``."""
+        logits = self.logits(x)  # [N, E]
+        ids, weights = route(self.layer, logits) if route is not None else self.route(logits)  # [N, k] each
+        return Routed(h, x, ids, weights, provider.prepare(self.layer, h))
+
+    # -- routed experts: the host's part --
+
+    def experts(self, r: Routed, provider: ExpertProvider, fmt: ExpertFormat, out: Tensor | None = None) -> Tensor:
+        """The routed experts' weighted sum [N, H] (into ``out`` when given, e.g. a graph's static buffer).
+
+        The host reads the ids once, asks the provider for the union (in waves of ``capacity`` in ascending
+        id order when larger: every expert still sees all its tokens and the sums keep their order, so the
+        result equals one call's bit for bit) and computes each expert from the returned views in place."""
+        m, k = self.layer, r.ids.shape[1]
+        flat_ids, rankings = read_ids(r.ids, r.ranked)
+        order = list(dict.fromkeys(flat_ids))  # unique, in first appearance (token-major, then rank)
+        cap = provider.capacity(m)
+        waves = [order] if len(order) <= cap else [sorted(order)[i:i + cap] for i in range(0, len(order), cap)]
+        out = torch.zeros_like(r.x) if out is None else out.zero_()  # [N, H]
+        counts = Counter(flat_ids)
+        single = r.ids.shape[0] == 1 and len(order) == len(flat_ids)  # one token, k distinct experts
+        # the weighted outputs are cast to the residual's dtype only when they differ (a no-op op otherwise)
+        dt = out.dtype
+        cast = torch.promote_types(fmt.compute_dtype, r.weights.dtype) != dt
+        if single:  # one token: its rank of each expert is known on the host, no gather at all
+            cols = r.weights.unbind(1)  # k x [1], views
+        else:  # (token, rank) positions grouped by expert id, on the device: slicing it needs no further sync
+            by_expert = torch.argsort(r.ids.flatten(), stable=True)  # [N*k]
+            flat_w = r.weights.reshape(-1)  # [N*k]
+        for wave in waves:
+            experts = provider.experts(m, wave, r.h, rankings)
+            ordered = sorted(wave)
+            start = sum(n for e, n in counts.items() if e < ordered[0])
+            # accumulate in expert-id order, as HF does, so sums round identically (waves continue the order)
+            for e in ordered:
+                if single:
+                    y = fmt.forward(r.x, experts[e]) * cols[flat_ids.index(e)]  # [1, H]
+                    out.add_(y.to(dt) if cast else y)
+                    continue
+                slots = by_expert[start: start + counts[e]]  # [n_e]
+                start += counts[e]
+                tok = slots // k  # [n_e]
+                y = fmt.forward(r.x[tok], experts[e]) * flat_w[slots, None]  # [n_e, H]
+                out.index_add_(0, tok, y.to(dt) if cast else y)
+            provider.end_layer(m)
+        return out
+
+    def shared(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out`` plus the block's shared experts (qwen2_moe: sigmoid-gated; deepseek/glm: ungated)."""
+        if self.shared_expert is not None:
+            return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_experts is not None:
+            return out + self.shared_experts(x)
+        return out
+
+
+def read_ids(ids: Tensor, ranked: Tensor | None) -> tuple[list[int], list[list[int]] | None]:
+    """(the flat ids [N*k] token-major, each distance's ranking or None) as Python ints."""
+    flat = ids.flatten()  # [N*k], token-major
+    if ranked is None:
+        # CPU waits on the device here, once per layer: the provider needs the expert ids as Python ints
+        return flat.tolist(), None
+    # CPU waits on the device here, once per layer: the ids and every distance's ranking together
+    both = torch.cat([flat, ranked.flatten()]).tolist()
+    rest, E = both[flat.numel():], ranked.shape[1]
+    return both[: flat.numel()], [rest[i:i + E] for i in range(0, len(rest), E)]
 
 
 class Block(nn.Module):
@@ -94,10 +251,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
         self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_weight_fp32)
-        self.mlp = MoeBlock(cfg) if is_moe else MLP(cfg.hidden_size, cfg.dense_intermediate_size)
-
-
-RouterOverride = Callable[[int, Tensor], tuple[Tensor, Tensor]]
+        self.mlp = MoeBlock(cfg, cfg.moe_layers.index(index)) if is_moe else MLP(cfg.hidden_size,
+                                                                                 cfg.dense_intermediate_size)
 
 
 class Transformer(nn.Module):
@@ -147,221 +302,65 @@ class Transformer(nn.Module):
 
     # -- router access (also used by predictors) --
 
+    def moe_block(self, moe_layer: int) -> MoeBlock:
+        return self.layers[self.moe_layers[moe_layer]].mlp
+
     def router_logits(self, moe_layer: int, hidden: Tensor) -> Tensor:
         """Router logits [N, E] of MoE layer ``moe_layer`` for a residual [N, H] (applies its post-attention norm)."""
         block = self.layers[self.moe_layers[moe_layer]]
-        return self._gate(block, block.post_attention_layernorm(hidden))
-
-    def _gate(self, block: Block, x: Tensor) -> Tensor:
-        if self.cfg.router_fp32:  # deepseek/glm: float32 logits from float32 weights
-            return F.linear(x.float(), block.mlp.gate.weight.float())
-        return block.mlp.gate(x)
+        return block.mlp.logits(block.post_attention_layernorm(hidden))
 
     def route(self, moe_layer: int, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """The family's top-k -> (ids [N,k] long, weights [N,k]), as transformers routes.
+        """MoE layer ``moe_layer``'s top-k of router logits -> (ids [N,k] long, weights [N,k]) (MoeBlock.route)."""
+        return self.moe_block(moe_layer).route(logits)
 
-        softmax: softmax in float32 (deepseek_v2: only the best ``topk_group`` of ``n_group`` groups by
-        their best expert), top-k, renormalised if norm_topk_prob. sigmoid (deepseek_v3, glm4_moe): sigmoid
-        scores; experts chosen on scores + e_score_correction_bias within the best groups (by their top-2
-        sum), weighted by their scores. topk_softmax (gpt_oss): top-k logits, softmax over those. Then
-        times routed_scaling_factor; weights stay float32 where route_weights_fp32, else the logits' dtype.
-        """
-        cfg, n = self.cfg, logits.shape[0]
-        if cfg.router == "topk_softmax":
-            top, ids = torch.topk(logits, cfg.top_k, dim=-1)  # [N, k]
-            return ids, F.softmax(top, dim=-1, dtype=top.dtype)
-        per_group = cfg.n_experts // cfg.n_group
-        if cfg.router == "sigmoid":
-            scores = logits.sigmoid()  # [N, E] float32
-            bias = self.layers[self.moe_layers[moe_layer]].mlp.gate.e_score_correction_bias
-            choice = scores + bias.float()  # [N, E]
-            group = choice.view(n, cfg.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
-            fill = float("-inf")
-        else:
-            scores = choice = F.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
-            group = choice.view(n, cfg.n_group, per_group).max(dim=-1).values  # [N, G]
-            fill = 0.0
-        if cfg.n_group > 1:  # keep the best topk_group groups
-            keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, group.topk(cfg.topk_group, dim=-1)[1], True)
-            choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), fill)  # [N, E]
-        weights, ids = torch.topk(choice, cfg.top_k, dim=-1)  # [N, k]
-        if cfg.router == "sigmoid":
-            weights = scores.gather(1, ids)
-            if cfg.norm_topk_prob:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        elif cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if cfg.routed_scaling_factor != 1.0:
-            weights = weights * cfg.routed_scaling_factor
-        if not cfg.route_weights_fp32:
-            weights = weights.to(logits.dtype)
-        return ids, weights
-
-    # -- forward --
+    # -- the forward, as segments (graphs.py replays the same ones) --
 
     def forward(self, tokens: Tensor, input_pos: Tensor, provider: ExpertProvider, last_only: bool = False,
                 route: RouterOverride | None = None, rows: int | Sequence[int] | Tensor = 0) -> Tensor:
         """tokens [T] long, input_pos [T] long -> logits [T, V] ([1, V] if last_only); ``route`` replaces
         the routers' top-k, ``rows`` names the tokens' sequences (see the module docstring)."""
+        inp = self.step_inputs(input_pos, rows)
+        h, r = self.segment(0, inp, provider, h=self.embed_tokens(tokens), route=route)  # [T, H]
+        for s in range(1, len(self.moe_layers) + 1):
+            out = self.moe_block(s - 1).experts(r, provider, self.expert_format)  # the host's part of layer s-1
+            h, r = self.segment(s, inp, provider, prev=r, moe_out=out, route=route)
+        return self.head(h, last_only)
+
+    def step_inputs(self, input_pos: Tensor, rows: int | Sequence[int] | Tensor) -> StepInputs:
+        """What every block of a forward reads besides the residual: positions, RoPE rows, masks, sequences."""
         if self.causal_mask is None:
             raise RuntimeError("call setup_cache(max_len) before forward")
         if not isinstance(rows, (int, Tensor)):  # the running sequences, as a (cached) index tensor
             rows = self._row_index(tuple(rows))
-        cos, sin = self.cos[input_pos], self.sin[input_pos]  # [T, R]
         mask = self.causal_mask[input_pos]  # [T, L]
         window = mask if self.window_mask is None else self.window_mask[input_pos]  # [T, L]
-        h = self.embed_tokens(tokens)  # [T, H]
-        m = 0
-        for block in self.layers:
-            h = h + block.self_attn(block.input_layernorm(h), input_pos, cos, sin,
-                                    window if block.sliding else mask, rows)
-            if block.is_moe:
-                h = h + self._moe(m, block, h, provider, route)
-                m += 1
-            else:
-                h = h + block.mlp(block.post_attention_layernorm(h))
+        return StepInputs(input_pos, self.cos[input_pos], self.sin[input_pos], mask, window, rows)  # cos/sin [T, R]
+
+    def segment(self, s: int, inp: StepInputs, provider: ExpertProvider, *, h: Tensor | None = None,
+                prev: Routed | None = None, moe_out: Tensor | None = None,
+                route: RouterOverride | None = None) -> tuple[Tensor, Routed | None]:
+        """Segment s of a forward, all device work -> (residual [T, H], MoE layer s's routing, None past the
+        last). s = 0 starts from the embeddings ``h``; s >= 1 from MoE layer s-1's routing ``prev`` and its
+        routed experts' output ``moe_out`` (adds its shared experts and the residual). Then every block up
+        to MoE layer s's router; after the last MoE layer, the remaining blocks."""
+        if s > 0:
+            h = prev.h + self.moe_block(s - 1).shared(prev.x, moe_out)  # [T, H]
+        first = self.moe_layers[s - 1] + 1 if s > 0 else 0
+        last = self.moe_layers[s] if s < len(self.moe_layers) else len(self.layers) - 1
+        for j in range(first, last + 1):
+            block = self.layers[j]
+            h = h + block.self_attn(block.input_layernorm(h), inp.pos, inp.cos, inp.sin,
+                                    inp.window if block.sliding else inp.mask, inp.rows)
+            x = block.post_attention_layernorm(h)  # [T, H]
+            if block.is_moe:  # MoE layer s: its router; the host fetches its experts next
+                return h, block.mlp.select(x, h, provider, route)
+            h = h + block.mlp(x)
+        return h, None
+
+    def head(self, h: Tensor, last_only: bool = False) -> Tensor:
+        """Final norm and LM head: residual [T, H] -> logits [T, V] ([1, V] if last_only)."""
         if last_only:
             h = h[-1:]
         h = self.norm(h)  # [T, H]
         return F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)  # [T, V]
-
-    def _moe(self, m: int, block: Block, h: Tensor, provider: ExpertProvider,
-             route: RouterOverride | None = None) -> Tensor:
-        # h [N, H]: the residual entering the MoE block, handed to the provider for prediction
-        x, ids, weights, ranked = self.moe_route(m, block, h, provider, route)
-        fixed = self.fixed_shapes(x, ids, provider)
-        flat_ids, order, rankings = self.moe_ids(ids, ranked)
-        cap = provider.capacity(m) if hasattr(provider, "capacity") else len(order)
-        if len(order) > cap:  # a prompt's union beyond the cache: its experts in waves
-            out = self._moe_waves(m, x, ids, weights, h, provider, flat_ids, order, rankings, cap, fixed)
-        else:
-            experts = provider.experts(m, order, h, *([rankings] if rankings is not None else []))
-            out = self.moe_experts(x, ids, weights, (experts, flat_ids, order),
-                                   provider.expert_table(m) if fixed else None)
-            provider.end_layer(m)
-        return self.moe_shared(block, x, out)
-
-    # The MoE block in the three parts a CUDA graph splits it into (graphs.py): the device work before the
-    # host learns the ids, the host's fetch (the one device-to-host transfer), the device work after.
-
-    def moe_route(self, m: int, block: Block, h: Tensor, provider: ExpertProvider,
-                  route: RouterOverride | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(normed input x [N, H], ids [N, k], weights [N, k], the predictor's device ranking or None)."""
-        x = block.post_attention_layernorm(h)  # [N, H]
-        logits = self._gate(block, x)  # [N, E]; same as router_logits(m, h) without normalising twice
-        ids, weights = (route or self.route)(m, logits)  # [N, k], [N, k]
-        # a provider's predictor may want device-side rankings of later layers: fetched with the ids
-        ranked = provider.prepare(m, h) if hasattr(provider, "prepare") else None
-        return x, ids, weights, ranked
-
-    def moe_ids(self, ids: Tensor, ranked: Tensor | None) -> tuple[list[int], list[int], list | None]:
-        """(flat ids, unique ids in first appearance (token-major, then rank), each distance's ranking)."""
-        flat = ids.flatten()  # [N*k], token-major
-        if ranked is None:
-            # CPU waits on the device here, once per layer: the provider needs the expert ids as Python ints
-            flat_ids, rankings = flat.tolist(), None
-        else:
-            # CPU waits on the device here, once per layer: the ids and every distance's ranking together
-            both = torch.cat([flat, ranked.flatten()]).tolist()
-            flat_ids, rest, E = both[: flat.numel()], both[flat.numel():], ranked.shape[1]
-            rankings = [rest[i:i + E] for i in range(0, len(rest), E)]
-        return flat_ids, list(dict.fromkeys(flat_ids)), rankings
-
-    def moe_fetch(self, m: int, ids: Tensor, h: Tensor, ranked: Tensor | None, provider: ExpertProvider) -> dict:
-        """The provider's experts for the layer (all in one call), by id."""
-        _, order, rankings = self.moe_ids(ids, ranked)
-        return provider.experts(m, order, h, *([rankings] if rankings is not None else []))
-
-    def fixed_shapes(self, x: Tensor, ids: Tensor, provider: ExpertProvider) -> bool:
-        """Whether the experts compute with fixed shapes from the provider's slot table. The rule sees only
-        shapes, never the provider's budget, so resident and offloaded runs take the same path (and round
-        alike). On CPU: while the gathered copy of every (token, rank)'s expert is small. On CUDA: steps of
-        at most ``batch`` tokens (decode steps, and prefills that short: their union the budget check
-        guarantees fits in one call, so they never come in waves), one token always, more while the copy
-        is under the cap."""
-        return getattr(provider, "expert_table", None) is not None and self.fixed_shape_step(*ids.shape)
-
-    def fixed_shape_step(self, n: int, k: int) -> bool:
-        """``fixed_shapes`` for a step of ``n`` tokens routed to ``k`` experts each (on this model's device)."""
-        gathered = n * k * self.expert_format.numel
-        if self.device.type != "cuda":
-            return gathered <= FIXED_SHAPE_MAX
-        return n == 1 or (n <= self.batch and gathered <= FIXED_SHAPE_MAX_CUDA)
-
-    def moe_experts(self, x: Tensor, ids: Tensor, weights: Tensor, fetched: tuple | None,
-                    table: tuple[Tensor, Tensor] | None) -> Tensor:
-        """The routed experts' weighted sum [N, H]: fixed shapes from ``table`` (no host values needed), else
-        one expert at a time from ``fetched`` ((experts by id, flat ids, unique ids))."""
-        k = ids.shape[1]
-        if table is not None:
-            return self._combine(self._fixed_rows(x, ids.flatten(), k, table), weights, x.dtype)
-        experts, flat_ids, order = fetched
-        out = torch.zeros_like(x)  # [N, H]
-        self._accumulate(out, x, ids, weights, flat_ids, sorted(order), experts)
-        return out
-
-    def _fixed_rows(self, x: Tensor, flat: Tensor, k: int, table: tuple[Tensor, Tensor],
-                    sel: Tensor | None = None) -> Tensor:
-        # every (token, rank) gathers its expert's slot by index and all run as one batched matmul: no
-        # per-expert Python, no further sync. ``sel``: only these (token, rank) rows.
-        rows, pool = table
-        xr = x.repeat_interleave(k, dim=0)  # [N*k, H]
-        if sel is not None:
-            flat, xr = flat[sel], xr[sel]
-        w = self.expert_format.views(pool[rows[flat]])  # stacked [n, ...] weights of each (token, rank)
-        return self.expert_format.forward(xr[:, None, :], w)[:, 0, :]  # [n, H]
-
-    @staticmethod
-    def _combine(y: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
-        k = weights.shape[1]
-        return (y.view(-1, k, y.shape[-1]) * weights[..., None]).sum(dim=1).to(dtype)  # [N, H]
-
-    def _accumulate(self, out: Tensor, x: Tensor, ids: Tensor, weights: Tensor, flat_ids: list[int],
-                    experts_sorted: list[int], experts: dict) -> None:
-        """out += each expert's weighted output over its tokens, for ``experts_sorted`` (ascending ids)."""
-        k, fmt = ids.shape[1], self.expert_format
-        counts = Counter(flat_ids)
-        # (token, rank) slots grouped by expert id; slicing it needs no further device sync
-        by_expert = torch.argsort(ids.flatten(), stable=True)  # [N*k]
-        start = sum(n for e, n in counts.items() if e < experts_sorted[0])
-        # accumulate in expert-id order, as HF does, so sums round identically (waves continue the order)
-        for e in experts_sorted:
-            slots = by_expert[start : start + counts[e]]  # [n_e]
-            start += counts[e]
-            tok = slots // k  # [n_e]
-            ye = fmt.forward(x[tok], experts[e])  # [n_e, H]
-            w = weights.reshape(-1)[slots, None]  # [n_e, 1]
-            out.index_add_(0, tok, (ye * w).to(out.dtype))
-
-    def _moe_waves(self, m: int, x: Tensor, ids: Tensor, weights: Tensor, h: Tensor, provider: ExpertProvider,
-                   flat_ids: list[int], order: list[int], rankings: list | None, cap: int, fixed: bool) -> Tensor:
-        """The layer's experts ``cap`` at a time, in ascending id order, each wave one provider call: every
-        expert still sees all its tokens and the sums keep their order, so the result equals one call's
-        (a prefill whose union exceeds the cache stays exact, not chunked into different matmul shapes)."""
-        k = ids.shape[1]
-        ordered = sorted(order)
-        out = y = None
-        if not fixed:
-            out = torch.zeros_like(x)
-        for i in range(0, len(ordered), cap):
-            wave = ordered[i:i + cap]
-            experts = provider.experts(m, wave, h, *([rankings] if rankings is not None else []))
-            if fixed:
-                members = set(wave)
-                sel = torch.tensor([j for j, e in enumerate(flat_ids) if e in members], device=x.device)
-                rows = self._fixed_rows(x, ids.flatten(), k, provider.expert_table(m), sel)
-                if y is None:
-                    y = rows.new_empty(len(flat_ids), rows.shape[-1])  # [N*k, H]
-                y[sel] = rows
-            else:
-                self._accumulate(out, x, ids, weights, flat_ids, wave, experts)
-            provider.end_layer(m)
-        return self._combine(y, weights, x.dtype) if fixed else out
-
-    def moe_shared(self, block: Block, x: Tensor, out: Tensor) -> Tensor:
-        """``out`` plus the block's shared experts (qwen2_moe: sigmoid-gated; deepseek/glm: ungated)."""
-        if block.mlp.shared_expert is not None:
-            return out + torch.sigmoid(block.mlp.shared_expert_gate(x)) * block.mlp.shared_expert(x)
-        if block.mlp.shared_experts is not None:
-            return out + block.mlp.shared_experts(x)
-        return out

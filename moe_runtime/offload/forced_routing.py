@@ -55,6 +55,7 @@ class ForcedRouting:
         if not (0 <= seq and seq + batch <= len(seqs)):
             need = f"sequences {seq}..{seq + batch - 1} (one per prompt)" if batch > 1 else f"sequence {seq}"
             raise MoeError(f"--trace-seq {seq} is out of range: the run needs {need}, the trace has {len(seqs)}")
+        self.trace = trace  # recorded:NAME predictions are read from it
         picked = seqs[seq:seq + batch]
         self.seq_ids = [s[0] for s in picked]
         self.seq_id = self.seq_ids[0]
@@ -110,7 +111,7 @@ class ForcedRouting:
 
     def step_routing(self, step: Step, capacity: int | None = None) -> list[list[int]]:
         out = [self.step_ids(step, layer) for layer in range(self.ids.shape[1])]
-        # a union beyond ``capacity`` is served in waves, in ascending id order (Transformer._moe)
+        # a union beyond ``capacity`` is served in waves, in ascending id order (MoeBlock.experts)
         return [sorted(ids) if capacity is not None and len(ids) > capacity else ids for ids in out]
 
     def future(self, steps: Sequence[Step], capacity: int | None = None) -> list[Key]:

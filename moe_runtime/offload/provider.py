@@ -1,19 +1,25 @@
 """The offloading expert provider: a fixed pool of device slots, the cache's bookkeeping, a copy engine,
-a predictor, accounting and a timeline, behind the ``ExpertProvider`` interface of expert_store.py.
+a predictor, accounting and a timeline, behind the ``ExpertProvider`` interface of model/experts.py.
 
 Contract:
 
 - The slot pool is one flat device tensor [n_slots, expert_numel] allocated once
   (or lent by the caller as ``pool``, e.g. a benchmark reusing it across runs),
   with the (w1, w3, w2) views of every slot built once; the decode path
-  allocates no tensor, only the cache's slot table changes.
-- ``begin_step(start, n)`` opens a forward pass over positions start..start+n-1
-  (a prefill chunk or one decode token); every MoE layer then calls
-  ``experts(layer, ids, hidden)`` and ``end_layer(layer)``. What happens at a
-  layer is decided by ``cache/protocol.py`` (the simulator runs the same one);
-  this provider is its ``CopyLink`` (withdraw, demand, promote, prefetch on the
-  copy engine), then waits for the layer's missing and late slots (the only
-  place the compute waits for copies) and returns their views.
+  allocates no tensor; the model computes each expert from its slot's views
+  in place (nothing gathers or copies a slot).
+- It implements ``ExpertProvider`` (model/experts.py), every call of it:
+  ``begin_step(start, n)`` opens a forward pass over positions
+  start..start+n-1 (a prefill chunk or one decode step); every MoE layer then
+  calls ``prepare(layer, hidden)`` (the predictor's device rankings, read back
+  with the ids), and per wave of at most ``capacity(layer)`` experts
+  ``experts(layer, ids, hidden, rankings)`` and ``end_layer(layer)``. What
+  happens at a layer is decided by ``core/protocol.py`` (the simulator runs the
+  same one); this provider is its ``CopyLink`` (withdraw, demand, promote,
+  prefetch on the copy engine), then waits for the layer's missing and late
+  slots (the only place the compute waits for copies) and returns their views.
+  ``max_inflight`` is the cap as fitted to the budget (core/budget.py's
+  ``fit_budget``); ``capacity`` is the pool less it.
 - Outputs never depend on the policy: the views returned always hold the
   experts asked for, complete, and no slot in use or loading is overwritten.
 - ``report()`` gives counts (``CacheStats``), stall time per layer and per step
@@ -38,7 +44,7 @@ from moe_runtime.core.expert_cache import ExpertCache
 from moe_runtime.core.keys import Key
 from moe_runtime.core.protocol import LayerProtocol
 from moe_runtime.core.budget import wave_capacity
-from moe_runtime.model.experts import ExpertWeights, HostExpertStore
+from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore
 from moe_runtime.offload.engines import achieved_gbps, make_copy_engine
 from moe_runtime.predictors import Predictor
 from moe_runtime.core.timeline import Timeline
@@ -83,12 +89,12 @@ class LayerClock:
         return out
 
 
-class OffloadedExperts:
+class OffloadedExperts(ExpertProvider):
     """Serves a model's MoE layers from ``n_slots`` device slots; see the module docstring."""
 
     def __init__(self, store: HostExpertStore, device: torch.device | str, n_slots: int, *,
                  policy: str = "lru", scope: str = "global", predictor: Predictor | None = None,
-                 lookahead: int = 1, prefetch_width: int | None = None, max_inflight: int = 4,
+                 prefetch_width: int | None = None, max_inflight: int = 4,
                  future: Sequence[Key] | None = None, popularity: dict[Key, float] | None = None,
                  timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None,
                  make_engine: Callable = make_copy_engine,
@@ -111,20 +117,15 @@ class OffloadedExperts:
         self.pool = pool[: self.n_slots]
         self.slot_flat = [self.pool[s] for s in range(self.n_slots)]  # [numel] views, built once
         self.views = [layout.views(f) for f in self.slot_flat]  # (w1, w3, w2) views, built once
-        # expert -> slot per MoE layer, on the device, for the fixed-shape compute: entries change only
-        # when the host assigns a slot (demand or prefetch), and only those of resident experts are read
-        self.table = torch.zeros(store.n_moe_layers, store.n_experts, dtype=torch.long, device=self.device)  # [L, E]
-        self._table_rows = list(self.table)  # per-layer views, made once (in-place updates show through)
-        self._assigned: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot not yet in the table
         source = source or store.flat
         self.src = [[source(m, e) for e in range(store.n_experts)] for m in range(store.n_moe_layers)]
         self.engine = make_engine(self.n_slots, self.device)
         self._release = getattr(self.engine, "needs_release", True)
         self.clock = LayerClock(self.n_moe_layers, self.device, self.engine.base)
-        self.protocol = LayerProtocol(self.cache, self, predictor, lookahead=lookahead,
-                                      prefetch_width=prefetch_width, record_predictions=record_predictions)
+        self.protocol = LayerProtocol(self.cache, self, predictor, prefetch_width=prefetch_width,
+                                      record_predictions=record_predictions)
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
-        self.lookahead, self.width = lookahead, self.protocol.width
+        self.width = self.protocol.width
         self.timeline = Timeline("moe-runtime") if timeline else None
         if self.timeline is not None:
             self.timeline.lane("compute")
@@ -140,14 +141,12 @@ class OffloadedExperts:
         return self.engine.cancel_if_queued(slot)
 
     def demand(self, slot: int, key: Key) -> None:
-        self._assigned[key] = slot
         self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=True)
 
     def promote(self, slot: int) -> None:
         self.engine.promote(slot)
 
     def prefetch(self, slot: int, key: Key) -> None:
-        self._assigned[key] = slot  # the latest assignment of a key wins (bounded: one entry per expert)
         self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=False)
 
     def capacity(self, layer: int) -> int:
@@ -156,20 +155,6 @@ class OffloadedExperts:
         c = self.cache
         return wave_capacity(n_slots=c.n_slots, scope=c.scope, n_moe_layers=self.n_moe_layers,
                              max_inflight=c.max_inflight, prefetching=self.prefetching)
-
-    def expert_table(self, layer: int) -> tuple[Tensor, Tensor]:
-        """(expert -> slot [E] long, the slot pool [S, numel]) on the device, for the fixed-shape compute;
-        valid for the experts of the layer just served by ``experts``."""
-        if self._assigned:  # one small host-to-device update for every slot assigned since the last call
-            (ls, es), ss = zip(*self._assigned), list(self._assigned.values())
-            self._assigned.clear()
-            # (layer, expert, slot) as one staged upload; on CUDA from pinned memory, so the host does not
-            # wait for it (the caching host allocator keeps the staging buffer until the copy has run), and
-            # the scatter takes device indices, so it does not sync either
-            upd = torch.tensor((ls, es, ss), dtype=torch.long, pin_memory=self.device.type == "cuda")
-            upd = upd.to(self.device, non_blocking=True)
-            self.table[upd[0], upd[1]] = upd[2]
-        return self._table_rows[layer], self.pool
 
     # -- steps ---------------------------------------------------------------------------
     def begin_step(self, start: int, n: int, future: Callable[[int], Sequence[int]] | None = None,
@@ -187,15 +172,16 @@ class OffloadedExperts:
 
     def prepare(self, layer: int, hidden: Tensor) -> Tensor | None:
         """Device-side predictor output the model fetches together with the layer's expert ids (one
-        device-to-host transfer per layer); the host copy comes back as ``experts(..., ranked)``."""
+        device-to-host transfer per layer); the host copy comes back as ``experts(..., rankings)``."""
         proto = self.protocol
         return proto.predictor.device_ranking(layer, hidden) if proto.predicts else None
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor, ranked=None) -> dict[int, ExpertWeights]:
+    def experts(self, layer: int, ids: list[int], hidden: Tensor,
+                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
         cache, engine = self.cache, self.engine
         for slot in engine.poll():  # copies finished since the last layer (no waiting)
             cache.copy_done(slot)
-        waits = self.protocol.layer(layer, ids, hidden, ranked)
+        waits = self.protocol.layer(layer, ids, hidden, rankings)
         self.clock.mark(layer, 0)
         for slot in waits:
             # the compute waits here for this layer's missing and late experts only

@@ -5,7 +5,7 @@ model in ``generate()`` (which it does not change):
 
 - The prompt is one forward (as the all-resident model runs it, so the
   matmuls have the same shapes and the tokens stay exact); a layer whose union
-  of experts exceeds the cache gets them in waves (``Transformer._moe`` and the
+  of experts exceeds the cache gets them in waves (``MoeBlock.experts`` and the
   provider's ``capacity``). ``chunk`` splits the prompt into forwards of at
   most that many tokens instead (a choice, e.g. one token at a time to match a
   trace replay; float results then differ from the unchunked forward).
@@ -96,9 +96,7 @@ class SteppedModel:
             future = lambda layer: forced.step_ids(step, layer)  # noqa: E731  the oracle's truth
             b, p = step[0]
             token = forced.trace_starts[b] + p
-        begin = getattr(self.provider, "begin_step", None)
-        if begin is not None:
-            begin(step[0][1], len(step), future, token)
+        self.provider.begin_step(step[0][1], len(step), future, token)
         out = self.model(tokens, input_pos, provider, last_only=last_only, route=self._override, rows=rows)
         if self.recorder is not None:
             self._record(step, phase)
@@ -116,7 +114,7 @@ class SteppedModel:
         ids = np.stack([c[0].cpu().numpy() for c in self._captured], axis=1)  # [n, L, K]
         w = np.stack([c[1].float().cpu().numpy() for c in self._captured], axis=1)  # [n, L, K]
         preds = None
-        if self.predictor_name is not None and hasattr(self.provider, "predictions_array"):
+        if self.predictor_name is not None:  # set only for an offloading provider that records predictions
             L = len(self._captured)
             preds = {self.predictor_name: self.provider.predictions_array(L, min(self.lookahead, L - 1))}
         for i, (b, p) in enumerate(step):

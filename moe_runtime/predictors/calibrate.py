@@ -7,10 +7,10 @@ Contract:
   ``inner`` (any provider: all-resident or offloaded) for the experts, so the
   forward's outputs are the inner provider's. ``forward_chunks`` runs the model
   over token chunks (each an independent sequence from position 0) and yields
-  the T x n_moe_layers residuals of one chunk at a time. ``make_provider`` gives
-  all-resident experts when they fit on the device, else (or with
-  ``--expert-slots N``) an ``OffloadedExperts`` cache, so a checkpoint larger
-  than the GPU calibrates with host memory = the expert store + the below.
+  the T x n_moe_layers residuals of one chunk at a time. The command
+  (``cli/predictors.py``) hands it all-resident experts when they fit on the
+  device, else an offloading cache, so a checkpoint larger than the GPU
+  calibrates with host memory = the expert store + the below.
 - ``calibrate(model, provider, chunks, lookahead, rank, ...)`` STREAMS: per
   chunk, for every (l, d) with 1 <= d <= lookahead and l + d < n_moe_layers it adds
   (RMSNorm(h_l), h_{l+d} - h_l) to one ``RidgeAccumulator`` and drops the
@@ -46,47 +46,35 @@ from torch import Tensor
 
 from moe_runtime.core.model_config import ModelConfig, load_config
 from moe_runtime.core.errors import MoeError
-from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore, ResidentExperts
+from moe_runtime.model.experts import ExpertProvider, ExpertWeights
 from moe_runtime.model.transformer import Transformer
 from moe_runtime.predictors.adapters import AlignedAdapters, RidgeAccumulator, model_fingerprint, refine_kl, rms_normalize
 
-MAX_INFLIGHT = 4  # copies in flight of an offloaded provider (no prefetching during calibration)
 
 
-class HiddenCapture:
+class HiddenCapture(ExpertProvider):
     """Provider wrapper: ``hidden[l]`` is the residual [T, H] entering MoE layer l in the last forward."""
 
     def __init__(self, inner: ExpertProvider, n_moe_layers: int):
         self.inner = inner
         self.hidden: list[Tensor | None] = [None] * n_moe_layers
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor) -> dict[int, ExpertWeights]:
+    def begin_step(self, start: int, n: int, future=None, token: int | None = None) -> None:
+        self.inner.begin_step(start, n, future, token)
+
+    def prepare(self, layer: int, hidden: Tensor) -> Tensor | None:
+        return self.inner.prepare(layer, hidden)
+
+    def capacity(self, layer: int) -> int:
+        return self.inner.capacity(layer)
+
+    def experts(self, layer: int, ids: list[int], hidden: Tensor,
+                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
         self.hidden[layer] = hidden  # the model never writes into it (h = h + ... makes a new tensor)
-        return self.inner.experts(layer, ids, hidden)
+        return self.inner.experts(layer, ids, hidden, rankings)
 
     def end_layer(self, layer: int) -> None:
         self.inner.end_layer(layer)
-
-
-def make_provider(store: HostExpertStore, device: str | torch.device, slots: int | None = None) -> ExpertProvider:
-    """Experts for ``device``: all resident when they fit (on the CPU no copy is made) and ``slots`` is None,
-    else an ``OffloadedExperts`` cache of ``slots`` device slots (default: what fits in 80% of free memory),
-    which must hold a whole layer's experts plus copies in flight, since a chunk may use every expert."""
-    device = torch.device(device)
-    if slots is None:
-        if device.type != "cuda":
-            return ResidentExperts(store, device)
-        free, _ = torch.cuda.mem_get_info(device)
-        if store.nbytes <= 0.8 * free:
-            return ResidentExperts(store, device)
-        slots = min(int(0.8 * free) // store.layout.nbytes, store.n_moe_layers * store.n_experts)
-    from moe_runtime.offload.provider import OffloadedExperts
-
-    need = store.n_experts + MAX_INFLIGHT
-    if slots < need:
-        raise MoeError(f"{slots} expert slots cannot hold one layer's {store.n_experts} experts plus {MAX_INFLIGHT} "
-                       f"copies in flight (need {need}); free device memory or use --device cpu")
-    return OffloadedExperts(store, device, slots, max_inflight=MAX_INFLIGHT)
 
 
 @torch.no_grad()
@@ -105,8 +93,7 @@ def forward_chunks(model: Transformer, provider: ExpertProvider, chunks: Sequenc
         tokens = torch.as_tensor(chunk, dtype=torch.long, device=model.device)  # [T]
         pos = torch.arange(len(chunk), device=model.device)  # [T]
         capture.hidden = [None] * n_moe_layers
-        if hasattr(provider, "begin_step"):  # an offloading provider opens a step per forward
-            provider.begin_step(0, len(chunk))
+        provider.begin_step(0, len(chunk))  # an offloading provider opens a step per forward
         model(tokens, pos, capture, last_only=True)  # logits unused; the residuals are what we want
         hidden = capture.hidden
         capture.hidden = [None] * n_moe_layers
