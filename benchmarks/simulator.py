@@ -2,6 +2,7 @@
 
     python3 benchmarks/simulator.py [--tokens 2000] [--device rtx-4060-8gb] [--quick]
     python3 benchmarks/simulator.py --json      # the issue's figures as one JSON object
+    python3 benchmarks/simulator.py --sweep     # a sweep's cost per point at point 100 and 5,000
 
 ``--json`` prints ``accesses_per_s`` (``none``, ``history``, ``oracle``: LRU,
 budget 25%, lookahead 2, analytic copy engines), their ratios to ``none``,
@@ -17,7 +18,11 @@ Prints (1) accesses/s with LRU and no prefetch, and with history prefetch,
 against the target of 300,000 accesses/s on one core without prefetch; (2) how
 replay time grows with trace length (1k, 2k, 4k, 8k tokens: time and time per
 token, which should stay flat if time is linear); (3) how it varies with the
-budget. Times are the replay itself (simpy run, cache, predictor), measured
+budget; and with ``--sweep``, (4) a 5,000-point sweep of two-token points
+(``moe-sim sweep``'s own code, one worker): the wall time per finished point
+and the time its recording takes, averaged over the 50 points around point 100
+and point 5,000 (budgets of 10**9 + i bytes: the same slots at every point); a sweep that records in O(1) per point keeps them within 2x.
+Times are the replay itself (simpy run, cache, predictor), measured
 with time.perf_counter in this one process; the bounds pass is timed apart.
 """
 
@@ -64,7 +69,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="shorter traces (for a smoke run)")
     ap.add_argument("--json", action="store_true", help="print the issue's figures as one JSON object")
+    ap.add_argument("--sweep", action="store_true", help="only section 4: a sweep's cost per point")
+    ap.add_argument("--sweep-points", type=int, default=5000, help="points of the section 4 sweep")
     args = ap.parse_args()
+    if args.sweep:
+        r = sweep_cost(args.sweep_points)
+        print(json.dumps(r, indent=1) if args.json else
+              f"4. sweep of {r['points']:,} two-token points, one worker\n"
+              f"{'at point':>9} {'wall ms/point':>14} {'record us/point':>16}\n" + "\n".join(
+                  f"{k:>9,} {v['wall_ms']:>14.2f} {v['record_us']:>16.1f}" for k, v in r["at"].items())
+              + f"\nratio (last/first): wall {r['wall_ratio']:.2f}x, record {r['record_ratio']:.2f}x")
+        return
     if args.json:
         print(json.dumps(figures(args), indent=1))
         return
@@ -103,6 +118,42 @@ def main() -> None:
         rate = rep["accesses_per_wall_s"]
         print(f"{b:>7} {rep['misses'] / rep['accesses']:>10.3f} {rep['wall_s']:>8.2f} {rate:>12,.0f} "
               f"{rate / TARGET:>9.2f}x")
+
+
+def sweep_cost(n_points: int = 5000) -> dict:
+    """Wall time per finished point, and the time recording it takes, near point 100 and point ``n_points``."""
+    import yaml
+
+    from simulator import sweep, sweep_store
+
+    stamps, costs = [], []
+    record = sweep_store.SweepStore.record
+
+    def timed(self, row):
+        t0 = time.perf_counter()
+        record(self, row)
+        costs.append(time.perf_counter() - t0)
+        stamps.append(time.perf_counter())
+    sweep_store.SweepStore.record = timed
+    with tempfile.TemporaryDirectory() as tmp:
+        exp = Path(tmp) / "e.yaml"
+        exp.write_text(yaml.safe_dump({"name": "cost", "trace": str(REPO / "traces/deepseek-v2-lite-law.npz"),
+                                       "tokens": 2,  # budgets of 10**9 + i bytes: distinct keys, the same slots
+                                       "budgets": [f"{10**9 + i}B" for i in range(n_points)],
+                                       "evictions": ["lru"], "predictors": ["none"], "devices": ["t4"]}))
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            sweep.run_experiment(exp, out=str(Path(tmp) / "out"), workers=1, max_points=max(n_points, 1))
+    sweep_store.SweepStore.record = record
+    at = {}
+    for k in (100, n_points):  # points k-24..k+25 (1-based), clipped to the sweep
+        lo, hi = max(1, k - 25), min(len(stamps) - 1, k + 24)
+        at[k] = {"wall_ms": round((stamps[hi] - stamps[lo - 1]) / (hi - lo + 1) * 1e3, 3),
+                 "record_us": round(sum(costs[lo:hi + 1]) / (hi - lo + 1) * 1e6, 2)}
+    first, last = at[100], at[n_points]
+    return {"points": n_points, "at": at, "wall_ratio": round(last["wall_ms"] / first["wall_ms"], 3),
+            "record_ratio": round(last["record_us"] / first["record_us"], 3), "load_average": os.getloadavg()[0]}
 
 
 def figures(args) -> dict:

@@ -17,21 +17,23 @@ from dataclasses import replace
 from moe_runtime.core.options import DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, DEFAULT_MISS_POLICY
 from moe_runtime.core.flags import add_option_flags, options_from_args
 from moe_runtime.core.errors import ArgumentParser, run_cli
-from moe_runtime.core.outputs import check_output, write_json_atomic
+from moe_runtime.core.outputs import FORCE_HELP, check_output, write_json_atomic
 from moe_runtime.core.timeline import Timeline
 
 from .bounds import DEFAULT_CACHE_DIR, BoundsCache
 from .cost_model import CostModel
 from .device import load_device
 from .replay import Replay, ReplayOptions, load_inputs
+from .sweep import MAX_POINTS
 
 def run_replay(args) -> int:
     opts = options_from_args(ReplayOptions, args)
     if opts.miss_policy is None:  # the command's default (options built in code copy; options.py)
         opts = replace(opts, miss_policy=DEFAULT_MISS_POLICY["command"])
-    for flag, path in (("--out", args.out), ("--timeline", args.timeline)):
-        if path:  # before the work: a report that cannot be written is found out now
-            check_output(path, flag)
+    inputs = [args.trace, args.device, args.model, args.bounds_cache]  # names that are no path match nothing
+    for flag, path, kind in (("--out", args.out, "replay report"), ("--timeline", args.timeline, "timeline")):
+        if path:  # before the work: a report that cannot be written, or would replace an input, is refused now
+            check_output(path, flag, inputs=inputs, kind=kind, force=args.force)
     trace, spec = load_inputs(args.trace, args.model, opts.tokens)
     device = load_device(args.device)
     timeline = Timeline("moe-sim") if args.timeline else None
@@ -84,7 +86,7 @@ def run_replay(args) -> int:
 def run_sweep(args) -> int:
     from .sweep import run_experiment
     return run_experiment(args.experiment, out=args.out, workers=args.workers, backend=args.backend,
-                          address=args.address)
+                          address=args.address, max_points=args.max_points)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeline", default=None, help="write a Chrome/Perfetto trace-event JSON here")
     r.add_argument("--bounds-cache", default=DEFAULT_CACHE_DIR, metavar="DIR",
                    help=f"keep the Belady bound here across runs (default {DEFAULT_CACHE_DIR}; '' for none)")
+    r.add_argument("--force", action="store_true", help=FORCE_HELP)
     r.set_defaults(_run=run_replay)
     s = sub.add_parser("sweep", help="run an experiment grid (budgets x policies x predictors x ...)")
     s.add_argument("experiment", help="experiment YAML (see configs/experiments/quickstart.yaml)")
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: a process pool on this machine (default); ray: each point a Ray task")
     s.add_argument("--address", default=None, help="with --backend ray: the Ray cluster to join (e.g. auto, or "
                                                    "HOST:6379 after `ray start --head`); default a local instance")
+    s.add_argument("--max-points", type=int, default=MAX_POINTS, metavar="N",
+                   help=f"refuse a grid of more points than this (default {MAX_POINTS:,})")
     s.set_defaults(_run=run_sweep)
     from . import plan
     pl = sub.add_parser("plan", help="from a device, a host and a model to the fastest configuration that fits",

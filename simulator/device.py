@@ -55,11 +55,12 @@ from moe_runtime.core.errors import MoeError
 
 # (field, low, low excluded, high): every number finite and in a range no real machine leaves,
 # so .inf, 1e308 or a negative value never reaches the cost model
-_NUMBERS = (("h2d_bandwidth_gbps", 0, True, 1e6), ("h2d_latency_us", 0, False, 1e7),
-            ("copy_engines", 1, False, 1024), ("hbm_bandwidth_gbps", 0, True, 1e6),
-            ("peak_tflops", 0, True, 1e6), ("memory_gib", 0, True, 1e6), ("layer_compute_ms", 0, True, 1e7),
+# rates that divide a size have a floor (1 MB/s, 1 GFLOP/s): 1e-300 would turn a copy into a 300-digit stall
+_NUMBERS = (("h2d_bandwidth_gbps", 1e-3, False, 1e6), ("h2d_latency_us", 0, False, 1e7),
+            ("copy_engines", 1, False, 1024), ("hbm_bandwidth_gbps", 1e-3, False, 1e6),
+            ("peak_tflops", 1e-3, False, 1e6), ("memory_gib", 0, True, 1e6), ("layer_compute_ms", 0, True, 1e7),
             ("host_layer_us", 0, False, 1e7), ("demand_us", 0, False, 1e7), ("copy_slowdown", 0, False, 100),
-            ("read_bandwidth_gbps", 0, True, 1e6), ("read_latency_us", 0, False, 1e7),
+            ("read_bandwidth_gbps", 1e-3, False, 1e6), ("read_latency_us", 0, False, 1e7),
             ("read_queue_depth", 1, False, 1024))
 _OPTIONAL = ("layer_compute_ms", "read_bandwidth_gbps", "read_latency_us", "read_queue_depth")
 _STORAGE = ("read_bandwidth_gbps", "read_latency_us", "read_queue_depth")

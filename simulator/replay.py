@@ -53,14 +53,16 @@ import simpy
 from moe_runtime.core.budget import check_budget, layer_demand, parse_budget, parse_bytes
 from moe_runtime.core.expert_cache import ExpertCache, Outcome, access_sequence
 from moe_runtime.core.host_profile import FORMATS, load_host
+from moe_runtime.core.host_tier import host_tier_minimum
 from moe_runtime.core.memory import memory_plan
-from moe_runtime.core.options import DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, HybridOptions, OffloadOptions, option
+from moe_runtime.core.options import (DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, HybridOptions, OffloadOptions, option,
+                                      parse_expert_source)
 from moe_runtime.core.policies import EVICTION_POLICIES, popularity_counts
 from moe_runtime.core.protocol import HostCost, LayerProtocol
 from moe_runtime.core.config_files import check_number
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.format_sizes import CODECS
-from moe_runtime.core.predictors import PREDICTORS, PredictorOptions, make_predictor
+from moe_runtime.core.predictors import PREDICTORS, ROUTER_BASED, PredictorOptions, make_predictor
 from moe_runtime.core.timeline import Timeline
 from moe_runtime.traces import PHASE_DECODE
 
@@ -94,8 +96,11 @@ class ReplayOptions(HybridOptions, OffloadOptions):
             object.__setattr__(self, "budget", DEFAULT_BUDGET["replay"])
         OffloadOptions.__post_init__(self)
         HybridOptions.__post_init__(self)
+        if parse_expert_source(self.expert_source)[1] is not None:  # a file here would be read by nothing
+            raise MoeError(f"--expert-source {self.expert_source}: the simulator reads no expert file (the device "
+                           "profile's storage link models the reads); give --expert-source disk")
         name = self.predictor.split(":", 1)[0]
-        if name in PREDICTORS and PREDICTORS[name].needs_hidden:
+        if name in ROUTER_BASED or (name in PREDICTORS and PREDICTORS[name].needs_hidden):  # registered or not yet
             raise MoeError(f"predictor {self.predictor!r} reads hidden states, so it runs only in the executor; "
                            f"replay its recorded predictions instead with --predictor recorded:{self.predictor}")
         for f, lo in (("batch", 1), ("tokens", 1), ("seed", 0)):
@@ -178,6 +183,12 @@ class Replay:
                 self.link_s = self.expert_bytes / (dev.read_bandwidth_gbps * 1e9)
             else:
                 self.host_slots = parse_budget(opts.host_budget, expert_bytes=self.expert_bytes, total_experts=L * E)
+                need = host_tier_minimum(layer_demand(top_k=trace.top_k, batch=opts.batch, n_experts=E),
+                                         opts.max_inflight if opts.prefetching else 0)
+                if self.host_slots < need:  # the executor's rule (cli/offload.host_slots), in the same words
+                    raise MoeError(f"--host-budget of {self.host_slots} experts is below the host tier's minimum "
+                                   f"of {need} ({need * self.expert_bytes:,} bytes): every copy in flight holds a "
+                                   "host slot")
                 if copies != "analytic":
                     raise MoeError("a host tier (--host-budget) is modelled by the analytic copies only")
         self._setup_host(spec, L)

@@ -24,11 +24,14 @@ Experiment YAML (frozen ``Experiment``; lists are swept, scalars fixed)::
     host_budget: "25%"               # optional, with disk: a host-RAM tier between storage and the device
     out: out/quickstart              # optional (default out/<name>)
 
-Output directory: ``results.json`` (experiment fingerprint + one record per
-finished point) and ``results.csv``, both rewritten atomically after every
-finished point, so an interrupted sweep resumes where it stopped (finished
-points are kept and skipped; a directory holding another experiment's results
-is refused); ``tokens_per_s.png`` at the end (a grid: a row per trace, a column
+Output directory (``sweep_store.SweepStore``): locked while the sweep runs (a
+second sweep into it is refused); each finished point is one line appended to
+``results.jsonl``, and ``results.json`` (experiment fingerprint + one record
+per point) and ``results.csv`` are written at the end and on resume, so a
+point costs the same at the 5,000th as at the 100th and an interrupted sweep
+resumes where it stopped (finished points are validated, kept and skipped; a
+directory holding another experiment's results is refused);
+``tokens_per_s.png`` at the end (a grid: a row per trace, a column
 per predictor, ``none`` first). With ``traces`` a point's key starts with the
 trace's file name and the summary groups by trace; with ``trace`` keys are as
 they always were, so old results resume.
@@ -42,6 +45,11 @@ be installed on every node (or shipped in a Ray runtime environment), and the
 trace paths must resolve there (``ray_backend.py``). The Belady bound of each
 (trace, budget, scope) is computed once and kept under ``out/cache/bounds``
 (``bounds.BoundsCache``).
+
+Before it starts, a sweep prints the grid's size and an estimate of its time (the
+first point, timed); a grid above ``MAX_POINTS`` points is refused unless
+``--max-points`` raises the limit; workers are capped at the points to run and
+the CPUs. Ctrl-C ends it with one line (pool workers ignore SIGINT) and exit 130.
 
 A point whose budget is below the minimum is recorded with its error, not fatal; but a budget that cannot be read
 or buys no expert, a budget that does not fit in a device's memory beside the
@@ -58,15 +66,15 @@ This module knows nothing about how a replay works inside.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
 import math
 import multiprocessing
 import os
 import re
+import signal
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -76,12 +84,14 @@ from moe_runtime.core.config_files import check_number, short
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.memory import DoesNotFit
 from moe_runtime.core.options import DEFAULT_MISS_POLICY
-from moe_runtime.core.outputs import check_output_dir, remove_stale_temps, write_json_atomic, write_text_atomic
+from moe_runtime.core.outputs import check_output_dir
+from moe_runtime.core.resources import check_fits
 
 from .bounds import BoundsCache
 from .cost_model import CostModel
 from .device import load_device
 from .replay import Replay, ReplayOptions, build_workload, load_inputs
+from .sweep_store import CSV_COLUMNS, SweepStore
 
 _OPT = {f.name: f.default for f in fields(ReplayOptions)}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -90,11 +100,7 @@ SWEPT = {"budgets": "budget", "evictions": "eviction", "predictors": "predictor"
 FIXED = ("batch", "max_inflight", "prefetch_width", "recall", "precision", "seed", "expert_dtype", "expert_source",
          "host_budget", "host_layers", "context", "workspace")
 HYBRID_AXES = {"miss_policies": "miss_policy", "host_profiles": "host_profile", "n_host_layers": "n_host_layers"}
-CSV_COLUMNS = ("key", "trace", "device", "scope", "budget", "eviction", "predictor", "lookahead", "miss_policy",
-               "host_profile", "n_host_layers", "n_slots", "budget_fraction", "accesses", "hits", "late", "misses",
-               "host_computed", "fills", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_h2d",
-               "bytes_read", "compute_s", "stall_s", "host_s", "total_s", "tokens_per_s", "all_resident_tokens_per_s",
-               "best_tokens_per_s", "best_hybrid_tokens_per_s", "wall_s", "error")
+MAX_POINTS = 100_000  # a larger grid is refused unless --max-points raises it (871,200 points: 406 hours)
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,19 @@ class Experiment:
                     check_number("n_host_layers", x, lo=0, hi=4096, integer=True)
                 elif not isinstance(x, str) or not x:
                     raise MoeError(f"{f} must hold names, got {short(x)}")
+
+    def size(self) -> int:
+        """The grid's points, counted without building them ("none" once per lookahead list)."""
+        none = sum(1 for p in self.predictors if p == "none")
+        return (len(self.trace_list()) * len(self.devices) * len(self.scopes) * len(set(map(str, self.budgets)))
+                * len(self.evictions) * (none + (len(self.predictors) - none) * len(self.lookaheads))
+                * math.prod(len(getattr(self, f) or (None,)) for f in HYBRID_AXES))
+
+    def check_size(self, max_points: int = MAX_POINTS) -> None:
+        n = self.size()
+        if n > max_points:
+            raise MoeError(f"the grid has {n:,} points, above the limit of {max_points:,}; narrow it, or raise the "
+                           "limit with --max-points")
         for p in self.points():  # validates every option combination (no I/O)
             pass
 
@@ -230,7 +249,7 @@ class Experiment:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def experiment_from_dict(d) -> Experiment:
+def experiment_from_dict(d, max_points: int = MAX_POINTS) -> Experiment:
     if not isinstance(d, dict):
         raise MoeError("experiment must be a mapping of field: value")
     names = {f.name for f in fields(Experiment)}
@@ -248,26 +267,38 @@ def experiment_from_dict(d) -> Experiment:
         if k in d and not isinstance(d[k], tuple):
             d[k] = (d[k],)
     try:
-        return Experiment(**d)
+        exp = Experiment(**d)
     except TypeError as e:
         raise MoeError(str(e)) from None
+    exp.check_size(max_points)
+    return exp
 
 
-def load_experiment(path) -> Experiment:
+def load_experiment(path, max_points: int = MAX_POINTS) -> Experiment:
     p = Path(config_files.bundled(path))  # configs/experiments/... from any working directory
     if not p.is_file():
         raise MoeError(f"experiment file not found: {path}")
-    return config_files.load_yaml(p, experiment_from_dict)
+    return config_files.load_yaml(p, lambda d: experiment_from_dict(d, max_points))
 
 
 # -- workers: each process loads each trace once, and reuses workloads across points ------------------
 _STATE: dict = {}
 
 
-def _init_worker(trace_paths, model, tokens) -> None:
+def use_inputs(model, tokens) -> None:
+    """Make this process's worker state serve points of (``model``, ``tokens``), keeping what it has loaded when
+    they are the same (a Ray worker calls it before each point)."""
+    if _STATE.get("model", 0) != model or _STATE.get("tokens", 0) != tokens:
+        _STATE.clear()
+        _STATE.update(model=model, tokens=tokens, inputs={}, workloads={}, devices={}, cache=BoundsCache())
+
+
+def _init_worker(trace_paths, model, tokens, pool_worker: bool = False) -> None:
     """Load every trace (``trace_paths``: resolved paths) in this process, for the points to come."""
+    if pool_worker:  # Ctrl-C reaches the whole process group: the parent alone reports it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _STATE.clear()
-    _STATE.update(model=model, tokens=tokens, inputs={}, workloads={}, devices={}, cache=BoundsCache())
+    use_inputs(model, tokens)
     for t in trace_paths:
         _inputs(t)
 
@@ -335,7 +366,7 @@ def _run_point(point) -> dict:
     return row
 
 
-def _failed_row(point, e: BaseException) -> dict:
+def failed_row(point, e: BaseException) -> dict:
     """A point whose task failed outside the replay's own errors: recorded, not lost."""
     key, trace_name, dev_name, opts = point
     return {"key": key, "trace": trace_name, "device": dev_name, "scope": opts.scope, "budget": opts.budget,
@@ -343,72 +374,46 @@ def _failed_row(point, e: BaseException) -> dict:
             "error": f"{type(e).__name__}: {short(str(e), 300)}"}
 
 
-def _save(out: Path, exp: Experiment, results: dict) -> None:
-    rows = [results[k] for k in sorted(results)]
-    write_json_atomic(out / "results.json", {"experiment": asdict(exp), "fingerprint": exp.fingerprint(),
-                                             "results": rows})
-    buf = io.StringIO()
-    wr = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    wr.writeheader()
-    wr.writerows(rows)
-    write_text_atomic(out / "results.csv", buf.getvalue())
-
-
-def _load_previous(out: Path, exp: Experiment) -> dict:
-    path = out / "results.json"
-    if not path.exists():
-        return {}
-    try:
-        prev = json.loads(path.read_text())
-        rows, fp = prev["results"], prev["fingerprint"]
-        if not isinstance(rows, list):
-            raise TypeError("'results' is not a list")
-    except (ValueError, KeyError, TypeError, RecursionError, OSError) as e:  # ValueError: bad JSON or UTF-8
-        raise MoeError(f"{path}: not a sweep results file ({short(str(e), 80)}); delete it or use another --out"
-                       ) from None
-    if fp != exp.fingerprint():
-        raise MoeError(f"{out} holds results of a different experiment (trace, model, tokens or fixed options "
-                       "differ); use another --out or delete it")
-    for i, r in enumerate(rows):
-        why = _bad_row(r)
-        if why:
-            raise MoeError(f"{path}: result {i} is not a sweep result ({why}); delete the file or use another "
-                           "--out")
-    return {r["key"]: r for r in rows}
-
-
-def _bad_row(r) -> str | None:
-    """Why a stored row cannot be resumed from (a tampered or foreign file), or None."""
-    if not isinstance(r, dict):
-        return "not a mapping"
-    for k in ("key", "device", "scope", "budget", "eviction", "predictor"):
-        if not isinstance(r.get(k), str):
-            return f"{k} is {short(r.get(k), 40)}, not a string"
-    if r.get("error") is not None:
-        return None if isinstance(r["error"], str) else "error is not a string"
-    for k in ("tokens_per_s", "best_tokens_per_s", "all_resident_tokens_per_s", "budget_fraction", "lookahead"):
-        v = r.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"{k} is {short(v, 40)}, not a finite number"
-    return None
-
-
-def _safe_point(point) -> dict:
+def run_point(point) -> dict:
+    """A point's row, its failure recorded in the row (never raised): what every backend runs."""
     try:
         return _run_point(point)
     except Exception as e:  # noqa: BLE001 - a bug in one point must not lose the others
-        return _failed_row(point, e)
+        return failed_row(point, e)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} hours"
+
+
+def _trace_bytes(trace_paths) -> int:
+    """Memory one worker holds for its traces (their arrays, and about as much again for workloads)."""
+    total = 0
+    for t in trace_paths:
+        trace = _STATE["inputs"][t][0]
+        total += sum(a.nbytes for a in (trace.expert_ids, trace.weights, trace.seq_id, trace.position, trace.phase))
+        total += sum(a.nbytes for a in trace.predictions.values())
+    return 2 * total
 
 
 def run_experiment(path, out: str | None = None, workers: int | None = None, backend: str = "local",
-                   address: str | None = None) -> int:
+                   address: str | None = None, max_points: int = MAX_POINTS) -> int:
     from tqdm import tqdm
 
     from .plots import plot_sweep
 
-    exp = load_experiment(path)
+    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
+        raise MoeError(f"--max-points must be >= 1, got {max_points}")
+    exp = load_experiment(path, max_points)
     if workers is None:
-        workers = min(2, os.cpu_count() or 1)
+        workers = min(2, _cpus())
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise MoeError(f"--workers must be >= 1, got {workers}")
     if backend not in ("local", "ray"):
@@ -420,43 +425,77 @@ def run_experiment(path, out: str | None = None, workers: int | None = None, bac
     for d in exp.devices:
         load_device(config_files.bundled(d) if "/" in d else d)
     _check_budgets(exp)
-    out_dir = check_output_dir(out or exp.out or f"out/{exp.name}", "sweep output directory")
-    removed = remove_stale_temps(out_dir)  # left by a run killed while writing
-    if removed:
-        print(f"removed {removed} temporary file(s) left in {out_dir} by an interrupted run")
+    if backend == "ray" and address:  # a dead address is one line within a stated time, before any work
+        from .ray_backend import check_address
+        check_address(address)
+    out_dir = check_output_dir(out or exp.out or f"out/{exp.name}", "sweep output directory",
+                               inputs=[path, *trace_paths])
+    store = SweepStore(out_dir, asdict(exp), exp.fingerprint())
+    results = store.open()  # locks the folder until this sweep ends
+    try:
+        return _run(exp, store, results, trace_paths, workers, backend, address, tqdm, plot_sweep)
+    finally:
+        store.close()
+
+
+def _run(exp, store, results, trace_paths, workers, backend, address, tqdm, plot_sweep) -> int:
+    out_dir = store.out
+    if store.removed_temps:
+        print(f"removed {store.removed_temps} temporary file(s) left in {out_dir} by an interrupted run")
     points = exp.points()
-    results = _load_previous(out_dir, exp)
     todo = [p for p in points if p[0] not in results]
     if results:
         print(f"resuming: {len(points) - len(todo)} of {len(points)} points already done in {out_dir}, "
               f"skipping them")
+    if backend == "local":
+        capped = max(1, min(workers, len(todo), _cpus()))
+        if capped < workers:
+            print(f"--workers {workers}: using {capped} ({len(todo)} points to run, {_cpus()} CPUs)")
+        workers = capped
+        check_fits(f"{workers} sweep worker(s) holding the traces", workers * _trace_bytes(trace_paths))
+    first_s = None
+    if todo:  # the first point, timed here, gives the estimate (and its row)
+        t0 = time.perf_counter()
+        row = run_point(todo[0])
+        first_s = time.perf_counter() - t0
+        results[row["key"]] = row
+        store.record(row)
+        todo = todo[1:]
     where = f"Ray ({address or 'local instance'})" if backend == "ray" else f"{workers} worker(s)"
-    print(f"{exp.name}: {len(todo)} points to run on {where}, trace{'s' if exp.traces else ''} "
-          f"{', '.join(exp.trace_list())}" + (f" (first {exp.tokens} tokens)" if exp.tokens else ""))
+    eta = f", about {_duration(first_s * len(todo) / max(1, workers))} (first point {first_s:.2f} s)" \
+        if first_s is not None else ""
+    print(f"{exp.name}: grid of {len(points):,} points, {len(todo) + (first_s is not None)} points to run on "
+          f"{where}{eta}; "
+          f"trace{'s' if exp.traces else ''} {', '.join(exp.trace_list())}"
+          + (f" (first {exp.tokens} tokens)" if exp.tokens else ""))
     bar = tqdm(total=len(todo), unit="point", dynamic_ncols=True)
+    pool = None
     try:
         if backend == "ray" and todo:
             from .ray_backend import ray_rows
             rows = ray_rows(todo, exp, workers, address)
         elif workers == 1 or len(todo) <= 1:
-            rows = map(_safe_point, todo)
+            rows = map(run_point, todo)
         else:
             pool = multiprocessing.get_context("fork").Pool(
-                workers, initializer=_init_worker, initargs=(trace_paths, exp.model, exp.tokens))
-            rows = pool.imap_unordered(_safe_point, todo)
+                workers, initializer=_init_worker, initargs=(trace_paths, exp.model, exp.tokens, True))
+            rows = pool.imap_unordered(run_point, todo)
         for row in rows:
             results[row["key"]] = row
-            _save(out_dir, exp, results)
+            store.record(row)
             bar.update()
     except KeyboardInterrupt:
         bar.close()
-        print(f"interrupted: {len(results)} of {len(points)} points saved in {out_dir}; "
-              "run the same command again to resume")
-        raise
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        raise KeyboardInterrupt(f"{len(results)} of {len(points)} points saved in {out_dir}; run the same command "
+                                "again to resume") from None
     finally:
         bar.close()
-        if backend == "local" and workers > 1 and len(todo) > 1:
+        if pool is not None:
             pool.terminate()
+    store.finish(results)
     rows = [results[k] for k in sorted(results)]
     errors = [r for r in rows if r.get("error")]
     png = plot_sweep([r for r in rows if not r.get("error")], out_dir / "tokens_per_s.png", title=exp.name)
@@ -465,7 +504,6 @@ def run_experiment(path, out: str | None = None, workers: int | None = None, bac
         print(f"  skipped {r['key']}: {r['error']}")
     print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.json'}" + (f", {png}" if png else ""))
     return 0
-
 
 def summary(rows: list[dict]) -> str:
     """Per (trace, device, scope, budget), and miss policy when several ran: the fastest configuration, beside

@@ -22,6 +22,18 @@ from moe_runtime.core.shapes import ModelSpec, available_models, load_model_spec
 from moe_runtime.traces import load_trace
 
 
+def _model_from_meta(name, trace_path) -> str:
+    """The trace's ``meta.model`` (data, not a flag): a bundled model name, or a file or checkpoint folder
+    inside the trace's own folder (``config_files.name_inside``); anything else asks for --model."""
+    if isinstance(name, str) and name in available_models():
+        return name
+    try:
+        config_files.name_inside(name, "the trace's meta.model")
+    except MoeError as e:
+        raise MoeError(f"{e}: pass --model NAME|FILE|DIR") from None
+    return str(Path(config_files.bundled(trace_path)).parent / name)
+
+
 def load_inputs(trace_path, model: str | None = None, tokens: int | None = None):
     """Load the trace (its first ``tokens``) and the model spec; check that they describe one model.
 
@@ -31,7 +43,7 @@ def load_inputs(trace_path, model: str | None = None, tokens: int | None = None)
     trace = load_trace(config_files.bundled(trace_path))
     if tokens is not None and tokens < trace.n_tokens:
         trace = trace.slice(0, tokens)
-    name = model or trace.meta.model
+    name = model or _model_from_meta(trace.meta.model, trace_path)
     if (Path(name) / "config.json").is_file():
         try:
             cfg = json.loads((Path(name) / "config.json").read_text())
@@ -39,7 +51,7 @@ def load_inputs(trace_path, model: str | None = None, tokens: int | None = None)
             raise MoeError(f"{name}/config.json: not valid JSON ({e})") from None
         spec = ModelSpec.from_hf_config(cfg, name=Path(name).name)
     elif model is None and name not in available_models() and not Path(name).is_file():
-        raise MoeError(f"the trace's model {name!r} is not in configs/models "
+        raise MoeError(f"the trace's model {trace.meta.model!r} is not in configs/models "
                        f"({', '.join(available_models())}): pass --model NAME|FILE|DIR")
     else:
         spec = load_model_spec(name)

@@ -119,7 +119,7 @@ def test_bundled_devices_load_and_bad_device_files_name_the_problem(tmp_path):
             with pytest.raises(MoeError, match=msg):
                 load_device(p)
     p.write_text(good.replace("h2d_bandwidth_gbps: 12.0", "h2d_bandwidth_gbps: -3"))
-    with pytest.raises(MoeError, match="h2d_bandwidth_gbps must be a number > 0"):
+    with pytest.raises(MoeError, match="h2d_bandwidth_gbps must be a number >= 0.001"):
         load_device(p)
     p.write_text(good.replace("copy_engines: 1\n", ""))
     with pytest.raises(MoeError, match="missing field.*copy_engines"):

@@ -13,7 +13,7 @@ import json
 
 from moe_runtime.model.checkpoint import DTYPES, parse_dtype
 from moe_runtime.core.format_sizes import EXPERT_DTYPES
-from moe_runtime.core.outputs import check_output
+from moe_runtime.core.outputs import FORCE_HELP, check_output
 from moe_runtime.offload.tiers import pack_model
 
 
@@ -26,10 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype the experts are packed for (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.out, "--out")  # before reading gigabytes of experts
+    check_output(args.out, "--out", inputs=[args.model], kind="packed experts", force=args.force)  # before the work
     info = pack_model(args.model, args.out, args.expert_dtype, parse_dtype(args.dtype))
     if args.json:
         print(json.dumps(info))

@@ -18,7 +18,7 @@ import torch
 
 from moe_runtime.core.flags import SEED, integer, number
 from moe_runtime.core.errors import MoeError
-from moe_runtime.core.outputs import check_output
+from moe_runtime.core.outputs import FORCE_HELP, check_output
 from moe_runtime.model.checkpoint import load_model
 from moe_runtime.predictors.calibrate import calibrate, load_adapters_for, save_adapters
 from moe_runtime.predictors.evaluate import DEFAULT_PREDICTORS, evaluate, format_table, save_plot
@@ -89,10 +89,11 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
                         "plain gate there is kept at zero (default 0.25; 0 keeps every fitted adapter)")
     add_device_arguments(p)
     p.add_argument("--out", required=True, metavar="FILE", help="adapter file to write (safetensors)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    check_output(args.out, "--out")  # before the fit, which takes minutes
+    check_output(args.out, "--out", inputs=[args.model, args.data], kind="adapters", force=args.force)  # before the fit
     model, store = load_model(args.model, args.device)
     tokens = load_tokens(args.model, model.cfg.vocab_size, args.data, args.random_tokens, args.seed, args.max_tokens)
     chunks = token_chunks(tokens, args.seq_len)
@@ -124,6 +125,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="write recall vs distance per predictor")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -134,7 +136,8 @@ def run_eval(args: argparse.Namespace) -> int:
         if not names or len(set(names)) != len(names):
             raise MoeError(f"--predictors must be distinct comma-separated names, got {args.predictors!r}")
     if args.plot:
-        check_output(args.plot, "--plot")
+        check_output(args.plot, "--plot", inputs=[args.model, args.adapters, args.data, args.history_trace],
+                     kind="plot", force=args.force)
     model, store = load_model(args.model, args.device)
     adapters = load_adapters_for(model, args.adapters, args.lookahead) if args.adapters else None
     trace = load_trace(args.history_trace) if args.history_trace else None

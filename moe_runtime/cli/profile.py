@@ -12,7 +12,7 @@ import yaml
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import add_option_flags, integer
 from moe_runtime.core.options import OffloadOptions, parse_expert_source
-from moe_runtime.core.outputs import check_output, write_text_atomic
+from moe_runtime.core.outputs import FORCE_HELP, check_output, write_text_atomic
 from moe_runtime.model.device import check_fits, use_cpu_threads
 from moe_runtime.offload.packed import read_header
 from moe_runtime.offload.profile import (measure_copy, measure_copy_slowdown, measure_handoff, measure_hbm,
@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option_flags(p, ExecutorOptions, only=("read_depth",))
     p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
     p.add_argument("--out", help="YAML file to write (default: print)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeError("--device cuda requested but CUDA is not available")
     if args.out:
-        check_output(args.out, "--out")  # before minutes of measuring
+        check_output(args.out, "--out", inputs=[args.model, args.model_config, parse_expert_source(
+            args.expert_source)[1]], kind="device profile", force=args.force)  # before minutes of measuring
     kind, packed = parse_expert_source(args.expert_source)
     if kind == "memory" and args.read_depth != ExecutorOptions.read_depth:
         raise MoeError("--read-depth sets the storage reads in flight: give --expert-source disk too")

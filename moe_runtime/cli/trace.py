@@ -17,9 +17,10 @@ import numpy as np
 
 from moe_runtime.core.flags import SEED, integer, number
 from moe_runtime.core.errors import ArgumentParser, MoeError, run_cli
-from moe_runtime.core.outputs import check_output
+from moe_runtime.core.outputs import FORCE_HELP, check_output
 from moe_runtime.core.shapes import load_model_spec
 from moe_runtime.traces import TraceMeta, load_trace, save_trace
+from moe_runtime.traces.format import trace_summary
 from moe_runtime.traces.importers import import_routing
 from moe_runtime.traces.stats import compute_stats, format_stats, phase_counts
 from moe_runtime.traces.synth import TARGETS, SynthKnobs, fit_knobs, headline, synth_trace
@@ -36,7 +37,7 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 
 
 def cmd_import(args) -> int:
-    check_output(args.out, "--out")  # before the work: creates missing folders, refuses what cannot be written
+    check_output(args.out, "--out", inputs=[args.src, args.model], kind="trace", force=args.force)  # before the work
     spec = load_model_spec(args.model)
     result = import_routing(args.src, spec, source=args.source)
     save_trace(result.trace, args.out)
@@ -53,16 +54,16 @@ def cmd_import(args) -> int:
 
 
 def trace_info(path: str) -> dict:
-    t = load_trace(path)
-    lens = np.array([b - a for _, a, b in t.sequences()])
+    """Read lazily (``trace_summary``): the routing arrays are never decompressed, only what info shows."""
+    t = trace_summary(path)
+    lens = np.array([b - a for _, a, b in t.sequences()] or [0])
     m = t.meta
-    return {"file": path, "model": m.model, "source": m.source, "tokens": t.n_tokens, "layers": t.n_layers,
-            "experts": t.n_experts, "top_k": t.top_k, "expert_bytes": m.expert_bytes, "dtype": m.dtype,
-            "sequences": len(lens),
+    return {"file": path, "model": m.model, "source": m.source, "tokens": t.n_tokens, "layers": m.n_layers,
+            "experts": m.n_experts, "top_k": m.top_k, "expert_bytes": m.expert_bytes, "dtype": m.dtype,
+            "sequences": len(t.sequences()),
             "sequence_lengths": {"min": int(lens.min()), "median": float(np.median(lens)), "max": int(lens.max())},
             "phases": phase_counts(t),
-            "predictors": {k: {"lookahead": int(v.shape[2]), "per_distance": int(v.shape[3])}
-                           for k, v in t.predictions.items()},
+            "predictors": {k: {"lookahead": int(v[2]), "per_distance": int(v[3])} for k, v in t.predictions.items()},
             "extra": m.extra}
 
 
@@ -93,7 +94,13 @@ def cmd_stats(args) -> int:
 
 def _synth_meta(args, like) -> TraceMeta:
     """Shape from --like's trace, else --model, else the explicit flags; explicit flags must agree."""
-    if like is not None:
+    if like is not None and args.model:  # --model names the trace's model; it must have --like's shape
+        base = TraceMeta.for_spec(load_model_spec(args.model), source="")
+        mine, theirs = (base.n_layers, base.n_experts, base.top_k), (like.n_layers, like.n_experts, like.top_k)
+        if mine != theirs:
+            raise MoeError(f"--model {args.model} has {mine[0]} MoE layers x {mine[1]} experts, top-{mine[2]}, but the "
+                           f"--like trace {theirs[0]} x {theirs[1]}, top-{theirs[2]}; drop one of them")
+    elif like is not None:
         base = like.meta
     elif args.model:
         base = TraceMeta.for_spec(load_model_spec(args.model), source="")
@@ -113,7 +120,7 @@ def _synth_meta(args, like) -> TraceMeta:
 
 
 def cmd_synth(args) -> int:
-    check_output(args.out, "--out")
+    check_output(args.out, "--out", inputs=[args.like, args.model], kind="trace", force=args.force)
     like = load_trace(args.like) if args.like else None
     explicit = {k: getattr(args, k) for k in ("skew", "locality", "correlation") if getattr(args, k) is not None}
     if like is not None and explicit:
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model name in configs/models/ or a model YAML path")
     s.add_argument("--out", required=True, help="trace file to write (.npz)")
     s.add_argument("--source", help="provenance to store as meta.source (default: a description of SRC)")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(fn=cmd_import)
 
     s = sub.add_parser("info", help="shape, sequences, phases, predictors and metadata of a trace")
@@ -181,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=integer(1), dest="seq_len", help="tokens per sequence (default: all in one)")
     s.add_argument("--model", help="model name or YAML for shape and metadata")
     s.add_argument("--like", help="real trace to fit skew/locality/correlation and shape to")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(fn=cmd_synth)
 
     for name, action in sub.choices.items():

@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass
 
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.config_files import short
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -57,6 +58,13 @@ def parse_budget(text: str, *, expert_bytes: int, total_experts: int, free_bytes
     """Number of expert slots the budget ``text`` buys (capped at all experts); ``free_bytes``: the device
     memory left for experts, which ``fit`` budgets need."""
     s = str(text).strip().lower().replace(" ", "")
+    if not s:
+        raise MoeError("budget is empty: give bytes (4GiB, 512MiB), a share (25%) or a count of experts (48)")
+    if s.startswith("-"):
+        raise MoeError(f"budget {short(text)} is negative: give bytes (4GiB), a share (25%) or a count (48)")
+    if len(s) > 40:  # checked before int()/float() see it: a 5,000-digit number is no budget
+        raise MoeError(f"budget {short(text)} is {len(s):,} characters long: give bytes (4GiB, 512MiB), a share "
+                       "(25%) or a count of experts (48)")
     if m := re.fullmatch(r"fit(?::(\d+(?:\.\d+)?)%)?", s):
         pct = float(m.group(1) or 100)
         if not 0 < pct <= 100:
@@ -74,7 +82,7 @@ def parse_budget(text: str, *, expert_bytes: int, total_experts: int, free_bytes
     elif m := re.fullmatch(r"(\d+(?:\.\d+)?)([kmgt]i?b|b)", s):
         slots = int(float(m.group(1)) * _UNITS[m.group(2)] // expert_bytes)
     else:
-        raise MoeError(f"cannot read budget {text!r}: give bytes (4GiB, 512MiB), a share (25%), a count of "
+        raise MoeError(f"cannot read budget {short(text)}: give bytes (4GiB, 512MiB), a share (25%), a count of "
                        "experts (48) or fit / fit:80% (a share of the device memory left for experts)")
     return min(slots, total_experts)
 

@@ -71,7 +71,8 @@ def check_number(field: str, value, *, lo=None, hi=None, lo_open: bool = False, 
 
 class _ConfigLoader(yaml.SafeLoader):
     """SafeLoader that refuses anchors and aliases and deep nesting while composing (before any
-    expansion), and reads YAML 1.2 floats such as ``1e5``."""
+    expansion), refuses a key given twice in one mapping (YAML says keys are unique; PyYAML lets the last
+    win silently), and reads YAML 1.2 floats such as ``1e5``."""
 
     _depth = 0
 
@@ -88,6 +89,17 @@ class _ConfigLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise MoeError(f"key {short(key_node.value)} is given twice in one mapping "
+                                   f"(line {key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 # YAML 1.1 wants a dot and a signed exponent (1.0e+5); YAML 1.2 and people also write 1e5, 1e-300, 2.5E3
 _ConfigLoader.add_implicit_resolver(
@@ -103,6 +115,41 @@ def parse_yaml(text: str):
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def name_inside(name, what: str) -> str:
+    """``name`` (taken from a data file) if it names something inside the folder it came from, checked
+    lexically: a non-empty relative path without ``..`` or NUL. Not by resolving symlinks: a Hugging Face
+    snapshot's files are symlinks into its blob folder, and must keep working."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise MoeError(f"{what} {short(name)} is not a file name")
+    parts = Path(name).parts
+    if os.path.isabs(name) or name.startswith("~") or ".." in parts:
+        raise MoeError(f"{what} {short(name)} points outside its folder (an absolute path or '..'); only names "
+                       "inside the folder are read")
+    return name
+
+
+def input_file(path, what: str = "file") -> str:
+    """``path`` if it is a regular file that can be opened without blocking, else one MoeError line that says
+    what it is: not found, a directory, or a FIFO/socket/device (opening a FIFO blocks until a writer comes,
+    and a device never ends). Every reader of a file the user names calls this before ``open``."""
+    import stat
+
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MoeError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise MoeError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise MoeError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise MoeError(f"{what} {path} is {kind}; give a regular file")
+    return path
 
 
 def bundled(path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, NoReturn
 
@@ -25,6 +26,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     Subcommand parsers inherit the class; the line names the program (``moe-runtime``), as run_cli does.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # "-5%" and "-2GiB" are values (refused by the flag's own check, which says why), not unknown options
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(%|[kmgt]i?b|b)?$", re.IGNORECASE)
 
     def error(self, message: str) -> NoReturn:
         prog = self.prog.split()[0] if self.prog else "error"
@@ -68,8 +74,8 @@ def run_cli(fn: Callable[[], int | None], prog: str) -> NoReturn:
     except MemoryError:
         _error(prog, "out of memory")
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # one line; a long run says in its message what it saved
+        print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

@@ -69,7 +69,7 @@ def group_routing(d: dict) -> dict[str, Any]:
     """Group-limited top-k (deepseek, glm4_moe): experts in ``n_group`` groups, only ``topk_group`` searched."""
     n_group, topk_group = read_int(d, "n_group", 1), read_int(d, "topk_group", 1)
     return dict(n_group=n_group, topk_group=topk_group,
-                routed_scaling_factor=read_float(d, "routed_scaling_factor", 1.0))
+                routed_scaling_factor=read_float(d, "routed_scaling_factor", 1.0, lo=0, lo_open=True))
 
 
 def deepseek_v2_fields(d: dict) -> dict[str, Any]:
@@ -226,7 +226,7 @@ class Family:
             qkv_bias=bias, o_bias=bias and self.o_bias,
             clip_qkv=None if clip is None else float(clip),
             sliding_window=None if window is None else int(window),
-            rms_norm_eps=read_float(d, "rms_norm_eps", self.rms_norm_eps),
+            rms_norm_eps=read_float(d, "rms_norm_eps", self.rms_norm_eps, lo=0, lo_open=True),
             rope_theta=theta,
             **extra,
         ) | (self.fields(d) if self.fields else {})  # family-specific fields override the generic ones

@@ -1,35 +1,69 @@
 """Typed reads of Hugging Face config.json fields.
 
 Contract: each reader takes the config dict and a key and returns the value
-with its type checked, or raises ``MoeError`` naming the field. A key that is
-absent or null takes the given default; ``read_int`` without a default
-requires the key. This module knows no model family and does no I/O.
+with its type and range checked, or raises ``MoeError`` naming the field. A key
+that is absent or null takes the given default; ``read_int`` without a default
+requires the key. Integers lie in [lo, MAX_INT] (default lo 0 for sizes);
+numbers are finite and at least ``lo``. This module knows no model family and
+does no I/O.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from moe_runtime.core.errors import MoeError
 
 
-def read_int(d: dict, key: str, default: int | None = None) -> int:
+MAX_INT = 1 << 40  # far above any real size or id; below what would overflow a size product
+# torch_dtype names a real checkpoint may carry (compute dtypes, and others read from the safetensors header)
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8")
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def read_int(d: dict, key: str, default: int | None = None, lo: int = 0) -> int:
     v = d.get(key, default)
     if v is None:
         raise MoeError(f"config: missing field {key!r}")
     if not isinstance(v, int) or isinstance(v, bool):
-        raise MoeError(f"config: {key} must be an integer, got {v!r}")
+        raise MoeError(f"config: {key} must be an integer, got {_show(v)}")
+    if not lo <= v <= MAX_INT:
+        raise MoeError(f"config: {key} must be an integer in [{lo}, {MAX_INT}], got {_show(v)}")
     return v
 
 
-def read_float(d: dict, key: str, default: float) -> float:
+def read_float(d: dict, key: str, default: float, lo: float = float("-inf"), lo_open: bool = False) -> float:
+    """A finite number >= ``lo`` (> ``lo`` with ``lo_open``)."""
     v = d.get(key, default)
     if v is None:
         v = default
     if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise MoeError(f"config: {key} must be a number, got {v!r}")
-    return float(v)
+        raise MoeError(f"config: {key} must be a number, got {_show(v)}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = float("inf")
+    if not math.isfinite(f) or f < lo or (lo_open and f == lo):
+        bound = "" if lo == float("-inf") else f" {'>' if lo_open else '>='} {lo:g}"
+        raise MoeError(f"config: {key} must be a finite number{bound}, got {_show(v)}")
+    return f
+
+
+def read_dtype_name(d: dict) -> str | None:
+    """``torch_dtype`` (or ``dtype``): one of ``DTYPE_NAMES``, or None when absent."""
+    key = "torch_dtype" if d.get("torch_dtype") is not None else "dtype"
+    v = d.get(key)
+    if v is None:
+        return None
+    if v not in DTYPE_NAMES:
+        raise MoeError(f"config: {key} must be one of {', '.join(DTYPE_NAMES)}, got {_show(v)}")
+    return v
 
 
 def read_bool(d: dict, key: str, default: bool) -> bool:
@@ -78,7 +112,7 @@ def read_rope(d: dict, default: float, allow_yarn: bool = False,
     if not isinstance(params, dict):
         raise MoeError(f"config: rope_parameters must be an object, got {params!r}")
     kind = params.get("rope_type", params.get("type", "default"))
-    theta = read_float(params, "rope_theta", default)
+    theta = read_float(params, "rope_theta", default, lo=0, lo_open=True)
     partial = read_float(params, "partial_rotary_factor", read_float(d, "partial_rotary_factor", 1.0))
     if not 0.0 < partial <= 1.0:
         raise MoeError(f"config: partial_rotary_factor must be in (0, 1], got {partial}")
@@ -108,6 +142,7 @@ def eos_ids_from(value: Any, where: str) -> tuple[int, ...]:
     if value is None:
         return ()
     vals = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        raise MoeError(f"{where}: eos_token_id must be an integer or a list of integers, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT for v in vals):
+        raise MoeError(f"{where}: eos_token_id must be a token id (an integer >= 0) or a list of them, got "
+                       f"{_show(value)}")
     return tuple(vals)

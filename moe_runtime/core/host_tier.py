@@ -61,3 +61,9 @@ class HostTierIndex:
         self.key_of[slot] = None
         self._pins[slot] = 0
         self._free.append(slot)
+
+
+def host_tier_minimum(layer_demand: int, max_inflight: int) -> int:
+    """Host slots a three-tier run needs: every device copy in flight pins one (a layer's misses and the
+    prefetches), and a copy waited for stays pinned until its completion is seen, up to a layer later."""
+    return 2 * (layer_demand + max_inflight)

@@ -26,13 +26,19 @@ This module knows nothing about tensors or files other than config.json.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.config_files import input_file
 from moe_runtime.core.families import FAMILIES, Family, get_family
-from moe_runtime.core.hf_fields import Yarn, eos_ids_from, read_bool, read_int
+from moe_runtime.core.resources import check_fits
+from moe_runtime.core.hf_fields import Yarn, eos_ids_from, read_bool, read_dtype_name, read_int
+
+
+PER_LAYER_BYTES = 1024  # what parsing keeps per declared layer (list entries), generously
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,9 @@ class ModelConfig:
                            f"below {self.n_layers}")
         if len(self.moe_layers) < self.n_layers and self.dense_intermediate_size <= 0:
             raise MoeError("config: dense layers present but intermediate_size is missing")
+        bad_eos = [i for i in self.eos_token_ids if i >= self.vocab_size]
+        if bad_eos:
+            raise MoeError(f"config: eos_token_id {bad_eos[0]} is outside the vocabulary ({self.vocab_size} tokens)")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise MoeError("config: rope_theta and rms_norm_eps must be positive")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -168,6 +177,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise MoeError("config.json is not a JSON object")
         fam = get_family(d.get("model_type"))
+        read_dtype_name(d)  # a dtype name that names nothing is refused here, where config.json is parsed
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise MoeError(f"config: hidden_act {act!r} is not supported (only silu)")
@@ -180,8 +190,8 @@ class ModelConfig:
             if hidden % heads:
                 raise MoeError(f"config: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
             head_dim = hidden // heads
-        elif not isinstance(head_dim, int):
-            raise MoeError(f"config: head_dim must be an integer, got {head_dim!r}")
+        else:
+            head_dim = read_int(d, "head_dim", lo=1)
         if fam.qk_norm == "full" and head_dim * heads != hidden:
             # a full q/k norm is sized from hidden_size, which only fits head_dim == hidden // heads
             raise MoeError(f"config: {fam.model_type} needs head_dim * num_attention_heads == hidden_size, "
@@ -189,6 +199,10 @@ class ModelConfig:
         n_layers = read_int(d, "num_hidden_layers")
         keys = fam.expert_count_keys
         n_experts = read_int(d, next((k for k in keys if d.get(k) is not None), keys[0]))
+        # the per-layer tables built next (MoE layer list, layer types) take memory per layer and expert:
+        # a declared 10**9 layers is refused here with the numbers, before a list of them exists
+        check_fits(f"config.json's {n_layers:,} layers x {n_experts:,} experts (their per-layer tables)",
+                   PER_LAYER_BYTES * n_layers + 64 * n_experts)
         switches = fam.switches(d)
         moe_layers = fam.moe_layers(d, n_layers)
         head_dim, kv = switches.pop("head_dim", head_dim), switches.pop("n_kv_heads", kv)  # mla sets its own
@@ -200,9 +214,9 @@ class ModelConfig:
             n_layers=n_layers, n_heads=heads, n_kv_heads=kv, head_dim=head_dim, n_experts=n_experts,
             top_k=read_int(d, "num_experts_per_tok"), moe_intermediate_size=read_int(d, fam.expert_size_key),
             moe_layers=moe_layers,
-            dense_intermediate_size=int(d.get(fam.dense_size_key) or 0) if fam.dense_size_key else 0,
+            dense_intermediate_size=read_int(d, fam.dense_size_key, 0) if fam.dense_size_key else 0,
             shared_expert_intermediate_size=shared,
-            max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
+            max_position_embeddings=read_int(d, "max_position_embeddings", 4096, lo=1),
             tie_word_embeddings=read_bool(d, "tie_word_embeddings", False),
             eos_token_ids=eos_ids_from(d.get("eos_token_id"), "config.json"),
             **switches,
@@ -223,12 +237,13 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MoeError(f"missing file: {path}")
+    input_file(path, "JSON file")
     try:
         d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoeError(f"cannot parse {path}: {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, a 5000-digit int
+        raise MoeError(f"cannot parse {path}: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(d, dict):
         raise MoeError(f"{path} is not a JSON object")
     return d

@@ -22,6 +22,7 @@ from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.core.predictors import predictor_names
 from moe_runtime.core.config_files import short
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.budget import parse_budget
 
 DEFAULT_BUDGET = {"generate": "100%", "replay": "fit"}
 # ``miss_policy`` None: the commands (`moe-sim replay`, sweeps) use "auto"; options built in code without one
@@ -92,6 +93,12 @@ class OffloadOptions:
         for name in ("lookahead", "max_inflight", "prefetch_width"):
             _check_int(name, getattr(self, name), 1)
         parse_expert_source(self.expert_source)
+        for flag, b in (("--expert-budget", self.budget), ("--host-budget", self.host_budget)):
+            if b is not None:  # its syntax now ('' is no default, 5,000 digits no number); its size per model later
+                try:
+                    parse_budget(b, expert_bytes=1, total_experts=1 << 62)
+                except MoeError as e:
+                    raise MoeError(f"{flag}: {e}") from None
         if self.host_budget is not None and self.source_kind == "memory":
             raise MoeError("--host-budget sizes the host tier under --expert-source disk; experts in memory "
                            "are all in host memory already")

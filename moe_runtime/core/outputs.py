@@ -1,12 +1,18 @@
 """The one way this project writes output files: checked before the work, written atomically.
 
 Contract:
-- ``check_output(path, what)`` runs before any work: it creates missing parent
-  directories and raises one ``MoeError`` line when the file cannot be written
-  there (the path is a directory or not a regular file, a parent is a regular
-  file, the directory is not writable or on a read-only file system). It
-  writes nothing under ``path`` itself. ``check_output_dir`` does the same for
-  an output directory.
+- ``check_output(path, what, inputs=[...], kind=..., force=...)`` runs before
+  any work: it creates missing parent directories and raises one ``MoeError``
+  line when the file cannot be written there (the path is a directory or not a
+  regular file, a parent is a regular file, the directory is not writable or on
+  a read-only file system). It writes nothing under ``path`` itself.
+  ``check_output_dir`` does the same for an output directory.
+- Outputs never replace inputs (the rule of every command): a path that
+  resolves (symlinks, ``..``, hard links by st_dev/st_ino) to one of the run's
+  ``inputs``, to an existing file inside an input folder, or to a file the
+  project ships (the checkout's configs/ and traces/) is refused; an existing
+  non-empty file that is not an earlier output of the same ``kind`` (recognised
+  by its first bytes, ``KINDS``) is replaced only with ``force`` (``--force``).
 - ``write_atomic(path, write)`` calls ``write(binary_file)`` on a temporary file
   in the same directory, fsyncs it, gives it the usual mode (0666 less the
   umask, i.e. 0644 by default) and renames it over ``path``. Whatever fails
@@ -71,10 +77,102 @@ def _make_dirs(directory: Path, label: str) -> None:
                        f"({_reason(e)}; under {anc})") from None
 
 
-def check_output(path, what: str = "output") -> Path:
+REPO = Path(__file__).resolve().parents[2]
+FORCE_HELP = "replace an existing output file that is not an earlier output of the same kind"
+SHIPPED = ("configs", "traces")  # folders of the checkout whose files the project ships
+
+
+def _is_json_with(*keys: bytes) -> Callable[[bytes], bool]:
+    return lambda head: head.lstrip()[:1] == b"{" and any(k in head for k in keys)
+
+
+# kind -> does this file start like one this project writes as that kind (first 64 KiB)
+KINDS: dict[str, Callable[[bytes], bool]] = {
+    "trace": lambda head: head.startswith(b"PK\x03\x04") and b"format_version.npy" in head[:256],
+    "packed experts": lambda head: head.startswith(b"MOEPACK"),
+    "timeline": _is_json_with(b'"traceEvents"'),
+    "replay report": _is_json_with(b'"tokens_per_s"', b'"accesses_per_wall_s"'),
+    "device profile": lambda head: b"h2d_bandwidth_gbps:" in head and b"moe-runtime profile" in head,
+    "adapters": lambda head: b"moe-offload/aligned-adapters" in head[:65536],
+    "plot": lambda head: head.startswith(b"\x89PNG"),
+}
+
+
+def _ident(p) -> tuple[int, int] | None:
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _inside(child: str, folder: str) -> bool:
+    return child == folder or child.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _shipped_files() -> dict[tuple[int, int], str]:
+    """(st_dev, st_ino) of every file under the shipped folders: a hard link to one is one of them."""
+    out = {}
+    for top in SHIPPED:
+        for root, _, files in os.walk(REPO / top):
+            for f in files:
+                ident = _ident(os.path.join(root, f))
+                if ident is not None:
+                    out[ident] = os.path.relpath(os.path.join(root, f), REPO)
+    return out
+
+
+def _head(p: Path, label: str) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(65536)
+    except OSError as e:
+        raise MoeError(f"cannot write {label}: {_reason(e)}") from None
+
+
+def _is_kind(p: Path, kind: str | None) -> bool:
+    return kind is not None and p.is_file() and KINDS[kind](_head(p, str(p)))
+
+
+def refuse_inputs(p: Path, label: str, inputs=(), kind: str | None = None) -> None:
+    """MoeError when ``p`` is (or replaces) one of ``inputs`` or a shipped file (see the module docstring)."""
+    real = os.path.realpath(p)
+    ident = _ident(p)
+    for top in SHIPPED:
+        if (REPO / top).is_dir() and _inside(real, os.path.realpath(REPO / top)):
+            raise MoeError(f"refusing to write {label}: it is under {top}/, which this project ships; "
+                           "choose another path")
+    if ident is not None:
+        shipped = _shipped_files().get(ident)
+        if shipped:
+            raise MoeError(f"refusing to write {label}: it is the same file as {shipped}, which this project "
+                           "ships; choose another path")
+    for inp in inputs:
+        if inp is None or str(inp) == "":
+            continue
+        ireal = os.path.realpath(os.fspath(inp))
+        if os.path.isdir(ireal):  # an earlier output of this kind in the folder is no input of this run
+            if os.path.lexists(p) and _inside(real, ireal) and not _is_kind(p, kind):
+                raise MoeError(f"refusing to write {label}: it would replace a file inside the input {inp} of "
+                               "this run; choose another path")
+        elif real == ireal or (ident is not None and ident == _ident(ireal)):
+            raise MoeError(f"refusing to write {label}: it is the input {inp} of this run; choose another path")
+
+
+def check_replace(p: Path, label: str, kind: str | None, force: bool) -> None:
+    """MoeError when ``p`` holds something other than an earlier ``kind`` output and ``force`` is not given."""
+    if force or kind is None or not p.is_file():
+        return
+    head = _head(p, label)
+    if head and not KINDS[kind](head):
+        raise MoeError(f"{label} exists and is not an earlier {kind} output; give --force to replace it")
+
+
+def check_output(path, what: str = "output", *, inputs=(), kind: str | None = None, force: bool = False) -> Path:
     """Check that ``path`` can be written as a file, creating its parent directories; return it.
 
-    ``what`` names the output in the error line (e.g. "--out", "timeline").
+    ``what`` names the output in the error line (e.g. "--out", "timeline"); ``inputs`` are the run's input
+    paths (files or folders; None skipped); ``kind`` one of ``KINDS`` (None: no content check).
     """
     p = Path(os.fspath(path))
     label = f"{what} {p}"
@@ -84,17 +182,30 @@ def check_output(path, what: str = "output") -> Path:
         raise MoeError(f"cannot write {label}: it is a directory")
     if os.path.lexists(p) and not p.is_file():  # a device or FIFO: a rename would replace the node
         raise MoeError(f"cannot write {label}: it exists and is not a regular file")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")  # a programming error, not input
+    refuse_inputs(p, label, inputs, kind)
+    check_replace(p, label, kind, force)
     _make_dirs(p.parent, label)
     _check_writable_dir(p.parent, label)
     return p
 
 
-def check_output_dir(path, what: str = "output directory") -> Path:
-    """Create directory ``path`` (and parents) if missing and check that files can be written in it."""
+def check_output_dir(path, what: str = "output directory", *, inputs=()) -> Path:
+    """Create directory ``path`` (and parents) if missing and check that files can be written in it; a folder
+    inside a shipped folder or one of ``inputs`` is refused (as ``check_output``)."""
     p = Path(os.fspath(path))
     label = f"{what} {p}"
     if os.path.lexists(p) and not p.is_dir():
         raise MoeError(f"cannot write {label}: it exists and is not a directory")
+    real = os.path.realpath(p)
+    for top in SHIPPED:
+        if (REPO / top).is_dir() and _inside(real, os.path.realpath(REPO / top)):
+            raise MoeError(f"refusing to write {label}: it is under {top}/, which this project ships; "
+                           "choose another path")
+    for inp in inputs:
+        if inp is not None and str(inp) != "" and _inside(real, os.path.realpath(os.fspath(inp))):
+            raise MoeError(f"refusing to write {label}: it is (inside) the input {inp} of this run")
     _make_dirs(p, label)
     _check_writable_dir(p, label)
     return p

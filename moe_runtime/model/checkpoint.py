@@ -45,7 +45,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from moe_runtime.core.hf_fields import read_dtype_name
 from moe_runtime.core.model_config import ModelConfig, load_config, read_json
+from moe_runtime.core.config_files import input_file, name_inside
 from moe_runtime.core.errors import MoeError
 from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.core.families import TensorNames
@@ -78,15 +80,18 @@ class SafetensorsReader:
         else:
             raise MoeError(f"no model.safetensors or model.safetensors.index.json in {self.dir}")
         files = sorted(set(weight_map.values())) if weight_map else [single.name]
+        for name in files:  # names from data: inside this folder only (a lexical check, symlinks allowed)
+            name_inside(name, f"{index.name}: weight_map entry")
         self._handles = {}
         for name in files:
             p = self.dir / name
-            if not p.is_file():
+            if not p.is_file() and not p.is_symlink() and not p.exists():
                 raise MoeError(f"missing checkpoint shard: {p}")
+            input_file(p, "checkpoint shard")  # a FIFO or directory: one line, never a blocked open
             try:
                 self._handles[name] = safe_open(str(p), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise MoeError(f"cannot read safetensors file {p}: {e}") from None
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RuntimeError: mmap refused
+                raise MoeError(f"cannot read safetensors file {p}: {' '.join(str(e).split())[:300]}") from None
         # tensor name -> file; trust the files over the index, which may be stale
         self._where = {k: name for name, f in self._handles.items() for k in f.keys()}
 
@@ -193,6 +198,38 @@ def expert_format(cfg: ModelConfig, expert_dtype: str | None, dtype: torch.dtype
     return format_for(cfg, codec, dtype)
 
 
+MODULE_BYTES = 64 << 10  # host memory of one decoder layer's Python modules, built before any weight
+
+
+def model_bytes(cfg: ModelConfig, itemsize: int) -> tuple[int, int]:
+    """(dense bytes, expert bytes) the weights of ``cfg`` take at ``itemsize`` bytes per element, from
+    config.json's sizes alone (no allocation), on the large side; dense includes the layers' modules."""
+    h, L = cfg.hidden_size, cfg.n_layers
+    q = max(cfg.n_heads * cfg.head_dim, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim))
+    kv = max(2 * cfg.n_kv_heads * cfg.head_dim, cfg.kv_lora_rank + cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+    attn = h * (2 * q + kv) + cfg.q_lora_rank * (h + q)
+    moe = cfg.n_moe_layers
+    dense = (cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + L * (attn + 2 * h)
+             + moe * (h * cfg.n_experts + 3 * h * cfg.shared_expert_intermediate_size)
+             + (L - moe) * 3 * h * cfg.dense_intermediate_size)
+    experts = moe * cfg.n_experts * 3 * h * cfg.moe_intermediate_size
+    return dense * itemsize + L * MODULE_BYTES, experts * itemsize
+
+
+def check_model_fits(path, cfg: ModelConfig, itemsize: int, device, load_experts: bool) -> None:
+    """Refuse (MoeError with the numbers) a model whose declared sizes exceed the memory this process may use,
+    before anything is built: ``num_hidden_layers: 1000000000`` is an error in a second, not an OOM kill."""
+    from moe_runtime.core.resources import check_fits
+
+    dense, experts = model_bytes(cfg, itemsize)
+    what = f"{path} ({cfg.n_layers:,} layers of hidden size {cfg.hidden_size:,}, as config.json declares)"
+    if torch.device(device).type == "cpu":
+        check_fits(what, dense + (experts if load_experts else 0))
+    else:
+        check_fits(what, dense, device)
+        check_fits(f"the experts of {what}", experts if load_experts else 0)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                load_experts: bool = True, expert_dtype: str | None = None,
                check_finite: bool = True) -> tuple[Transformer, HostExpertStore]:
@@ -208,6 +245,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeError("device cuda requested but CUDA is not available")
     cfg = load_config(path)
+    named = read_dtype_name(read_json(path / "config.json"))  # before the files are mapped: their sizes are
+    itemsize = (dtype.itemsize if dtype is not None else DTYPES[named].itemsize if named in DTYPES else 4)
+    check_model_fits(path, cfg, itemsize, device, load_experts)  # declared in config.json, on the large side
     reader = SafetensorsReader(path, check_finite)
     if dtype is None:
         dtype = reader.dtype("model.embed_tokens.weight")

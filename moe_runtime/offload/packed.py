@@ -35,6 +35,7 @@ from typing import Iterable
 import numpy as np
 
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.config_files import input_file
 from moe_runtime.core.outputs import write_atomic
 
 MAGIC = b"MOEPACK1"
@@ -111,7 +112,7 @@ class PackedHeader:
 
 def read_header(path) -> PackedHeader:
     """Parse and check a packed file's header and length (not its fingerprint: see ``check``)."""
-    path = str(path)
+    path = input_file(str(path), "packed expert file")  # a FIFO would block the open
     try:
         with open(path, "rb") as f:
             head = f.read(ALIGN)

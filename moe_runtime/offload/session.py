@@ -120,8 +120,10 @@ def preflight(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions, *,
     before loading weights. ``opts`` None: the all-resident run (nothing to check)."""
     if opts is None:
         return
+    inputs = [model_dir, parse_expert_source(opts.expert_source)[1], xopts.route_from_trace, xopts.popularity_trace,
+              xopts.adapters]  # an output never replaces one (core/outputs.py); kind/--force: see issue 24's report
     for path, flag in xopts.outputs:  # before the decode: text that took minutes is not thrown away at the end
-        check_output(path, flag)
+        check_output(path, flag, inputs=inputs)
     kind, packed = check_source(opts, device)
     if packed is not None:
         read_header(packed)  # a missing, foreign or truncated packed file is refused before loading

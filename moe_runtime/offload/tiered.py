@@ -25,7 +25,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from moe_runtime.core.host_tier import HostTierIndex
+from moe_runtime.core.host_tier import HostTierIndex, host_tier_minimum  # noqa: F401  (re-exported)
 from moe_runtime.core.keys import Key
 from moe_runtime.core.errors import MoeError
 
@@ -151,12 +151,6 @@ class TieredEngine:
                 self._read_done(hs)
         finally:
             self.copier.close()
-
-
-def host_tier_minimum(layer_demand: int, max_inflight: int) -> int:
-    """Host slots a three-tier run needs: every device copy in flight pins one (a layer's misses and the
-    prefetches), and a copy waited for stays pinned until its completion is seen, up to a layer later."""
-    return 2 * (layer_demand + max_inflight)
 
 
 def three_tier_engine(make_reader: Callable[[int], object], segments: Callable[[int, int], object],

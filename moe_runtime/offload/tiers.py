@@ -71,6 +71,11 @@ def disk_source(model_dir, store: HostExpertStore, packed: str | None = None) ->
                 return [(gate_up, e), (down, e)]  # gate rows then up rows: w1 | w3, then w2
         return [(n, None) for n in names.per_expert(layer, e)]
 
+    pack_first = (f"pack them first (moe-runtime pack --model {model_dir} --out FILE, then --expert-source "
+                  "disk:FILE)")
+    if cfg.quantization or any(name not in st.tensors for name, _ in parts(0, 0)):  # MXFP4 blocks and scales
+        raise MoeError(f"the checkpoint's experts ({cfg.quantization or 'another layout'}) cannot be read in place "
+                       f"from its safetensors files: {pack_first}")
     for name, _ in parts(0, 0):
         if name in st.tensors and st.tensors[name][4] != want:
             raise MoeError(f"the checkpoint stores experts as {st.tensors[name][4]}, this run keeps them as "

@@ -162,8 +162,16 @@ def calibrate(model: Transformer, provider: ExpertProvider, chunks: Sequence[np.
         raise MoeError("no calibration tokens")
     if not 0.0 <= holdout < 1.0:
         raise MoeError(f"--holdout must be in [0, 1), got {holdout}")
+    n_all = sum(len(c) for c in chunks)
+    if holdout > 0 and len(chunks) < 2:  # nothing held out would validate nothing, yet report a fit
+        raise MoeError(f"calibration with --holdout {holdout:g} needs at least 2 chunks of --seq-len tokens (one "
+                       f"fitted, one held out): more tokens than --seq-len; the {n_all} given make 1 chunk")
     n_held = min(len(chunks) - 1, max(1, round(holdout * len(chunks)))) if holdout > 0 and len(chunks) > 1 else 0
     chunks, held = list(chunks[: len(chunks) - n_held]), list(chunks[len(chunks) - n_held:])
+    n_fit = sum(len(c) for c in chunks)
+    if n_fit <= 2 * rank:  # fewer tokens than unknowns per direction: any rank-R fit "explains" them all
+        raise MoeError(f"fitting rank-{rank} adapters needs more than {2 * rank} tokens in the fitted chunks, got "
+                       f"{n_fit} (give more tokens, or a smaller --rank or --holdout)")
     adapters = AlignedAdapters(L, H, lookahead, rank)
     if progress:
         print(f"{sum(len(c) for c in chunks)} tokens in {len(chunks)} chunks; {len(adapters.pairs())} adapters; "

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.config_files import input_file
 from moe_runtime.model.generate import load_tokenizer
 
 DEFAULT_SEQ_LEN = 256
@@ -46,9 +47,7 @@ def load_tokens(model_dir: str | Path, vocab_size: int, data: str | Path | None 
 
         check_fits(f"--random-tokens {n}", 8 * n)  # the ids alone, before a forward pass sees them
         return np.random.default_rng(seed).integers(0, vocab_size, size=n, dtype=np.int64)
-    path = Path(data)
-    if not path.is_file():
-        raise MoeError(f"data file not found: {path}")
+    path = Path(input_file(data, "--data file"))  # says FIFO, directory or missing
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -28,6 +28,7 @@ import numpy as np
 from moe_runtime.core.config_files import bundled
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.outputs import write_atomic  # noqa: F401  (the one atomic writer; re-exported)
+from moe_runtime.core.resources import check_fits
 from moe_runtime.traces.checks import check_declared_size, check_array, check_ids
 
 PHASE_PREFILL = 0
@@ -266,9 +267,7 @@ def save_trace(trace: Trace, path) -> None:
     write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def load_trace(path) -> Trace:
-    """Read and validate a trace file; every problem raises MoeError naming ``path``. A relative path
-    that is not found here but is in the checkout (``traces/...``) is the bundled file."""
+def _trace_path(path) -> str:
     path = bundled(os.fspath(path))
     if not os.path.exists(path):
         raise MoeError(f"trace file not found: {path}")
@@ -276,10 +275,66 @@ def load_trace(path) -> Trace:
         raise MoeError(f"{path}: is a directory, not a trace file")
     if not os.path.isfile(path):  # a FIFO would block the read forever, a device never end
         raise MoeError(f"{path}: not a regular file, not a trace file")
+    return path
+
+
+def load_trace(path) -> Trace:
+    """Read and validate a trace file; every problem raises MoeError naming ``path``. A relative path
+    that is not found here but is in the checkout (``traces/...``) is the bundled file. The arrays'
+    declared sizes are held against the memory this process may use before any is read."""
+    path = _trace_path(path)
     try:
         return _load(path)
     except MoeError as e:
         raise MoeError(f"{path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class TraceSummary:
+    """What ``moe-trace info`` shows, read lazily: metadata, array shapes (from headers), and the per-token
+    sequence ids and phases; the routing and prediction arrays are never decompressed."""
+
+    meta: TraceMeta
+    n_tokens: int
+    seq_id: np.ndarray
+    phase: np.ndarray
+    predictions: dict  # name -> shape [T, L, D, P]
+
+    def sequences(self) -> list[tuple[int, int, int]]:
+        return Trace.sequences(self)  # the same rule, over seq_id alone
+
+
+def trace_summary(path) -> TraceSummary:
+    """A ``TraceSummary`` of ``path``: reads the meta, seq_id and phase members only (MoeError naming
+    ``path`` on any problem). Memory is that of two [T] arrays, whatever the routing expands to."""
+    path = _trace_path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic.startswith(b"\x93NUMPY"):
+            raise MoeError("not a trace file (a single .npy array, not an .npz archive)")
+        if not magic.startswith(b"PK"):
+            raise MoeError("not a trace file (not a readable .npz archive)")
+        shapes = _check_members(path, fits=False)
+        for key in ("format_version", "meta", "expert_ids", "seq_id", "phase"):
+            if key not in shapes:
+                raise MoeError(f"missing key {key!r}")
+        with np.load(path, allow_pickle=False) as data:
+            meta_arr = _read(data, "meta")
+            if meta_arr.shape != () or meta_arr.dtype.kind != "U":
+                raise MoeError("'meta' must be a 0-d unicode array holding JSON")
+            meta = TraceMeta.from_json(str(meta_arr))
+            seq_id, phase = _read(data, "seq_id"), _read(data, "phase")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError,
+            NotImplementedError) as e:
+        raise MoeError(f"{path}: corrupt, truncated or unreadable trace file ({_short(e)})") from None
+    except MoeError as e:
+        raise MoeError(f"{path}: {e}") from None
+    T = shapes["expert_ids"][0][0] if shapes["expert_ids"][0] else 0
+    if seq_id.shape != (T,) or phase.shape != (T,):
+        raise MoeError(f"{path}: seq_id and phase must hold one entry per token ({T})")
+    preds = {k[len(_PRED_PREFIX):]: tuple(v[0]) for k, v in shapes.items() if k.startswith(_PRED_PREFIX)}
+    return TraceSummary(meta, T, seq_id, phase, preds)
 
 
 def _load(path: str) -> Trace:
@@ -338,13 +393,15 @@ def _load(path: str) -> Trace:
     return trace
 
 
-def _check_members(path: str) -> None:
+def _check_members(path: str, fits: bool = True) -> dict:
     """Read each .npy member's header, not its data, and refuse a declared size the file cannot hold.
 
     numpy allocates the declared shape before reading a zip member, so this runs first. Raises
-    MoeError naming the array; zip and header errors propagate to the caller's handler.
+    MoeError naming the array; zip and header errors propagate to the caller's handler. Returns
+    {array name: (shape, dtype)}; with ``fits``, the whole expansion (float16 weights read as float32) is
+    held against the memory this process may use (``resources.check_fits``).
     """
-    total = 0
+    total, shapes = 0, {}
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
             if not info.filename.endswith(".npy"):
@@ -363,10 +420,15 @@ def _check_members(path: str) -> None:
                 most = info.compress_size
             else:
                 most = info.compress_size * _DEFLATE_MAX_RATIO + 1024
-            total += check_declared_size(name, shape, dtype, min(info.file_size, most) - header)
+            size = check_declared_size(name, shape, dtype, min(info.file_size, most) - header)
+            total += size * (3 if name == "weights" else 1)  # float16 read, then a float32 copy
+            shapes[name] = (shape, dtype)
     if total > MAX_TRACE_BYTES:
         raise MoeError(f"arrays declare {total:,} bytes in all, over the {MAX_TRACE_BYTES >> 30} GiB "
                        "a trace file may hold")
+    if fits:
+        check_fits(f"the trace's arrays, as their headers declare ({total:,} bytes)", total)
+    return shapes
 
 
 def _read(data, key: str) -> np.ndarray:

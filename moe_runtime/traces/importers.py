@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_runtime.core.errors import MoeError
+from moe_runtime.core.config_files import input_file
 from moe_runtime.core.shapes import ModelSpec
 from moe_runtime.traces.format import PHASE_DECODE, PHASE_PREFILL, Trace, TraceMeta
 from moe_runtime.traces.recorder import make_trace
@@ -66,7 +67,7 @@ def import_routing(path, spec: ModelSpec, source: str | None = None) -> ImportRe
 
     ``source`` replaces the default ``meta.source`` (a description of the file).
     """
-    path = os.fspath(path)
+    path = input_file(os.fspath(path), "source file")  # a FIFO would block detect_format's open
     fmt = detect_format(path)
     try:
         r = import_esft_npz(path, spec) if fmt == "esft-npz" else import_routing_jsonl(path, spec)

@@ -110,6 +110,10 @@ class Recorded(Predictor):
             have = ", ".join(sorted(getattr(trace, "predictions", {}) or [])) or "none"
             raise MoeError(f"the trace has no recorded predictions named {name!r} (it has: {have})")
         self.table = trace.predictions[name]
+        recorded = int(self.table.shape[2])
+        if opts.lookahead > recorded:  # rows beyond it do not exist: the run would be labelled D, run at less
+            raise MoeError(f"--predictor recorded:{name} was recorded at lookahead {recorded}; run it with "
+                           f"--lookahead {recorded} or less, not --lookahead {opts.lookahead}")
 
     def predict(self, ctx: PredictContext) -> list[np.ndarray]:
         rows = self.table[ctx.token, ctx.layer]  # [D, P]
