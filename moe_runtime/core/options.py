@@ -96,7 +96,7 @@ class OffloadOptions:
         for flag, b in (("--expert-budget", self.budget), ("--host-budget", self.host_budget)):
             if b is not None:  # its syntax now ('' is no default, 5,000 digits no number); its size per model later
                 try:
-                    parse_budget(b, expert_bytes=1, total_experts=1 << 62)
+                    parse_budget(b, expert_bytes=1, total_experts=1 << 62, free_bytes=1 << 62)  # fit: syntax only
                 except MoeError as e:
                     raise MoeError(f"{flag}: {e}") from None
         if self.host_budget is not None and self.source_kind == "memory":
