@@ -168,13 +168,12 @@ def test_cli_refuses_options_that_need_the_future(run_cli, tiny):
 
 def test_config_file_values_and_flag_override(tmp_path, tiny):
     from moe_runtime.cli.runtime import build_parser
-    from moe_runtime.cli.config import apply_config
+    from moe_runtime.cli import config_file
 
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"model: {tiny}\nmax_batch: 3\nexpert_budget: 50%\nport: 9001\n")
+    cfg.write_text(f"model: {tiny}\nmax_batch: 3\nbudget: 50%\nport: 9001\n")
     parser = build_parser()
-    apply_config(parser.commands["serve"], ["--config", str(cfg), "--port", "9002"])
-    args = parser.parse_args(["serve", "--config", str(cfg), "--port", "9002"])
+    args = config_file.parse_args(parser, ["serve", "--config", str(cfg), "--port", "9002"], parser.subcommands)
     assert (args.model, args.max_batch, args.budget, args.port) == (str(tiny), 3, "50%", 9002)
 
 

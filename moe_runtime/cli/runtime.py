@@ -27,6 +27,8 @@ COMMANDS = {
                   "fit early-aligned residual adapters for the aligned predictor"),
     "eval-predictors": ("moe_runtime.cli.predictors", "add_eval_arguments", "run_eval",
                         "recall/precision of expert predictors per distance"),
+    "serve": ("moe_runtime.cli.serve", "add_arguments", "run",
+              "an OpenAI-compatible HTTP server with continuous batching (the serve extra)"),
 }
 
 

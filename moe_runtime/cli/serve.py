@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.cli.config import add_config_flag
+from moe_runtime.cli.config_file import add_config_argument
 from moe_runtime.cli.offload import add_arguments as add_offload_arguments, run_options
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import add_option_flags
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-dtype", default="auto", choices=list(EXPERT_DTYPES),
                    help="how experts are kept, copied and cached (as generate's --expert-dtype)")
     p.add_argument("--trust-weights", action="store_true", help="skip the check that every weight is finite")
-    add_config_flag(p)
+    add_config_argument(p)
     add_option_flags(p.add_argument_group("server"), ServeOptions)
     add_offload_arguments(p)
 

@@ -22,7 +22,7 @@ from .conftest import LAW, REPO, _bounded, assert_one_error
 
 def _exp(tmp_path, name="scale", n_budgets=3, **over):
     p = tmp_path / f"{name}-{n_budgets}.yaml"
-    d = {"name": name, "trace": LAW, "tokens": 2, "budgets": [f"{10 + i}%" for i in range(n_budgets)],
+    d = {"name": name, "trace": LAW, "tokens": 2, "budgets": [f"{(10 + i) / 4:g}%" for i in range(n_budgets)],  # all fit a t4
          "evictions": ["lru"], "predictors": ["none"], "devices": ["t4"], **over}
     p.write_text(yaml.safe_dump(d))
     return p
