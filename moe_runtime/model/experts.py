@@ -31,6 +31,8 @@ eviction policy; a cache is another provider behind the same interface.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor
 
@@ -88,7 +90,7 @@ class HostExpertStore:
         return self.layout.views(self._buffers[layer][expert])
 
 
-class ExpertProvider:
+class ExpertProvider(abc.ABC):
     """What a MoE block asks of wherever its experts live; see the module docstring for the contract.
     Defaults are the all-resident answers (no steps, no prediction, every expert at once)."""
 
@@ -99,14 +101,14 @@ class ExpertProvider:
         """Device work before the host reads the layer's ids (fetched with them in one transfer), or None."""
         return None
 
+    @abc.abstractmethod
     def capacity(self, layer: int) -> int:
         """The most distinct experts one ``experts`` call may hold at ``layer``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def experts(self, layer: int, ids: list[int], hidden: Tensor,
                 rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
         """Device weights (views, read in place) of ``ids`` at ``layer``, valid until ``end_layer``."""
-        raise NotImplementedError
 
     def end_layer(self, layer: int) -> None:
         """The layer's reads of the returned weights are enqueued: their slots may be reused after them."""
