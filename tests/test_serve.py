@@ -184,3 +184,29 @@ def test_config_file_refused_in_one_line(run_cli, tmp_path, tiny, text, word):
     cfg.write_text(text)
     code, out, err = run_cli(["serve", "--model", tiny, "--config", cfg])
     assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_row_starts_over_and_clears_through_the_models_interface(tiny):
+    """The engine resets a KV row through ``start_sequence`` and zeroes it through ``clear_row``, which both
+    the plain Transformer and the offloading SteppedModel define: only that row changes."""
+    import torch
+
+    from moe_runtime.offload.session import load_run
+
+    run = load_run(tiny, OffloadOptions(budget="50%", eviction="lru", predictor="none"), device="cpu",
+                   prompt_lens=[1, 1])
+    m = run.model
+    m.setup_cache(16, batch=2)
+    with torch.inference_mode():
+        for row, n in ((0, 3), (1, 5)):
+            m(torch.arange(10, 10 + n), torch.arange(n), run.provider, last_only=True, rows=row)
+    assert m.pos == [3, 5]
+    m.start_sequence(1)
+    assert m.pos == [3, 0]
+    attn = m.model.layers[0].self_attn
+    assert attn.k_cache[1].abs().sum() > 0 and attn.k_cache[0].abs().sum() > 0
+    m.clear_row(1)
+    assert all(float(layer.self_attn.k_cache[1].abs().sum()) == 0 == float(layer.self_attn.v_cache[1].abs().sum())
+               for layer in m.model.layers)
+    assert attn.k_cache[0].abs().sum() > 0
+    run.finish()

@@ -122,6 +122,11 @@ class Attention(nn.Module):
         self.k_cache = torch.zeros(batch, self.n_kv, max_len, self.head_dim, device=device, dtype=dtype)
         self.v_cache = torch.zeros(batch, self.n_kv, max_len, self.head_dim, device=device, dtype=dtype)
 
+    def clear_row(self, row: int) -> None:
+        """Zero one sequence's cache row."""
+        self.k_cache[row].zero_()
+        self.v_cache[row].zero_()
+
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 rows: int | Tensor = 0) -> Tensor:
         # x [T, H]; input_pos [T]; cos, sin [T, R]; mask [T, max_len] bool (True = may attend)
@@ -208,6 +213,11 @@ class MLAttention(nn.Module):
     def setup_cache(self, max_len: int, device: torch.device, dtype: torch.dtype, batch: int = 1) -> None:
         self.kv_cache = torch.zeros(batch, max_len, self.rank, device=device, dtype=dtype)
         self.pe_cache = torch.zeros(batch, max_len, self.rope, device=device, dtype=dtype)
+
+    def clear_row(self, row: int) -> None:
+        """Zero one sequence's cache row."""
+        self.kv_cache[row].zero_()
+        self.pe_cache[row].zero_()
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
                 rows: int | Tensor = 0) -> Tensor:

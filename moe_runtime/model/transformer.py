@@ -294,6 +294,15 @@ class Transformer(nn.Module):
         if cfg.sliding_window is not None:  # attend to the last W positions only
             self.window_mask = self.causal_mask & ((i[:, None] - i[None, :]) < cfg.sliding_window)
 
+    def start_sequence(self, row: int) -> None:
+        """A new sequence takes KV-cache row ``row`` (continuous batching). Nothing to reset here: each
+        forward is given its positions, and the mask hides the row's positions past them."""
+
+    def clear_row(self, row: int) -> None:
+        """Zero KV-cache row ``row`` in every layer (a failed sequence's NaN must not reach a later one)."""
+        for layer in self.layers:
+            layer.self_attn.clear_row(row)
+
     def _row_index(self, rows: tuple[int, ...]) -> Tensor:
         # a batch's running set changes only when a sequence stops: one small upload per change
         if getattr(self, "_rows_key", None) != rows:

@@ -73,6 +73,11 @@ class SteppedModel:
         self.pos = [0] * batch
         self.n_forwards = 0
 
+    def start_sequence(self, row: int) -> None:
+        """A new sequence takes row ``row`` (continuous batching): its position count starts over."""
+        self.pos[row] = 0
+        self.model.start_sequence(row)
+
     def __call__(self, tokens: Tensor, input_pos: Tensor, provider: ExpertProvider,
                  last_only: bool = False, rows: int | Sequence[int] = 0) -> Tensor:
         self.n_forwards += 1

@@ -175,8 +175,7 @@ class Engine:
         seq = _Seq(req, row, self.tokenizer, self.eos, self.device)
         req.row = row
         self.running[row] = seq
-        if hasattr(self.model, "pos"):  # a SteppedModel counts each row's position: this row starts over
-            self.model.pos[row] = 0
+        self.model.start_sequence(row)  # a SteppedModel counts each row's position: this one starts over
         n = len(req.prompt_ids)
         try:
             tokens = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.device)  # [T]
@@ -245,7 +244,7 @@ class Engine:
         """The sequence leaves: its row is freed (zeroed after a failure: NaN must not leak into a later one)."""
         self.running.pop(seq.row, None)
         if failure is not None:
-            self._zero_row(seq.row)
+            self.model.clear_row(seq.row)
             seq.req.emit(failure)
         if self.metrics is not None:
             self.metrics.requests.labels(outcome).inc()
@@ -253,13 +252,6 @@ class Engine:
             self.free.append(seq.row)
             self.free.sort(reverse=True)
             self._gauges()
-
-    def _zero_row(self, row: int) -> None:
-        for layer in self.model.layers:
-            for name in ("k_cache", "v_cache", "kv_cache", "pe_cache"):
-                cache = getattr(layer.self_attn, name, None)
-                if cache is not None:
-                    cache[row].zero_()
 
     def _gauges(self) -> None:
         if self.metrics is not None:
