@@ -1,13 +1,17 @@
-"""`moe-runtime serve` under load: aggregate tokens/s and latencies at 1, 4 and 16 concurrent clients.
+"""`moe-runtime serve` under load: aggregate tokens/s and latencies at 1, 4 and 16 concurrent clients, and
+one client against `generate()`.
 
 The server runs in-process on 127.0.0.1 (uvicorn on its thread, the model on the engine's worker thread)
 over a make-tiny checkpoint (``--family``, ``--layers``, ``--hidden``: the default is a small mixtral, its
 shape printed), resident and offloaded at ``--budget`` (LRU, no predictor). The clients run in a second
 process (asyncio + httpx); each sends ``--requests`` streaming completions one after another (greedy, up to
-``--new-tokens`` each; the tokens counted are those returned). Per run: aggregate tokens/s (every streamed token over the run's wall time), p50/p99 time to
-first token (request sent -> first token received) and inter-token latency (gaps between a stream's
-tokens), and the 16-vs-1 ratio. The baseline: `generate()` on the same prompt, solo, tokens over its
-prefill + decode time, against one client's tokens over its requests' wall time.
+``--new-tokens`` each; the tokens counted are those returned). Per run: aggregate tokens/s (every streamed
+token over the run's wall time), p50/p99 time to first token (request sent -> first token received) and
+inter-token latency (gaps between a stream's tokens), and the 16-vs-1 ratio.
+
+Single client against generate(), like for like (``single_client``): the same prompt and the same tokens
+(checked), warm-ups excluded, alternating ``--repeats`` times: generate()'s tokens over its prefill +
+decode time against one streamed request's tokens over the time from sending it to its last token.
 
     python benchmarks/serve.py --json
 """
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import statistics
 import sys
 import tempfile
 import time
@@ -89,15 +94,45 @@ def _measure(port: int, ids: list[int], clients: int, n_requests: int, new_token
             "itl_p50_ms": round(1e3 * pct(itl, 0.5), 2), "itl_p99_ms": round(1e3 * pct(itl, 0.99), 2)}
 
 
-def solo_generate(model_dir, opts, ids: list[int], new_tokens: int, repeats: int) -> float:
-    """generate()'s tokens/s on the prompt alone (prefill + decode), best of ``repeats``."""
-    best = 0.0
-    for _ in range(repeats):
-        run = load_run(model_dir, opts, device="cpu", prompt_lens=len(ids), max_new_tokens=new_tokens)
-        res = generate(run.model, run.provider, ids, new_tokens)
-        run.finish()
-        best = max(best, len(res.token_ids) / (res.prefill_s + res.decode_s))
-    return best
+_CLIENT = None  # the single-client process's connection, kept across its requests as a client keeps it
+
+
+def _one_request(port: int, ids: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """One streaming greedy completion: (token ids, seconds from sending it to its last token)."""
+    global _CLIENT
+    if _CLIENT is None:
+        _CLIENT = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+    got, t0, last = [], time.perf_counter(), 0.0
+    body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    with _CLIENT.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                new = json.loads(line[6:])["choices"][0]["token_ids"]
+                if new:
+                    got += new
+                    last = time.perf_counter()
+    return got, last - t0
+
+
+def single_client(server: Server, gen_run, ids: list[int], new_tokens: int, repeats: int, pool) -> dict:
+    """Like for like: ``generate()`` on the prompt (its prefill + decode time) and one streaming request for
+    the same tokens (sent -> last token received, in the client process), alternately ``repeats`` times
+    after one warm-up of each, so that the shared machine's load falls on both alike. The ratio is the
+    median of each adjacent pair's ratio (robust to load that changes between pairs); the tokens/s are
+    medians. The two must give the same tokens."""
+    eos = gen_run.model.cfg.eos_token_ids
+    gen, served = [], []
+    for i in range(repeats + 1):
+        res = generate(gen_run.model, gen_run.provider, ids, new_tokens, eos_ids=eos)
+        got, seconds = pool.apply(_one_request, (server.port, ids, new_tokens))
+        if got != res.token_ids:
+            raise SystemExit(f"the server's tokens {got} differ from generate's {res.token_ids}")
+        if i:  # the first of each is the warm-up
+            gen.append(len(got) / (res.prefill_s + res.decode_s))
+            served.append(len(got) / seconds)
+    ratio = statistics.median(s / g for s, g in zip(served, gen))
+    return {"tokens": len(got), "generate_tokens_per_s": round(statistics.median(gen), 1),
+            "server_tokens_per_s": round(statistics.median(served), 1), "single_client_vs_generate": round(ratio, 3)}
 
 
 def main() -> None:
@@ -109,6 +144,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--budget", default="50%")
+    p.add_argument("--repeats", type=int, default=15,
+                   help="alternate generate() and one request this many times for the single-client ratio")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     use_cpu_threads("cpu")
@@ -123,21 +160,21 @@ def main() -> None:
     rows = []
     for mode, opts in (("resident", None),
                        (f"offloaded {args.budget}", OffloadOptions(budget=args.budget, eviction="lru"))):
-        solo = solo_generate(model_dir, opts, ids, args.new_tokens, 3)
+        gen_run = load_run(model_dir, opts, device="cpu", prompt_lens=len(ids), max_new_tokens=args.new_tokens)
         sopts = ServeOptions(port=0, max_batch=max(levels), max_queue=4 * max(levels))
         run = load_run(model_dir, opts, device="cpu", prompt_lens=[1] * sopts.max_batch)
         server = Server(model_dir, run, sopts, tokenizer=tok, template=ChatTemplate.load(model_dir), max_len=max_len)
         server.start_background()
         try:
             with multiprocessing.get_context("spawn").Pool(1) as pool:
+                single = single_client(server, gen_run, ids, args.new_tokens, args.repeats, pool)
                 measure(server, ids, 1, 1, args.new_tokens, pool)  # warm-up
                 res = [measure(server, ids, c, args.requests, args.new_tokens, pool) for c in levels]
         finally:
             server.stop()
+            gen_run.finish()
         one = next(r for r in res if r["clients"] == 1)
-        single = one["tokens"] / one["wall_s"]
-        rows.append({"mode": mode, "runs": res, "generate_tokens_per_s": round(solo, 1),
-                     "single_client_vs_generate": round(single / solo, 3),
+        rows.append({"mode": mode, "runs": res, **single,
                      "ratio_16_vs_1": round(res[-1]["tokens_per_s"] / one["tokens_per_s"], 2)})
     out = {"model": f"{args.family} tiny: {args.layers} layers, hidden {args.hidden}, 8 experts top-2",
            "new_tokens": args.new_tokens, "requests_per_client": args.requests, "prompt_tokens": len(ids),
@@ -147,7 +184,8 @@ def main() -> None:
         return
     print(out["model"])
     for row in rows:
-        print(f"{row['mode']}: generate {row['generate_tokens_per_s']} tok/s; single client "
+        print(f"{row['mode']}: one request {row['server_tokens_per_s']} tok/s, generate "
+              f"{row['generate_tokens_per_s']} tok/s on the same {row['tokens']} tokens: "
               f"{row['single_client_vs_generate']}x generate; 16 vs 1 clients {row['ratio_16_vs_1']}x")
         for r in row["runs"]:
             print(f"  {r['clients']:>3} clients: {r['tokens_per_s']:>8} tok/s  TTFT p50/p99 {r['ttft_p50_ms']}/"

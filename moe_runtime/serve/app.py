@@ -219,19 +219,28 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
         try:
             if shape.kind == "chat":
                 yield _sse(shape.chunk({"role": "assistant", "content": ""}, [], None, None))
-            while True:
-                ev = await queue.get()
-                if isinstance(ev, Failure):
-                    yield _sse(error_body(500, ev.message))
-                    break
-                n += len(ev.token_ids)
-                yield _sse(shape.chunk(ev.text, ev.token_ids, ev.logprobs if job.logprobs is not None else None,
-                                       ev.finish_reason))
-                if ev.finish_reason is not None:
-                    if s.include_usage:
-                        yield _sse({**shape.head("chunk"), "choices": [], "usage": shape.usage(n)})
-                    break
-            yield "data: [DONE]\n\n"
+            done = False
+            while not done:
+                events = [await queue.get()]
+                while not queue.empty():  # the tokens that came meanwhile: one write, one event each
+                    events.append(queue.get_nowait())
+                out = []
+                for ev in events:
+                    if isinstance(ev, Failure):
+                        out.append(_sse(error_body(500, ev.message)))
+                        done = True
+                        break
+                    n += len(ev.token_ids)
+                    out.append(shape.chunk_sse(ev.text, ev.token_ids,
+                                               ev.logprobs if job.logprobs is not None else None, ev.finish_reason))
+                    if ev.finish_reason is not None:
+                        if s.include_usage:
+                            out.append(_sse({**shape.head("chunk"), "choices": [], "usage": shape.usage(n)}))
+                        done = True
+                        break
+                if done:
+                    out.append("data: [DONE]\n\n")
+                yield "".join(out).encode()
         finally:  # the client went away (the task is cancelled) or the stream ended: stop decoding for it
             job.cancel()
 
@@ -254,8 +263,11 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
     return app
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps builds one per call
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    return f"data: {_encode(obj)}\n\n"
 
 
 class _Shape:
@@ -264,6 +276,7 @@ class _Shape:
     def __init__(self, kind: str, rid: str, model: str, n_prompt: int) -> None:
         self.kind, self.rid, self.model, self.n_prompt = kind, rid, model, n_prompt
         self.created = int(time.time())
+        self._chunk_head = f'data: {_encode(self.head("chunk"))[:-1]},"choices":['  # written once per stream
 
     def head(self, what: str) -> dict:
         obj = {"completion": "text_completion", "chat": "chat.completion"}[self.kind]
@@ -293,12 +306,16 @@ class _Shape:
                       "token_ids": ids}
         return {**self.head("full"), "choices": [choice], "usage": self.usage(len(ids))}
 
+    def chunk_sse(self, text: str, ids: list[int], lps, finish: str | None) -> str:
+        """``_sse(self.chunk(...))`` for a token's chunk, its fixed head serialized once per stream."""
+        return f"{self._chunk_head}{_encode(self._choice(text, ids, lps, finish))}]}}\n\n"
+
     def chunk(self, text, ids: list[int], lps, finish: str | None) -> dict:
+        return {**self.head("chunk"), "choices": [self._choice(text, ids, lps, finish)]}
+
+    def _choice(self, text, ids: list[int], lps, finish: str | None) -> dict:
         if self.kind == "chat":
-            delta = text if isinstance(text, dict) else ({"content": text} if text or not ids else {"content": ""})
-            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(lps), "finish_reason": finish,
-                      "token_ids": ids}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self._logprobs(lps), "finish_reason": finish,
-                      "token_ids": ids}
-        return {**self.head("chunk"), "choices": [choice]}
+            delta = text if isinstance(text, dict) else {"content": text}
+            return {"index": 0, "delta": delta, "logprobs": self._logprobs(lps), "finish_reason": finish,
+                    "token_ids": ids}
+        return {"index": 0, "text": text, "logprobs": self._logprobs(lps), "finish_reason": finish, "token_ids": ids}
