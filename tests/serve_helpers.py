@@ -37,10 +37,13 @@ def url(server) -> str:
 
 
 class Solo:
-    """Greedy tokens of ``generate()`` on one prompt alone (cached), as `moe-runtime generate` decodes them."""
+    """Greedy tokens of ``generate()`` on one prompt alone (cached), as `moe-runtime generate` decodes them
+    (``chunk``: prefilled in forwards of that many tokens, as ``ExecutorOptions(chunk=...)`` runs it)."""
 
-    def __init__(self, model_dir) -> None:
-        self.run = load_run(model_dir, None, device="cpu")
+    def __init__(self, model_dir, chunk: int | None = None) -> None:
+        from moe_runtime.offload.session import ExecutorOptions
+
+        self.run = load_run(model_dir, None, ExecutorOptions(chunk=chunk), device="cpu")
         self.cache: dict = {}
 
     def __call__(self, prompt_ids, max_tokens: int) -> list[int]:

@@ -210,3 +210,52 @@ def test_a_row_starts_over_and_clears_through_the_models_interface(tiny):
                for layer in m.model.layers)
     assert attn.k_cache[0].abs().sum() > 0
     run.finish()
+
+
+@pytest.mark.parametrize("offloaded", [False, True], ids=["resident", "offloaded"])
+def test_chunked_prefill_keeps_the_running_streaming_and_is_exact(tiny, offloaded):
+    """--prefill-chunk 4: a 37-token prompt arriving while another sequence decodes is prefilled in 10
+    forwards, one per turn, and the running sequence gets a token in every one of those turns; both give the
+    tokens of generate() prefilling in the same chunks (resident and offloaded alike)."""
+    import math
+
+    import torch
+
+    from moe_runtime.model.generate import load_tokenizer
+    from moe_runtime.offload.session import load_run
+    from moe_runtime.serve.engine import Engine, Request
+
+    opts = OffloadOptions(budget="50%", eviction="lru", predictor="none") if offloaded else None
+    run = load_run(tiny, opts, device="cpu", prompt_lens=[1, 1])
+    tok = load_tokenizer(tiny)
+    eng = Engine(run, tokenizer=tok, max_batch=2, max_len=96, max_queue=4, prefill_chunk=4)
+    got: dict[str, list[int]] = {"short": [], "long": []}
+
+    def request(name, ids, n):
+        return Request(ids, n, lambda ev: got[name].extend(ev.token_ids), temperature=0)
+
+    short, long = tok.encode("Hi").ids, tok.encode(PROMPTS[-1]).ids
+    assert len(short) <= 4 and len(long) == 37
+    with torch.inference_mode():
+        eng.submit(request("short", short, 30))
+        eng._step()
+        assert len(got["short"]) == 2  # its prefill's token and one decode step's
+        eng.submit(request("long", long, 8))
+        turns = 0
+        while not got["long"]:
+            before = len(got["short"])
+            eng._step()
+            turns += 1
+            assert len(got["short"]) == before + 1  # the running sequence streamed through the long prefill
+        assert turns == math.ceil(len(long) / 4)
+        while not eng.idle():
+            eng._step()
+    chunked = Solo(tiny, chunk=4)
+    assert got["short"] == chunked(short, 30) and len(got["short"]) == 30
+    assert got["long"] == chunked(long, 8)
+    run.finish()
+
+    with serving(tiny, max_batch=2, prefill_chunk=4) as server:  # the flag reaches the engine
+        r = httpx.post(url(server) + "/v1/completions", json={"prompt": long, "max_tokens": 8, "temperature": 0})
+        assert r.json()["choices"][0]["token_ids"] == chunked(long, 8)
+        assert server.engine.prefill_chunk == 4

@@ -8,6 +8,10 @@ Contract:
   admits queued requests into free rows between decode steps (each prefilled alone: its own forward,
   whose experts the provider serves in waves when they exceed the cache), then runs one decode step
   over every running sequence (one token each, ``rows=[...]``: the MoE layers fetch the union).
+- Chunked prefill (``prefill_chunk`` N): a prompt longer than N tokens is prefilled in forwards of N
+  tokens (the last shorter), one forward per loop turn between decode steps, so the running sequences
+  keep streaming meanwhile; it joins the decode batch with its first token. Its tokens are those of
+  ``generate()`` on a run prefilling in the same chunks (``ExecutorOptions(chunk=N)``).
 - A sequence leaves on EOS, a stop string, ``max_tokens``, or ``cancel()`` (a client that went away);
   its row is free for the next admission. Logits that become non-finite end that sequence only, with an
   error event (the HTTP side answers 500); its row is zeroed, so nothing of it reaches a later sequence.
@@ -84,6 +88,7 @@ class _Seq:
     def __init__(self, req: Request, row: int, tokenizer, eos: set[int], device) -> None:
         self.req, self.row = req, row
         self.pos = len(req.prompt_ids)  # position of the next token fed
+        self.fed = 0  # prompt tokens prefilled so far
         self.detok = Detokenizer(tokenizer, req.stop, eos)
         self.gen = None
         if req.temperature > 0:
@@ -93,7 +98,8 @@ class _Seq:
 
 
 class Engine:
-    def __init__(self, run, *, tokenizer, max_batch: int, max_len: int, max_queue: int, metrics=None) -> None:
+    def __init__(self, run, *, tokenizer, max_batch: int, max_len: int, max_queue: int, metrics=None,
+                 prefill_chunk: int | None = None) -> None:
         self.run, self.model, self.provider = run, run.model, run.provider
         self.tokenizer, self.metrics = tokenizer, metrics
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
@@ -102,6 +108,8 @@ class Engine:
         self.model.setup_cache(max_len, batch=max_batch)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, _Seq] = {}
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: collections.deque[_Seq] = collections.deque()  # long prompts, a chunk per turn
         self.free = list(range(max_batch - 1, -1, -1))  # rows, the lowest first
         self.cv = threading.Condition()
         self.draining = self.stopped = False
@@ -129,7 +137,7 @@ class Engine:
 
     def idle(self) -> bool:
         with self.cv:
-            return not self.waiting and not self.running
+            return not self.waiting and not self.running and not self.prefilling
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the worker (after ``drain``; whatever still runs is failed) and wait for it."""
@@ -143,20 +151,27 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self.cv:
-                    while not self.stopped and not self.waiting and not self.running:
+                    while not self.stopped and not self.waiting and not self.running and not self.prefilling:
                         self.cv.wait()
                     if self.stopped:
                         break
-                self._admit()
-                self._drop_cancelled()
-                if self.running:
-                    self._decode()
-        for seq in list(self.running.values()):
+                self._step()
+        for seq in [*self.running.values(), *self.prefilling]:
             self._end(seq, Failure("the server stopped before this request finished"))
         with self.cv:
             for req in self.waiting:
                 req.emit(Failure("the server stopped before this request started"))
             self.waiting.clear()
+
+    def _step(self) -> None:
+        """One turn: admit, drop the cancelled, one chunk of the oldest long prompt, one decode step."""
+        self._admit()
+        self._drop_cancelled()
+        if self.prefilling:
+            seq = self.prefilling[0]
+            self._feed(seq, min(seq.fed + self.prefill_chunk, len(seq.req.prompt_ids)))
+        if self.running:
+            self._decode()
 
     def _admit(self) -> None:
         while True:
@@ -174,21 +189,35 @@ class Engine:
     def _prefill(self, req: Request, row: int) -> None:
         seq = _Seq(req, row, self.tokenizer, self.eos, self.device)
         req.row = row
-        self.running[row] = seq
         self.model.start_sequence(row)  # a SteppedModel counts each row's position: this one starts over
         n = len(req.prompt_ids)
+        if self.prefill_chunk is not None and n > self.prefill_chunk:
+            self.prefilling.append(seq)  # its chunks run between decode steps (``_step``)
+        else:
+            self._feed(seq, n)
+
+    def _feed(self, seq: _Seq, end: int) -> None:
+        """Prefill the prompt's tokens ``seq.fed`` to ``end`` (one forward); at the prompt's end the sequence
+        takes its first token and joins the running batch."""
+        req, start, n = seq.req, seq.fed, len(seq.req.prompt_ids)
         try:
-            tokens = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.device)  # [T]
-            logits = self.model(tokens, torch.arange(n, device=self.device), self.provider, last_only=True,
-                                rows=row)  # [1, V]
+            tokens = torch.tensor(req.prompt_ids[start:end], dtype=torch.long, device=self.device)  # [T]
+            logits = self.model(tokens, torch.arange(start, end, device=self.device), self.provider,
+                                last_only=True, rows=seq.row)  # [1, V]
         except Exception as e:  # noqa: BLE001  one request's failure must not stop the others
             return self._end(seq, Failure(f"the prefill failed: {e}"))
+        seq.fed = end
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(n)
+            self.metrics.prompt_tokens.inc(end - start)
+        if end < n:
+            return
+        if self.prefilling and self.prefilling[0] is seq:
+            self.prefilling.popleft()
+        self.running[seq.row] = seq
         self._take(seq, logits[0])
 
     def _drop_cancelled(self) -> None:
-        for seq in [s for s in self.running.values() if s.req.cancelled]:
+        for seq in [s for s in (*self.running.values(), *self.prefilling) if s.req.cancelled]:
             self._end(seq, None, "cancelled")
 
     def _decode(self) -> None:
@@ -242,7 +271,10 @@ class Engine:
 
     def _end(self, seq: _Seq, failure: Failure | None, outcome: str = "failed") -> None:
         """The sequence leaves: its row is freed (zeroed after a failure: NaN must not leak into a later one)."""
-        self.running.pop(seq.row, None)
+        if self.running.get(seq.row) is seq:
+            del self.running[seq.row]
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
         if failure is not None:
             self.model.clear_row(seq.row)
             seq.req.emit(failure)

@@ -39,6 +39,10 @@ class ServeOptions:
     max_context: int | None = option(None, "--max-context", type=integer(2),
                                      help="positions per sequence, prompt and output (default: the model's "
                                           "max_position_embeddings)")
+    prefill_chunk: int | None = option(None, "--prefill-chunk", type=integer(1),
+                                       help="prefill a longer prompt in forwards of this many tokens, one between "
+                                            "decode steps, so running requests keep streaming (default: one "
+                                            "forward per prompt)")
     api_key: str | None = option(None, "--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     drain_timeout: float = option(30.0, "--drain-timeout", type=number(0),
                                   help="seconds running requests get to finish after SIGTERM")
@@ -73,7 +77,7 @@ class Server:
         self.max_len = max_len or sopts.max_context or cfg.max_position_embeddings
         self.metrics = Metrics()
         self.engine = Engine(run, tokenizer=tokenizer, max_batch=sopts.max_batch, max_len=self.max_len,
-                             max_queue=sopts.max_queue, metrics=self.metrics)
+                             max_queue=sopts.max_queue, metrics=self.metrics, prefill_chunk=sopts.prefill_chunk)
         name = sopts.served_model_name or Path(model_dir).resolve().name
         self.app = build_app(self.engine, self.metrics, model_name=name, tokenizer=tokenizer, template=template,
                              api_key=sopts.api_key)
