@@ -135,6 +135,14 @@ def single_client(server: Server, gen_run, ids: list[int], new_tokens: int, repe
             "server_tokens_per_s": round(statistics.median(served), 1), "single_client_vs_generate": round(ratio, 3)}
 
 
+def http_stack() -> str:
+    """What uvicorn's "auto" picks: httptools and uvloop (the serve extra's uvicorn[standard]) when installed."""
+    import importlib.util
+
+    have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    return f"{'httptools' if have('httptools') else 'h11'} + {'uvloop' if have('uvloop') else 'asyncio'}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="mixtral")
@@ -177,12 +185,13 @@ def main() -> None:
         rows.append({"mode": mode, "runs": res, **single,
                      "ratio_16_vs_1": round(res[-1]["tokens_per_s"] / one["tokens_per_s"], 2)})
     out = {"model": f"{args.family} tiny: {args.layers} layers, hidden {args.hidden}, 8 experts top-2",
+           "http_stack": http_stack(),
            "new_tokens": args.new_tokens, "requests_per_client": args.requests, "prompt_tokens": len(ids),
            "results": rows}
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(out["model"])
+    print(f"{out['model']}; uvicorn with {out['http_stack']}")
     for row in rows:
         print(f"{row['mode']}: one request {row['server_tokens_per_s']} tok/s, generate "
               f"{row['generate_tokens_per_s']} tok/s on the same {row['tokens']} tokens: "
