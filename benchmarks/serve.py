@@ -10,8 +10,8 @@ token over the run's wall time), p50/p99 time to first token (request sent -> fi
 inter-token latency (gaps between a stream's tokens), and the 16-vs-1 ratio.
 
 Single client against generate(), like for like (``single_client``): the same prompt and the same tokens
-(checked), warm-ups excluded, alternating ``--repeats`` times: generate()'s tokens over its prefill +
-decode time against one streamed request's tokens over the time from sending it to its last token.
+(checked), warm-ups excluded, in turn ``--repeats`` times: generate()'s tokens over its prefill + decode
+time against one request's tokens over the time from sending it to its last token, streamed and plain.
 
     python benchmarks/serve.py --json
 """
@@ -97,13 +97,17 @@ def _measure(port: int, ids: list[int], clients: int, n_requests: int, new_token
 _CLIENT = None  # the single-client process's connection, kept across its requests as a client keeps it
 
 
-def _one_request(port: int, ids: list[int], new_tokens: int) -> tuple[list[int], float]:
-    """One streaming greedy completion: (token ids, seconds from sending it to its last token)."""
+def _one_request(port: int, ids: list[int], new_tokens: int, stream: bool = True) -> tuple[list[int], float]:
+    """One greedy completion, streamed or plain: (token ids, seconds from sending it to its last token)."""
     global _CLIENT
     if _CLIENT is None:
         _CLIENT = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-    got, t0, last = [], time.perf_counter(), 0.0
-    body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "stream": stream}
+    t0 = time.perf_counter()
+    if not stream:
+        got = _CLIENT.post("/v1/completions", json=body).json()["choices"][0]["token_ids"]
+        return got, time.perf_counter() - t0
+    got, last = [], 0.0
     with _CLIENT.stream("POST", "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -115,24 +119,29 @@ def _one_request(port: int, ids: list[int], new_tokens: int) -> tuple[list[int],
 
 
 def single_client(server: Server, gen_run, ids: list[int], new_tokens: int, repeats: int, pool) -> dict:
-    """Like for like: ``generate()`` on the prompt (its prefill + decode time) and one streaming request for
-    the same tokens (sent -> last token received, in the client process), alternately ``repeats`` times
-    after one warm-up of each, so that the shared machine's load falls on both alike. The ratio is the
-    median of each adjacent pair's ratio (robust to load that changes between pairs); the tokens/s are
-    medians. The two must give the same tokens."""
+    """Like for like: ``generate()`` on the prompt (its prefill + decode time), one streamed request and one
+    plain request for the same tokens (sent -> last token received, in the client process), in turn
+    ``repeats`` times after one warm-up of each, so that the shared machine's load falls on all alike. A
+    ratio is the median of each turn's ratio (robust to load that changes between turns); the tokens/s are
+    medians. All must give the same tokens."""
     eos = gen_run.model.cfg.eos_token_ids
-    gen, served = [], []
+    gen, served, plain = [], [], []
     for i in range(repeats + 1):
         res = generate(gen_run.model, gen_run.provider, ids, new_tokens, eos_ids=eos)
-        got, seconds = pool.apply(_one_request, (server.port, ids, new_tokens))
-        if got != res.token_ids:
-            raise SystemExit(f"the server's tokens {got} differ from generate's {res.token_ids}")
-        if i:  # the first of each is the warm-up
+        for stream, out in ((True, served), (False, plain)):
+            got, seconds = pool.apply(_one_request, (server.port, ids, new_tokens, stream))
+            if got != res.token_ids:
+                raise SystemExit(f"the server's tokens {got} differ from generate's {res.token_ids}")
+            if i:  # the first of each is the warm-up
+                out.append(len(got) / seconds)
+        if i:
             gen.append(len(got) / (res.prefill_s + res.decode_s))
-            served.append(len(got) / seconds)
-    ratio = statistics.median(s / g for s, g in zip(served, gen))
-    return {"tokens": len(got), "generate_tokens_per_s": round(statistics.median(gen), 1),
-            "server_tokens_per_s": round(statistics.median(served), 1), "single_client_vs_generate": round(ratio, 3)}
+    med = statistics.median
+    return {"tokens": len(got), "generate_tokens_per_s": round(med(gen), 1),
+            "server_tokens_per_s": round(med(served), 1),
+            "single_client_vs_generate": round(med(s / g for s, g in zip(served, gen)), 3),
+            "plain_tokens_per_s": round(med(plain), 1),
+            "plain_vs_generate": round(med(p / g for p, g in zip(plain, gen)), 3)}
 
 
 def http_stack() -> str:
@@ -193,9 +202,10 @@ def main() -> None:
         return
     print(f"{out['model']}; uvicorn with {out['http_stack']}")
     for row in rows:
-        print(f"{row['mode']}: one request {row['server_tokens_per_s']} tok/s, generate "
-              f"{row['generate_tokens_per_s']} tok/s on the same {row['tokens']} tokens: "
-              f"{row['single_client_vs_generate']}x generate; 16 vs 1 clients {row['ratio_16_vs_1']}x")
+        print(f"{row['mode']}: generate {row['generate_tokens_per_s']} tok/s on {row['tokens']} tokens; one client "
+              f"streaming the same tokens {row['server_tokens_per_s']} tok/s ({row['single_client_vs_generate']}x "
+              f"generate), plain {row['plain_tokens_per_s']} tok/s ({row['plain_vs_generate']}x); "
+              f"{levels[-1]} vs 1 clients {row['ratio_16_vs_1']}x")
         for r in row["runs"]:
             print(f"  {r['clients']:>3} clients: {r['tokens_per_s']:>8} tok/s  TTFT p50/p99 {r['ttft_p50_ms']}/"
                   f"{r['ttft_p99_ms']} ms  ITL p50/p99 {r['itl_p50_ms']}/{r['itl_p99_ms']} ms")

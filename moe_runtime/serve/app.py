@@ -13,7 +13,8 @@
 - A client that disconnects cancels its request (a stream's task is cancelled; a plain request polls).
 
 The engine runs on its own thread; its events reach each request's asyncio queue through
-``loop.call_soon_threadsafe``.
+``loop.call_soon_threadsafe``: a stream's at every token (the tokens that queued while a write was under
+way go out in one write), a plain answer's once, at its end (the event loop then does no work per token).
 """
 
 from __future__ import annotations
@@ -177,8 +178,19 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
     async def answer(request: HttpRequest, ids: list[int], s: Sampling, model: str | None):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Request(ids, s.max_tokens, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                      temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop, logprobs=s.logprobs)
+        if s.stream:
+            def emit(ev):  # on the worker thread: each token wakes the event loop
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+        else:
+            held: list[Delta] = []
+
+            def emit(ev):  # on the worker thread: a plain answer needs only its end, so the loop wakes once
+                if isinstance(ev, Delta) and ev.finish_reason is None:
+                    held.append(ev)
+                else:
+                    loop.call_soon_threadsafe(queue.put_nowait, (held, ev))
+        job = Request(ids, s.max_tokens, emit, temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop,
+                      logprobs=s.logprobs)
         try:
             engine.submit(job)
         except QueueFull:
@@ -193,26 +205,24 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
         return await collect(request, job, queue, shape)
 
     async def collect(request: HttpRequest, job: Request, queue: asyncio.Queue, shape: _Shape):
-        text, ids, lps, finish = [], [], [], None
         try:
-            while finish is None:
+            while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), 0.5)
+                    held, ev = await asyncio.wait_for(queue.get(), 0.5)
+                    break
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         job.cancel()
                         return Response(status_code=499)
-                    continue
-                if isinstance(ev, Failure):
-                    return JSONResponse(error_body(500, ev.message), status_code=500)
-                text.append(ev.text)
-                ids += ev.token_ids
-                lps += ev.logprobs or []
-                finish = ev.finish_reason
         except asyncio.CancelledError:
             job.cancel()
             raise
-        return JSONResponse(shape.full("".join(text), ids, lps if job.logprobs is not None else None, finish))
+        if isinstance(ev, Failure):
+            return JSONResponse(error_body(500, ev.message), status_code=500)
+        deltas = [*held, ev]
+        text, ids = "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids]
+        lps = [lp for d in deltas for lp in d.logprobs or []] if job.logprobs is not None else None
+        return JSONResponse(shape.full(text, ids, lps, ev.finish_reason))
 
     async def stream(job: Request, queue: asyncio.Queue, shape: _Shape, s: Sampling):
         n = 0
