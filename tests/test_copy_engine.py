@@ -75,7 +75,7 @@ def test_resubmitted_slot_reports_only_its_new_copy():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_engine_copies_cancels_and_times():
-    from moe_runtime.offload.engines import CudaCopyEngine
+    from moe_runtime.offload.cuda_engine import CudaCopyEngine
 
     dev = torch.device("cuda")
     eng = CudaCopyEngine(n_slots=4, device=dev, stream_depth=1)

@@ -1,0 +1,144 @@
+"""Hybrid execution in the executor: a missed expert copied, or computed on the host from its host copy.
+
+On this CPU-only machine the host and the "device" are one CPU, so the host's experts are computed by the
+same kernels in the same order as the resident model's: offloaded greedy tokens must equal the resident
+ones exactly for every miss policy, with host layers, batched, and with quantized experts. The counters
+must say what happened: ``--miss-policy host`` with no prefetch copies nothing and computes every miss on
+the host; fills add copies only in ``auto``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_runtime.core.budget import minimum_slots
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.policies import EVICTION_POLICIES
+from moe_runtime.core.protocol import HostCost
+from moe_runtime.model.experts import HostExpertStore, ResidentExperts
+from moe_runtime.model.generate import generate, generate_batch
+from moe_runtime.offload.forced_routing import ForcedRouting
+from moe_runtime.offload.provider import OffloadedExperts
+from moe_runtime.offload.steps import SteppedModel, steps
+from moe_runtime.predictors import PredictorOptions, make_predictor
+from test_offload_parity import NEW, PROMPT, reference
+
+INFLIGHT = 2
+# the cost rule's inputs for tests: a host expert costs as much as a copy, the device half of it, so
+# ``auto`` sends misses to the host until the host's queue for the layer passes a copy's time
+COSTS = HostCost(host_s=lambda n: 1e-3 * n, copy_s=1e-3, device_s=lambda n: 0.5e-3 * n)
+
+
+def hybrid_run(family, policy="lru", predictor="none", budget="25%", miss_policy="host", host_layers=(),
+               expert_dtype="auto", costs=COSTS, scope="global"):
+    """(tokens, resident tokens, report) of an offloaded greedy decode under a miss policy."""
+    model, store, ref_tokens, trace = reference(family, "cpu", expert_dtype)
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    prefetching = predictor != "none"
+    need = minimum_slots(experts_per_layer=K, max_inflight=INFLIGHT, prefetching=prefetching, scope=scope,
+                         n_moe_layers=L)
+    n_slots = max(need, L * E * int(budget[:-1]) // 100)
+    forced = future = popularity = None
+    if policy in ("belady", "static") or predictor in ("oracle",):
+        forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
+        if policy == "belady":
+            from moe_runtime.core.budget import wave_capacity
+            cap = wave_capacity(n_slots=n_slots, scope=scope, n_moe_layers=L, max_inflight=INFLIGHT,
+                                prefetching=prefetching)
+            future = forced.future(steps(len(PROMPT), NEW), cap)
+        popularity = forced.popularity()
+    pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2,
+                                                      model=model))
+    provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred,
+                                max_inflight=INFLIGHT, future=future, popularity=popularity,
+                                miss_policy=miss_policy, host_cost=costs, host_layers=frozenset(host_layers))
+    stepped = SteppedModel(model, provider, forced=forced)
+    tokens = generate(stepped, provider, PROMPT, NEW).token_ids
+    return tokens, ref_tokens, provider.finish()
+
+
+def test_host_policy_copies_nothing_and_computes_every_miss_on_the_host():
+    tokens, ref, r = hybrid_run("mixtral", miss_policy="host")
+    assert tokens == ref
+    assert r["bytes_h2d"] == 0 and r["copies"] == 0 and r["fills"] == 0
+    assert r["host_computed"] == r["accesses"] - r["hits"] == r["misses"] > 0
+    assert r["hits"] == 0  # nothing was ever copied, so nothing can hit
+    assert r["miss_policy"] == "host"
+
+
+def test_copy_policy_counts_are_unchanged_by_the_hybrid_code():
+    model, store, ref, trace = reference("mixtral")
+    base = hybrid_run("mixtral", miss_policy="copy", costs=None)[2]
+    assert base["host_computed"] == 0 and base["fills"] == 0
+    assert base["bytes_h2d"] == base["misses"] * store.layout.nbytes
+
+
+def test_auto_splits_misses_between_host_and_copies_and_fills_the_cache():
+    tokens, ref, r = hybrid_run("mixtral", miss_policy="auto", budget="50%")
+    assert tokens == ref
+    assert 0 < r["host_computed"] < r["misses"]  # the rule sent some misses each way
+    assert r["fills"] > 0  # host-computed misses were copied in the link's idle time
+    copied = r["misses"] - r["host_computed"] + r["fills"]
+    assert r["bytes_h2d"] == copied * reference("mixtral")[1].layout.nbytes
+
+
+def test_host_layers_take_no_slots():
+    model, store, ref, trace = reference("mixtral")
+    tokens, ref, r = hybrid_run("mixtral", miss_policy="copy", host_layers=(0,))
+    assert tokens == ref
+    per = r["layers"][0]
+    # every access of layer 0 (the prompt's union, then one token's experts per step) on the host
+    union = len(set(trace.expert_ids[: len(PROMPT), 0].ravel().tolist()))
+    assert per["hits"] == per["late"] == 0 and per["misses"] == union + (NEW - 1) * store.top_k
+    assert r["host_computed"] == per["misses"]
+    assert all(layer["hits"] + layer["late"] + layer["misses"] > 0 for layer in r["layers"])
+
+
+FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "gpt_oss-mxfp4")
+GRID = [(f, m) for f in FAMILIES for m in ("host", "auto")]
+
+
+@pytest.mark.parametrize("family,miss_policy", GRID)
+def test_every_family_decodes_the_resident_tokens(family, miss_policy):
+    tokens, ref, r = hybrid_run(family, miss_policy=miss_policy, host_layers=(1,))
+    assert tokens == ref
+    assert r["host_computed"] > 0
+
+
+POLICIES = [(p, pr, m) for p in EVICTION_POLICIES for pr in ("none", "gate", "oracle") for m in ("host", "auto")]
+
+
+@pytest.mark.parametrize("policy,predictor,miss_policy", POLICIES)
+def test_every_policy_and_predictor(policy, predictor, miss_policy):
+    tokens, ref, r = hybrid_run("mixtral", policy, predictor, miss_policy=miss_policy)
+    assert tokens == ref
+    assert r["hits"] + r["late"] + r["misses"] == r["accesses"]
+    assert r["host_computed"] <= r["misses"] + r["late"]
+
+
+@pytest.mark.parametrize("family,expert_dtype", [("mixtral", "int8"), ("mixtral", "int4"), ("deepseek_v3", "int4")])
+@pytest.mark.parametrize("miss_policy", ["host", "auto"])
+def test_quantized_experts(family, expert_dtype, miss_policy):
+    tokens, ref, r = hybrid_run(family, miss_policy=miss_policy, expert_dtype=expert_dtype)
+    assert tokens == ref and r["host_computed"] > 0
+
+
+@pytest.mark.parametrize("miss_policy", ["host", "auto"])
+def test_batched_decode_equals_resident(miss_policy):
+    model, store, _, _ = reference("qwen2_moe")
+    prompts = [[5, 17, 42], [8, 23], [61, 2, 9, 14]]
+    resident = SteppedModel(model, ResidentExperts(store, "cpu"))
+    ref = [s.token_ids for s in generate_batch(resident, resident.provider, prompts, NEW).sequences]
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    provider = OffloadedExperts(store, "cpu", L * E // 2, max_inflight=INFLIGHT, miss_policy=miss_policy,
+                                host_cost=COSTS)
+    stepped = SteppedModel(model, provider)
+    assert [s.token_ids for s in generate_batch(stepped, provider, prompts, NEW).sequences] == ref
+    assert provider.finish()["host_computed"] > 0
+
+
+def test_host_compute_with_experts_on_disk_is_refused():
+    model, store, _, _ = reference("mixtral")
+    empty = HostExpertStore(store.layout, store.n_experts, store.top_k, store.model_layers, allocate=False)
+    with pytest.raises(MoeError, match="host memory"):
+        OffloadedExperts(empty, "cpu", 8, miss_policy="host", host_cost=COSTS, source=lambda m, e: None)
