@@ -206,9 +206,9 @@ class Replay:
         self.host, self.host_cost = None, None
         if not opts.computes_on_host:
             return
-        if self.copy_model != "analytic":
+        if self.copy_model == "event":
             raise MoeError("host compute (--miss-policy host|auto, host layers) is modelled by the analytic "
-                           "copies only")
+                           "(and lockstep) copies only")
         self.host = load_host(opts.host_profile or DEFAULT_HOST_PROFILE)
         codec, nbytes, flops = spec.expert_dtype or spec.dtype, self.expert_bytes, spec.expert_flops_per_token
         self.host.format_of(codec)  # a profile without this format is refused here, before the run

@@ -21,6 +21,7 @@ from moe_runtime.offload.forced_routing import ForcedRouting
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.steps import SteppedModel, steps
 from moe_runtime.predictors import PredictorOptions, make_predictor
+from test_offload_fake_cuda import fake_cuda  # noqa: F401  (the fake CUDA fixture, shared)
 from test_offload_parity import NEW, PROMPT, reference
 
 INFLIGHT = 2
@@ -142,3 +143,47 @@ def test_host_compute_with_experts_on_disk_is_refused():
     empty = HostExpertStore(store.layout, store.n_experts, store.top_k, store.model_layers, allocate=False)
     with pytest.raises(MoeError, match="host memory"):
         OffloadedExperts(empty, "cpu", 8, miss_policy="host", host_cost=COSTS, source=lambda m, e: None)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cuda_engine_fills_and_hybrid_decisions_on_a_fake_cuda(fake_cuda, seed):
+    """The CUDA engine's fills (chunks in idle moments, a promoted fill's rest on the demand stream) under
+    ``auto``: an expert the device computes is never in a slot whose copy has neither completed nor been
+    waited on, and the host's experts take no slot."""
+    import random
+
+    import torch
+
+    from moe_runtime.model.experts import ExpertLayout
+    from moe_runtime.offload.cuda_engine import CudaCopyEngine
+    from test_offload_fake_cuda import E, K, L, FakeEvent, RandomPredictor
+    rng = random.Random(seed)
+    FakeEvent.rng = random.Random(seed)
+    store = HostExpertStore(ExpertLayout(8, 4, torch.float32), E, K, list(range(L)), pin=False)
+    inflight = rng.randint(1, 3)
+    pred = RandomPredictor(PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=2), rng) \
+        if seed % 2 else None
+    costs = HostCost(host_s=lambda n: rng.uniform(0.2, 2.0) * 1e-3 * n, copy_s=1e-3, device_s=lambda n: 1e-4 * n)
+    prov = OffloadedExperts(store, "cpu", rng.randint(K + inflight, L * E // 2), predictor=pred,
+                            max_inflight=inflight, miss_policy="auto", host_cost=costs,
+                            make_engine=lambda n, dev: CudaCopyEngine(n, dev, stream_depth=2))
+    engine = prov.engine
+    hidden = torch.zeros(1, 8)
+    for step in range(10):
+        prov.begin_step(step, 1)
+        for m in range(L):
+            ids = rng.sample(range(E), K)
+            got = prov.experts(m, ids, hidden, None, [1] * K)
+            host = set(prov.on_host(m))
+            assert sorted(got) == sorted(ids)
+            for e in ids:
+                if e in host:
+                    assert got[e][0].data_ptr() == store.weights(m, e)[0].data_ptr()  # the host copy, in place
+                    continue
+                slot = prov.cache.slot_of[(m, e)]
+                assert engine._end[slot].done, f"slot {slot} used before its copy finished or was waited on"
+            prov.end_layer(m)
+    r = prov.finish()
+    assert r["hits"] + r["late"] + r["misses"] == r["accesses"] == 10 * L * K
+    assert r["host_computed"] > 0 and r["fills"] > 0
+    assert not engine._on_stream and not engine._queue and not engine._fills

@@ -47,9 +47,9 @@ def summary(report: dict) -> str:
     """One line: what the cache did (hits, late prefetches, misses and those computed on the host, stall,
     bytes copied, fills)."""
     acc = max(report.get("accesses", 0), 1)
-    host = report.get("host_computed", 0)
-    return (f"offload ({report.get('miss_policy', 'copy')}): {report['hits']} hits ({report['hits'] / acc:.0%}), "
-            f"{report['late']} late, {report['misses']} misses of {report['accesses']} expert accesses"
-            + (f", {host} computed on the host" if host else "") + f"; stall {report['stall_s']:.3f} s; "
-            f"{report['bytes_h2d'] / 1e6:.1f} MB copied into {report['budget_slots']} slots"
-            + (f" ({report['fills']} fills)" if report.get("fills") else ""))
+    policy = report.get("miss_policy", "copy")
+    hybrid = (f" (miss policy {policy}: {report.get('host_computed', 0)} computed on the host, "
+              f"{report.get('fills', 0)} fills)") if policy != "copy" or report.get("host_computed") else ""
+    return (f"offload: {report['hits']} hits ({report['hits'] / acc:.0%}), {report['late']} late, "
+            f"{report['misses']} misses of {report['accesses']} expert accesses{hybrid}; stall "
+            f"{report['stall_s']:.3f} s; {report['bytes_h2d'] / 1e6:.1f} MB copied into {report['budget_slots']} slots")
