@@ -122,7 +122,7 @@ def test_a_fill_pauses_for_a_demand_copy_and_a_promoted_fill_finishes_first():
         assert demand.slot == 1 and fill.slot == 0 and fill.nbytes == 64_000_000
         assert demand.end_s <= fill.end_s  # the demand copy did not wait for the whole fill
         # a queued fill the compute needs becomes a demand copy: it goes ahead of a queued prefetch
-        eng.submit(2, fill_src, fill_dst, demand=False)  # keeps the worker busy
+        eng.submit(2, torch.ones(64_000_000), torch.empty(64_000_000), demand=False)  # 256 MB: the worker is busy
         while eng.is_queued(2):
             time.sleep(0.0005)
         eng.submit(3, src, torch.empty(1000), demand=False)
