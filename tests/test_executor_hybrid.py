@@ -187,3 +187,91 @@ def test_cuda_engine_fills_and_hybrid_decisions_on_a_fake_cuda(fake_cuda, seed):
     assert r["hits"] + r["late"] + r["misses"] == r["accesses"] == 10 * L * K
     assert r["host_computed"] > 0 and r["fills"] > 0
     assert not engine._on_stream and not engine._queue and not engine._fills
+
+
+ALL_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_generate_command_decodes_every_family_with_the_resident_tokens(run_cli, tmp_path, family):
+    """`moe-runtime generate --miss-policy auto|host --n-host-layers N`, as a user runs it: the same tokens as
+    the all-resident run; host compute costs measured at start-up and said so."""
+    import json
+
+    from moe_runtime.model.tiny import write_tiny_checkpoint
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=1, num_hidden_layers=4)
+    base = ["generate", "--model", path, "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", 6, "--json"]
+    code, out, err = run_cli(base)
+    assert code == 0, err
+    resident = json.loads(out)["token_ids"]
+    for extra in (["--miss-policy", "host", "--n-host-layers", 1], ["--miss-policy", "auto", "--n-host-layers", 2],
+                  ["--expert-budget", "30%"]):  # the last: the default miss policy, auto
+        code, out, err = run_cli(base + extra)
+        assert code == 0, err
+        r = json.loads(out)
+        assert r["token_ids"] == resident, extra
+        assert r["miss_policy"] == (extra[1] if extra[0] == "--miss-policy" else "auto")
+        assert "host measured at start-up" in r["miss_costs"] in err
+        if extra[0] == "--miss-policy":  # host layers (and host's misses) are computed on the host
+            assert r["host_computed"] > 0
+        if extra[1] == "host":
+            assert r["bytes_h2d"] == 0
+
+
+def test_disk_experts_default_to_copy_and_refuse_host_compute(run_cli, tmp_path):
+    from moe_runtime.model.tiny import write_tiny_checkpoint
+    path = write_tiny_checkpoint("mixtral", tmp_path / "m", seed=1)
+    base = ["generate", "--model", path, "--prompt-ids", "3,1,4", "--max-new-tokens", 3, "--expert-source", "disk"]
+    code, out, err = run_cli(base)
+    assert code == 0 and "miss policy" not in err, err  # copy: the experts' host copies are on disk
+    code, out, err = run_cli(base + ["--miss-policy", "auto"])
+    assert code == 2 and "--miss-policy copy" in err and "Traceback" not in err
+
+
+def test_host_profile_is_used_and_a_bad_one_refused_before_loading(run_cli, tmp_path):
+    import json
+
+    from moe_runtime.model.tiny import write_tiny_checkpoint
+    path = write_tiny_checkpoint("mixtral", tmp_path / "m", seed=1)
+    base = ["generate", "--model", path, "--prompt-ids", "3,1,4", "--max-new-tokens", 3, "--json"]
+    code, out, err = run_cli(base + ["--miss-policy", "auto", "--host-profile", "ddr5-desktop"])
+    assert code == 0, err
+    assert json.loads(out)["miss_costs"].startswith("miss costs: host profile ddr5-desktop")
+    code, out, err = run_cli(base + ["--miss-policy", "auto", "--host-profile", "no-such-host"])
+    assert code == 2 and "no-such-host" in err and "Traceback" not in err
+    code, out, err = run_cli(base + ["--n-host-layers", 9])
+    assert code == 2 and "--n-host-layers 9" in err
+
+
+LOGIT_TOLERANCE = 1e-3  # float32 tiny models: host (CPU) and device (GPU) sums differ in the last bits
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family,miss_policy", [("mixtral", "host"), ("mixtral", "auto"), ("deepseek_v2", "host"),
+                                                ("gpt_oss", "auto")])
+def test_cuda_hybrid_logits_within_tolerance_of_resident(family, miss_policy):
+    """The real path: experts the host computes run on the CPU (``host_forward``) while the GPU computes
+    the rest; every forward's logits stay within LOGIT_TOLERANCE (absolute, logits of order 1) of the
+    resident GPU model's, and a greedy decode gives its tokens."""
+    import torch
+    model, store, _, _ = reference(family, "cuda")
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    tokens = torch.tensor(PROMPT, device="cuda")
+    pos = torch.arange(len(PROMPT), device="cuda")
+    resident = SteppedModel(model, ResidentExperts(store, "cuda"))
+    resident.setup_cache(len(PROMPT) + 1)
+    ref = resident(tokens, pos, resident.provider)
+    provider = OffloadedExperts(store, "cuda", L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT,
+                                miss_policy=miss_policy, host_cost=COSTS, host_layers=frozenset({0}))
+    stepped = SteppedModel(model, provider)
+    stepped.setup_cache(len(PROMPT) + 1)
+    got = stepped(tokens, pos, provider)
+    assert (got - ref).abs().max().item() < LOGIT_TOLERANCE
+    r = provider.finish()
+    assert r["host_computed"] > 0
+    ref_tokens = reference(family, "cuda")[2]
+    provider = OffloadedExperts(store, "cuda", L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT,
+                                miss_policy=miss_policy, host_cost=COSTS)
+    stepped = SteppedModel(model, provider)
+    assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
