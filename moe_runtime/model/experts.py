@@ -38,7 +38,7 @@ import abc
 import torch
 from torch import Tensor
 
-from moe_runtime.model.formats import ExpertFormat, ExpertWeights  # noqa: F401  (ExpertWeights: re-exported)
+from moe_runtime.model.formats import DenseExpert, ExpertFormat, ExpertWeights  # noqa: F401  (re-exported)
 
 
 # An expert's layout is its format (formats.py): ``ExpertLayout(H, I, dtype)`` is the plain SwiGLU
@@ -96,6 +96,16 @@ class HostExpertStore:
         """Host views of one expert's pieces (``ExpertWeights`` (w1, w3, w2) for a plain format)."""
         return self.layout.views(self._buffers[layer][expert])
 
+    @torch.no_grad()
+    def converted(self, layout: ExpertLayout) -> "HostExpertStore":
+        """A second store with every expert in ``layout`` (``--host-dtype``: the host's own copy), converted
+        from this one expert by expert (dense in the compute dtype, then packed: quantized where it asks)."""
+        out = HostExpertStore(layout, self.n_experts, self.top_k, self.model_layers, pin=False)
+        for m in range(self.n_moe_layers):
+            for e in range(self.n_experts):
+                layout.pack(out.flat(m, e), DenseExpert(*self.layout.dense(self.weights(m, e))))
+        return out
+
 
 class ExpertProvider(abc.ABC):
     """What a MoE block asks of wherever its experts live; see the module docstring for the contract.
@@ -121,6 +131,12 @@ class ExpertProvider(abc.ABC):
     def on_host(self, layer: int) -> tuple[int, ...]:
         """The ids of the last ``experts`` call at ``layer`` to compute on the host (hybrid execution)."""
         return ()
+
+    @property
+    def host_format(self) -> ExpertFormat | None:
+        """The format of the host copies the ``on_host`` experts are computed from, when it is not the
+        model's (``--host-dtype``); None: the model's."""
+        return None
 
     def end_layer(self, layer: int) -> None:
         """The layer's reads of the returned weights are enqueued: their slots may be reused after them."""

@@ -57,9 +57,11 @@ def _linear(points: dict[int, float]) -> Callable[[int], float]:
     return at
 
 
-def host_costs(store: HostExpertStore, device: torch.device, host_profile: str | None) -> tuple[HostCost, str]:
-    """(the cost rule's inputs, where they came from) for ``store``'s experts on ``device``; see the module
-    docstring. The store must hold its experts (host compute reads them)."""
+def host_costs(store: HostExpertStore, device: torch.device, host_profile: str | None,
+               host_store: HostExpertStore | None = None) -> tuple[HostCost, str]:
+    """(the cost rule's inputs, where they came from) for ``store``'s experts on ``device``, the host computing
+    from ``host_store``'s copies (default: ``store``'s); see the module docstring. The stores must hold their
+    experts (host compute reads them)."""
     t_start = time.perf_counter()
     fmt, device = store.layout, torch.device(device)
     flat = store.flat(0, 0)
@@ -69,21 +71,22 @@ def host_costs(store: HostExpertStore, device: torch.device, host_profile: str |
     x = torch.randn(max(MEASURE_BATCHES), fmt.hidden_size, dtype=fmt.compute_dtype)
     x_dev = x.to(device)
     device_s = _linear({n: _median_s(lambda n=n: fmt.forward(x_dev[:n], w_dev), device) for n in MEASURE_BATCHES})
+    hfmt = (host_store or store).layout
     if host_profile is not None:
         spec = load_host(host_profile)
-        spec.format_of(fmt.codec)  # a profile without this format is refused here, before the run
+        spec.format_of(hfmt.codec)  # a profile without this format is refused here, before the run
         flops = 6 * fmt.hidden_size * fmt.intermediate_size  # three matrix-vector products per token
         memo: dict[int, float] = {}
 
         def host_s(n: int) -> float:
             v = memo.get(n)
             if v is None:
-                v = memo[n] = spec.expert_seconds(fmt.codec, fmt.nbytes, flops, n)
+                v = memo[n] = spec.expert_seconds(hfmt.codec, hfmt.nbytes, flops, n)
             return v
         source = f"host profile {spec.name}"
     else:
-        w_host = store.weights(0, 0)
-        host_s = _linear({n: _median_s(lambda n=n: host_forward(fmt, x[:n], w_host), torch.device("cpu"))
+        w_host = (host_store or store).weights(0, 0)
+        host_s = _linear({n: _median_s(lambda n=n: host_forward(hfmt, x[:n], w_host), torch.device("cpu"))
                           for n in MEASURE_BATCHES})
         source = "host measured at start-up"
     ms = (time.perf_counter() - t_start) * 1e3

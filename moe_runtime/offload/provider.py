@@ -101,12 +101,14 @@ class OffloadedExperts(ExpertProvider):
                  timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None,
                  make_engine: Callable = make_copy_engine,
                  source: Callable[[int, int], object] | None = None, miss_policy: str = "copy",
-                 host_cost: HostCost | None = None, host_layers: frozenset = frozenset()) -> None:
+                 host_cost: HostCost | None = None, host_layers: frozenset = frozenset(),
+                 host_store: HostExpertStore | None = None) -> None:
         """``make_engine(n_slots, device)`` builds the copy engine (tests pass a deterministic or fake one);
         ``source(layer, expert)`` is what the engine copies from (default: the store's flat host buffer;
         the storage engine takes the expert's byte ranges on disk, and the store then holds no experts).
         ``miss_policy``, ``host_cost`` and ``host_layers``: hybrid execution (core/protocol.py); the
-        experts the protocol sends to the host are computed from the store's host copies."""
+        experts the protocol sends to the host are computed from the store's host copies, or from
+        ``host_store``'s (the same experts in another format: ``--host-dtype``)."""
         self.store, self.device = store, torch.device(device)
         self.n_moe_layers, self.top_k = store.n_moe_layers, store.top_k
         layout = store.layout
@@ -135,6 +137,8 @@ class OffloadedExperts(ExpertProvider):
                                       record_predictions=record_predictions, miss_policy=miss_policy,
                                       host_cost=host_cost, host_layers=host_layers)
         self.miss_policy = miss_policy
+        self.host_store = host_store or store
+        self._host_format = None if host_store is None or host_store.layout == store.layout else host_store.layout
         self._host_views: dict[Key, object] = {}  # host views of experts computed on the host, built once each
         self._on_host: tuple[int, ...] = ()
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
@@ -224,8 +228,12 @@ class OffloadedExperts(ExpertProvider):
     def _host_view(self, layer: int, e: int):
         v = self._host_views.get((layer, e))
         if v is None:
-            v = self._host_views[(layer, e)] = self.store.weights(layer, e)
+            v = self._host_views[(layer, e)] = self.host_store.weights(layer, e)
         return v
+
+    @property
+    def host_format(self):
+        return self._host_format
 
     def end_layer(self, layer: int) -> None:
         self.clock.mark(layer, 2)
