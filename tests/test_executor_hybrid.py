@@ -316,3 +316,19 @@ def test_host_dtype_needs_host_compute(run_cli, tmp_path):
     code, out, err = run_cli(["generate", "--model", path, "--prompt-ids", "3,1", "--max-new-tokens", 2,
                               "--miss-policy", "host", "--host-dtype", "int8"])
     assert code == 0, err
+
+
+def test_host_threads_sets_the_threads_the_host_computes_with():
+    import torch
+
+    from moe_runtime.core.options import OffloadOptions
+    from moe_runtime.offload.session import ExecutorOptions, build_run
+    model, store, _, _ = reference("mixtral")
+    before = torch.get_num_threads()
+    try:
+        run = build_run(model, store, OffloadOptions(budget="50%"),
+                        ExecutorOptions(miss_policy="host", host_threads=1), device="cpu")
+        run.finish()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
