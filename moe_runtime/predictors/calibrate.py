@@ -76,6 +76,10 @@ class HiddenCapture(ExpertProvider):
     def on_host(self, layer: int) -> tuple[int, ...]:
         return self.inner.on_host(layer)
 
+    @property
+    def host_format(self):
+        return self.inner.host_format
+
     def end_layer(self, layer: int) -> None:
         self.inner.end_layer(layer)
 
