@@ -30,6 +30,7 @@ second sweep into it is refused); each finished point is one line appended to
 per point) and ``results.csv`` are written at the end and on resume, so a
 point costs the same at the 5,000th as at the 100th and an interrupted sweep
 resumes where it stopped (finished points are validated, kept and skipped; a
+row that is not the point its key names runs again; a
 directory holding another experiment's results is refused);
 ``tokens_per_s.png`` at the end (a grid: a row per trace, a column
 per predictor, ``none`` first). With ``traces`` a point's key starts with the
@@ -366,6 +367,17 @@ def _run_point(point) -> dict:
     return row
 
 
+def row_matches(row: dict, point) -> bool:
+    """Whether a stored row is the result of ``point`` (its options, as ``_run_point`` writes them)."""
+    key, trace_name, dev_name, opts = point
+    want = {"trace": trace_name, "device": dev_name, "scope": opts.scope, "budget": opts.budget,
+            "eviction": opts.eviction, "predictor": opts.predictor, "lookahead": opts.lookahead}
+    if row.get("error") is None:
+        want.update(miss_policy=opts.miss_policy, n_host_layers=opts.n_host_layers)
+    # rows from before an axis existed lack it: what a row holds must match, what it lacks is the default
+    return all(row[k] == v for k, v in want.items() if k in row and not (k == "trace" and row[k] is None))
+
+
 def failed_row(point, e: BaseException) -> dict:
     """A point whose task failed outside the replay's own errors: recorded, not lost."""
     key, trace_name, dev_name, opts = point
@@ -443,6 +455,12 @@ def _run(exp, store, results, trace_paths, workers, backend, address, tqdm, plot
     if store.removed_temps:
         print(f"removed {store.removed_temps} temporary file(s) left in {out_dir} by an interrupted run")
     points = exp.points()
+    stale = [p[0] for p in points if p[0] in results and not row_matches(results[p[0]], p)]
+    for key in stale:  # a stored row that is not its key's point (edited, or another grid's): run it again
+        del results[key]
+    if stale:
+        print(f"{len(stale)} stored result(s) in {out_dir} do not match their grid point (first: {stale[0]}); "
+              "running them again")
     todo = [p for p in points if p[0] not in results]
     if results:
         print(f"resuming: {len(points) - len(todo)} of {len(points)} points already done in {out_dir}, "

@@ -8,6 +8,8 @@ sweep's rows must match the grid point their key names (else the point runs agai
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,73 @@ def test_a_truncated_checksum_table_is_refused(tmp_path):
     p.write_bytes(p.read_bytes()[:-2])
     with pytest.raises(MoeError, match="truncated"):
         read_header(p)
+
+
+# -- the simulator: the bounds cache and resumed sweep rows ---------------------------------------------------
+def _law_bounds(tmp_path):
+    from simulator import bounds as B
+    from simulator.replay import build_workload, load_inputs
+
+    from .conftest import LAW
+
+    trace, _ = load_inputs(LAW, None, 20)
+    ids = build_workload(trace, 1).ids
+    cache = B.BoundsCache(tmp_path / "c")
+    key = B.BoundsCache.key(B.trace_digest(trace), 30, "global", 20, 1)
+    return B, ids, cache, key, B.belady_misses(ids, 30, "global", trace.n_layers)
+
+
+@pytest.mark.parametrize("tamper", ["edited count", "no check", "another key's file", "forged but impossible",
+                                    "not a mapping"])
+def test_a_tampered_bounds_cache_is_recomputed(tmp_path, tamper):
+    B, ids, cache, key, true = _law_bounds(tmp_path)
+    n_layers = len(ids[0])
+    cache.put(key, true)
+    f = tmp_path / "c" / f"{key}.json"
+    d = json.loads(f.read_text())
+    if tamper == "edited count":
+        d["belady_misses"] = true + 1  # in range, but not what was written with its check
+    elif tamper == "no check":
+        d = {"key": key, "belady_misses": true + 1}
+    elif tamper == "another key's file":
+        other = key.replace("-30-", "-31-")
+        d = {"key": other, "belady_misses": true + 1, "check": B.BoundsCache._check(other, true + 1)}
+    elif tamper == "forged but impossible":  # a consistent file whose count no replay of this trace can give
+        d = {"key": key, "belady_misses": 3, "check": B.BoundsCache._check(key, 3)}
+    else:
+        d = [1, 2]
+    f.write_text(json.dumps(d))
+    B._MEMO.clear()
+    got = B.cached_belady_misses(ids, n_slots=30, scope="global", n_moe_layers=n_layers, key=key, cache=cache)
+    assert got == true
+    assert cache.get(key) == true  # and the file was rewritten
+
+
+def test_a_valid_bounds_cache_entry_is_trusted(tmp_path):
+    B, ids, cache, key, true = _law_bounds(tmp_path)
+    cache.put(key, true + 1)  # a count this trace could have, written by put: used as is (that is the cache)
+    B._MEMO.clear()
+    assert B.cached_belady_misses(ids, n_slots=30, scope="global", n_moe_layers=len(ids[0]), key=key,
+                                  cache=cache) == true + 1
+
+
+def test_a_resumed_row_that_is_not_its_keys_point_runs_again(sim, tmp_path):
+    import yaml
+
+    from .conftest import LAW
+
+    exp = tmp_path / "e.yaml"
+    exp.write_text(yaml.safe_dump({"name": "ident", "trace": LAW, "tokens": 2, "budgets": ["2.5%", "2.75%"],
+                                   "evictions": ["lru"], "predictors": ["none"], "devices": ["t4"]}))
+    out = tmp_path / "o"
+    assert sim("sweep", exp, "--out", out)[0] == 0
+    doc = json.loads((out / "results.json").read_text())
+    good = {r["key"]: r["tokens_per_s"] for r in doc["results"]}
+    doc["results"][0]["budget"] = doc["results"][1]["budget"]  # a row moved under another point's key
+    doc["results"][0]["tokens_per_s"] = 1e9
+    (out / "results.json").write_text(json.dumps(doc))
+    code, text, err = sim("sweep", exp, "--out", out)
+    assert code == 0, err
+    assert "1 stored result(s)" in text and "running them again" in text
+    again = {r["key"]: r["tokens_per_s"] for r in json.loads((out / "results.json").read_text())["results"]}
+    assert again == good
