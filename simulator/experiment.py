@@ -15,7 +15,7 @@ Experiment YAML (frozen ``Experiment``; lists are swept, scalars fixed)::
     devices: [rtx-4060-8gb]          # names or YAML files
     scopes: [global]                 # default [ReplayOptions.scope]
     batch, max_inflight, prefetch_width, recall, precision, seed: scalars, defaults from ReplayOptions
-    miss_policies: [copy, auto]      # optional axis: copy | host | auto (default [auto]; docs/hybrid.md)
+    miss_policies: [copy, auto]      # optional axis: copy | host | auto (default [auto]; docs/design.md)
     host_profiles: [ddr5-desktop]    # optional axis: hosts (names in configs/hosts or YAML files)
     n_host_layers: [0, 4]            # optional axis: the first N MoE layers computed on the host
     host_layers: "0,5"               # optional: MoE layers always on the host (scalar)

@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     # a budget below the minimum is refused before any weight is loaded
     run = load_run(args.model, opts, xopts, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                    prompt_lens=[len(p) for p in prompts], max_new_tokens=args.max_new_tokens)
+    if run.miss_costs:  # hybrid: where the cost rule's figures came from (a profile, or measured just now)
+        print(f"[{run.miss_costs}]", file=sys.stderr)
     try:
         res = generate(run.model, run.provider, prompts[0] if len(prompts) == 1 else prompts,
                        args.max_new_tokens, args.temperature, args.top_p, args.seed, run.model.cfg.eos_token_ids,

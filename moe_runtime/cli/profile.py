@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option_flags(p, ExecutorOptions, only=("read_depth",))
     p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
     p.add_argument("--out", help="YAML file to write (default: print)")
+    p.add_argument("--host-out", metavar="FILE",
+                   help="also measure this host's expert compute (the executor's host kernels, every expert format, "
+                        "batches 1-32, at the model's expert shape) and write it as a host profile "
+                        "(--host-profile FILE in generate, replay, sweep and plan)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
@@ -55,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, "--out", inputs=[args.model, args.model_config, parse_expert_source(
             args.expert_source)[1]], kind="device profile", force=args.force)  # before minutes of measuring
+    if args.host_out:
+        check_output(args.host_out, "--host-out", inputs=[args.model, args.model_config, args.out],
+                     kind="host profile", force=args.force)
     kind, packed = parse_expert_source(args.expert_source)
     if kind == "memory" and args.read_depth != ExecutorOptions.read_depth:
         raise MoeError("--read-depth sets the storage reads in flight: give --expert-source disk too")
@@ -143,7 +150,20 @@ def run(args: argparse.Namespace) -> int:
               f"{profile['layer_compute_ms']} ms per MoE layer")
     else:
         print(text, end="")
+    if args.host_out:
+        write_host_profile(args.host_out, f"{args.name or 'this-host'}", store.layout)
     return 0
+
+
+def write_host_profile(path: str, name: str, layout) -> None:
+    """Measure this host's expert compute at ``layout``'s shape and write it as a host profile."""
+    from moe_runtime.offload.host_bench import host_profile_yaml, measure_host
+
+    run = measure_host(layout.hidden_size, layout.intermediate_size, reps=10)
+    write_text_atomic(path, host_profile_yaml([run], name))
+    best = {r["format"]: r["gbps"] for r in run["rows"] if r["batch"] == 1}
+    print(f"wrote {path}: memcpy {run['memcpy_gbps']:.1f} GB/s; one expert at 1 token: "
+          + ", ".join(f"{f} {g:.2f} GB/s" for f, g in best.items()))
 
 
 def measure_storage(model_dir: str | None, packed: str | None, read_depth: int, out: str | None, store,

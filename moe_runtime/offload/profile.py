@@ -59,7 +59,7 @@ import time
 import torch
 
 from moe_runtime.core.options import OffloadOptions
-from moe_runtime.offload.engines import make_copy_engine
+from moe_runtime.offload.cuda_engine import make_copy_engine
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.session import build_run
 
