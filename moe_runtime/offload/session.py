@@ -83,11 +83,14 @@ class ExecutorOptions(HybridOptions):
     chunk: int | None = None  # prefill in forwards of at most this many tokens (None: one forward)
     record: bool = False  # keep the routing in memory (``Run.recorder``) even without --record-trace
     check_finite: bool = True  # check experts read from disk for NaN/inf at their first read
+    force: bool = False  # --force: replace an output file that is not an earlier output of its kind (no option():
+    # an option field would turn offloading on, cli/offload.py)
 
     @property
-    def outputs(self) -> list[tuple[str, str]]:
-        """(path, flag) of every file the run writes."""
-        return [(p, f) for p, f in ((self.record_trace, "--record-trace"), (self.timeline, "--timeline")) if p]
+    def outputs(self) -> list[tuple[str, str, str]]:
+        """(path, flag, output kind of core/outputs.py) of every file the run writes."""
+        return [(p, f, k) for p, f, k in ((self.record_trace, "--record-trace", "trace"),
+                                          (self.timeline, "--timeline", "timeline")) if p]
 
 
 def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
@@ -135,9 +138,9 @@ def preflight(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions, *,
     if opts is None:
         return
     inputs = [model_dir, parse_expert_source(opts.expert_source)[1], xopts.route_from_trace, xopts.popularity_trace,
-              xopts.adapters]  # an output never replaces one (core/outputs.py); kind/--force: see issue 24's report
-    for path, flag in xopts.outputs:  # before the decode: text that took minutes is not thrown away at the end
-        check_output(path, flag, inputs=inputs)
+              xopts.adapters]  # an output never replaces one, nor another kind of file without --force
+    for path, flag, kind in xopts.outputs:  # before the decode: text that took minutes is not thrown away at the end
+        check_output(path, flag, inputs=inputs, kind=kind, force=xopts.force)
     kind, packed = check_source(opts, device)
     if packed is not None:
         read_header(packed)  # a missing, foreign or truncated packed file is refused before loading
