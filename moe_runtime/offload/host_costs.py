@@ -21,7 +21,7 @@ import torch
 from moe_runtime.core.host_profile import load_host
 from moe_runtime.core.protocol import HostCost
 from moe_runtime.model.experts import HostExpertStore
-from moe_runtime.model.host_experts import host_forward
+from moe_runtime.model.host_experts import host_forward, host_weights, uses_int4_kernel
 
 MEASURE_BATCHES = (1, 16)
 REPEATS = 5
@@ -85,7 +85,8 @@ def host_costs(store: HostExpertStore, device: torch.device, host_profile: str |
             return v
         source = f"host profile {spec.name}"
     else:
-        w_host = (host_store or store).weights(0, 0)
+        w_host = host_weights(hfmt, (host_store or store).weights(0, 0),
+                              uses_int4_kernel(hfmt, device, host_store is not None))  # as the provider will
         host_s = _linear({n: _median_s(lambda n=n: host_forward(hfmt, x[:n], w_host), torch.device("cpu"))
                           for n in MEASURE_BATCHES})
         source = "host measured at start-up"

@@ -46,6 +46,7 @@ from moe_runtime.core.keys import Key
 from moe_runtime.core.protocol import HostCost, LayerProtocol
 from moe_runtime.core.budget import wave_capacity
 from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore
+from moe_runtime.model.host_experts import host_weights, uses_int4_kernel
 from moe_runtime.offload.cuda_engine import make_copy_engine
 from moe_runtime.offload.engines import achieved_gbps
 from moe_runtime.predictors import Predictor
@@ -140,6 +141,7 @@ class OffloadedExperts(ExpertProvider):
         self.host_store = host_store or store
         self._host_format = None if host_store is None or host_store.layout == store.layout else host_store.layout
         self._host_views: dict[Key, object] = {}  # host views of experts computed on the host, built once each
+        self._int4_kernel = uses_int4_kernel(self.host_store.layout, self.device, host_store is not None)
         self._on_host: tuple[int, ...] = ()
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
         self.width = self.protocol.width
@@ -228,7 +230,8 @@ class OffloadedExperts(ExpertProvider):
     def _host_view(self, layer: int, e: int):
         v = self._host_views.get((layer, e))
         if v is None:
-            v = self._host_views[(layer, e)] = self.host_store.weights(layer, e)
+            v = self._host_views[(layer, e)] = host_weights(self.host_store.layout, self.host_store.weights(layer, e),
+                                                            self._int4_kernel)
         return v
 
     @property
