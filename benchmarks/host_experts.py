@@ -8,9 +8,10 @@ computed on the host) on an expert of DeepSeek-V2-Lite's shape (default), the be
 warm-up, each call on another copy of the weights (256 MiB of copies, so they come from DRAM), and a
 ``memcpy`` of the fp32 expert's size (bytes read plus written per second, STREAM's copy convention): the
 microseconds per expert, effective GB/s of the stored weights, GFLOP/s, and efficiency = GB/s / memcpy GB/s
-(``moe_runtime/offload/host_bench.py``). Beside them, ``int4-kernel`` rows time torch's CPU int4 kernel
-(``_weight_int4pack_mm_for_cpu``) on the same expert repacked into its layout (``int4_pack``): what an int4
-host copy kept in that layout would run. ``--json`` prints one object: memcpy_gbps, rows, and which format
+(``moe_runtime/offload/host_bench.py``). ``int4`` rows are the exact block path (a CPU run
+from the model's own int4 copy); ``int4-kernel`` rows time torch's CPU int4 kernel on the expert repacked
+into its layout (``int4_packed``), which the executor runs for int4 host experts of a GPU run or of a
+``--host-dtype int4`` copy. ``--json`` prints one object: memcpy_gbps, rows, and which format
 is fastest at each batch.
 
 Host profiles from the table (no number in configs/hosts is typed by hand)::
@@ -29,42 +30,30 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
-from moe_runtime.model.formats import unpack_int4
-from moe_runtime.model.host_experts import int4_kernel, int4_pack
+from moe_runtime.model.formats import DenseExpert
+from moe_runtime.model.host_experts import Int4Packed, host_forward, int4_packed, uses_int4_kernel
 from moe_runtime.offload.host_bench import CODECS, POOL_BYTES, best_of, expert_format, host_profile_yaml, \
     measure_host
 
 
 def int4_kernel_rows(H: int, I: int, batches, reps: int, mem: float) -> list[dict]:
-    """Rows of torch's CPU int4 kernel on an int4 expert repacked into its layout (empty where this build lacks
-    it)."""
-    if getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None) is None:
-        return []
+    """Rows of torch's CPU int4 kernel on int4 experts repacked into its layout (``int4_packed``), bfloat16
+    activations: what the executor runs for an int4 expert on the host of a GPU run or a --host-dtype copy."""
     fmt = expert_format("int4", H, I)
-    flat = torch.randint(0, 256, (fmt.numel,), dtype=torch.uint8)
-    v = fmt.views(flat)
-    for k in v:  # scales as float16 of a plausible size (random bytes would hold NaNs)
-        if k.endswith(".scale"):
-            v[k].view(torch.float16).copy_(torch.rand(v[k].view(torch.float16).shape) * 0.01)
-    try:
-        mats = [int4_pack(v[f"{n}.q"], v[f"{n}.scale"].view(torch.float16)) for n in ("w1", "w3", "w2")]
-    except RuntimeError:
+    if not uses_int4_kernel(fmt, "cuda", True):
         return []
-    assert unpack_int4(v["w1.q"]).shape[-1] >= H
+    flat = torch.empty(fmt.numel, dtype=fmt.dtype)
+    fmt.pack(flat, DenseExpert(torch.randn(I, H) * 0.02, torch.randn(I, H) * 0.02, torch.randn(H, I) * 0.02))
+    one = int4_packed(fmt, fmt.views(flat))
     n = max(2, POOL_BYTES // fmt.nbytes)
-    copies = [[(p.clone(), s.clone()) for p, s in mats] for _ in range(n)]
+    copies = [Int4Packed(*((p.clone(), z.clone()) for p, z in one[:3]), None) for _ in range(n)]
     it = iter(range(1 << 30))
-
-    def run(x):
-        (p1, s1), (p3, s3), (p2, s2) = copies[next(it) % n]
-        return int4_kernel(F.silu(int4_kernel(x, p1, s1)) * int4_kernel(x, p3, s3), p2, s2)
     rows, flops = [], 2 * 3 * H * I
     for b in batches:
-        x = torch.randn(b, H)
+        x = torch.randn(b, H).to(fmt.compute_dtype)
         with torch.inference_mode():
-            s = best_of(lambda: run(x), reps)
+            s = best_of(lambda: host_forward(fmt, x, copies[next(it) % n]), reps)
         gbps = fmt.nbytes / s / 1e9
         rows.append({"format": "int4-kernel", "batch": b, "us": s * 1e6, "expert_bytes": fmt.nbytes, "gbps": gbps,
                      "gflops": b * flops / s / 1e9, "efficiency": gbps / mem})
