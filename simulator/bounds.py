@@ -25,7 +25,11 @@ a vectorised next-use table plus one heap, not a cache replay.
 ``BoundsCache`` keeps the miss count on disk per (trace digest, slots, scope,
 tokens, batch), one small JSON file each written through
 ``moe_runtime.core.outputs``, so the points of a sweep that share a budget compute
-it once; ``bounds`` also memoises in the process.
+it once; ``bounds`` also memoises in the process. A stored count is validated
+before it is trusted: its file must name its key and carry the digest of
+(key, count) written with it, and the count must lie between the accesses'
+distinct experts (every first access misses) and the accesses themselves;
+anything else is recomputed and rewritten.
 
 This module knows nothing about simpy or devices beyond the numbers it is given.
 """
@@ -145,20 +149,39 @@ class BoundsCache:
     def key(digest: str, n_slots: int, scope: str, tokens: int, batch: int) -> str:
         return f"v{_VERSION}-{digest}-{n_slots}-{scope}-{tokens}-{batch}"
 
+    @staticmethod
+    def _check(key: str, misses: int) -> str:
+        return hashlib.sha256(f"{key}:{misses}".encode()).hexdigest()[:16]
+
     def get(self, key: str) -> int | None:
+        """The stored count, or None when absent, unreadable or not what ``put`` wrote for ``key``."""
         try:
             d = json.loads((self.dir / f"{key}.json").read_text())
             v = d["belady_misses"]
-        except (OSError, ValueError, KeyError, TypeError):
+            if d["key"] != key or d["check"] != self._check(key, v):
+                return None  # edited, or copied from another key: computed again and rewritten
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None  # absent or unreadable: computed again and rewritten
         return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
     def put(self, key: str, misses: int) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.dir / f"{key}.json", {"key": key, "belady_misses": misses})
+            write_json_atomic(self.dir / f"{key}.json", {"key": key, "belady_misses": misses,
+                                                         "check": self._check(key, misses)})
         except (OSError, MoeError):
             pass  # a cache that cannot be written only costs time
+
+
+def plausible_misses(ids, misses: int) -> bool:
+    """Whether ``misses`` can be Belady's count for ``ids``: at least the distinct (layer, expert) keys (each
+    first access misses: the cache starts empty) and at most the accesses."""
+    if not len(ids):
+        return misses == 0
+    n_experts = 1 + max((e for step in ids for x in step for e in x), default=0)
+    keys, ends = _flatten(ids, n_experts)
+    distinct = int(np.count_nonzero(np.bincount(keys))) if len(keys) else 0
+    return distinct <= misses <= len(keys)
 
 
 def cached_belady_misses(ids, *, n_slots: int, scope: str, n_moe_layers: int, key: str | None = None,
@@ -167,6 +190,8 @@ def cached_belady_misses(ids, *, n_slots: int, scope: str, n_moe_layers: int, ke
     if key is not None and key in _MEMO:
         return _MEMO[key]
     misses = cache.get(key) if cache is not None and key is not None else None
+    if misses is not None and not plausible_misses(ids, misses):
+        misses = None  # a count this trace cannot have: recomputed, and the file rewritten
     if misses is None:
         misses = belady_misses(ids, n_slots, scope, n_moe_layers)
         if cache is not None and key is not None:

@@ -54,8 +54,8 @@ copy or prefetch starts later for them. A promoted fill becomes a demand copy
 of the whole expert.
 
 ``LockstepCopies``: no time at all; demand (and promoted) copies complete at
-the wait, prefetches in issue order at the next layer (all, or the first
-``per_layer``). The executor's ``LockstepEngine`` follows the same rule, so
+the wait, prefetches and fills in issue order at the next layer (all, or the
+first ``per_layer``); the link has no backlog. The executor's ``LockstepEngine`` follows the same rule, so
 the two halves' decisions can be compared one for one
 (tests/test_differential.py).
 """
@@ -235,6 +235,15 @@ class LockstepCopies:
 
     def prefetch(self, slot: int, key: Key) -> None:
         self._queue[slot] = False
+
+    def fill(self, slot: int, key: Key) -> None:
+        self._queue[slot] = False  # completes as a prefetch does, in issue order
+
+    def backlog_s(self) -> float:
+        return 0.0  # every demand copy completed at its wait
+
+    def ready_in_s(self, slot: int) -> float | None:
+        return None if slot in self._queue else 0.0
 
     def begin_layer(self, t: float = 0.0) -> None:
         for slot in [s for s, demand in self._queue.items() if not demand][: self.per_layer]:

@@ -31,7 +31,7 @@ from moe_runtime.core.config_files import short
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import integer, number
 from moe_runtime.core.format_sizes import CODECS
-from moe_runtime.core.options import HybridOptions
+from moe_runtime.core.options import MemoryOptions
 from moe_runtime.core.outputs import check_output, write_text_atomic
 from moe_runtime.core.shapes import ModelSpec, load_model_spec
 
@@ -40,7 +40,7 @@ from .plan_inputs import ROUTER_PREDICTORS, choose_trace, default_host_profile, 
     load_predictor_quality
 from .plan_search import Planner, Space, evictions_for_executor
 
-_HYB = {f: getattr(HybridOptions, f) for f in ("context", "workspace")}
+_HYB = {f: getattr(MemoryOptions, f) for f in ("context", "workspace")}
 QUANTIZED = ("int8", "int4")
 # the plan's options, by field name (what `moe-runtime generate --config` reads)
 OPTION_KEYS = ("budget", "eviction", "scope", "predictor", "lookahead", "max_inflight", "expert_source",

@@ -11,9 +11,9 @@
   ``write_bundled_knobs``), others kept under ``out/cache/plan`` (by content). The
   returned ``TraceChoice`` says which it is, in words.
 - ``host_ram_bytes``: this machine's physical memory (``os.sysconf``).
-- ``default_host_profile``: ``configs/hosts/local.yaml`` when a measured
-  profile of this machine was written there, else the bundled nominal
-  ``DEFAULT_HOST_PROFILE``; the plan prints which.
+- ``default_host_profile``: ``out/host.yaml`` when a measured profile of this
+  machine was written there (`moe-runtime profile --host-out out/host.yaml`),
+  else the bundled nominal ``DEFAULT_HOST_PROFILE``; the plan prints which.
 - ``load_predictor_quality``: recall and precision per router-based predictor
   from the JSON of ``moe-runtime eval-predictors --json``.
 
@@ -39,7 +39,7 @@ from moe_runtime.traces.synth import SynthKnobs, fit_knobs, synth_trace
 TRACES_DIR = config_files.REPO / "traces"
 CACHE_DIR = Path("out/cache/plan")
 KNOBS_FILE = TRACES_DIR / "fitted-knobs.json"
-LOCAL_HOST = config_files.HOSTS_DIR / "local.yaml"
+LOCAL_HOST = Path("out/host.yaml")  # where `moe-runtime profile --host-out` is told to write this machine's
 ROUTER_PREDICTORS = ("gate", "aligned")  # read hidden states: modelled as noisy-oracle from measured quality
 
 
@@ -174,7 +174,8 @@ def default_host_profile() -> tuple[str, str]:
     """(profile, why) for a plan given no --host-profile."""
     if LOCAL_HOST.is_file():
         return str(LOCAL_HOST), "this machine's measured profile"
-    return DEFAULT_HOST_PROFILE, (f"no measured profile of this machine at {LOCAL_HOST.relative_to(config_files.REPO)}"
+    return DEFAULT_HOST_PROFILE, (f"no measured profile of this machine at {LOCAL_HOST} (moe-runtime profile "
+                                  f"--device cpu --model-config MODEL --host-out {LOCAL_HOST} writes one)"
                                   f"; the bundled nominal {DEFAULT_HOST_PROFILE}")
 
 

@@ -3,12 +3,12 @@
 ``ray_rows(todo, exp, workers, address)`` yields each point's row as its task
 finishes. Tasks get plain arguments (the point's key, trace path and device,
 its options as a dict) and return the row dict; a worker process loads each
-trace once, by path, at its first point (``sweep.use_inputs`` and
-``sweep.run_point``: the sweep's public worker interface), so the project must
+trace once, by path, at its first point (``sweep_points.use_inputs`` and
+``sweep_points.run_point``: the sweep's public worker interface), so the project must
 be importable and the trace paths must resolve on every node (install the
 project there, or submit the sweep as a Ray job whose runtime environment's
 ``working_dir`` is the repository). A task that raises, or whose worker is lost
-(after one retry), yields a row with its error (``sweep.failed_row``). An
+(after one retry), yields a row with its error (``sweep_points.failed_row``). An
 ``--address HOST:PORT`` that does not answer within ``CONNECT_TIMEOUT_S`` is
 one error line, before Ray is started. Ray is imported only here, and only
 when this backend runs.
@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 from moe_runtime.core.errors import MoeError
 
-from . import sweep
+from . import sweep_points
 from .replay import ReplayOptions
 
 CONNECT_TIMEOUT_S = 5.0
@@ -29,8 +29,8 @@ CONNECT_TIMEOUT_S = 5.0
 
 def _task(point: tuple, opts: dict, model, tokens) -> dict:
     """One point in a Ray worker: plain arguments in (the options as a dict), a row out."""
-    sweep.use_inputs(model, tokens)
-    return sweep.run_point((*point, ReplayOptions(**opts)))
+    sweep_points.use_inputs(model, tokens)
+    return sweep_points.run_point((*point, ReplayOptions(**opts)))
 
 
 def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -77,7 +77,7 @@ def ray_rows(todo: list, exp, workers: int, address: str | None):
                 try:
                     yield ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - a lost worker or a task error: recorded with the point
-                    yield sweep.failed_row(p, e)
+                    yield sweep_points.failed_row(p, e)
     finally:
         if started:
             ray.shutdown()

@@ -55,8 +55,8 @@ from moe_runtime.core.expert_cache import ExpertCache, Outcome, access_sequence
 from moe_runtime.core.host_profile import FORMATS, load_host
 from moe_runtime.core.host_tier import host_tier_minimum
 from moe_runtime.core.memory import memory_plan
-from moe_runtime.core.options import (DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, HybridOptions, OffloadOptions, option,
-                                      parse_expert_source)
+from moe_runtime.core.options import (DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, HybridOptions, MemoryOptions,
+                                      OffloadOptions, option, parse_expert_source)
 from moe_runtime.core.policies import EVICTION_POLICIES, popularity_counts
 from moe_runtime.core.protocol import HostCost, LayerProtocol
 from moe_runtime.core.config_files import check_number
@@ -74,7 +74,7 @@ from .workload import Workload, build_workload, load_inputs  # noqa: F401  (load
 
 
 @dataclass(frozen=True)
-class ReplayOptions(HybridOptions, OffloadOptions):
+class ReplayOptions(MemoryOptions, HybridOptions, OffloadOptions):
     """One simulated configuration: the shared offloading options plus the replay's own.
 
     The CLI and the sweep take their flags and defaults from these fields; a budget left None
@@ -96,6 +96,7 @@ class ReplayOptions(HybridOptions, OffloadOptions):
             object.__setattr__(self, "budget", DEFAULT_BUDGET["replay"])
         OffloadOptions.__post_init__(self)
         HybridOptions.__post_init__(self)
+        MemoryOptions.__post_init__(self)
         if parse_expert_source(self.expert_source)[1] is not None:  # a file here would be read by nothing
             raise MoeError(f"--expert-source {self.expert_source}: the simulator reads no expert file (the device "
                            "profile's storage link models the reads); give --expert-source disk")
@@ -205,9 +206,9 @@ class Replay:
         self.host, self.host_cost = None, None
         if not opts.computes_on_host:
             return
-        if self.copy_model != "analytic":
+        if self.copy_model == "event":
             raise MoeError("host compute (--miss-policy host|auto, host layers) is modelled by the analytic "
-                           "copies only")
+                           "(and lockstep) copies only")
         self.host = load_host(opts.host_profile or DEFAULT_HOST_PROFILE)
         codec, nbytes, flops = spec.expert_dtype or spec.dtype, self.expert_bytes, spec.expert_flops_per_token
         self.host.format_of(codec)  # a profile without this format is refused here, before the run

@@ -230,7 +230,7 @@ class _Calls(OffloadedExperts):
         super().__init__(*a, **k)
         self.calls: dict[tuple[int, int], int] = {}
 
-    def experts(self, layer, ids, hidden, rankings=None):
+    def experts(self, layer, ids, hidden, rankings=None, counts=None):
         key = (self._steps, layer)
         self.calls[key] = self.calls.get(key, 0) + 1
         return super().experts(layer, ids, hidden, rankings)

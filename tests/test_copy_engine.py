@@ -75,7 +75,7 @@ def test_resubmitted_slot_reports_only_its_new_copy():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_engine_copies_cancels_and_times():
-    from moe_runtime.offload.engines import CudaCopyEngine
+    from moe_runtime.offload.cuda_engine import CudaCopyEngine
 
     dev = torch.device("cuda")
     eng = CudaCopyEngine(n_slots=4, device=dev, stream_depth=1)
@@ -103,3 +103,34 @@ def test_a_failed_copy_is_raised_on_the_compute_thread_not_a_hang():
             engine.wait(0)
     finally:
         engine.close()
+
+
+def test_a_fill_pauses_for_a_demand_copy_and_a_promoted_fill_finishes_first():
+    eng = ThreadCopyEngine(n_slots=4)
+    fill_src, fill_dst = torch.arange(16_000_000, dtype=torch.float32), torch.empty(16_000_000)  # 64 MB: 64 chunks
+    src, dst = torch.full((1000,), 3.0), torch.empty(1000)
+    try:
+        eng.fill(0, fill_src, fill_dst)
+        while eng.is_queued(0):  # the worker has started the fill's first chunk
+            time.sleep(0.0005)
+        assert eng.backlog() == 0  # a running fill does not delay a demand copy beyond one chunk
+        eng.submit(1, src, dst, demand=True)
+        eng.wait(1)
+        eng.wait(0)
+        assert torch.equal(dst, src) and torch.equal(fill_dst, fill_src)  # the paused fill resumed where it was
+        demand, fill = sorted(eng.records, key=lambda r: r.slot)[::-1]
+        assert demand.slot == 1 and fill.slot == 0 and fill.nbytes == 64_000_000
+        assert demand.end_s <= fill.end_s  # the demand copy did not wait for the whole fill
+        # a queued fill the compute needs becomes a demand copy: it goes ahead of a queued prefetch
+        eng.submit(2, torch.ones(64_000_000), torch.empty(64_000_000), demand=False)  # 256 MB: the worker is busy
+        while eng.is_queued(2):
+            time.sleep(0.0005)
+        eng.submit(3, src, torch.empty(1000), demand=False)
+        eng.fill(1, src, dst)
+        assert eng.ready_in(1, 1e-3) is None and eng.backlog() == 1
+        eng.promote(1)
+        eng.wait(1)
+        eng.wait(3)
+        assert [r.slot for r in eng.records[2:]] == [2, 1, 3]
+    finally:
+        eng.close()

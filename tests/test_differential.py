@@ -31,7 +31,7 @@ from simulator.replay import Replay, ReplayOptions, load_inputs
 
 NEW, INFLIGHT, LOOKAHEAD = 40, 2, 2
 COUNTERS = ("accesses", "hits", "late", "misses", "evictions", "prefetch_issued", "prefetch_used",
-            "prefetch_wasted", "prefetch_cancelled")
+            "prefetch_wasted", "prefetch_cancelled", "host_computed", "fills")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def recorded(tmp_path_factory):
     return path, tmp / "trace.npz"
 
 
-def executor_counts(path, trace, policy, predictor, n_slots, scope, per_layer):
+def executor_counts(path, trace, policy, predictor, n_slots, scope, per_layer, hybrid=None, host_cost=None):
     model, store = load_model(path, "cpu")
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     forced = ForcedRouting(trace, n_moe_layers=L, n_experts=E, top_k=K)
@@ -57,20 +57,27 @@ def executor_counts(path, trace, policy, predictor, n_slots, scope, per_layer):
     pred = make_predictor(predictor, PredictorOptions(n_moe_layers=L, n_experts=E, top_k=K, lookahead=LOOKAHEAD))
     provider = OffloadedExperts(store, "cpu", n_slots, policy=policy, scope=scope, predictor=pred, max_inflight=INFLIGHT, future=access_sequence(ids),
                                 popularity=popularity_counts(trace.expert_ids),
-                                make_engine=lambda n, dev: LockstepEngine(n, per_layer))
+                                make_engine=lambda n, dev: LockstepEngine(n, per_layer),
+                                **(dict(miss_policy=hybrid.policy, host_cost=host_cost,
+                                        host_layers=hybrid.host_layer_set(L)) if hybrid else {}))
     stepped = SteppedModel(model, provider, chunk=1, forced=forced)
     generate(stepped, provider, [7], NEW)  # routing is forced: the tokens do not matter
     r = provider.finish()
     return {k: r[k] for k in COUNTERS}
 
 
-def simulator_counts(path, trace_path, policy, predictor, n_slots, scope, per_layer):
+def simulator_counts(path, trace_path, policy, predictor, n_slots, scope, per_layer, hybrid=None, replay=False):
+    """The replay's counters (and, with ``replay``, the Replay itself: its cost rule's inputs)."""
     trace, spec = load_inputs(trace_path, str(path))
     opts = ReplayOptions(budget=str(n_slots), eviction=policy, predictor=predictor, lookahead=LOOKAHEAD,
-                         scope=scope, max_inflight=INFLIGHT)
-    r = Replay(trace, CostModel(spec, load_device("rtx-4060-8gb")), opts, copies="lockstep",
-               lockstep_per_layer=per_layer).run()
-    return {k: r[k] for k in COUNTERS}
+                         scope=scope, max_inflight=INFLIGHT,
+                         **({} if hybrid is None else dict(miss_policy=hybrid.miss_policy, host_layers=hybrid.host_layers,
+                                                           n_host_layers=hybrid.n_host_layers)))
+    rp = Replay(trace, CostModel(spec, load_device("rtx-4060-8gb")), opts, copies="lockstep",
+                lockstep_per_layer=per_layer)
+    r = rp.run()
+    counts = {k: r[k] for k in COUNTERS}
+    return (counts, rp) if replay else counts
 
 
 CASES = [(p, "none", n, "global", None) for p in EVICTION_POLICIES for n in (4, 12)] + \
@@ -90,6 +97,45 @@ def test_executor_and_simulator_decide_alike(recorded, policy, predictor, n_slot
     assert sim["accesses"] == NEW * trace.n_layers * trace.top_k
     if predictor != "none":
         assert sim["prefetch_issued"] > 0
+
+
+HYBRID = [(m, n, hl, pr, per) for m, n, hl in (("host", 0, None), ("auto", 0, None), ("copy", 1, None),
+                                               ("auto", 0, "2"), ("host", 1, "3"))
+          for pr in ("none", "oracle") for per in (None, 1)]
+
+
+@pytest.mark.parametrize("miss_policy,n_host_layers,host_layers,predictor,per_layer", HYBRID)
+def test_hybrid_decisions_alike(recorded, miss_policy, n_host_layers, host_layers, predictor, per_layer):
+    """Both halves send the same experts to the host and fill the same ones, on one cost rule: the
+    executor is given the replay's own ``HostCost`` (host profile, link, device roofline)."""
+    from moe_runtime.core.options import HybridOptions
+    path, trace_path = recorded
+    trace, _ = load_inputs(trace_path, str(path))
+    hyb = HybridOptions(miss_policy=miss_policy, n_host_layers=n_host_layers, host_layers=host_layers)
+    sim, rp = simulator_counts(path, trace_path, "lru", predictor, 8, "global", per_layer, hyb, replay=True)
+    exe = executor_counts(path, trace, "lru", predictor, 8, "global", per_layer, hyb, rp.host_cost)
+    assert exe == sim
+    assert sim["host_computed"] > 0
+    if miss_policy == "host" and predictor == "none":
+        assert sim["hits"] == 0 and sim["host_computed"] == sim["misses"]
+
+
+def test_auto_splits_and_fills_alike(recorded):
+    """With a host as slow as a copy, ``auto`` splits a layer's misses between the host and copies (the
+    rule's running sums), and both halves still decide alike, fills included."""
+    from moe_runtime.core.options import HybridOptions
+    from moe_runtime.core.protocol import HostCost
+    path, trace_path = recorded
+    trace, _ = load_inputs(trace_path, str(path))
+    hyb = HybridOptions(miss_policy="auto")
+    costs = HostCost(host_s=lambda n: 1e-3 * n, copy_s=1e-3, device_s=lambda n: 0.5e-3 * n)
+    _, rp = simulator_counts(path, trace_path, "lru", "none", 8, "global", None, hyb, replay=True)
+    rp.host_cost = costs
+    r = rp.run()
+    sim = {k: r[k] for k in COUNTERS}
+    exe = executor_counts(path, trace, "lru", "none", 8, "global", None, hyb, costs)
+    assert exe == sim
+    assert 0 < sim["host_computed"] < sim["misses"] and sim["fills"] > 0
 
 
 def test_slow_prefetches_are_late_and_withdrawn(recorded):

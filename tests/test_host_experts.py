@@ -43,3 +43,25 @@ def test_int4_kernel_equals_dequantized_matmul():
     x = torch.randn(3, 128)
     got = int4_kernel(x, *int4_pack(q, scale))
     assert torch.allclose(got, torch.nn.functional.linear(x, dense), atol=1e-4, rtol=1e-4)
+
+
+def test_int4_experts_through_the_kernel_layout_equal_the_block_path():
+    """An int4 expert repacked once for torch's int4 kernel (``Int4Packed``) computes what the block path
+    computes, within float rounding; the kernel is used only where the tokens may carry its rounding."""
+    import torch
+
+    from moe_runtime.model.formats import DenseExpert, ExpertFormat
+    from moe_runtime.model.host_experts import host_weights, int4_packed, uses_int4_kernel
+    for compute, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        fmt = ExpertFormat(64, 32, torch.uint8, codec="int4", compute_dtype=compute)
+        flat = torch.empty(fmt.numel, dtype=torch.uint8)
+        fmt.pack(flat, DenseExpert(torch.randn(32, 64), torch.randn(32, 64), torch.randn(64, 32)))
+        w = fmt.views(flat)
+        x = torch.randn(5, 64)
+        block, kernel = host_forward(fmt, x, w).float(), host_forward(fmt, x, int4_packed(fmt, w)).float()
+        assert (block - kernel).abs().max().item() <= tol * block.abs().max().item()
+        assert uses_int4_kernel(fmt, "cuda", False) and uses_int4_kernel(fmt, "cpu", True)
+        assert not uses_int4_kernel(fmt, "cpu", False)  # a CPU run from the model's own copy stays exact
+        assert host_weights(fmt, w, False) is w
+    odd = ExpertFormat(40, 24, torch.uint8, codec="int4")
+    assert not uses_int4_kernel(odd, "cuda", True)  # the kernel packs output rows in multiples of 16

@@ -1,5 +1,5 @@
 """Hybrid execution and budgets that fit (issue 20): the memory sum, the fit spelling and its refusal, the
-protocol's cost rule, the miss policies' counts, host layers and fills (docs/hybrid.md)."""
+protocol's cost rule, the miss policies' counts, host layers and fills (docs/design.md)."""
 
 import json
 from pathlib import Path

@@ -70,7 +70,7 @@ def test_router_access_matches_hf_router_logits(tiny_checkpoint):
             super().__init__(*a)
             self.calls = []
 
-        def experts(self, layer, ids, hidden, rankings=None):
+        def experts(self, layer, ids, hidden, rankings=None, counts=None):
             self.calls.append((layer, ids, hidden.clone()))
             return super().experts(layer, ids, hidden)
 
@@ -96,7 +96,7 @@ def test_router_override_forces_routing(tiny_checkpoint):
     seen = []
 
     class Spy(ResidentExperts):
-        def experts(self, layer, ids, hidden, rankings=None):
+        def experts(self, layer, ids, hidden, rankings=None, counts=None):
             seen.append(ids)
             return super().experts(layer, ids, hidden)
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from moe_runtime.offload.engines import CudaCopyEngine
+from moe_runtime.offload.cuda_engine import CudaCopyEngine
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.core.policies import EVICTION_POLICIES

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from moe_runtime.core.budget import minimum_slots
 from moe_runtime.core.expert_cache import Outcome
 from moe_runtime.model.experts import ExpertLayout, HostExpertStore
-from moe_runtime.offload.engines import make_copy_engine
+from moe_runtime.offload.cuda_engine import make_copy_engine
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.predictors import PredictContext, Predictor, PredictorOptions

@@ -46,3 +46,35 @@ def test_telemetry_is_none_without_a_gpu():
     assert gpu_telemetry("cpu") is None
     if not torch.cuda.is_available():
         assert gpu_telemetry("cuda") is None
+
+
+def test_profile_writes_a_host_profile_the_executor_and_simulator_load(tmp_path, capsys):
+    """--host-out: this host's expert compute with the executor's kernels, every format, as a host profile."""
+    from moe_runtime.core.host_profile import load_host
+    ckpt = write_tiny_checkpoint("mixtral", tmp_path / "m")
+    out = tmp_path / "host.yaml"
+    code, cap = profile(capsys, "--model", str(ckpt), "--host-out", str(out), "--name", "here")
+    assert code == 0, cap.err
+    host = load_host(str(out))
+    assert host.name == "here" and host.nominal is False
+    assert set(host.formats) == {"fp32", "bf16", "fp16", "int8", "int4", "mxfp4"}
+    assert sorted(host.formats["bf16"]) == [1, 2, 4, 8, 16, 32]
+    for per in host.formats.values():  # measured figures never above the measured memcpy bandwidth
+        assert all(0 < gbps <= host.memory_bandwidth_gbps for gbps, _ in per.values())
+    assert "host_forward" in host.measurement
+    code, cap = profile(capsys, "--model", str(ckpt), "--host-out", str(out))  # an existing profile: --force
+    assert code == 0
+    code, cap = profile(capsys, "--model", str(ckpt), "--host-out", str(ckpt / "config.json"))
+    assert code == 2 and "config.json" in cap.err
+
+
+def test_a_nominal_host_profile_is_never_faster_than_its_dimm_bandwidth():
+    from moe_runtime.core.host_profile import host_from_dict
+    from moe_runtime.offload.host_bench import host_profile_yaml
+    run = {"machine": "m", "threads": 2, "torch": "t", "hidden": 8, "intermediate": 4, "memcpy_gbps": 20.0,
+           "rows": [{"format": "bf16", "batch": 1, "us": 1.0, "gbps": 30.0, "gflops": 1.0, "efficiency": 1.5},
+                    {"format": "bf16", "batch": 8, "us": 2.0, "gbps": 10.0, "gflops": 4.0, "efficiency": 0.5}]}
+    nominal = host_from_dict(yaml.safe_load(host_profile_yaml([run], "n", dimm_gbps=80.0, source="cited")))
+    assert nominal.formats["bf16"] == {1: (80.0, 2.667), 8: (40.0, 16.0)}  # efficiency capped at 1 (3 decimals)
+    measured = host_from_dict(yaml.safe_load(host_profile_yaml([run], "m")))
+    assert measured.formats["bf16"][1][0] == 20.0  # capped at the measured memcpy

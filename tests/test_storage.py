@@ -51,7 +51,9 @@ def packed(ckpt):
 def test_pack_layout(ckpt, packed):
     hdr = read_header(packed)
     assert hdr.record_bytes == 3 * 64 * 96 * 4 and hdr.stride % ALIGN == 0 and hdr.data_start == ALIGN
-    assert os.path.getsize(packed) == ALIGN + hdr.n_moe_layers * hdr.n_experts * hdr.stride
+    records = hdr.n_moe_layers * hdr.n_experts
+    assert hdr.checksums_at == ALIGN + records * hdr.stride and len(hdr.crcs) == records
+    assert os.path.getsize(packed) == hdr.checksums_at + 4 * records  # one CRC-32 per record at the end
 
 
 @pytest.mark.parametrize("policy", sorted(EVICTION_POLICIES))

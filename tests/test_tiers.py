@@ -145,7 +145,7 @@ def test_a_withdrawn_prefetch_is_never_read_and_leaves_the_tier():
 def test_fake_cuda_never_uses_an_unfinished_read_or_copy(fake_cuda, setup, seed, tmp_path):
     from test_offload_fake_cuda import FakeEvent
 
-    from moe_runtime.offload.engines import CudaCopyEngine
+    from moe_runtime.offload.cuda_engine import CudaCopyEngine
 
     model, store, hdr, _, _ = setup
     FakeEvent.rng = random.Random(seed)

@@ -26,6 +26,7 @@ from moe_runtime.core.format_sizes import EXPERT_DTYPES
 from moe_runtime.core.model_config import ModelConfig, load_config
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import SEED, integer, number
+from moe_runtime.core.outputs import FORCE_HELP
 from moe_runtime.model.device import check_fits, use_cpu_threads
 from moe_runtime.model.generate import generate, load_tokenizer, parse_prompt_ids
 from moe_runtime.cli.config_file import add_config_argument, describe_sources
@@ -55,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay decode steps as CUDA graphs, one per stretch between MoE layers' expert fetches "
                         "(the host's cache bookkeeping runs between them); --device cuda only")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP + " (--record-trace, --timeline)")
     p.add_argument("--trust-weights", action="store_true",
                    help="skip the check that every weight is finite (NaN/inf refused, naming the tensor): one "
                         "pass over the weights at load, and over each expert read from disk the first time")
@@ -98,11 +100,13 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graphs and (args.route_from_trace or args.record_trace):
         raise MoeError("--cuda-graphs cannot force or record routing (--route-from-trace, --record-trace): "
                        "their per-step host values are not part of a graph")
-    opts, xopts = run_options(args, check_finite=not args.trust_weights)
+    opts, xopts = run_options(args, check_finite=not args.trust_weights, force=args.force)
     use_cpu_threads(args.device)  # resident and offloaded alike
     # a budget below the minimum is refused before any weight is loaded
     run = load_run(args.model, opts, xopts, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                    prompt_lens=[len(p) for p in prompts], max_new_tokens=args.max_new_tokens)
+    if run.miss_costs:  # hybrid: where the cost rule's figures came from (a profile, or measured just now)
+        print(f"[{run.miss_costs}]", file=sys.stderr)
     try:
         res = generate(run.model, run.provider, prompts[0] if len(prompts) == 1 else prompts,
                        args.max_new_tokens, args.temperature, args.top_p, args.seed, run.model.cfg.eos_token_ids,

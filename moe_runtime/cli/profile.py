@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import yaml
@@ -15,9 +16,9 @@ from moe_runtime.core.options import OffloadOptions, parse_expert_source
 from moe_runtime.core.outputs import FORCE_HELP, check_output, write_text_atomic
 from moe_runtime.model.device import check_fits, use_cpu_threads
 from moe_runtime.offload.packed import read_header
-from moe_runtime.offload.profile import (measure_copy, measure_copy_slowdown, measure_handoff, measure_hbm,
-                                         measure_layer_compute, measure_protocol, measure_tflops, memory_gib,
-                                         peak_bytes)
+from moe_runtime.offload.profile import (interleaved_rounds, measure_copy, measure_copy_slowdown, measure_handoff,
+                                         measure_hbm, measure_layer_compute, measure_protocol, measure_tflops,
+                                         memory_gib, peak_bytes, rounds_summary)
 from moe_runtime.offload.session import ExecutorOptions
 
 
@@ -30,7 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: the checkpoint's; bfloat16 on cuda and float32 on cpu "
                         "for --model-config)")
-    p.add_argument("--repeats", type=integer(1, 10000), default=10, help="copies timed per size (default 10)")
+    p.add_argument("--repeats", type=integer(1, 10000), default=10,
+                   help="copies timed per size and round (default 10)")
+    p.add_argument("--rounds", type=integer(1, 1000), default=5,
+                   help="interleaved rounds of the copy, memory, matmul and layer measurements; each figure is "
+                        "the median of its rounds, and a wide spread is warned about (default 5)")
     p.add_argument("--vocab", type=integer(1), default=None,
                    help="vocabulary of a synthetic model (default: the spec's; the LM head of a cut-down "
                         "model must match the one it predicts)")
@@ -40,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option_flags(p, ExecutorOptions, only=("read_depth",))
     p.add_argument("--name", default=None, help="profile name (default: <device>-profiled)")
     p.add_argument("--out", help="YAML file to write (default: print)")
+    p.add_argument("--host-out", metavar="FILE",
+                   help="also measure this host's expert compute (the executor's host kernels, every expert format, "
+                        "batches 1-32, at the model's expert shape) and write it as a host profile "
+                        "(--host-profile FILE in generate, replay, sweep and plan)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
@@ -50,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, "--out", inputs=[args.model, args.model_config, parse_expert_source(
             args.expert_source)[1]], kind="device profile", force=args.force)  # before minutes of measuring
+    if args.host_out:
+        check_output(args.host_out, "--host-out", inputs=[args.model, args.model_config, args.out],
+                     kind="host profile", force=args.force)
     kind, packed = parse_expert_source(args.expert_source)
     if kind == "memory" and args.read_depth != ExecutorOptions.read_depth:
         raise MoeError("--read-depth sets the storage reads in flight: give --expert-source disk too")
@@ -80,14 +92,26 @@ def run(args: argparse.Namespace) -> int:
                    peak_bytes(cfg, dtype), device)
         model, store = synthetic_model(cfg, device, dtype)
         model_name = spec.name
-    gbps, latency_us = measure_copy(store.layout.numel, store.layout.dtype, device, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    handoff_us = measure_handoff(device)
-    latency_us = max(latency_us - handoff_us, 0.0)  # the hand-off is charged once per waiting layer instead
-    host_us, pred_us = measure_protocol(store.n_moe_layers, store.n_experts, store.top_k)
     # one slot for every expert, reused by each compute measurement (allocating it is not what is timed)
     pool = torch.empty(store.n_moe_layers * store.n_experts, store.layout.numel, dtype=store.layout.dtype,
                        device=device)
+    samples = interleaved_rounds({  # each round measures each in turn: a slow spell hits them all alike
+        "copy": lambda: dict(zip(("h2d_bandwidth_gbps", "h2d_latency_us"),
+                                 measure_copy(store.layout.numel, store.layout.dtype, device, args.repeats))),
+        "hbm": lambda: {"hbm_bandwidth_gbps": measure_hbm(device)},
+        "matmul": lambda: {"peak_tflops": measure_tflops(device)},
+        "layer": lambda: {"layer_compute_ms": measure_layer_compute(model, store, device, steps=8, pool=pool)},
+    }, args.rounds)
+    med, spread, warning = rounds_summary(samples, {"h2d_bandwidth_gbps": "host-to-device GB/s",
+                                                    "hbm_bandwidth_gbps": "device-memory GB/s",
+                                                    "peak_tflops": "TFLOP/s", "layer_compute_ms": "ms per layer"})
+    if warning:
+        print(f"moe-runtime: {warning}", file=sys.stderr)
+    gbps, latency_us = med["h2d_bandwidth_gbps"], med["h2d_latency_us"]
+    handoff_us = measure_handoff(device)
+    latency_us = max(latency_us - handoff_us, 0.0)  # the hand-off is charged once per waiting layer instead
+    host_us, pred_us = measure_protocol(store.n_moe_layers, store.n_experts, store.top_k)
 
     def slowdown(link=None) -> float:
         return measure_copy_slowdown(model, store, device, pool=pool, link=link)
@@ -102,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
         "h2d_bandwidth_gbps": round(gbps, 3),
         "h2d_latency_us": round(latency_us, 2),
         "copy_engines": 1,
-        "hbm_bandwidth_gbps": round(measure_hbm(device), 2),
-        "peak_tflops": round(measure_tflops(device), 4),
+        "hbm_bandwidth_gbps": round(med["hbm_bandwidth_gbps"], 2),
+        "peak_tflops": round(med["peak_tflops"], 4),
         "memory_gib": round(memory_gib(device), 2),
-        "layer_compute_ms": round(measure_layer_compute(model, store, device, pool=pool), 4),
+        "layer_compute_ms": round(med["layer_compute_ms"], 4),
         "host_layer_us": round(host_us, 2),
         "demand_us": round(handoff_us, 2),
         "copy_slowdown": round(copy_slowdown, 4),
@@ -115,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         "source": f"moe-runtime profile on {name}: expert copies of {store.layout.nbytes} bytes "
                   f"({store.layout.dtype}), {args.repeats} repeats, "
                   + ("pinned host to device on the copy stream" if device.type == "cuda"
-                     else "host to host on the copy thread") + read_note,
+                     else "host to host on the copy thread") + read_note
+                  + f"; medians of {args.rounds} interleaved rounds, spread (max-min)/median: "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in spread.items()),
     }
     text = yaml.safe_dump(profile, sort_keys=False)
     if args.out:
@@ -124,7 +150,20 @@ def run(args: argparse.Namespace) -> int:
               f"{profile['layer_compute_ms']} ms per MoE layer")
     else:
         print(text, end="")
+    if args.host_out:
+        write_host_profile(args.host_out, f"{args.name or 'this-host'}", store.layout)
     return 0
+
+
+def write_host_profile(path: str, name: str, layout) -> None:
+    """Measure this host's expert compute at ``layout``'s shape and write it as a host profile."""
+    from moe_runtime.offload.host_bench import host_profile_yaml, measure_host
+
+    run = measure_host(layout.hidden_size, layout.intermediate_size, reps=10)
+    write_text_atomic(path, host_profile_yaml([run], name))
+    best = {r["format"]: r["gbps"] for r in run["rows"] if r["batch"] == 1}
+    print(f"wrote {path}: memcpy {run['memcpy_gbps']:.1f} GB/s; one expert at 1 token: "
+          + ", ".join(f"{f} {g:.2f} GB/s" for f, g in best.items()))
 
 
 def measure_storage(model_dir: str | None, packed: str | None, read_depth: int, out: str | None, store,

@@ -138,10 +138,10 @@ def parse_layer_list(text, n_moe_layers: int | None = None) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class HybridOptions:
-    """Hybrid execution (a miss copied or computed on the host) and the memory a budget must fit beside.
+    """Hybrid execution: a miss copied or computed on the host, and layers always on the host.
 
-    Used by `moe-sim replay` and sweeps (``ReplayOptions``); the executor takes them when it computes
-    experts on the host. See docs/hybrid.md for the semantics.
+    Used by `moe-sim replay` and sweeps (``ReplayOptions``) and by the executor (``ExecutorOptions``
+    extends it). See docs/design.md for the semantics.
     """
 
     miss_policy: str | None = option(
@@ -154,20 +154,14 @@ class HybridOptions:
                                      help="MoE-layer indices (0-based, e.g. 0,1,5) always computed on the host")
     host_profile: str | None = option(None, "--host-profile",
                                       help="host profile: a name in configs/hosts or a YAML file "
-                                           f"(default for the simulator: {DEFAULT_HOST_PROFILE})")
-    context: int = option(4096, "--context", type=int,
-                          help="positions per sequence the KV cache is sized for (device memory check)")
-    workspace: str = option("512MiB", "--workspace",
-                            help="device memory kept for the CUDA context, activations and kernel workspace")
+                                           f"(default for the simulator: {DEFAULT_HOST_PROFILE}; for the "
+                                           "executor: a short measurement at start-up)")
 
     def __post_init__(self) -> None:
         if self.miss_policy is not None and self.miss_policy not in MISS_POLICIES:
             raise MoeError(f"--miss-policy must be one of {', '.join(MISS_POLICIES)}, got {short(self.miss_policy)}")
         _check_int("n_host_layers", self.n_host_layers, 0)
-        _check_int("context", self.context, 1)
         parse_layer_list(self.host_layers)
-        from moe_runtime.core.budget import parse_bytes
-        parse_bytes(self.workspace, "--workspace")
         if self.host_profile is not None and (not isinstance(self.host_profile, str) or not self.host_profile):
             raise MoeError(f"--host-profile must be a name or a file, got {short(self.host_profile)}")
 
@@ -185,3 +179,18 @@ class HybridOptions:
     @property
     def computes_on_host(self) -> bool:
         return self.policy != "copy" or self.n_host_layers > 0 or bool(parse_layer_list(self.host_layers))
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """What a budget must fit beside in the device's memory (the dense weights too): the simulator's check."""
+
+    context: int = option(4096, "--context", type=int,
+                          help="positions per sequence the KV cache is sized for (device memory check)")
+    workspace: str = option("512MiB", "--workspace",
+                            help="device memory kept for the CUDA context, activations and kernel workspace")
+
+    def __post_init__(self) -> None:
+        _check_int("context", self.context, 1)
+        from moe_runtime.core.budget import parse_bytes
+        parse_bytes(self.workspace, "--workspace")

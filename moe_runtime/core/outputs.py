@@ -93,6 +93,7 @@ KINDS: dict[str, Callable[[bytes], bool]] = {
     "timeline": _is_json_with(b'"traceEvents"'),
     "replay report": _is_json_with(b'"tokens_per_s"', b'"accesses_per_wall_s"'),
     "device profile": lambda head: b"h2d_bandwidth_gbps:" in head and b"moe-runtime profile" in head,
+    "host profile": lambda head: head.startswith(b"# Host profile written from") and b"memory_bandwidth_gbps:" in head,
     "adapters": lambda head: b"moe-offload/aligned-adapters" in head[:65536],
     "plot": lambda head: head.startswith(b"\x89PNG"),
 }

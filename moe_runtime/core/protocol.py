@@ -112,6 +112,7 @@ class LayerProtocol:
         self.cache, self.link, self.predictor = cache, link, predictor
         self.miss_policy, self.host_cost, self.host_layers = miss_policy, host_cost, frozenset(host_layers)
         self.host_seconds = 0.0
+        self.hybrid = miss_policy != "copy" or bool(self.host_layers)  # some experts may go to the host
         self.width = prefetch_width or cache.experts_per_layer
         self.prefetching = predictor is not None and predictor.name != "none"
         self.record_predictions = record_predictions

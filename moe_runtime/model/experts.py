@@ -15,9 +15,11 @@ Contract:
   there. Per forward, the runner opens a step (``begin_step(start, n)``); per
   MoE layer the block calls ``prepare(layer, hidden)`` (device work before the
   host reads the ids, e.g. a predictor's rankings), then, once the host holds
-  the ids, ``experts(layer, ids, hidden, rankings)`` -> ``{id: weights}`` with
-  weights on the compute device (views of the provider's memory, read in
-  place), valid until ``end_layer(layer)``. ``ids`` are unique experts, at most
+  the ids, ``experts(layer, ids, hidden, rankings, counts)`` -> ``{id: weights}``
+  with weights on the compute device (views of the provider's memory, read in
+  place), valid until ``end_layer(layer)``, except the ids ``on_host(layer)``
+  names: those are host views that the block computes on the host (hybrid
+  execution; on a CPU run the host is the device). ``ids`` are unique experts, at most
   ``capacity(layer)`` of them: a layer whose union is larger asks in waves
   (ascending ids, one ``experts``/``end_layer`` pair each). ``hidden`` is the
   residual stream entering the layer's MoE block ([N, H], before
@@ -36,7 +38,7 @@ import abc
 import torch
 from torch import Tensor
 
-from moe_runtime.model.formats import ExpertFormat, ExpertWeights  # noqa: F401  (ExpertWeights: re-exported)
+from moe_runtime.model.formats import DenseExpert, ExpertFormat, ExpertWeights  # noqa: F401  (re-exported)
 
 
 # An expert's layout is its format (formats.py): ``ExpertLayout(H, I, dtype)`` is the plain SwiGLU
@@ -70,6 +72,11 @@ class HostExpertStore:
         return len(self.model_layers)
 
     @property
+    def holds_experts(self) -> bool:
+        """False for a store that describes experts kept on storage (``allocate=False``)."""
+        return bool(self._buffers)
+
+    @property
     def nbytes(self) -> int:
         return self.n_moe_layers * self.n_experts * self.layout.nbytes
 
@@ -89,6 +96,16 @@ class HostExpertStore:
         """Host views of one expert's pieces (``ExpertWeights`` (w1, w3, w2) for a plain format)."""
         return self.layout.views(self._buffers[layer][expert])
 
+    @torch.no_grad()
+    def converted(self, layout: ExpertLayout) -> "HostExpertStore":
+        """A second store with every expert in ``layout`` (``--host-dtype``: the host's own copy), converted
+        from this one expert by expert (dense in the compute dtype, then packed: quantized where it asks)."""
+        out = HostExpertStore(layout, self.n_experts, self.top_k, self.model_layers, pin=False)
+        for m in range(self.n_moe_layers):
+            for e in range(self.n_experts):
+                layout.pack(out.flat(m, e), DenseExpert(*self.layout.dense(self.weights(m, e))))
+        return out
+
 
 class ExpertProvider(abc.ABC):
     """What a MoE block asks of wherever its experts live; see the module docstring for the contract.
@@ -106,9 +123,20 @@ class ExpertProvider(abc.ABC):
         """The most distinct experts one ``experts`` call may hold at ``layer``."""
 
     @abc.abstractmethod
-    def experts(self, layer: int, ids: list[int], hidden: Tensor,
-                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
-        """Device weights (views, read in place) of ``ids`` at ``layer``, valid until ``end_layer``."""
+    def experts(self, layer: int, ids: list[int], hidden: Tensor, rankings: list[list[int]] | None = None,
+                counts: list[int] | None = None) -> dict[int, ExpertWeights]:
+        """Weights (views, read in place) of ``ids`` at ``layer``, valid until ``end_layer``: on the device,
+        except the ``on_host`` ones (host views). ``counts``: each id's tokens (the miss policy's cost rule)."""
+
+    def on_host(self, layer: int) -> tuple[int, ...]:
+        """The ids of the last ``experts`` call at ``layer`` to compute on the host (hybrid execution)."""
+        return ()
+
+    @property
+    def host_format(self) -> ExpertFormat | None:
+        """The format of the host copies the ``on_host`` experts are computed from, when it is not the
+        model's (``--host-dtype``); None: the model's."""
+        return None
 
     def end_layer(self, layer: int) -> None:
         """The layer's reads of the returned weights are enqueued: their slots may be reused after them."""
@@ -127,7 +155,7 @@ class ResidentExperts(ExpertProvider):
     def capacity(self, layer: int) -> int:
         return self.store.n_experts
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor,
-                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
+    def experts(self, layer: int, ids: list[int], hidden: Tensor, rankings: list[list[int]] | None = None,
+                counts: list[int] | None = None) -> dict[int, ExpertWeights]:
         views = self._views[layer]
         return {e: views[e] for e in ids}

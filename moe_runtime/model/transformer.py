@@ -63,6 +63,7 @@ from moe_runtime.model.attention import Attention, MLAttention, RMSNorm, rope_ta
 from moe_runtime.core.model_config import ModelConfig
 from moe_runtime.model.experts import ExpertProvider
 from moe_runtime.model.formats import ExpertFormat, format_for
+from moe_runtime.model.host_experts import host_forward
 
 class MLP(nn.Module):
     """Dense SwiGLU MLP (qwen's dense layers and shared expert)."""
@@ -204,22 +205,53 @@ class MoeBlock(nn.Module):
             by_expert = torch.argsort(r.ids.flatten(), stable=True)  # [N*k]
             flat_w = r.weights.reshape(-1)  # [N*k]
         for wave in waves:
-            experts = provider.experts(m, wave, r.h, rankings)
+            experts = provider.experts(m, wave, r.h, rankings, [counts[e] for e in wave])
+            host = provider.on_host(m)
+            hfmt = provider.host_format if host else None  # the host copies' format, when not the model's
+            # the host's experts: on a CPU run the device is the host and they join the loop below (the same
+            # kernels in the same order: the tokens stay exact); on a GPU the host computes them meanwhile
+            away = host if r.x.device.type != "cpu" else ()
             ordered = sorted(wave)
             start = sum(n for e, n in counts.items() if e < ordered[0])
             # accumulate in expert-id order, as HF does, so sums round identically (waves continue the order)
             for e in ordered:
+                f = hfmt if hfmt is not None and e in host else fmt
                 if single:
-                    y = fmt.forward(r.x, experts[e]) * cols[flat_ids.index(e)]  # [1, H]
-                    out.add_(y.to(dt) if cast else y)
+                    if e not in away:
+                        w = cols[flat_ids.index(e)]
+                        y = (fmt.forward(r.x, experts[e]) if f is fmt else host_forward(f, r.x, experts[e])) * w
+                        out.add_(y.to(dt) if cast or f is not fmt else y)
                     continue
                 slots = by_expert[start: start + counts[e]]  # [n_e]
                 start += counts[e]
+                if e in away:
+                    continue
                 tok = slots // k  # [n_e]
-                y = fmt.forward(r.x[tok], experts[e]) * flat_w[slots, None]  # [n_e, H]
-                out.index_add_(0, tok, y.to(dt) if cast else y)
+                xs = r.x[tok]
+                y = (fmt.forward(xs, experts[e]) if f is fmt else host_forward(f, xs, experts[e])) * flat_w[slots, None]
+                out.index_add_(0, tok, y.to(dt) if cast or f is not fmt else y)
+            if away:  # the device's kernels above are queued; the host computes its experts meanwhile
+                y = self._host_sum(r, away, experts, hfmt or fmt, flat_ids, k, dt)
+                # the one wait of a hybrid layer: the device adds the host's sum after its own experts
+                # (copying it in waits for the host to finish them; the device's queue ran meanwhile)
+                out.add_(y.to(out.device, non_blocking=True))
             provider.end_layer(m)
         return out
+
+    @staticmethod
+    def _host_sum(r: Routed, host, experts: dict, fmt: ExpertFormat, flat_ids: list[int], k: int,
+                  dt: torch.dtype) -> Tensor:
+        """The weighted sum [N, H] of the experts ``host`` computed by the host CPU from their host copies
+        (``host_forward``), in ascending id order, on host tensors."""
+        x = r.x.to("cpu")  # [N, H]: the ids were read already, so this waits for nothing more
+        w = r.weights.reshape(-1).to("cpu")  # [N*k]
+        acc = torch.zeros(x.shape, dtype=dt)  # [N, H]
+        for e in sorted(host):
+            idx = torch.tensor([i for i, f in enumerate(flat_ids) if f == e])  # (token, rank) positions
+            tok = idx // k
+            y = host_forward(fmt, x[tok], experts[e]) * w[idx, None]  # [n_e, H]
+            acc.index_add_(0, tok, y.to(dt))
+        return acc
 
     def shared(self, x: Tensor, out: Tensor) -> Tensor:
         """``out`` plus the block's shared experts (qwen2_moe: sigmoid-gated; deepseek/glm: ungated)."""

@@ -19,6 +19,13 @@ Contract (the same on both implementations):
   of a slot (CUDA: an event is recorded on the compute stream; the next copy
   into that slot waits for it, so a copy never overwrites weights still being
   read). On CPU the compute is synchronous and this is a no-op.
+- Hybrid execution asks three more things (``core/protocol.py``'s ``CopyLink``):
+  ``backlog()``, the copies a demand copy issued now would wait behind;
+  ``ready_in(slot, copy_s)``, seconds until the copy into ``slot`` is done
+  (None while it is still queued, so promoting it is the alternative); and
+  ``fill(slot, src, dst)``, a background copy that runs only while the link
+  has no demand copy or prefetch to carry: it is copied in chunks and pauses
+  between them whenever one waits, and ``promote`` makes its rest a demand.
 - ``records`` holds one ``CopyRecord`` per finished copy (start/end seconds on
   the engine's clock, bytes, lane) for the timeline and the achieved bandwidth.
 
@@ -36,8 +43,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
+
+
+FILL_CHUNK_BYTES = 1 << 20  # the copy thread's fills pause for a demand copy or a prefetch at most this often
+FILL_CHUNKS = 4  # the CUDA engine's fills go on the stream in this many chunks, one per idle moment
 
 
 @dataclass
@@ -69,7 +79,9 @@ class ThreadCopyEngine:
     def __init__(self, n_slots: int) -> None:
         self._done = [threading.Event() for _ in range(n_slots)]  # set when the slot's copy finished
         self._queued: dict[int, list] = {}  # slot -> heap entry, while not started
-        self._heap: list[list] = []  # [priority, seq, slot, src, dst, demand, cancelled, gen]
+        # [priority (0 demand, 1 prefetch, 2 fill), seq, slot, src, dst, demand, cancelled, gen, offset, t0]
+        self._heap: list[list] = []
+        self._running: list | None = None  # the entry being copied
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -85,9 +97,12 @@ class ThreadCopyEngine:
         self._worker.start()
 
     def submit(self, slot: int, src: Tensor, dst: Tensor, demand: bool) -> None:
+        self._enqueue(slot, src, dst, demand, 0 if demand else 1)
+
+    def _enqueue(self, slot: int, src: Tensor, dst: Tensor, demand: bool, prio: int) -> None:
         self._done[slot].clear()
         self._gen[slot] += 1
-        entry = [0 if demand else 1, next(self._seq), slot, src, dst, demand, False, self._gen[slot]]
+        entry = [prio, next(self._seq), slot, src, dst, demand, False, self._gen[slot], 0, None]
         with self._cv:
             self._outstanding.add(slot)
             self._queued[slot] = entry
@@ -102,6 +117,24 @@ class ThreadCopyEngine:
             entry[6] = True  # the worker skips it; the heap entry is dropped when popped
             self._outstanding.discard(slot)
             return True
+
+    def fill(self, slot: int, src: Tensor, dst: Tensor) -> None:
+        self._enqueue(slot, src, dst, False, 2)
+
+    def backlog(self) -> int:
+        with self._lock:  # the worker is one lane: a running copy of any kind delays a demand copy
+            run = self._running  # (a fill pauses for it at its next chunk)
+            return (run is not None and run[0] != 2) + sum(1 for e in self._queued.values() if e[0] == 0)
+
+    def ready_in(self, slot: int, copy_s: float) -> float | None:
+        with self._lock:
+            if slot in self._queued:
+                return None
+            run = self._running
+            if run is not None and run[2] == slot:  # running: its full time less what has elapsed
+                started = run[9]
+                return max(copy_s - (0.0 if started is None else self.clock() - self.base - started), 0.0)
+            return 0.0
 
     def poll(self) -> list[int]:
         if not self._finished:  # nothing finished since the last poll: no lock taken (host time per layer)
@@ -118,12 +151,14 @@ class ThreadCopyEngine:
     def promote(self, slot: int) -> None:
         with self._cv:
             entry = self._queued.get(slot)
-            if entry is not None and entry[0] != 0:  # a queued prefetch the compute now needs: make it demand
+            if entry is not None and entry[0] != 0:  # a queued prefetch (or fill) the compute needs now: demand
                 entry[6] = True
-                promoted = [0, next(self._seq), *entry[2:6], False, entry[7]]
+                promoted = [0, next(self._seq), *entry[2:6], False, *entry[7:]]
                 self._queued[slot] = promoted
                 heapq.heappush(self._heap, promoted)
                 self._cv.notify()
+            elif entry is None and self._running is not None and self._running[2] == slot:
+                self._running[0] = 0  # a fill being copied: it no longer pauses for other copies
 
     def wait(self, slot: int) -> None:
         # CPU waits on the copy thread here: block until this slot's copy has finished
@@ -160,146 +195,54 @@ class ThreadCopyEngine:
                 entry = heapq.heappop(self._heap)
                 if entry[6]:
                     continue
-                _, _, slot, src, dst, demand, _, gen = entry
+                _, _, slot, src, dst, demand, _, gen, _, t0 = entry
                 del self._queued[slot]
-            t0 = self.clock() - self.base
+                self._running = entry
+            if t0 is None:  # a paused fill keeps its first start
+                t0 = entry[9] = self.clock() - self.base
             try:
-                dst.copy_(src)
+                finished = self._copy(entry)
             except BaseException as e:  # wake every waiter: a silent death would hang the compute
                 self._error = e
                 for done in self._done:
                     done.set()
                 return
+            if not finished:  # a fill paused for a demand copy or a prefetch: back in the queue, its progress kept
+                continue
             t1 = self.clock() - self.base
             self.records.append(CopyRecord(slot, demand, t0, t1, src.numel() * src.element_size(), "copy"))
             self._done[slot].set()  # before the report, so a polled slot's flag is already set
             with self._lock:
+                self._running = None
                 self._finished.append((slot, gen))
 
-
-class CudaCopyEngine:
-    """Copies on dedicated CUDA streams: a high-priority demand stream and a prefetch stream.
-
-    Prefetches wait in a software queue and at most ``stream_depth`` of them are
-    on the prefetch stream at a time, so a prefetch found stale can still be
-    cancelled. Each copy records a start and an end event (preallocated per
-    slot); the compute stream waits on the end event of a slot it needs, never
-    on a whole stream or the device. Times are seconds since the engine's base
-    event, measured with ``Event.elapsed_time`` once a copy is seen complete.
-    """
-
-    lanes = ("copy:demand", "copy:prefetch")
-    needs_release = True  # the compute stream may still read a slot after the host moved on
-
-    def __init__(self, n_slots: int, device: torch.device, stream_depth: int = 2) -> None:
-        lo, hi = torch.cuda.Stream.priority_range()  # (lowest, highest); higher priority is more negative
-        self.device = device
-        self.demand_stream = torch.cuda.Stream(device=device, priority=hi)
-        self.prefetch_stream = torch.cuda.Stream(device=device, priority=lo)
-        self.stream_depth = stream_depth
-        timing = dict(enable_timing=True)
-        self._start = [torch.cuda.Event(**timing) for _ in range(n_slots)]
-        self._end = [torch.cuda.Event(**timing) for _ in range(n_slots)]
-        self._released = [torch.cuda.Event() for _ in range(n_slots)]
-        self._ever_used = [False] * n_slots
-        self._queue: deque[tuple[int, Tensor, Tensor]] = deque()  # prefetches not yet on the stream
-        self._on_stream: dict[int, tuple[bool, int]] = {}  # slot -> (demand, nbytes) submitted, not polled
-        self._prefetch_on_stream = 0
-        self._reaped: list[int] = []  # completed, not yet reported by poll
-        self.records: list[CopyRecord] = []
-        self.base = torch.cuda.Event(enable_timing=True)  # time zero of the records
-        self.base.record(torch.cuda.current_stream(device))
-
-    def submit(self, slot: int, src: Tensor, dst: Tensor, demand: bool) -> None:
-        if demand:
-            self._launch(self.demand_stream, slot, src, dst, True)
-        else:
-            self._queue.append((slot, src, dst))
-            self._pump()
-
-    def cancel_if_queued(self, slot: int) -> bool:
-        for i, item in enumerate(self._queue):
-            if item[0] == slot:
-                del self._queue[i]
-                return True
-        return False
-
-    def poll(self) -> list[int]:
-        self._reap()
-        self._pump()
-        out, self._reaped = self._reaped, []
-        return out
-
-    def _reap(self) -> None:
-        """Complete the copies whose end event has passed (``query()`` does not block); poll reports them."""
-        done = [s for s in self._on_stream if self._end[s].query()]
-        for s in done:
-            self._complete(s)
-        self._reaped.extend(done)
-
-    def promote(self, slot: int) -> None:
-        for i, (s, src, dst) in enumerate(self._queue):  # a prefetch still in the software queue that the
-            if s == slot:  # compute needs now goes on the demand stream
-                del self._queue[i]
-                self._launch(self.demand_stream, s, src, dst, True)
-                return
-
-    def wait(self, slot: int) -> None:
-        # the compute stream (not the CPU) waits here, for this slot's copy event only
-        torch.cuda.current_stream(self.device).wait_event(self._end[slot])
-        self._reap()  # keep the prefetch stream fed
-        self._pump()
-
-    def is_done(self, slot: int) -> bool:
-        return slot not in self._on_stream and not any(s == slot for s, _, _ in self._queue)
-
-    def slot_released(self, slot: int) -> None:
-        self._released[slot].record(torch.cuda.current_stream(self.device))
-        self._ever_used[slot] = True
-
-    def close(self) -> None:
-        # CPU waits on the GPU here: the copy streams drain before the engine goes away
-        self.demand_stream.synchronize()
-        self.prefetch_stream.synchronize()
-        for s in list(self._on_stream):
-            self._complete(s)
-
-    def _launch(self, stream, slot: int, src: Tensor, dst: Tensor, demand: bool) -> None:
-        if slot in self._reaped:  # that report was of the slot's previous copy: never report it for this one
-            self._reaped.remove(slot)
-        if slot in self._on_stream:
-            # CPU waits on the GPU here (rare): the slot's previous copy was used and released before a
-            # poll saw it complete; its events are about to be re-recorded, so read its times first
-            self._end[slot].synchronize()
-            self._complete(slot)
-        if self._ever_used[slot]:
-            stream.wait_event(self._released[slot])  # do not overwrite weights the compute may still read
-        with torch.cuda.stream(stream):
-            self._start[slot].record(stream)
-            dst.copy_(src, non_blocking=True)  # one pinned host -> device copy
-            self._end[slot].record(stream)
-        self._on_stream[slot] = (demand, src.numel() * src.element_size())
-        if not demand:
-            self._prefetch_on_stream += 1
-
-    def _pump(self) -> None:
-        while self._queue and self._prefetch_on_stream < self.stream_depth:
-            slot, src, dst = self._queue.popleft()
-            self._launch(self.prefetch_stream, slot, src, dst, False)
-
-    def _complete(self, slot: int) -> None:
-        demand, nbytes = self._on_stream.pop(slot)
-        if not demand:
-            self._prefetch_on_stream -= 1
-        t0 = self.base.elapsed_time(self._start[slot]) / 1e3
-        t1 = self.base.elapsed_time(self._end[slot]) / 1e3
-        self.records.append(CopyRecord(slot, demand, t0, t1, nbytes, "copy:demand" if demand else "copy:prefetch"))
+    def _copy(self, entry: list) -> bool:
+        """Copy ``entry``; a fill goes in chunks and pauses (re-queued, offset kept) when another copy
+        waits. True when the copy is complete."""
+        src, dst = entry[3], entry[4]
+        if entry[0] != 2:
+            dst[entry[8]:].copy_(src[entry[8]:])
+            return True
+        step = max(FILL_CHUNK_BYTES // src.element_size(), 1)
+        n = src.numel()
+        while entry[8] < n:
+            a = entry[8]
+            dst[a:a + step].copy_(src[a:a + step])
+            entry[8] = min(a + step, n)
+            with self._cv:
+                if entry[8] < n and entry[0] == 2 and any(e[0] < 2 for e in self._queued.values()):
+                    self._running = None
+                    entry[1] = next(self._seq)
+                    self._queued[entry[2]] = entry
+                    heapq.heappush(self._heap, entry)
+                    return False
+        return True
 
 
 class LockstepEngine:
     """A deterministic engine for differential tests: copies complete by rule, not by time.
 
-    A demand (or promoted) copy completes when the compute waits for it; prefetches complete
+    A demand (or promoted) copy completes when the compute waits for it; prefetches (and fills) complete
     in issue order at the next ``poll`` (the start of the next MoE layer), all of them or the
     first ``per_poll``, so a queued prefetch stays withdrawable (and can be late) until then.
     The simulator's ``lockstep`` copy model follows the same rule, which makes their decisions
@@ -324,6 +267,15 @@ class LockstepEngine:
     def promote(self, slot: int) -> None:
         pass  # a queued copy completes at the wait anyway
 
+    def fill(self, slot: int, src: Tensor, dst: Tensor) -> None:
+        self._queue[slot] = (src, dst, False)  # completes as a prefetch does, in issue order
+
+    def backlog(self) -> int:
+        return 0  # every demand copy completed at its wait
+
+    def ready_in(self, slot: int, copy_s: float) -> float | None:
+        return None if slot in self._queue else 0.0
+
     def _copy(self, slot: int) -> None:
         src, dst, demand = self._queue.pop(slot)
         dst.copy_(src)
@@ -345,11 +297,3 @@ class LockstepEngine:
     def close(self) -> None:
         for s in list(self._queue):
             self._copy(s)
-
-
-def make_copy_engine(n_slots: int, device: torch.device | str, stream_depth: int = 2):
-    """The CUDA engine for a CUDA device, else the copy thread."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return CudaCopyEngine(n_slots, device, stream_depth)
-    return ThreadCopyEngine(n_slots)

@@ -31,6 +31,15 @@ Contract: ``moe-runtime profile --device cuda|cpu (--model DIR | --model-config 
   With ``--model-config`` the model is synthetic (random weights at the spec's
   shapes, only ``--layers`` MoE layers so it fits).
 
+Rounds: the copy, device-memory, matmul and layer-compute figures are measured
+in ``--rounds`` interleaved rounds (each round measures each once, in turn), so
+a slow spell of a shared machine falls on every quantity's rounds alike rather
+than on one quantity; each figure is the median of its rounds, and its spread
+((max - min) / median) is reported beside it. A spread above ``SPREAD_WARN``
+prints one warning line naming the quantities, their ranges and spreads
+(``rounds_summary``; two back-to-back runs of one measurement each once gave
+0.85 and 7.2 GB/s for the same link).
+
 and writes (atomically, ``moe_runtime.core.outputs``) a YAML in the simulator's device
 schema (simulator/device.py) with ``nominal: false``; without ``--out`` it prints
 it. ``--out`` is checked and the run's peak memory estimated (weights, a slot
@@ -50,11 +59,45 @@ import time
 import torch
 
 from moe_runtime.core.options import OffloadOptions
-from moe_runtime.offload.engines import make_copy_engine
+from moe_runtime.offload.cuda_engine import make_copy_engine
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.session import build_run
 
 _HBM_BYTES = 256 * 2**20  # measure_hbm's buffer (two of them)
+SPREAD_WARN = 0.25  # a quantity whose rounds spread wider than this ((max - min) / median) is warned about
+
+
+def interleaved_rounds(measures: dict, rounds: int) -> dict[str, list[float]]:
+    """Samples per field: ``measures`` maps a name to a function returning {field: value}; each round calls
+    every function once, in turn, so the rounds of all quantities interleave in time."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for fn in measures.values():
+            for field, value in fn().items():
+                samples.setdefault(field, []).append(float(value))
+    return samples
+
+
+def rounds_summary(samples: dict[str, list[float]], warn: dict[str, str],
+                   limit: float = SPREAD_WARN) -> tuple[dict[str, float], dict[str, float], str | None]:
+    """(median per field, spread per field, one warning line or None) of ``interleaved_rounds``' samples.
+
+    spread = (max - min) / median (0 for one round or a zero median). The warning names every field of
+    ``warn`` ({field: label}) whose spread exceeds ``limit``, with its range; other fields (a latency, a
+    small difference of two times, is noisy by nature) are reported, not warned about."""
+    medians, spreads, wide = {}, {}, []
+    for field, xs in samples.items():
+        med = statistics.median(xs)
+        spreads[field] = (max(xs) - min(xs)) / med if med > 0 else 0.0
+        medians[field] = med
+        if field in warn and spreads[field] > limit:
+            wide.append(f"{warn[field]} {min(xs):.4g}-{max(xs):.4g} (spread {spreads[field]:.0%})")
+    warning = None
+    if wide:
+        n = len(next(iter(samples.values())))
+        warning = (f"warning: timings varied widely over {n} rounds: {'; '.join(wide)}; the medians are written, "
+                   f"but this machine was busy or throttling: profile it again when idle, or with more --rounds")
+    return medians, spreads, warning
 
 
 def measure_copy(numel: int, dtype: torch.dtype, device: torch.device, repeats: int = 10) -> tuple[float, float]:

@@ -40,12 +40,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe_runtime.core.expert_cache import ExpertCache
+from moe_runtime.core.errors import MoeError
+from moe_runtime.core.expert_cache import ExpertCache, Outcome
 from moe_runtime.core.keys import Key
-from moe_runtime.core.protocol import LayerProtocol
+from moe_runtime.core.protocol import HostCost, LayerProtocol
 from moe_runtime.core.budget import wave_capacity
 from moe_runtime.model.experts import ExpertProvider, ExpertWeights, HostExpertStore
-from moe_runtime.offload.engines import achieved_gbps, make_copy_engine
+from moe_runtime.model.host_experts import host_weights, uses_int4_kernel
+from moe_runtime.offload.cuda_engine import make_copy_engine
+from moe_runtime.offload.engines import achieved_gbps
 from moe_runtime.predictors import Predictor
 from moe_runtime.core.timeline import Timeline
 
@@ -98,10 +101,15 @@ class OffloadedExperts(ExpertProvider):
                  future: Sequence[Key] | None = None, popularity: dict[Key, float] | None = None,
                  timeline: bool = False, record_predictions: bool = False, pool: Tensor | None = None,
                  make_engine: Callable = make_copy_engine,
-                 source: Callable[[int, int], object] | None = None) -> None:
+                 source: Callable[[int, int], object] | None = None, miss_policy: str = "copy",
+                 host_cost: HostCost | None = None, host_layers: frozenset = frozenset(),
+                 host_store: HostExpertStore | None = None) -> None:
         """``make_engine(n_slots, device)`` builds the copy engine (tests pass a deterministic or fake one);
         ``source(layer, expert)`` is what the engine copies from (default: the store's flat host buffer;
-        the storage engine takes the expert's byte ranges on disk, and the store then holds no experts)."""
+        the storage engine takes the expert's byte ranges on disk, and the store then holds no experts).
+        ``miss_policy``, ``host_cost`` and ``host_layers``: hybrid execution (core/protocol.py); the
+        experts the protocol sends to the host are computed from the store's host copies, or from
+        ``host_store``'s (the same experts in another format: ``--host-dtype``)."""
         self.store, self.device = store, torch.device(device)
         self.n_moe_layers, self.top_k = store.n_moe_layers, store.top_k
         layout = store.layout
@@ -122,8 +130,19 @@ class OffloadedExperts(ExpertProvider):
         self.engine = make_engine(self.n_slots, self.device)
         self._release = getattr(self.engine, "needs_release", True)
         self.clock = LayerClock(self.n_moe_layers, self.device, self.engine.base)
+        if (miss_policy != "copy" or host_layers) and not store.holds_experts:
+            raise MoeError("host compute (--miss-policy host|auto, host layers) needs the experts in host "
+                           "memory; with --expert-source disk use --miss-policy copy")
+        self.copy_s = host_cost.copy_s if host_cost is not None else 0.0
         self.protocol = LayerProtocol(self.cache, self, predictor, prefetch_width=prefetch_width,
-                                      record_predictions=record_predictions)
+                                      record_predictions=record_predictions, miss_policy=miss_policy,
+                                      host_cost=host_cost, host_layers=host_layers)
+        self.miss_policy = miss_policy
+        self.host_store = host_store or store
+        self._host_format = None if host_store is None or host_store.layout == store.layout else host_store.layout
+        self._host_views: dict[Key, object] = {}  # host views of experts computed on the host, built once each
+        self._int4_kernel = uses_int4_kernel(self.host_store.layout, self.device, host_store is not None)
+        self._on_host: tuple[int, ...] = ()
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
         self.width = self.protocol.width
         self.timeline = Timeline("moe-runtime") if timeline else None
@@ -148,6 +167,15 @@ class OffloadedExperts(ExpertProvider):
 
     def prefetch(self, slot: int, key: Key) -> None:
         self.engine.submit(slot, self.src[key[0]][key[1]], self.slot_flat[slot], demand=False)
+
+    def backlog_s(self) -> float:
+        return self.engine.backlog() * self.copy_s
+
+    def ready_in_s(self, slot: int) -> float | None:
+        return self.engine.ready_in(slot, self.copy_s)
+
+    def fill(self, slot: int, key: Key) -> None:
+        self.engine.fill(slot, self.src[key[0]][key[1]], self.slot_flat[slot])
 
     def capacity(self, layer: int) -> int:
         """The most distinct experts one ``experts`` call may hold at ``layer``: its pool less the slots
@@ -176,12 +204,12 @@ class OffloadedExperts(ExpertProvider):
         proto = self.protocol
         return proto.predictor.device_ranking(layer, hidden) if proto.predicts else None
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor,
-                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
+    def experts(self, layer: int, ids: list[int], hidden: Tensor, rankings: list[list[int]] | None = None,
+                counts: list[int] | None = None) -> dict[int, ExpertWeights]:
         cache, engine = self.cache, self.engine
         for slot in engine.poll():  # copies finished since the last layer (no waiting)
             cache.copy_done(slot)
-        waits = self.protocol.layer(layer, ids, hidden, rankings)
+        waits = self.protocol.layer(layer, ids, hidden, rankings, counts)
         self.clock.mark(layer, 0)
         for slot in waits:
             # the compute waits here for this layer's missing and late experts only
@@ -189,14 +217,34 @@ class OffloadedExperts(ExpertProvider):
             engine.wait(slot)
             cache.copy_done(slot)
         self.clock.mark(layer, 1)
-        views = self.views
-        return {e: views[slot] for e, slot, _ in self.protocol.in_use}
+        views, in_use = self.views, self.protocol.in_use
+        if self.protocol.hybrid:
+            self._on_host = tuple(e for e, _, o in in_use if o is Outcome.HOST)
+            if self._on_host:
+                return {e: self._host_view(layer, e) if o is Outcome.HOST else views[slot] for e, slot, o in in_use}
+        return {e: views[slot] for e, slot, _ in in_use}
+
+    def on_host(self, layer: int) -> tuple[int, ...]:
+        return self._on_host
+
+    def _host_view(self, layer: int, e: int):
+        v = self._host_views.get((layer, e))
+        if v is None:
+            v = self._host_views[(layer, e)] = host_weights(self.host_store.layout, self.host_store.weights(layer, e),
+                                                            self._int4_kernel)
+        return v
+
+    @property
+    def host_format(self):
+        return self._host_format
 
     def end_layer(self, layer: int) -> None:
         self.clock.mark(layer, 2)
         if self._release:  # later copies into these slots wait for this layer's reads (CUDA)
-            for _, slot, _ in self.protocol.in_use:
-                self.engine.slot_released(slot)
+            for _, slot, outcome in self.protocol.in_use:
+                if outcome is not Outcome.HOST:
+                    self.engine.slot_released(slot)
+        self._on_host = ()
         self.protocol.end_layer()
 
     def flush(self) -> None:
@@ -242,7 +290,9 @@ class OffloadedExperts(ExpertProvider):
         recs = list(self.engine.records)
         out = {k: getattr(st, k) for k in ("accesses", "hits", "late", "misses", "prefetch_issued",
                                            "prefetch_used", "prefetch_wasted", "prefetch_cancelled",
-                                           "evictions", "bytes_h2d")}
+                                           "evictions", "bytes_h2d", "host_computed", "fills")}
+        out["miss_policy"] = self.miss_policy
+        out["host_layers"] = sorted(self.protocol.host_layers)
         out["stall_s"] = sum(self.layer_stall_s)
         out["budget_slots"] = self.n_slots
         out["budget_bytes"] = self.n_slots * self.store.layout.nbytes

@@ -34,12 +34,18 @@ from moe_runtime.core.budget import BudgetFit, fit_budget, layer_demand, parse_b
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import integer
 from moe_runtime.core.model_config import load_config
-from moe_runtime.core.options import DEFAULT_BUDGET, OffloadOptions, option, parse_expert_source
+from moe_runtime.core.format_sizes import EXPERT_DTYPES, PLAIN
+from moe_runtime.core.host_profile import load_host
+from moe_runtime.core.options import DEFAULT_BUDGET, HybridOptions, OffloadOptions, option, parse_expert_source
 from moe_runtime.core.outputs import check_output
 from moe_runtime.model.checkpoint import checkpoint_dtype, expert_format
+from moe_runtime.model.device import check_fits
+from moe_runtime.model.formats import TORCH
 from moe_runtime.model.experts import HostExpertStore, ResidentExperts
 from moe_runtime.model.transformer import Transformer
+from moe_runtime.model.host_experts import host_threads
 from moe_runtime.offload.forced_routing import ForcedRouting, popularity_from_trace
+from moe_runtime.offload.host_costs import host_costs
 from moe_runtime.offload.packed import read_header
 from moe_runtime.offload.provider import OffloadedExperts
 from moe_runtime.offload.steps import SteppedModel, steps
@@ -52,8 +58,9 @@ from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
 
 
 @dataclass(frozen=True)
-class ExecutorOptions:
-    """The executor's settings beside the shared ``OffloadOptions`` (flags: the fields with one)."""
+class ExecutorOptions(HybridOptions):
+    """The executor's settings beside the shared ``OffloadOptions`` (flags: the fields with one): the hybrid
+    options the simulator shares (``HybridOptions``: miss policy, host layers, host profile) and its own."""
 
     read_depth: int = option(4, "--read-depth", type=integer(1, 1024), metavar="N",
                              help="reads from storage in flight at once")
@@ -66,14 +73,24 @@ class ExecutorOptions:
     record_trace: str | None = option(None, "--record-trace", metavar="FILE",
                                       help="record the routing (and predictions) to a trace")
     timeline: str | None = option(None, "--timeline", metavar="FILE", help="write a Perfetto/Chrome timeline JSON")
+    host_dtype: str | None = option(None, "--host-dtype", choices=lambda: [d for d in EXPERT_DTYPES if d != "auto"],
+                                    help="keep a second host copy of every expert in this format and compute the "
+                                         "host's experts from it (int8/int4 read fewer bytes; tokens then carry its "
+                                         "rounding); default: the host computes from the experts' own host copy")
+    host_threads: int | None = option(None, "--host-threads", type=integer(1, 4096), metavar="N",
+                                      help="threads the host computes its experts with (default: torch's; on a "
+                                           "CPU-only run every computation uses them)")
     chunk: int | None = None  # prefill in forwards of at most this many tokens (None: one forward)
     record: bool = False  # keep the routing in memory (``Run.recorder``) even without --record-trace
     check_finite: bool = True  # check experts read from disk for NaN/inf at their first read
+    force: bool = False  # --force: replace an output file that is not an earlier output of its kind (no option():
+    # an option field would turn offloading on, cli/offload.py)
 
     @property
-    def outputs(self) -> list[tuple[str, str]]:
-        """(path, flag) of every file the run writes."""
-        return [(p, f) for p, f in ((self.record_trace, "--record-trace"), (self.timeline, "--timeline")) if p]
+    def outputs(self) -> list[tuple[str, str, str]]:
+        """(path, flag, output kind of core/outputs.py) of every file the run writes."""
+        return [(p, f, k) for p, f, k in ((self.record_trace, "--record-trace", "trace"),
+                                          (self.timeline, "--timeline", "timeline")) if p]
 
 
 def budget_slots(opts: OffloadOptions, *, n_layers: int, n_experts: int, top_k: int, expert_bytes: int,
@@ -121,9 +138,9 @@ def preflight(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions, *,
     if opts is None:
         return
     inputs = [model_dir, parse_expert_source(opts.expert_source)[1], xopts.route_from_trace, xopts.popularity_trace,
-              xopts.adapters]  # an output never replaces one (core/outputs.py); kind/--force: see issue 24's report
-    for path, flag in xopts.outputs:  # before the decode: text that took minutes is not thrown away at the end
-        check_output(path, flag, inputs=inputs)
+              xopts.adapters]  # an output never replaces one, nor another kind of file without --force
+    for path, flag, kind in xopts.outputs:  # before the decode: text that took minutes is not thrown away at the end
+        check_output(path, flag, inputs=inputs, kind=kind, force=xopts.force)
     kind, packed = check_source(opts, device)
     if packed is not None:
         read_header(packed)  # a missing, foreign or truncated packed file is refused before loading
@@ -132,6 +149,20 @@ def preflight(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions, *,
     shape = dict(n_layers=cfg.n_moe_layers, n_experts=cfg.n_experts, top_k=cfg.top_k, expert_bytes=layout.nbytes,
                  batch=batch)
     budget_slots(opts, **shape)
+    xopts.host_layer_set(cfg.n_moe_layers)  # --n-host-layers past the model's MoE layers is refused
+    if xopts.computes_on_host:
+        if kind == "disk":
+            raise MoeError("host compute (--miss-policy host|auto, host layers) reads the experts' host copies; "
+                           "with --expert-source disk give --miss-policy copy")
+        host_layout = layout if xopts.host_dtype is None else host_format(cfg, xopts.host_dtype, layout)
+        if xopts.host_profile is not None:  # a bad profile is refused before loading
+            load_host(xopts.host_profile).format_of(host_layout.codec)
+        if xopts.host_dtype is not None:
+            check_fits(f"a second host copy of every expert in {xopts.host_dtype} (--host-dtype)",
+                       cfg.n_moe_layers * cfg.n_experts * host_layout.nbytes, "cpu")
+    elif xopts.host_dtype is not None:
+        raise MoeError("--host-dtype is the format the host computes its experts from: give --miss-policy host "
+                       "or auto, or host layers")
     if kind == "disk" and torch.device(device).type != "cpu":
         host_slots(opts, **shape)
     if batch > 1 and opts.predictor.startswith("recorded:"):
@@ -149,6 +180,7 @@ class Run:
     xopts: ExecutorOptions = field(default_factory=ExecutorOptions)
     recorder: TraceRecorder | None = None
     reads_from: str | None = None  # what the disk tier reads (the packed file, or the checkpoint's own files)
+    miss_costs: str | None = None  # hybrid runs: where the cost rule's figures came from (host_costs.py)
 
     @property
     def offloaded(self) -> bool:
@@ -170,6 +202,8 @@ class Run:
                    max_inflight=self.provider.cache.max_inflight)  # as fitted to the budget (core/budget.py)
         if self.reads_from is not None:
             out["reads_from"] = self.reads_from
+        if self.miss_costs is not None:
+            out["miss_costs"] = self.miss_costs
         if self.recorder is not None and x.record_trace:
             self.recorder.save(x.record_trace)
         if x.timeline is not None:
@@ -234,14 +268,29 @@ def build_run(model: Transformer, store: HostExpertStore, opts: OffloadOptions |
     tier_source, engine, reads_from = _tiers(opts, xopts, store, model_dir, device, n_slots, len(lens))
     if engine is not None:
         (make_engine, pool), source = engine, tier_source
+    host_layers, costs, miss_costs = xopts.host_layer_set(L), None, None
+    host_store = None
+    if xopts.computes_on_host:
+        host_threads(xopts.host_threads)
+        if xopts.host_dtype is not None and xopts.host_dtype != store.layout.codec:
+            host_store = store.converted(host_format(model.cfg, xopts.host_dtype, store.layout))
+        costs, miss_costs = host_costs(store, device, xopts.host_profile, host_store)
     provider = OffloadedExperts(
         store, device, n_slots, policy=opts.eviction, scope=opts.scope, predictor=predictor,
         prefetch_width=opts.prefetch_width, max_inflight=fit.inflight, future=future,
         popularity=popularity, timeline=xopts.timeline is not None, record_predictions=record_preds,
-        pool=pool, source=source, **({"make_engine": make_engine} if make_engine else {}))
+        pool=pool, source=source, miss_policy=xopts.policy, host_cost=costs, host_layers=host_layers,
+        host_store=host_store,
+        **({"make_engine": make_engine} if make_engine else {}))
     stepped = SteppedModel(model, provider, chunk=xopts.chunk, forced=forced, recorder=recorder,
                            predictor_name=opts.predictor if record_preds else None, lookahead=opts.lookahead)
-    return Run(provider, stepped, opts, xopts, recorder, reads_from)
+    return Run(provider, stepped, opts, xopts, recorder, reads_from, miss_costs)
+
+
+def host_format(cfg, host_dtype: str, layout):
+    """The format of ``--host-dtype`` copies: a float format computes in its own dtype (no conversion per
+    call), a quantized one in the model's compute dtype."""
+    return expert_format(cfg, host_dtype, TORCH[host_dtype] if host_dtype in PLAIN else layout.compute_dtype)
 
 
 def _popularity(opts: OffloadOptions, xopts: ExecutorOptions, forced: ForcedRouting | None, L: int, E: int,

@@ -19,6 +19,11 @@ ran. Several reads are in flight at once: ``threads`` reader threads share one
 priority queue (``os.preadv`` releases the GIL), each expert split into pieces
 that the threads read in parallel. A failed or short read wakes every waiter
 and surfaces on the compute thread as one MoeError line.
+
+Identity: a source that carries a CRC-32 (a packed record, ``packed.Located``)
+is checked once, by the reader thread that finishes its first read (zlib
+releases the GIL), and remembered; a mismatch is one MoeError line naming the
+layer and expert. Later reads of the record are not checked again.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import mmap
 import os
 import threading
 import time
+import zlib
 from collections import deque
 
 import numpy as np
@@ -82,11 +88,12 @@ class _Read:
     """One expert's read: its pieces (file, offset, nbytes, position in the slot) are read by any threads."""
 
     __slots__ = ("slot", "demand", "gen", "dst", "pieces", "next", "left", "priority", "cancelled", "t0", "fetched",
-                 "src", "check")
+                 "src", "check", "crc")
 
-    def __init__(self, slot, demand, gen, dst, pieces, src, check):
+    def __init__(self, slot, demand, gen, dst, pieces, src, check, crc):
         self.slot, self.demand, self.gen, self.dst, self.pieces = slot, demand, gen, dst, pieces
         self.src = src
+        self.crc = crc  # the CRC-32 the bytes must have at this first read of a packed record, else None
         self.check = check  # the slot's float dtype when its pieces are checked for NaN/inf as read, else None
         self.next = 0  # pieces started
         self.left = len(pieces)  # pieces not finished
@@ -107,11 +114,13 @@ class DiskReadEngine:
     needs_release = False  # the compute is synchronous on CPU
 
     def __init__(self, n_slots: int, paths: list[str], *, threads: int = 4, max_read: int,
-                 direct: bool = True, check_finite: bool = True) -> None:
-        """``check_finite``: the first read of each expert is checked for NaN/inf (a float expert)."""
+                 direct: bool = True, check_finite: bool = True, verify: bool = True) -> None:
+        """``check_finite``: the first read of each expert is checked for NaN/inf (a float expert);
+        ``verify``: the first read of each source with a CRC (a packed record) is checked against it."""
         self.paths = list(paths)
-        self.check_finite = check_finite
-        self._checked: set[tuple] = set()  # the sources (their segments) already checked
+        self.check_finite, self.verify = check_finite, verify
+        self._checked: set[tuple] = set()  # the sources (their segments) already checked for NaN/inf
+        self._verified: set[tuple] = set()  # the sources whose CRC matched
         self.fds, self.mode = open_files(self.paths, direct=direct)
         self.chunk = max(ALIGN, align_up(-(-max_read // threads)))
         self._done = [threading.Event() for _ in range(n_slots)]
@@ -150,7 +159,8 @@ class DiskReadEngine:
             # by value: a source object's id may be reused by another expert's once it is freed
             check = dst.dtype if self.check_finite and dst.is_floating_point() and tuple(src) not in self._checked \
                 else None
-            req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, check)
+            crc = getattr(src, "crc", None) if self.verify and tuple(src) not in self._verified else None
+            req = _Read(slot, demand, self._gen[slot], dst.view(torch.uint8).numpy(), pieces, src, check, crc)
             self._outstanding.add(slot)
             self._active[slot] = req
             heapq.heappush(self._heap, [req.priority, next(self._seq), req])
@@ -248,6 +258,16 @@ class DiskReadEngine:
                 # out, and one pass over a whole expert after its read would cost more than the read
                 if req.check is not None and not all_finite(piece_tensor(req, piece)):
                     raise ValueError(f"{getattr(req.src, 'name', 'an expert')} holds non-finite values (NaN or inf)")
+                with self._cv:
+                    req.fetched += fetched
+                    req.left -= 1
+                    last = req.left == 0
+                if not last:
+                    continue
+                # the record's last piece: its CRC over the whole slot, outside the lock (zlib releases the GIL)
+                if req.crc is not None and zlib.crc32(req.dst) != req.crc:
+                    raise ValueError(f"{getattr(req.src, 'name', 'an expert')} is damaged (its CRC-32 does not "
+                                     "match the one packed with it): run `moe-runtime pack` again")
             except BaseException as e:  # wake every waiter: a silent death would hang the compute
                 with self._cv:  # under the lock, so no submit after this can wait for a read nobody does
                     self._error = self._error or e
@@ -256,12 +276,10 @@ class DiskReadEngine:
                     self._cv.notify_all()
                 return
             with self._cv:
-                req.fetched += fetched
-                req.left -= 1
-                if req.left:
-                    continue
                 if req.check is not None:
                     self._checked.add(tuple(req.src))
+                if req.crc is not None:
+                    self._verified.add(tuple(req.src))
                 t1 = time.perf_counter() - self.base
                 self.bytes_read += req.fetched
                 self.records.append(CopyRecord(req.slot, req.demand, req.t0, t1, req.fetched, "read"))
@@ -303,7 +321,8 @@ def measure_read(path: str | list[str], segments: list, record_bytes: int, *, de
     engine the executor uses, so the figures include its hand-off. Returns (GB/s, seconds of the
     fastest of five single reads, mode); a latency is that time minus the record at the bandwidth."""
     pool = aligned_pool(depth, record_bytes, torch.uint8)
-    eng = DiskReadEngine(depth, [path] if isinstance(path, str) else list(path), threads=depth, max_read=record_bytes)
+    eng = DiskReadEngine(depth, [path] if isinstance(path, str) else list(path), threads=depth, max_read=record_bytes,
+                         verify=False)  # the link's rate, not the first read's CRC (docs/executor.md states it)
     try:
         t0, i, done = time.perf_counter(), 0, 0
         for s in range(depth):

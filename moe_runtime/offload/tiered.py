@@ -158,7 +158,7 @@ def three_tier_engine(make_reader: Callable[[int], object], segments: Callable[[
     """``make_engine(n_slots, device)`` for ``OffloadedExperts``: device copies by the device's copy engine
     from a host tier of ``host_slots`` experts (aligned for direct reads; pinned for CUDA copies), fed by
     ``make_reader(host_slots)``; the provider's ``source`` must give each expert's (layer, expert) key."""
-    from moe_runtime.offload.engines import make_copy_engine
+    from moe_runtime.offload.cuda_engine import make_copy_engine
     from moe_runtime.offload.storage import aligned_pool
 
     def make(n_slots: int, device) -> TieredEngine:

@@ -5,7 +5,9 @@ Contract:
 - ``disk_source(model_dir, store, packed=None)`` -> ``DiskSource``: the files to
   open and ``segments(layer, expert)``, each expert's byte ranges in slot order
   (``packed.py``). With a packed file, the file must match the model
-  (fingerprint, layers, experts, record size, dtype); without one, experts are
+  (fingerprint, layers, experts, record size, dtype) and the checkpoint's
+  weights (``weights_digest`` of its non-expert tensors; each record's CRC is
+  checked by the reader at its first read); without one, experts are
   read from the checkpoint's safetensors files where they lie, which works
   when the checkpoint stores them in the run's dtype and the plain w1|w3|w2
   layout, and is refused with a line that says to pack otherwise.
@@ -31,7 +33,7 @@ from moe_runtime.core.errors import MoeError
 from moe_runtime.core.model_config import load_config
 from moe_runtime.model.experts import HostExpertStore
 from moe_runtime.offload.packed import (SafetensorsLayout, Segment, check, config_fingerprint, read_header,
-                                        write_packed)
+                                        weights_digest, write_packed)
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -56,7 +58,7 @@ def disk_source(model_dir, store: HostExpertStore, packed: str | None = None) ->
     if packed is not None:
         hdr = read_header(packed)
         check(hdr, fingerprint=_fingerprint(model_dir), record_bytes=layout.nbytes, n_moe_layers=store.n_moe_layers,
-              n_experts=store.n_experts, dtype=layout.name)
+              n_experts=store.n_experts, dtype=layout.name, weights=weights_digest(SafetensorsLayout(model_dir)))
         return DiskSource([hdr.path], hdr.segments, f"packed file {hdr.path}")
     cfg = load_config(model_dir)
     names, st = cfg.family.names, SafetensorsLayout(model_dir)
@@ -111,6 +113,7 @@ def pack_model(model_dir, out, expert_dtype: str = "auto", dtype: torch.dtype | 
             yield buf.view(torch.uint8).numpy().reshape(cfg.n_experts, -1)
 
     write_packed(out, fingerprint=_fingerprint(model_dir), dtype=layout.name, record_bytes=layout.nbytes,
-                 n_moe_layers=probe.n_moe_layers, n_experts=cfg.n_experts, layers=layers())
+                 n_moe_layers=probe.n_moe_layers, n_experts=cfg.n_experts, layers=layers(),
+                 weights=weights_digest(SafetensorsLayout(model_dir)))
     return {"out": str(out), "experts": probe.n_moe_layers * cfg.n_experts, "record_bytes": layout.nbytes,
             "bytes": probe.nbytes, "dtype": layout.name}

@@ -68,10 +68,17 @@ class HiddenCapture(ExpertProvider):
     def capacity(self, layer: int) -> int:
         return self.inner.capacity(layer)
 
-    def experts(self, layer: int, ids: list[int], hidden: Tensor,
-                rankings: list[list[int]] | None = None) -> dict[int, ExpertWeights]:
+    def experts(self, layer: int, ids: list[int], hidden: Tensor, rankings: list[list[int]] | None = None,
+                counts: list[int] | None = None) -> dict[int, ExpertWeights]:
         self.hidden[layer] = hidden  # the model never writes into it (h = h + ... makes a new tensor)
-        return self.inner.experts(layer, ids, hidden, rankings)
+        return self.inner.experts(layer, ids, hidden, rankings, counts)
+
+    def on_host(self, layer: int) -> tuple[int, ...]:
+        return self.inner.on_host(layer)
+
+    @property
+    def host_format(self):
+        return self.inner.host_format
 
     def end_layer(self, layer: int) -> None:
         self.inner.end_layer(layer)
