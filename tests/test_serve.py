@@ -259,3 +259,31 @@ def test_chunked_prefill_keeps_the_running_streaming_and_is_exact(tiny, offloade
         r = httpx.post(url(server) + "/v1/completions", json={"prompt": long, "max_tokens": 8, "temperature": 0})
         assert r.json()["choices"][0]["token_ids"] == chunked(long, 8)
         assert server.engine.prefill_chunk == 4
+
+
+def test_a_request_cancelled_mid_prefill_frees_its_row(tiny):
+    """A long prompt cancelled between its chunks leaves at the next turn: its row serves the next request,
+    whose tokens are its solo decode."""
+    import torch
+
+    from moe_runtime.offload.session import load_run
+    from moe_runtime.serve.engine import Engine, Request
+
+    run = load_run(tiny, None, device="cpu", prompt_lens=[1])
+    eng = Engine(run, tokenizer=None, max_batch=1, max_len=96, max_queue=4, prefill_chunk=4)
+    got: list[int] = []
+    long = Request(list(range(10, 40)), 5, lambda ev: got.extend(getattr(ev, "token_ids", [])), temperature=0)
+    with torch.inference_mode():
+        eng.submit(long)
+        eng._step()
+        eng._step()
+        assert len(eng.prefilling) == 1 and not eng.free and not got
+        long.cancel()
+        eng._step()
+        assert not eng.prefilling and eng.free == [0] and eng.idle()
+        nxt = Request([20, 21, 22], 6, lambda ev: got.extend(ev.token_ids), temperature=0)
+        eng.submit(nxt)
+        while not eng.idle():
+            eng._step()
+    assert got == Solo(tiny)([20, 21, 22], 6)
+    run.finish()
