@@ -15,6 +15,8 @@ Contract:
 - A sequence leaves on EOS, a stop string, ``max_tokens``, or ``cancel()`` (a client that went away);
   its row is free for the next admission. Logits that become non-finite end that sequence only, with an
   error event (the HTTP side answers 500); its row is zeroed, so nothing of it reaches a later sequence.
+- Rows start over and are zeroed through the model's own interface, ``start_sequence(row)`` and
+  ``clear_row(row)`` (the Transformer's and the offloading executor's SteppedModel's).
 - Exactness: a greedy sequence's tokens are those of ``generate()`` on the same prompt whatever else runs
   (per-row attention, per-token experts; a lone sequence decodes through the very path ``generate`` uses).
   Each sequence samples from its own generator seeded with its ``seed``.
