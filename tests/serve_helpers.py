@@ -19,10 +19,11 @@ CONTEXT = 96
 
 
 @contextlib.contextmanager
-def serving(model_dir, opts=None, *, max_len: int = CONTEXT, **serve):
-    """A running server (resident when ``opts`` is None, else offloaded with those OffloadOptions)."""
+def serving(model_dir, opts=None, xopts=None, *, max_len: int = CONTEXT, **serve):
+    """A running server (resident when ``opts`` is None, else offloaded with those OffloadOptions and the
+    executor's ``xopts``)."""
     sopts = ServeOptions(port=0, drain_timeout=serve.pop("drain_timeout", 5.0), **serve)
-    run = load_run(model_dir, opts, device="cpu", prompt_lens=[1] * sopts.max_batch)
+    run = load_run(model_dir, opts, xopts, device="cpu", prompt_lens=[1] * sopts.max_batch)
     server = Server(model_dir, run, sopts, tokenizer=load_tokenizer(model_dir), template=ChatTemplate.load(model_dir),
                     max_len=max_len)
     server.start_background()

@@ -159,6 +159,24 @@ def test_offloaded_serving_gives_the_resident_tokens_and_counts_experts(tiny, so
     assert metric(page, "moe_bytes_copied_total") > 0
 
 
+def test_hybrid_serving_gives_the_resident_tokens_and_counts_host_experts(tiny, solo):
+    """--miss-policy host with no predictor: every miss is computed on the host, nothing is copied, and the
+    metrics say so (host-computed = misses)."""
+    from moe_runtime.offload.session import ExecutorOptions
+
+    opts = OffloadOptions(budget="50%", eviction="lru", predictor="none")
+    with serving(tiny, opts, ExecutorOptions(miss_policy="host"), max_batch=2) as server:
+        tok = server.engine.tokenizer
+        for p in PROMPTS[:2]:
+            r = httpx.post(url(server) + "/v1/completions", timeout=60,
+                           json={"prompt": tok.encode(p).ids, "max_tokens": 8, "temperature": 0})
+            assert r.json()["choices"][0]["token_ids"] == solo(tok.encode(p).ids, 8)
+        page = httpx.get(url(server) + "/metrics").text
+    misses = metric(page, "moe_expert_misses_total")
+    assert misses > 0 and metric(page, "moe_expert_host_computed_total") == misses
+    assert metric(page, "moe_bytes_copied_total") == 0
+
+
 def test_cli_refuses_options_that_need_the_future(run_cli, tiny):
     for flags, word in ((["--eviction", "belady"], "belady"), (["--predictor", "oracle"], "oracle"),
                         (["--route-from-trace", "x.npz"], "route-from-trace")):

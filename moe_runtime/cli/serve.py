@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     # the budget is checked for a batch of --max-batch sequences before any weight is loaded
     run = load_run(args.model, opts, xopts, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                    prompt_lens=[1] * sopts.max_batch, max_new_tokens=1)
+    if run.miss_costs:  # hybrid: where the cost rule's figures came from, as generate prints it
+        print(f"[{run.miss_costs}]", file=sys.stderr)
     server = Server(args.model, run, sopts, tokenizer=tokenizer, template=template, max_len=max_len)
     print(f"serve: {Path(args.model).name} on http://{sopts.host}:{sopts.port} ({'offloaded' if opts else 'resident'}, "
           f"batch {sopts.max_batch}, context {max_len}{'' if template else ', no chat template'})", file=sys.stderr)

@@ -63,6 +63,6 @@ def provider_counts(provider) -> dict[str, float]:
     st = provider.cache.stats
     out = {"hits": st.hits, "misses": st.misses, "late": st.late, "bytes_h2d": st.bytes_h2d,
            "stall_s": sum(provider.layer_stall_s)}
-    out["host_computed"] = getattr(st, "host_computed", 0)  # hybrid execution's count, where it exists
+    out["host_computed"] = st.host_computed
     out["bytes_read"] = getattr(provider.engine, "bytes_read", 0)
     return out
