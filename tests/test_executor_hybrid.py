@@ -145,18 +145,23 @@ def test_host_compute_with_experts_on_disk_is_refused():
         OffloadedExperts(empty, "cpu", 8, miss_policy="host", host_cost=COSTS, source=lambda m, e: None)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_cuda_engine_fills_and_hybrid_decisions_on_a_fake_cuda(fake_cuda, seed):
+@pytest.mark.parametrize("lazy_wait", [False, True])
+@pytest.mark.parametrize("seed", range(24))
+def test_cuda_engine_fills_and_hybrid_decisions_on_a_fake_cuda(fake_cuda, monkeypatch, seed, lazy_wait):
     """The CUDA engine's fills (chunks in idle moments, a promoted fill's rest on the demand stream) under
     ``auto``: an expert the device computes is never in a slot whose copy has neither completed nor been
-    waited on, and the host's experts take no slot."""
+    waited on, nor one whose fill is unfinished, and the host's experts take no slot. ``lazy_wait``: the
+    compute stream's wait does not complete the copy at once (as on a real GPU), so a fill that starts on a
+    slot whose previous copy was reaped but not yet reported must not be reported done early."""
     import random
 
     import torch
 
     from moe_runtime.model.experts import ExpertLayout
     from moe_runtime.offload.cuda_engine import CudaCopyEngine
-    from test_offload_fake_cuda import E, K, L, FakeEvent, RandomPredictor
+    from test_offload_fake_cuda import E, K, L, FakeEvent, FakeStream, RandomPredictor
+    if lazy_wait:
+        monkeypatch.setattr(FakeStream, "wait_event", lambda self, ev: None)
     rng = random.Random(seed)
     FakeEvent.rng = random.Random(seed)
     store = HostExpertStore(ExpertLayout(8, 4, torch.float32), E, K, list(range(L)), pin=False)
@@ -181,7 +186,8 @@ def test_cuda_engine_fills_and_hybrid_decisions_on_a_fake_cuda(fake_cuda, seed):
                     assert got[e][0].data_ptr() == store.weights(m, e)[0].data_ptr()  # the host copy, in place
                     continue
                 slot = prov.cache.slot_of[(m, e)]
-                assert engine._end[slot].done, f"slot {slot} used before its copy finished or was waited on"
+                assert not any(f[0] == slot for f in engine._fills), f"slot {slot} computed mid-fill"
+                assert lazy_wait or engine._end[slot].done, f"slot {slot} used before its copy finished or waited on"
             prov.end_layer(m)
     r = prov.finish()
     assert r["hits"] + r["late"] + r["misses"] == r["accesses"] == 10 * L * K

@@ -67,6 +67,7 @@ class CudaCopyEngine:
         return out
 
     def fill(self, slot: int, src: Tensor, dst: Tensor) -> None:
+        self._retire(slot)  # before its first chunk re-records the slot's start event
         self._fills.append([slot, src, dst, 0])
         self._pump()
 
@@ -104,6 +105,8 @@ class CudaCopyEngine:
                 return
 
     def wait(self, slot: int) -> None:
+        if not self.is_done(slot) and slot not in self._on_stream:
+            self.promote(slot)  # still queued: its end event is not recorded yet, so waiting on it would not wait
         # the compute stream (not the CPU) waits here, for this slot's copy event only
         torch.cuda.current_stream(self.device).wait_event(self._end[slot])
         self._reap()  # keep the prefetch stream fed
@@ -130,13 +133,8 @@ class CudaCopyEngine:
     def _launch(self, stream, slot: int, src: Tensor, dst: Tensor, demand: bool, offset: int = 0) -> None:
         """Put the copy of ``src[offset:]`` into ``dst`` on ``stream`` (offset > 0: a fill's rest, whose
         start event and release wait were recorded with its first chunk)."""
-        if slot in self._reaped:  # that report was of the slot's previous copy: never report it for this one
-            self._reaped.remove(slot)
-        if slot in self._on_stream:
-            # CPU waits on the GPU here (rare): the slot's previous copy was used and released before a
-            # poll saw it complete; its events are about to be re-recorded, so read its times first
-            self._end[slot].synchronize()
-            self._complete(slot)
+        if not offset:
+            self._retire(slot)
         with torch.cuda.stream(stream):
             if not offset:
                 self._begin(stream, slot)
@@ -145,6 +143,16 @@ class CudaCopyEngine:
         self._on_stream[slot] = (demand, src.numel() * src.element_size())
         if not demand:
             self._prefetch_on_stream += 1
+
+    def _retire(self, slot: int) -> None:
+        """Forget the slot's previous copy before a new one re-records its events."""
+        if slot in self._reaped:  # that report was of the slot's previous copy: never report it for this one
+            self._reaped.remove(slot)
+        if slot in self._on_stream:
+            # CPU waits on the GPU here (rare): the slot's previous copy was used and released before a
+            # poll saw it complete; its events are about to be re-recorded, so read its times first
+            self._end[slot].synchronize()
+            self._complete(slot)
 
     def _begin(self, stream, slot: int) -> None:
         if self._ever_used[slot]:
