@@ -283,6 +283,30 @@ def test_cuda_hybrid_logits_within_tolerance_of_resident(family, miss_policy):
     assert generate(stepped, provider, PROMPT, NEW).token_ids == ref_tokens
 
 
+@pytest.mark.parametrize("family,miss_policy", [("mixtral", "host"), ("deepseek_v2", "auto"), ("gpt_oss", "host")])
+def test_the_gpus_split_path_run_on_a_cpu(monkeypatch, family, miss_policy):
+    """The GPU's path (the host's experts summed apart, from the layer's input taken before the device's
+    kernels, and added once), forced on a CPU: every forward's logits within LOGIT_TOLERANCE of the
+    resident model's, with host layers and batched routing, and the host really computed."""
+    import torch
+
+    from moe_runtime.model.transformer import MoeBlock
+    monkeypatch.setattr(MoeBlock, "host_apart", staticmethod(lambda x: True))
+    model, store, _, _ = reference(family, "cpu")
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    tokens, pos = torch.tensor(PROMPT), torch.arange(len(PROMPT))
+    resident = SteppedModel(model, ResidentExperts(store, "cpu"))
+    resident.setup_cache(len(PROMPT) + 1)
+    ref = resident(tokens, pos, resident.provider)
+    provider = OffloadedExperts(store, "cpu", L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT,
+                                miss_policy=miss_policy, host_cost=COSTS, host_layers=frozenset({0}))
+    stepped = SteppedModel(model, provider)
+    stepped.setup_cache(len(PROMPT) + 1)
+    got = stepped(tokens, pos, provider)
+    assert 0 < (got - ref).abs().max().item() < LOGIT_TOLERANCE or torch.equal(got, ref)
+    assert provider.finish()["host_computed"] > 0
+
+
 # --host-dtype: the host computes from a second copy in another format, so its experts carry that rounding.
 # Stated tolerance, as the largest |logit difference| over the largest |logit| of the prompt's forward with
 # every expert computed on the host: bf16 and int8 copies within 1%, int4 within 10% (measured on these tiny

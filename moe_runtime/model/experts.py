@@ -132,6 +132,11 @@ class ExpertProvider(abc.ABC):
         """The ids of the last ``experts`` call at ``layer`` to compute on the host (hybrid execution)."""
         return ()
 
+    def may_host(self, layer: int) -> bool:
+        """Whether any ``experts`` call at ``layer`` may send experts to the host (its miss policy is not
+        copy-only, or the layer is a host layer)."""
+        return False
+
     @property
     def host_format(self) -> ExpertFormat | None:
         """The format of the host copies the ``on_host`` experts are computed from, when it is not the

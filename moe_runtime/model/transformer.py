@@ -182,6 +182,13 @@ class MoeBlock(nn.Module):
 
     # -- routed experts: the host's part --
 
+    @staticmethod
+    def host_apart(x: Tensor) -> bool:
+        """Whether the host computes its experts apart from the device's (a GPU run), rather than in the
+        device's own loop (a CPU run, where the device is the host: exact tokens). Tests set it to run the
+        GPU's path on a CPU."""
+        return x.device.type != "cpu"
+
     def experts(self, r: Routed, provider: ExpertProvider, fmt: ExpertFormat, out: Tensor | None = None) -> Tensor:
         """The routed experts' weighted sum [N, H] (into ``out`` when given, e.g. a graph's static buffer).
 
@@ -204,13 +211,19 @@ class MoeBlock(nn.Module):
         else:  # (token, rank) positions grouped by expert id, on the device: slicing it needs no further sync
             by_expert = torch.argsort(r.ids.flatten(), stable=True)  # [N*k]
             flat_w = r.weights.reshape(-1)  # [N*k]
+        # a GPU run whose host may compute experts: the layer's input and weights come to the host now, while
+        # the stream holds nothing after them (the ids were just read); later, they would wait behind the
+        # copies the provider's waits put on the stream and behind the device's experts
+        apart = self.host_apart(r.x)
+        host_in = None if not apart or not provider.may_host(m) else (
+            r.x.to("cpu"), r.weights.reshape(-1).to("cpu"), torch.argsort(torch.tensor(flat_ids), stable=True))
         for wave in waves:
             experts = provider.experts(m, wave, r.h, rankings, [counts[e] for e in wave])
             host = provider.on_host(m)
             hfmt = provider.host_format if host else None  # the host copies' format, when not the model's
             # the host's experts: on a CPU run the device is the host and they join the loop below (the same
             # kernels in the same order: the tokens stay exact); on a GPU the host computes them meanwhile
-            away = host if r.x.device.type != "cpu" else ()
+            away = host if apart else ()
             ordered = sorted(wave)
             start = sum(n for e, n in counts.items() if e < ordered[0])
             # accumulate in expert-id order, as HF does, so sums round identically (waves continue the order)
@@ -231,7 +244,7 @@ class MoeBlock(nn.Module):
                 y = (fmt.forward(xs, experts[e]) if f is fmt else host_forward(f, xs, experts[e])) * flat_w[slots, None]
                 out.index_add_(0, tok, y.to(dt) if cast or f is not fmt else y)
             if away:  # the device's kernels above are queued; the host computes its experts meanwhile
-                y = self._host_sum(r, away, experts, hfmt or fmt, flat_ids, k, dt)
+                y = self._host_sum(host_in, away, experts, hfmt or fmt, counts, k, dt)
                 # the one wait of a hybrid layer: the device adds the host's sum after its own experts
                 # (copying it in waits for the host to finish them; the device's queue ran meanwhile)
                 out.add_(y.to(out.device, non_blocking=True))
@@ -239,15 +252,17 @@ class MoeBlock(nn.Module):
         return out
 
     @staticmethod
-    def _host_sum(r: Routed, host, experts: dict, fmt: ExpertFormat, flat_ids: list[int], k: int,
+    def _host_sum(host_in, host, experts: dict, fmt: ExpertFormat, counts: Counter, k: int,
                   dt: torch.dtype) -> Tensor:
         """The weighted sum [N, H] of the experts ``host`` computed by the host CPU from their host copies
-        (``host_forward``), in ascending id order, on host tensors."""
-        x = r.x.to("cpu")  # [N, H]: the ids were read already, so this waits for nothing more
-        w = r.weights.reshape(-1).to("cpu")  # [N*k]
+        (``host_forward``), in ascending id order, on host tensors. ``host_in``: the layer's input [N, H],
+        its flat routing weights [N*k] and the (token, rank) positions grouped by expert id [N*k], on the
+        host."""
+        x, w, by_expert = host_in
         acc = torch.zeros(x.shape, dtype=dt)  # [N, H]
         for e in sorted(host):
-            idx = torch.tensor([i for i, f in enumerate(flat_ids) if f == e])  # (token, rank) positions
+            start = sum(n for f, n in counts.items() if f < e)
+            idx = by_expert[start: start + counts[e]]  # (token, rank) positions of expert e
             tok = idx // k
             y = host_forward(fmt, x[tok], experts[e]) * w[idx, None]  # [n_e, H]
             acc.index_add_(0, tok, y.to(dt))

@@ -227,6 +227,9 @@ class OffloadedExperts(ExpertProvider):
     def on_host(self, layer: int) -> tuple[int, ...]:
         return self._on_host
 
+    def may_host(self, layer: int) -> bool:
+        return self.miss_policy != "copy" or layer in self.protocol.host_layers
+
     def _host_view(self, layer: int, e: int):
         v = self._host_views.get((layer, e))
         if v is None:

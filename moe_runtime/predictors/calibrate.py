@@ -76,6 +76,9 @@ class HiddenCapture(ExpertProvider):
     def on_host(self, layer: int) -> tuple[int, ...]:
         return self.inner.on_host(layer)
 
+    def may_host(self, layer: int) -> bool:
+        return self.inner.may_host(layer)
+
     @property
     def host_format(self):
         return self.inner.host_format
