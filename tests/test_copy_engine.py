@@ -134,3 +134,32 @@ def test_a_fill_pauses_for_a_demand_copy_and_a_promoted_fill_finishes_first():
         assert [r.slot for r in eng.records[2:]] == [2, 1, 3]
     finally:
         eng.close()
+
+
+def test_a_resumed_fill_keeps_its_place_and_its_progress_counts():
+    """A fill paused for a demand copy resumes ahead of the fills queued after it; ``ready_in`` of a running
+    fill is the part of its copy still to go (by offset), not its whole time less the time since it first
+    started (which counted its pause as progress)."""
+    eng = ThreadCopyEngine(n_slots=4)
+    a_src, a_dst = torch.arange(16_000_000, dtype=torch.float32), torch.empty(16_000_000)  # 64 MB
+    b_src, b_dst = torch.ones(1000), torch.empty(1000)
+    try:
+        eng.fill(0, a_src, a_dst)
+        while eng.is_queued(0):
+            time.sleep(0.0005)
+        eng.fill(1, b_src, b_dst)
+        eng.submit(2, torch.full((1000,), 2.0), torch.empty(1000), demand=True)
+        eng.wait(2)
+        eng.wait(0)
+        eng.wait(1)
+        assert torch.equal(a_dst, a_src) and torch.equal(b_dst, b_src)
+        order = [r.slot for r in eng.records]
+        assert order.index(0) < order.index(1)  # A (paused or not) before B, queued after it
+        # the worker is idle now: a fill a quarter done that first started long ago has three quarters to go
+        eng._running = [2, 0, 3, a_src, a_dst, False, False, 1, 4_000_000, -1e6]
+        assert eng.ready_in(3, 1.0) == pytest.approx(0.75)
+        eng._running[0], eng._running[8] = 0, 0  # a one-piece copy that started long ago: done by now
+        assert eng.ready_in(3, 1.0) == 0.0
+        eng._running = None
+    finally:
+        eng.close()

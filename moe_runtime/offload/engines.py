@@ -131,9 +131,11 @@ class ThreadCopyEngine:
             if slot in self._queued:
                 return None
             run = self._running
-            if run is not None and run[2] == slot:  # running: its full time less what has elapsed
-                started = run[9]
-                return max(copy_s - (0.0 if started is None else self.clock() - self.base - started), 0.0)
+            if run is not None and run[2] == slot:
+                left = copy_s * (1 - run[8] / max(run[3].numel(), 1))  # the part not copied yet
+                if run[0] == 2 or run[8] or run[9] is None:  # a fill (or a fill's rest) moves by chunks: offset
+                    return left
+                return max(left - (self.clock() - self.base - run[9]), 0.0)  # one piece: less the time it ran
             return 0.0
 
     def poll(self) -> list[int]:
@@ -231,8 +233,7 @@ class ThreadCopyEngine:
             entry[8] = min(a + step, n)
             with self._cv:
                 if entry[8] < n and entry[0] == 2 and any(e[0] < 2 for e in self._queued.values()):
-                    self._running = None
-                    entry[1] = next(self._seq)
+                    self._running = None  # it keeps its sequence number: ahead of the fills queued after it
                     self._queued[entry[2]] = entry
                     heapq.heappush(self._heap, entry)
                     return False
