@@ -141,8 +141,23 @@ def test_batched_decode_equals_resident(miss_policy):
 def test_host_compute_with_experts_on_disk_is_refused():
     model, store, _, _ = reference("mixtral")
     empty = HostExpertStore(store.layout, store.n_experts, store.top_k, store.model_layers, allocate=False)
+    import threading
+    before = sum(t.name == "moe-copy" for t in threading.enumerate())
     with pytest.raises(MoeError, match="host memory"):
         OffloadedExperts(empty, "cpu", 8, miss_policy="host", host_cost=COSTS, source=lambda m, e: None)
+    assert sum(t.name == "moe-copy" for t in threading.enumerate()) == before  # refused before its copy thread
+
+
+def test_a_host_store_in_the_models_own_format_keeps_the_exact_path():
+    """``host_store`` given in the model's own int4 format (no second format) on a CPU: the host computes
+    in the model's loop from plain views, not the int4 kernel's repacked ones, and the tokens are exact."""
+    model, store, ref_tokens, _ = reference("mixtral", "cpu", "int4")
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
+    provider = OffloadedExperts(store, "cpu", L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT, miss_policy="host",
+                                host_cost=COSTS, host_store=store)
+    assert provider.host_format is None
+    assert generate(SteppedModel(model, provider), provider, PROMPT, NEW).token_ids == ref_tokens
+    assert provider.finish()["host_computed"] > 0
 
 
 @pytest.mark.parametrize("lazy_wait", [False, True])

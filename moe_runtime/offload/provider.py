@@ -110,6 +110,9 @@ class OffloadedExperts(ExpertProvider):
         ``miss_policy``, ``host_cost`` and ``host_layers``: hybrid execution (core/protocol.py); the
         experts the protocol sends to the host are computed from the store's host copies, or from
         ``host_store``'s (the same experts in another format: ``--host-dtype``)."""
+        if (miss_policy != "copy" or host_layers) and not store.holds_experts:
+            raise MoeError("host compute (--miss-policy host|auto, host layers) needs the experts in host "
+                           "memory; with --expert-source disk use --miss-policy copy")
         self.store, self.device = store, torch.device(device)
         self.n_moe_layers, self.top_k = store.n_moe_layers, store.top_k
         layout = store.layout
@@ -130,9 +133,6 @@ class OffloadedExperts(ExpertProvider):
         self.engine = make_engine(self.n_slots, self.device)
         self._release = getattr(self.engine, "needs_release", True)
         self.clock = LayerClock(self.n_moe_layers, self.device, self.engine.base)
-        if (miss_policy != "copy" or host_layers) and not store.holds_experts:
-            raise MoeError("host compute (--miss-policy host|auto, host layers) needs the experts in host "
-                           "memory; with --expert-source disk use --miss-policy copy")
         self.copy_s = host_cost.copy_s if host_cost is not None else 0.0
         self.protocol = LayerProtocol(self.cache, self, predictor, prefetch_width=prefetch_width,
                                       record_predictions=record_predictions, miss_policy=miss_policy,
@@ -141,7 +141,7 @@ class OffloadedExperts(ExpertProvider):
         self.host_store = host_store or store
         self._host_format = None if host_store is None or host_store.layout == store.layout else host_store.layout
         self._host_views: dict[Key, object] = {}  # host views of experts computed on the host, built once each
-        self._int4_kernel = uses_int4_kernel(self.host_store.layout, self.device, host_store is not None)
+        self._int4_kernel = uses_int4_kernel(self.host_store.layout, self.device, self._host_format is not None)
         self._on_host: tuple[int, ...] = ()
         self.predictor, self.prefetching = predictor, self.protocol.prefetching
         self.width = self.protocol.width
