@@ -14,6 +14,13 @@
   best the hybrid can do *with Belady's residency*: a policy that also skips
   caching some misses could miss less, so it is a figure to compare with, not a
   proven lower bound; with no host profile for the format it is left out.
+- hybrid floor (``hybrid_floor_*``, ``hybrid_floor``; reported by runs that
+  compute on the host): host compute also takes work off the device, so a
+  hybrid run can beat the all-resident time and both figures above. The floor
+  is proven for the replay's rule: each layer takes at least max(the device's
+  time without the experts given to the host, the host's time for them),
+  minimised over every choice of them (``CostModel.hybrid_floor_s``), plus
+  each step's dense layers and head; copies and waits only add to it.
 
 ``belady_misses`` follows the runtime ``ExpertCache``'s rules with the
 ``belady`` policy and no prefetch exactly (tests/test_sim_bounds.py checks it
@@ -220,3 +227,13 @@ def bounds(ids, *, n_slots: int, scope: str, n_moe_layers: int, expert_bytes: in
                                           "c = one copy at aggregate bandwidth, h = the host's time for one expert "
                                           "at one token; with Belady's residency")
     return out
+
+
+def hybrid_floor(cost, w, host_s) -> dict:
+    """The proven bound of a run that computes experts on the host (``CostModel.hybrid_floor_s`` of the
+    workload ``w``; ``host_s(n)``: the host's seconds for one expert at n tokens)."""
+    floor = cost.hybrid_floor_s(w.n_tokens, w.ctx_sum, w.n_unique, w.counts, host_s)
+    return {"hybrid_floor_s": floor, "hybrid_floor_tokens_per_s": int(w.n_tokens.sum()) / floor,
+            "hybrid_floor_definition": "host compute: per layer, the least over every set of experts given to the "
+                                       "host of max(device time without them, host time for them), plus the "
+                                       "per-step dense layers and head; no copies, no waits"}

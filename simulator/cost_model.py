@@ -113,3 +113,39 @@ class CostModel:
         layer = self.scale * self._roofline(self._moe_flops(n, c), self._moe_bytes(n, c, u))
         overhead = self.scale * self._overhead(n[:, 0], c[:, 0])
         return StepCosts(np.ascontiguousarray(layer, dtype=np.float64), np.asarray(overhead, dtype=np.float64))
+
+    def hybrid_floor_s(self, n_tokens, ctx_sum, n_unique, counts, host_s) -> float:
+        """Seconds no run that computes experts on the host beats on these steps (``Replay``'s rule): a layer
+        takes at least max(the device's time without the experts it gives the host, the host's time for
+        them), here minimised over every set of k of its experts for each k (the device's time with the k
+        largest token counts removed, the host's with the k cheapest), plus each step's overhead; copies,
+        waits and predictor time add to it, never take from it. ``counts``: [S][L] tokens per expert (None:
+        one each); ``host_s(n)``: the host's seconds for one expert at n tokens."""
+        s = self.spec
+        u = np.asarray(n_unique, dtype=np.int64)
+        S, L = u.shape
+        U = int(u.max(initial=0))
+        cnt = np.zeros((S, L, U))
+        if counts is None:
+            cnt[np.arange(U)[None, None, :] < u[:, :, None]] = 1.0
+        else:
+            for i, row in enumerate(counts):
+                for j, c in enumerate(row):
+                    cnt[i, j, :len(c)] = c
+        valid = np.arange(U)[None, None, :] < u[:, :, None]
+        distinct = np.unique(cnt[valid]) if valid.any() else np.ones(1)
+        times = np.array([host_s(int(n)) for n in distinct], dtype=np.float64)
+        at = np.minimum(np.searchsorted(distinct, cnt), len(distinct) - 1)
+        host = np.where(valid, times[at], np.inf)  # a padding entry is no expert: never given to the host
+        zero = np.zeros((S, L, 1))
+        host_k = np.concatenate([zero, np.cumsum(np.sort(host, axis=2), axis=2)], axis=2)  # [S, L, U+1]
+        tokens_k = np.concatenate([zero, np.cumsum(-np.sort(-cnt, axis=2), axis=2)], axis=2)
+        n = np.asarray(n_tokens, dtype=np.float64)[:, None, None]
+        c = np.asarray(ctx_sum, dtype=np.float64)[:, None, None]
+        k = np.arange(U + 1)[None, None, :]
+        flops = self._moe_flops(n, c) - tokens_k * s.expert_flops_per_token
+        nbytes = self._moe_bytes(n, c, u[:, :, None] - k)
+        device_k = self.scale * self._roofline(flops, nbytes)
+        layer = np.maximum(device_k, host_k).min(axis=2)
+        overhead = self.scale * self._overhead(n[:, 0, 0], c[:, 0, 0])
+        return float(layer.sum() + overhead.sum())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -31,8 +32,9 @@ from moe_runtime.core.config_files import short
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import integer, number
 from moe_runtime.core.format_sizes import CODECS
+from moe_runtime.core.host_profile import load_host
 from moe_runtime.core.options import MemoryOptions
-from moe_runtime.core.outputs import check_output, write_text_atomic
+from moe_runtime.core.outputs import FORCE_HELP, check_output, write_text_atomic
 from moe_runtime.core.shapes import ModelSpec, load_model_spec
 
 from .device import load_device
@@ -77,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="throughput: tokens/s at --batch; latency: seconds per token at batch 1 "
                         "(default throughput)")
     p.add_argument("--out", default="plan.yaml", help="where to write the best configuration (default plan.yaml)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--seed", type=integer(0), default=0, help="seed of synthetic traces and noisy-oracle")
 
@@ -89,6 +92,12 @@ def model_spec(name) -> ModelSpec:
             raise MoeError(f"{name}/config.json: not valid JSON ({e})") from None
         return ModelSpec.from_hf_config(cfg, name=Path(name).name)
     return load_model_spec(name)
+
+
+def plan_inputs(args, host_profile) -> list:
+    """The paths this run reads (names of bundled files are no paths and match nothing that exists)."""
+    paths = [args.model, args.device, host_profile, args.trace, args.predictor_quality, args.adapters]
+    return [p for p in paths if p and os.path.lexists(p)]
 
 
 def build_space(spec, args, quality: dict, cpu: bool = False) -> Space:
@@ -156,15 +165,16 @@ def plan_options(row: dict, args) -> dict:
 
 def run(args) -> int:
     t0 = time.perf_counter()
-    if args.out:
-        check_output(args.out, "--out")
+    host_profile, host_why = (args.host_profile, "given") if args.host_profile else default_host_profile()
+    if args.out:  # before the work: the plan never replaces an input of its run, nor another kind of file
+        check_output(args.out, "--out", inputs=plan_inputs(args, host_profile), kind="plan", force=args.force)
     if args.objective == "latency" and args.batch != 1:
         raise MoeError("--objective latency is seconds per token of one sequence: give --batch 1 (or throughput)")
     spec = model_spec(args.model)
     device = load_device(args.device)
     if args.device_memory:
         device = replace(device, memory_gib=args.device_memory)
-    host_profile, host_why = (args.host_profile, "given") if args.host_profile else default_host_profile()
+    load_host(host_profile)  # its own error line now, not every hybrid point failing later for it
     ram = int(args.host_ram * 2**30) if args.host_ram else host_ram_bytes()
     ram_why = "given" if args.host_ram else "this machine's"
     quality = load_predictor_quality(args.predictor_quality) if args.predictor_quality else {}
@@ -210,6 +220,7 @@ def summary(planner, best, plain, choice, args, host_profile, host_why, ram, ram
             "batch": args.batch, "context": args.context, "objective": args.objective, "trace": choice.words,
             "trace_kind": choice.kind, "tokens_replayed": int(planner.workload.n_tokens.sum()),
             "simulated": len(planner.rows), "pruned": planner.pruned, "not_runnable": planner.invalid,
+            "not_runnable_why": planner.why_none() if planner.reasons else "",
             "wall_s": wall, "best": entry(best), "default": entry(plain),
             "top": [entry(r) for r in planner.top(5)], **modelled}
 
@@ -247,13 +258,14 @@ def print_result(planner, r: dict, args) -> None:
         v = f"{1e3 * e['seconds_per_token']:9.2f}" if lat else f"{e['tokens_per_s']:9.2f}"
         print(f"  {i:>2} {v} {e['bound_tokens_per_s']:8.2f} {e['ratio_to_default']:9.2f} {g(m['device_bytes']):>9} "
               f"{g(m['host_experts_bytes']):>7} {g(m['disk_bytes']):>7}  {e['config']}")
-    if any(e["tokens_per_s"] > e["bound_tokens_per_s"] for e in r["top"]):
-        print("  (bound: for copy-only rows Belady's misses at full bandwidth; for hybrid rows bounds.py's hybrid "
-              "figure, which host compute can exceed: it also takes work off the device)")
+    print("  (bound: copy-only rows, Belady's misses at full bandwidth; rows that compute on the host, the "
+          "device's and the host's compute split at best, no copies)")
     d = r["default"]
     print(f"  plain default (LRU, no prefetch, copy-only, largest budget that fits): {d['tokens_per_s']:.2f} tok/s")
     print(f"  simulated {r['simulated']} configurations, pruned {r['pruned']} by their bound, "
           f"{r['not_runnable']} not runnable; {r['tokens_replayed']} tokens each; {r['wall_s']:.1f} s")
+    if r["not_runnable_why"]:
+        print(f"  not runnable: {r['not_runnable_why']}")
     if args.out:
         print(f"wrote {args.out}: run it with  moe-runtime generate --config {args.out} --model CHECKPOINT_DIR "
               "--prompt ...", file=sys.stdout)

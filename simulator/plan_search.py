@@ -7,18 +7,20 @@ for a disk tier's host budget), so that one point means the same thing for
 every expert format. ``Planner.evaluate`` turns a point into ``ReplayOptions``
 (router-based predictors become ``noisy-oracle`` with their measured recall
 and precision), replays it on the plan's workload and returns its row;
-``Planner.bound`` is the cheap cached bound of the same point (bounds.py: the
-copy-only bound for ``copy``, the hybrid one otherwise), computed without a
-replay.
+``Planner.bound`` is the cheap cached bound of the same point in its own
+expert format (bounds.py: the copy-only bound for ``copy``, the hybrid floor
+for points that compute on the host), computed without a replay; a row's
+``bound_tokens_per_s`` is the same bound, so no row is above it.
 
 ``Planner.search`` is cyclic coordinate ascent from the plain default and the
 hybrid default: for each axis in turn, the best point so far with that axis
-changed is replayed unless it is copy-only and its copy-only bound is not
-above the best score so far (pruned; the hybrid figure is not a proven bound,
-so hybrid points are always replayed), and the best is kept; it stops when every other axis has been
+changed is replayed unless its bound is not above the best score so far
+(pruned), and the best is kept; it stops when every other axis has been
 scanned since the last improvement (no axis can improve alone), or after
-``max_rounds`` passes. The
-answer is the best point simulated (ties: the earlier one). ``Planner.run_all``
+``max_rounds`` passes. The answer is the best point simulated (ties: the
+earlier one). A point that cannot run is counted with its reason
+(``reasons``); a search where none of the starting points runs says the first
+reasons. ``Planner.run_all``
 replays every point of a space (the exhaustive comparison of
 ``benchmarks/plan.py``).
 
@@ -36,7 +38,7 @@ from moe_runtime.core.errors import MoeError
 from moe_runtime.core.memory import memory_plan
 from moe_runtime.core.policies import EVICTION_POLICIES
 
-from .bounds import BoundsCache, bounds, trace_digest
+from .bounds import BoundsCache, bounds, hybrid_floor, trace_digest
 from .cost_model import CostModel
 from .plan_inputs import ROUTER_PREDICTORS, quality_at
 from .replay import Replay, ReplayOptions, build_workload
@@ -137,6 +139,8 @@ class Planner:
         self.rows: dict[tuple, dict] = {}  # point key -> row (every point simulated)
         self.pruned = 0
         self.invalid = 0
+        self.floors: dict[tuple, dict] = {}  # (expert format, source) -> its hybrid floor (bounds.hybrid_floor)
+        self.reasons: dict[str, int] = {}  # why points could not run: message -> points, first seen first
         self.sim_wall_s = 0.0
 
     # -- memory ------------------------------------------------------------------------------
@@ -196,24 +200,30 @@ class Planner:
         return Replay(self.trace, self.cost, self.options(point), workload=self.workload, fit_check=True)
 
     def bound(self, point: Point) -> float:
-        """Tokens/s no run of ``point`` beats (bounds.py; hybrid bound when it computes on the host). Only the
-        copy-only bound is a proven one: see ``prunable``."""
+        """Tokens/s no run of ``point`` beats, in its own expert format (bounds.py): copy-only, Belady's misses
+        at full bandwidth; computing on the host, the hybrid floor (the same for every such point of one
+        format: it ranges over every choice of host experts)."""
         r = self.replay(point)
+        if r.opts.computes_on_host:
+            key = (point.expert_dtype, point.expert_source)
+            if key not in self.floors:
+                self.floors[key] = hybrid_floor(r.cost, self.workload, r.host_cost.host_s)
+            return self.floors[key]["hybrid_floor_tokens_per_s"]
         n_tok = int(self.workload.n_tokens.sum())
-        hybrid = r.opts.computes_on_host
         b = bounds(self.workload.ids, n_slots=r.n_slots, scope=r.opts.scope, n_moe_layers=self.trace.n_layers,
                    expert_bytes=r.expert_bytes, compute_s=r.resident_s, n_tokens=n_tok,
                    h2d_bytes_per_s=r._link_bytes_per_s(), copy_engines=r.link_engines,
                    key=BoundsCache.key(self.digest, r.n_slots, r.opts.scope, self.trace.n_tokens, self.batch),
-                   cache=self.bounds_cache, host_expert_s=r._host_expert_s() if hybrid else None)
-        return b["best_hybrid_tokens_per_s"] if hybrid and "best_hybrid_tokens_per_s" in b else b["best_tokens_per_s"]
+                   cache=self.bounds_cache)
+        return b["best_tokens_per_s"]
 
     @staticmethod
-    def prunable(point: Point) -> bool:
-        """Only copy-only points are pruned: their bound (Belady's misses at full bandwidth, all overlapped)
-        holds for any policy; the hybrid figure does not (host compute also takes work off the device, so a
-        hybrid run can beat even the all-resident time), so hybrid points are always replayed."""
-        return point.miss_policy == "copy" and not point.n_host_layers
+    def row_bound(rep: dict) -> float:
+        """The proven bound of a replay's report: the hybrid floor when it computed on the host (host compute
+        takes work off the device, so the copy-only bound and the all-resident time do not hold), else the
+        copy-only bound."""
+        b = rep["bounds"]
+        return b["hybrid_floor_tokens_per_s"] if "hybrid_floor_tokens_per_s" in b else b["best_tokens_per_s"]
 
     def evaluate(self, point: Point) -> dict:
         """Replay ``point`` (once; later calls return the same row)."""
@@ -222,10 +232,7 @@ class Planner:
         t = time.perf_counter()
         rep = self.replay(point).run()
         self.sim_wall_s += time.perf_counter() - t
-        b = rep["bounds"]
-        bound = b.get("best_hybrid_tokens_per_s", b["best_tokens_per_s"]) if rep["miss_policy"] != "copy" or \
-            rep["host_layers"] else b["best_tokens_per_s"]
-        row = {"point": point, "tokens_per_s": rep["tokens_per_s"], "bound_tokens_per_s": bound,
+        row = {"point": point, "tokens_per_s": rep["tokens_per_s"], "bound_tokens_per_s": self.row_bound(rep),
                "n_slots": rep["n_slots"], "expert_bytes": rep["expert_bytes"], "memory": rep["memory"],
                "host_slots": self.host_slots(point), "hits": rep["hits"], "misses": rep["misses"],
                "host_computed": rep.get("host_computed", 0), "options": rep["options"], "order": len(self.rows)}
@@ -237,23 +244,42 @@ class Planner:
         if point.key() in self.rows:
             return self.rows[point.key()]
         try:
-            if best is not None and self.prunable(point) and self.bound(point) <= best:
+            if best is not None and self.bound(point) <= best:
                 self.pruned += 1
                 return None
             return self.evaluate(point)
-        except MoeError:
+        except MoeError as e:
             self.invalid += 1
+            self.reasons[str(e)] = self.reasons.get(str(e), 0) + 1
             return None
 
     # -- search --------------------------------------------------------------------------------
+    def fits_device(self, expert_dtype) -> bool:
+        """The device holds the dense weights, the KV cache, the workspace and the smallest expert budget."""
+        return self.memory(expert_dtype).free_for_experts >= \
+            self.minimum_slots() * self.fmt_spec(expert_dtype).expert_bytes
+
     def plain(self, space: Space) -> Point:
-        """The plain default in ``space``: LRU, no prefetch, copy-only, the largest budget that fits, on the
-        first source of the space that holds the experts."""
-        for src, share in space.sources:
-            p = replace(PLAIN, expert_source=src, host_share=share)
-            if self.fits_host(p):
-                return p
+        """The plain default in ``space``: LRU, no prefetch, copy-only, the largest budget that fits, in the
+        first expert format of the space (the model's own first) that fits the device and, on the first
+        source of the space that holds its experts, the host."""
+        for d in space.expert_dtypes:
+            if not self.fits_device(d):
+                continue
+            for src, share in space.sources:
+                p = replace(PLAIN, expert_dtype=d, expert_source=src, host_share=share)
+                if self.fits_host(p):
+                    return p
         return replace(PLAIN, expert_source=space.sources[0][0], host_share=space.sources[0][1])
+
+    def why_none(self) -> str:
+        """The first distinct reasons points could not run, for the error of a search that found none."""
+        if not self.reasons:
+            return "no point was tried"
+        cut = lambda m: m if len(m) <= 160 else m[:157] + "..."  # noqa: E731 (the line stays one line)
+        first = [f"{cut(m)} ({n} point{'s' * (n != 1)})" for m, n in list(self.reasons.items())[:2]]
+        more = len(self.reasons) - len(first)
+        return "; ".join(first) + (f"; and {more} other reason(s)" if more > 0 else "")
 
     def search(self, space: Space, max_rounds: int = 4) -> dict:
         """Coordinate ascent over ``space`` from the plain and the hybrid defaults (module docstring)."""
@@ -265,7 +291,7 @@ class Planner:
             if row is not None and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
                 best = row
         if best is None:
-            raise MoeError("no configuration of the search space can run here (see the memory above)")
+            raise MoeError(f"no configuration of the search space can run here: {self.why_none()}")
         axes = [values for _, values in space.axes()]
         since, scans = -1, 0  # axes scanned since the last improvement (the improving one included: 0)
         while since < len(axes) - 1 and scans < max_rounds * len(axes):
@@ -295,8 +321,7 @@ class Planner:
     def check_runnable(self, space: Space) -> None:
         """MoeError naming the numbers when no configuration can run: device memory, then host RAM."""
         g = size
-        fits = [d for d in space.expert_dtypes
-                if self.memory(d).free_for_experts >= self.minimum_slots() * self.fmt_spec(d).expert_bytes]
+        fits = [d for d in space.expert_dtypes if self.fits_device(d)]
         if not fits:
             d = space.expert_dtypes[-1]
             mem, need = self.memory(d), self.minimum_slots() * self.fmt_spec(d).expert_bytes
@@ -308,8 +333,11 @@ class Planner:
                 "more --device-memory")
         disk = any(s == "disk" for s, _ in space.sources)
         if not disk and not any(self.fits_host(Point(expert_dtype=d)) for d in fits):
-            d = fits[-1]
+            d = min(fits, key=lambda x: self.fmt_spec(x).total_expert_bytes)
+            names = {x or self.spec.expert_dtype or self.spec.dtype for x in space.expert_dtypes}
+            shrink = "" if "int4" in names else "--allow-dtype int4 to shrink them, "
             raise MoeError(
-                f"{self.spec.name}'s experts ({g(self.fmt_spec(d).total_expert_bytes)}) do not fit in host RAM: "
-                f"{g(self.host_ram)} less a {HOST_RAM_RESERVE:.0%} reserve leaves {g(self.host_avail)}; give --disk "
-                "to keep them on storage, --allow-dtype int4 to shrink them, or --host-ram")
+                f"{self.spec.name}'s experts ({g(self.fmt_spec(d).total_expert_bytes)}"
+                f"{' in ' + d if d else ''}) do not fit in host RAM: {g(self.host_ram)} less a "
+                f"{HOST_RAM_RESERVE:.0%} reserve leaves {g(self.host_avail)}; give --disk to keep them on storage, "
+                f"{shrink}or --host-ram")

@@ -66,7 +66,7 @@ from moe_runtime.core.predictors import PREDICTORS, ROUTER_BASED, PredictorOptio
 from moe_runtime.core.timeline import Timeline
 from moe_runtime.traces import PHASE_DECODE
 
-from .bounds import BoundsCache, bounds, trace_digest
+from .bounds import BoundsCache, bounds, hybrid_floor, trace_digest
 from .copies import AnalyticCopies, EventCopies, LockstepCopies, wake_at
 from .tiers import HostTier
 from .cost_model import CostModel, StepCosts
@@ -418,5 +418,6 @@ class Replay:
                              host_expert_s=self._host_expert_s()),
             "wall_s": wall, "accesses_per_wall_s": stats["accesses"] / wall if wall > 0 else float("inf"),
         }
+        if self.host_cost is not None:  # host compute takes work off the device: its own proven bound
+            rep["bounds"].update(hybrid_floor(self.cost, self.w, self.host_cost.host_s))
         return rep
-

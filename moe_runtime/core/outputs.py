@@ -96,6 +96,7 @@ KINDS: dict[str, Callable[[bytes], bool]] = {
     "host profile": lambda head: head.startswith(b"# Host profile written from") and b"memory_bandwidth_gbps:" in head,
     "adapters": lambda head: b"moe-offload/aligned-adapters" in head[:65536],
     "plot": lambda head: head.startswith(b"\x89PNG"),
+    "plan": lambda head: head.startswith(b"# moe-sim plan: ") and b"\nexpected:" in head,
 }
 
 
