@@ -12,6 +12,10 @@ disk tier and host budget with ``--disk``), prints the five best with their
 predicted tokens/s, bound, memory per tier and ratio to the plain default, and
 writes the best as YAML (``--out``, default plan.yaml): the options under their
 field names, which ``moe-runtime generate --config`` takes, plus ``expected:``.
+The file starts ``# moe-sim plan: `` (the ``plan`` kind of core/outputs.py):
+``--out`` never replaces an input of the run, and replaces another kind of
+file only with ``--force``. The inputs (device, host profile, trace, predictor
+quality) are checked before the search, each with its own error line.
 
 Objectives: ``throughput`` maximises aggregate tokens/s at ``--batch``;
 ``latency`` minimises seconds per token of one sequence (batch 1; every
