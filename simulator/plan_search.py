@@ -33,7 +33,11 @@ import itertools
 import time
 from dataclasses import dataclass, replace
 
-from moe_runtime.core.budget import check_budget, layer_demand, minimum_slots, parse_bytes
+from moe_runtime.core.budget import (
+    layer_demand,
+    minimum_slots,
+    parse_bytes,
+)
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.memory import memory_plan
 from moe_runtime.core.policies import EVICTION_POLICIES
@@ -276,8 +280,8 @@ class Planner:
         """The first distinct reasons points could not run, for the error of a search that found none."""
         if not self.reasons:
             return "no point was tried"
-        cut = lambda m: m if len(m) <= 160 else m[:157] + "..."  # noqa: E731 (the line stays one line)
-        first = [f"{cut(m)} ({n} point{'s' * (n != 1)})" for m, n in list(self.reasons.items())[:2]]
+        first = [f"{m if len(m) <= 160 else m[:157] + '...'} ({n} point{'s' * (n != 1)})"
+                 for m, n in list(self.reasons.items())[:2]]  # each cut: the error stays one short line
         more = len(self.reasons) - len(first)
         return "; ".join(first) + (f"; and {more} other reason(s)" if more > 0 else "")
 

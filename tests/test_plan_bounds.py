@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from test_plan import planner
 
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.shapes import load_model_spec
@@ -12,8 +13,6 @@ from simulator import cli
 from simulator.cost_model import CostModel
 from simulator.device import load_device
 from simulator.plan_search import Space
-
-from test_plan import planner
 
 INT4_TOTAL = 26 * 64 * 4_866_048  # deepseek-v2-lite's routed experts in int4 (8.10 GB); bf16 is 28.79 GB
 
@@ -77,7 +76,7 @@ def test_hybrid_floor_by_hand():
     head = float(cost.scale * cost._overhead(np.array([1.0]), np.array([10.0]))[0])
     for h in (0.4 * one, 3 * one):
         want = min(full, max(without[0], h), max(without[1], 2 * h)) + head
-        got = cost.hybrid_floor_s([1], [10], np.array([[2]]), None, lambda n: h)
+        got = cost.hybrid_floor_s([1], [10], np.array([[2]]), None, lambda n, h=h: h)
         assert got == pytest.approx(want)
     assert cost.hybrid_floor_s([1], [10], np.array([[2]]), None, lambda n: 1e9) == pytest.approx(full + head)
 

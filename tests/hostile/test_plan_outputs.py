@@ -64,7 +64,7 @@ def test_plan_says_what_is_wrong_with_its_host_profile(sim, tmp_path, text, word
     if text is not None:
         hp = tmp_path / "host.yaml"
         hp.write_text(text)
-    code, out, err = sim("plan", "--model", "deepseek-v2-lite", "--device", "rtx-4060-8gb", "--host-ram", "64",
-                         "--host-profile", hp, "--out", tmp_path / "p.yaml")
+    code, _, err = sim("plan", "--model", "deepseek-v2-lite", "--device", "rtx-4060-8gb", "--host-ram", "64",
+                       "--host-profile", hp, "--out", tmp_path / "p.yaml")
     line = assert_one_error(code, err, "moe-sim", *words)
     assert "no configuration" not in line and not (tmp_path / "p.yaml").exists()
