@@ -12,12 +12,11 @@ import argparse
 import json
 import sys
 
-from dataclasses import replace
 
 from moe_runtime.core.options import DEFAULT_BUDGET, DEFAULT_HOST_PROFILE, DEFAULT_MISS_POLICY
 from moe_runtime.core.flags import add_option_flags, options_from_args
 from moe_runtime.core.errors import ArgumentParser, run_cli
-from moe_runtime.core.outputs import FORCE_HELP, check_output, write_json_atomic
+from moe_runtime.core.outputs import FORCE_HELP, check_output, check_output_dir, write_json_atomic
 from moe_runtime.core.timeline import Timeline
 
 from .bounds import DEFAULT_CACHE_DIR, BoundsCache
@@ -28,12 +27,13 @@ from .sweep import MAX_POINTS
 
 def run_replay(args) -> int:
     opts = options_from_args(ReplayOptions, args)
-    if opts.miss_policy is None:  # the command's default (options built in code copy; options.py)
-        opts = replace(opts, miss_policy=DEFAULT_MISS_POLICY["command"])
+    opts = opts.for_source(opts.source_kind)  # the command's miss policy (options built in code copy; options.py)
     inputs = [args.trace, args.device, args.model, args.bounds_cache]  # names that are no path match nothing
     for flag, path, kind in (("--out", args.out, "replay report"), ("--timeline", args.timeline, "timeline")):
         if path:  # before the work: a report that cannot be written, or would replace an input, is refused now
             check_output(path, flag, inputs=inputs, kind=kind, force=args.force)
+    if args.bounds_cache:  # a folder of small files: never a file, a bundled folder or an input
+        check_output_dir(args.bounds_cache, "--bounds-cache", inputs=[args.trace, args.device, args.model])
     trace, spec = load_inputs(args.trace, args.model, opts.tokens)
     device = load_device(args.device)
     timeline = Timeline("moe-sim") if args.timeline else None
@@ -68,9 +68,10 @@ def run_replay(args) -> int:
         print(f"  host computed {rep['host_computed']:,} experts in {rep['host_s']:.3f} s of host time; fills "
               f"{rep['fills']:,}")
     m = rep["memory"]
-    print(f"  device memory {m['device_bytes'] / 1e9:.2f} GB: dense {m['dense_bytes'] / 1e9:.2f} + KV "
-          f"{m['kv_bytes'] / 1e9:.2f} (context {m['context']} x batch {m['batch']}) + workspace "
-          f"{m['workspace_bytes'] / 1e9:.2f} + experts {rep['budget_bytes'] / 1e9:.2f} GB")
+    used = m["dense_bytes"] + m["kv_bytes"] + m["workspace_bytes"] + rep["budget_bytes"]
+    print(f"  device memory: dense {m['dense_bytes'] / 1e9:.2f} + KV {m['kv_bytes'] / 1e9:.2f} (context "
+          f"{m['context']} x batch {m['batch']}) + workspace {m['workspace_bytes'] / 1e9:.2f} + experts "
+          f"{rep['budget_bytes'] / 1e9:.2f} = {used / 1e9:.2f} GB of the device's {m['device_bytes'] / 1e9:.2f} GB")
     print(f"  compute {rep['compute_s']:.3f} s + stall {rep['stall_s']:.3f} s"
           + (f" + waiting for the host {rep['host_wait_s']:.3f} s" if rep["host_wait_s"] else "")
           + f" = {rep['total_s']:.3f} s -> {rep['tokens_per_s']:.2f} tokens/s")
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "directory (default: the trace's meta.model)")
     add_option_flags(r.add_argument_group("offloading and replay options"), ReplayOptions,
                      default_note={"budget": DEFAULT_BUDGET["replay"].replace("%", "%%"),
-                                   "miss_policy": DEFAULT_MISS_POLICY["command"],
+                                   "miss_policy": f"{DEFAULT_MISS_POLICY['command']} (copy with --expert-source disk)",
                                    "host_profile": DEFAULT_HOST_PROFILE}, executor=False)
     r.add_argument("--json", action="store_true", help="print the full report as JSON")
     r.add_argument("--out", default=None, help="also write the JSON report to this file (atomically)")

@@ -142,6 +142,9 @@ class Experiment:
                     check_number("n_host_layers", x, lo=0, hi=4096, integer=True)
                 elif not isinstance(x, str) or not x:
                     raise MoeError(f"{f} must hold names, got {short(x)}")
+        if self.expert_source == "disk":  # the executor's rule: experts on disk are copied, never host-computed
+            for mp, nh in itertools.product(self.axis("miss_policies"), self.axis("n_host_layers")):
+                ReplayOptions(miss_policy=mp, n_host_layers=nh).for_source("disk")
 
     def size(self) -> int:
         """The grid's points, counted without building them ("none" once per lookahead list)."""
@@ -163,7 +166,8 @@ class Experiment:
         v = getattr(self, f)
         if v is not None:
             return v
-        return {"miss_policies": (DEFAULT_MISS_POLICY["command"],), "host_profiles": (None,),
+        return {"miss_policies": ("copy" if self.expert_source == "disk" else DEFAULT_MISS_POLICY["command"],),
+                "host_profiles": (None,),
                 "n_host_layers": (0,)}[f]
 
     def options(self, budget, eviction, predictor, lookahead, scope, miss_policy=DEFAULT_MISS_POLICY["command"],

@@ -172,6 +172,7 @@ class Replay:
         self.disk, self.host_slots = opts.source_kind == "disk", None
         self.link_engines, self.link_s, self.link_idle_s = dev.copy_engines, self.copy_s, 0.0
         if self.disk:
+            opts.for_source("disk")  # host compute reads the host copies: refused with experts on disk, as in the executor
             if not dev.has_storage:
                 raise MoeError(f"--expert-source disk needs the device profile's storage link; {dev.name} has "
                                "none (read_bandwidth_gbps, read_latency_us, read_queue_depth: `moe-runtime "
@@ -344,7 +345,10 @@ class Replay:
                 "decode_steps": int(decode.sum()), "decode_stall": float(np.asarray(self.step_stall)[decode].sum())}
 
     def _host_expert_s(self) -> float | None:
-        """The host's time for one expert at one token (the hybrid bound's host rate), or None."""
+        """The host's time for one expert at one token (the hybrid bound's host rate), or None (also with
+        experts on disk, where the host computes none)."""
+        if self.disk:
+            return None
         if self.host_cost is not None:
             return self.host_cost.host_s(1)
         host = load_host(self.opts.host_profile or DEFAULT_HOST_PROFILE)

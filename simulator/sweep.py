@@ -146,7 +146,8 @@ def _run(exp, store, results, trace_paths, workers, backend, address, tqdm, plot
           f"{where}{eta}; "
           f"trace{'s' if exp.traces else ''} {', '.join(exp.trace_list())}"
           + (f" (first {exp.tokens} tokens)" if exp.tokens else ""))
-    bar = tqdm(total=len(todo), unit="point", dynamic_ncols=True)
+    done_first = int(first_s is not None)  # the bar counts the point run for the estimate too
+    bar = tqdm(total=len(todo) + done_first, initial=done_first, unit="point", dynamic_ncols=True)
     pool = None
     try:
         if backend == "ray" and todo:

@@ -165,7 +165,10 @@ class SweepStore:
             name = prev.get("experiment", {}).get("name") if isinstance(prev.get("experiment"), dict) else None
             if not isinstance(rows, list):
                 raise TypeError("'results' is not a list")
-        except (ValueError, KeyError, TypeError, RecursionError, OSError, AttributeError) as e:
+        except KeyError as e:  # str() of a KeyError is the key's repr in quotes
+            raise MoeError(f"{path}: not a sweep results file (no {e.args[0]!r} field); delete it or use another "
+                           "--out") from None
+        except (ValueError, TypeError, RecursionError, OSError, AttributeError) as e:
             raise MoeError(f"{path}: not a sweep results file ({short(str(e), 80)}); delete it or use another "
                            "--out") from None
         self._check_owner(path, name, fp)

@@ -43,7 +43,7 @@ def test_file_values_run_and_flags_override(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("text, words", [
     ("budget: '8'\nbatch_size: 4\n", "unknown option(s) batch_size"),
-    ("lookahead: two\n", "lookahead"),
+    ("lookahead: two\n", "lookahead must be an integer, got 'two'"),
     ("eviction: clairvoyant\n", "unknown eviction policy 'clairvoyant'"),
     ("- budget\n", "must be a mapping"),
     ("expected: 3\n", "expected must be a mapping"),
@@ -54,6 +54,11 @@ def test_bad_files_are_refused_in_one_line(tiny, tmp_path, capsys, text, words):
     code, out, err = generate(tiny, cfg, capsys)
     errors = [ln for ln in err.splitlines() if ln.startswith("moe-runtime: error:")]
     assert code == 2 and out == "" and len(errors) == 1 and words in errors[0] and "Traceback" not in err, err
+
+
+def test_a_missing_config_file_is_not_found(tiny, tmp_path, capsys):
+    code, out, err = generate(tiny, tmp_path / "nope.yaml", capsys)
+    assert code == 2 and out == "" and err.strip().endswith("nope.yaml: file not found"), err
 
 
 def test_generate_runs_with_exactly_the_plans_options(tiny, tmp_path, capsys, monkeypatch):

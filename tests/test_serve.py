@@ -39,12 +39,12 @@ def test_openai_client_both_endpoints_plain_and_streaming(tiny, solo):
         assert [m.id for m in client.models.list().data] == [tiny.name]
         ids = server.engine.tokenizer.encode("Hello").ids
         want = solo(ids, 8)
-        c = client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0,
+        c = client.completions.create(model=tiny.name, prompt="Hello", max_tokens=8, temperature=0,
                                       presence_penalty=0, user="t", stream_options=None)
         assert c.choices[0].token_ids == want
         assert c.choices[0].text == server.engine.tokenizer.decode([t for t in want if t != 2])
         assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(ids), len(want))
-        chunks = list(client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0,
+        chunks = list(client.completions.create(model=tiny.name, prompt="Hello", max_tokens=8, temperature=0,
                                                 stream=True, stream_options={"include_usage": True}))
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
         assert chunks[-1].usage.completion_tokens == len(want)
@@ -54,22 +54,22 @@ def test_openai_client_both_endpoints_plain_and_streaming(tiny, solo):
         prompt = ChatTemplate.load(tiny).render(msgs)
         assert prompt == "<s><|system|>Be brief.<|user|>Hi there<|assistant|>"
         chat_ids = server.engine.tokenizer.encode(prompt, add_special_tokens=False).ids
-        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, seed=1)
+        r = client.chat.completions.create(model=tiny.name, messages=msgs, max_tokens=6, temperature=0, seed=1)
         assert r.choices[0].token_ids == solo(chat_ids, 6)
         assert r.choices[0].message.role == "assistant"
         text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
-            model="m", messages=msgs, max_tokens=6, temperature=0, stream=True))
+            model=tiny.name, messages=msgs, max_tokens=6, temperature=0, stream=True))
         assert text == r.choices[0].message.content
         # seeded sampling repeats; logprobs come back for the chosen tokens
-        a, b = (client.completions.create(model="m", prompt="Hi", max_tokens=6, temperature=0.9, seed=7,
+        a, b = (client.completions.create(model=tiny.name, prompt="Hi", max_tokens=6, temperature=0.9, seed=7,
                                           logprobs=2) for _ in range(2))
         assert a.choices[0].token_ids == b.choices[0].token_ids
         assert len(a.choices[0].logprobs.token_logprobs) == len(a.choices[0].token_ids)
         assert all(lp <= 0 for lp in a.choices[0].logprobs.token_logprobs)
         # a stop string ends the text before it
-        full = client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+        full = client.completions.create(model=tiny.name, prompt="Hello", max_tokens=8, temperature=0).choices[0].text
         stop = full[3:5]
-        s = client.completions.create(model="m", prompt="Hello", max_tokens=8, temperature=0, stop=[stop])
+        s = client.completions.create(model=tiny.name, prompt="Hello", max_tokens=8, temperature=0, stop=[stop])
         assert s.choices[0].text == full[:full.find(stop)] and s.choices[0].finish_reason == "stop"
 
 

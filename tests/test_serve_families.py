@@ -30,9 +30,9 @@ def served(request, tmp_path_factory):
 
 
 def test_completion_equals_solo_decode(served):
-    family, _, solo, server, client = served
+    family, model, solo, server, client = served
     ids = server.engine.tokenizer.encode("Experts on the host").ids
-    c = client.completions.create(model=family, prompt="Experts on the host", max_tokens=6, temperature=0)
+    c = client.completions.create(model=model.name, prompt="Experts on the host", max_tokens=6, temperature=0)
     want = solo(ids, 6)
     assert c.choices[0].token_ids == want, family
     assert c.usage.completion_tokens == len(want)
@@ -44,7 +44,7 @@ def test_streamed_chat_equals_solo_decode(served):
     msgs = [{"role": "user", "content": "Which expert?"}]
     prompt = ChatTemplate.load(model).render(msgs)
     ids = server.engine.tokenizer.encode(prompt, add_special_tokens=False).ids
-    chunks = list(client.chat.completions.create(model=family, messages=msgs, max_tokens=5, temperature=0,
+    chunks = list(client.chat.completions.create(model=model.name, messages=msgs, max_tokens=5, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     got = [t for ch in chunks if ch.choices for t in (ch.choices[0].model_extra or {}).get("token_ids", [])]
     assert got == solo(ids, 5), family

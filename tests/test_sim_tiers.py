@@ -181,3 +181,32 @@ def test_profile_measures_the_storage_link(run_cli, tiny_mixtral, tmp_path, monk
     assert len(links) == 1 and links[0] is not None and d["copy_slowdown"] >= 0
     assert "storage reads" in d["source"]
     assert device_from_dict(d).has_storage  # the simulator takes it as written
+
+
+def test_experts_on_disk_are_copied_as_in_the_executor(capsys, tmp_path):
+    """The executor's rule in the simulator: with experts on disk the commands' miss policy is copy, host
+    compute is refused in one line (replay, sweep and code), and no hybrid bound is reported (a newcomer saw
+    every miss 'computed on the host' with 0 GB read from storage)."""
+    dev = tmp_path / "disk.yaml"
+    dev.write_text(yaml.safe_dump(dataclasses.asdict(disk_device()) | {"name": "t4-disk"}))
+    code, out, err = _sim(capsys, "replay", "--trace", LAW, "--device", dev, "--tokens", "30", "--expert-source",
+                          "disk", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["miss_policy"] == "copy" and rep["host_computed"] == 0 and rep["bytes_read"] > 0
+    assert "best_hybrid_tokens_per_s" not in rep["bounds"]
+    for flags in (["--miss-policy", "host"], ["--miss-policy", "auto"], ["--miss-policy", "copy", "--n-host-layers",
+                                                                           "2"]):
+        code, out, err = _sim(capsys, "replay", "--trace", LAW, "--device", dev, "--tokens", "30",
+                              "--expert-source", "disk", *flags)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "give --miss-policy copy" in err
+    exp = tmp_path / "e.yaml"
+    exp.write_text(yaml.safe_dump({"name": "e", "trace": LAW, "tokens": 30, "budgets": ["25%"], "evictions": ["lru"],
+                                   "predictors": ["none"], "devices": [str(dev)], "expert_source": "disk",
+                                   "out": str(tmp_path / "out"), "miss_policies": ["copy", "auto"]}))
+    code, _, err = _sim(capsys, "sweep", exp, "--workers", "1")
+    assert code == 2 and err.count("\n") == 1 and "give --miss-policy copy" in err
+    assert not (tmp_path / "out" / "results.json").exists()
+    trace, spec = load_inputs(LAW, tokens=30)
+    with pytest.raises(MoeError, match="give --miss-policy copy"):
+        Replay(trace, CostModel(spec, disk_device()), ReplayOptions(expert_source="disk", miss_policy="host"))

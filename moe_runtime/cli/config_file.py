@@ -69,8 +69,12 @@ def _convert_one(key: str, value, action: argparse.Action):
         raise MoeError(f"{key} must be a single value, got {short(value)}")
     try:
         v = action.type(str(value)) if action.type is not None else str(value)
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+    except argparse.ArgumentTypeError as e:
         raise MoeError(f"{key}: {e}") from None
+    except (ValueError, TypeError):  # a plain type (int, float): its message would name the Python call
+        kind = getattr(action.type, "__name__", "value")
+        raise MoeError(f"{key} must be {'an integer' if kind == 'int' else 'a number' if kind == 'float' else 'a ' + kind}"
+                       f", got {short(value)}") from None
     if action.choices is not None and v not in action.choices:
         raise MoeError(f"{key} must be one of {', '.join(map(str, action.choices))}, got {short(value)}")
     return v

@@ -79,9 +79,6 @@ def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max
 
 
 def run(args: argparse.Namespace) -> int:
-    sources = describe_sources(args)
-    if sources:  # before the run: which values the file set and which flags overrode it
-        print(f"[{sources}]", file=sys.stderr)
     if not Path(args.model).is_dir():  # load_model's words, said before config.json is read for the checks
         raise MoeError(f"model directory not found: {args.model}")
     tokenizer = load_tokenizer(args.model)
@@ -105,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     # a budget below the minimum is refused before any weight is loaded
     run = load_run(args.model, opts, xopts, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
                    prompt_lens=[len(p) for p in prompts], max_new_tokens=args.max_new_tokens)
+    sources = describe_sources(args)
+    if sources:  # once the settings passed their checks: which values the file set and which flags overrode it
+        print(f"[{sources}]", file=sys.stderr)
     if run.miss_costs:  # hybrid: where the cost rule's figures came from (a profile, or measured just now)
         print(f"[{run.miss_costs}]", file=sys.stderr)
     try:

@@ -9,7 +9,6 @@ None when no offloading flag differs from its default: every expert resident, th
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 from moe_runtime.core.flags import add_option_flags, option_fields, options_from_args
 from moe_runtime.core.options import DEFAULT_BUDGET, DEFAULT_MISS_POLICY, OffloadOptions, parse_expert_source
@@ -36,10 +35,9 @@ def run_options(args: argparse.Namespace, **executor) -> tuple[OffloadOptions | 
     The miss policy left unset is the commands' default (auto), except with experts on disk: copy (host
     compute reads the experts' host copies)."""
     opts = options_from_args(OffloadOptions, args) if offloading(args) else None
-    xopts = options_from_args(ExecutorOptions, args, **executor)
-    if xopts.miss_policy is None and opts is not None:
-        disk = parse_expert_source(opts.expert_source)[0] == "disk"
-        xopts = replace(xopts, miss_policy="copy" if disk else DEFAULT_MISS_POLICY["command"])
+    xopts = options_from_args(ExecutorOptions, args, config_file=getattr(args, "config", None), **executor)
+    if opts is not None:
+        xopts = xopts.for_source(parse_expert_source(opts.expert_source)[0])
     return opts, xopts
 
 

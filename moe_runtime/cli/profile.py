@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -56,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeError("--device cuda requested but CUDA is not available")
+    inputs = [args.model, args.model_config, parse_expert_source(args.expert_source)[1]]
     if args.out:
-        check_output(args.out, "--out", inputs=[args.model, args.model_config, parse_expert_source(
-            args.expert_source)[1]], kind="device profile", force=args.force)  # before minutes of measuring
+        check_output(args.out, "--out", inputs=inputs,
+                     kind="device profile", force=args.force)  # before minutes of measuring
     if args.host_out:
-        check_output(args.host_out, "--host-out", inputs=[args.model, args.model_config, args.out],
+        if args.out and Path(args.out).resolve() == Path(args.host_out).resolve():
+            raise MoeError(f"--out and --host-out name the same file ({args.out}): give each its own")
+        check_output(args.host_out, "--host-out", inputs=inputs,
                      kind="host profile", force=args.force)
     kind, packed = parse_expert_source(args.expert_source)
     if kind == "memory" and args.read_depth != ExecutorOptions.read_depth:

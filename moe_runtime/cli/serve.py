@@ -2,8 +2,10 @@
 
 Takes generate's offloading flags (``cli/offload.py``; the run is assembled by ``offload/session.load_run``
 for a batch of ``--max-batch`` sequences) except those that need the future, the server's own
-(``ServeOptions``) and ``--config FILE``. Prints one line with the address once it listens; the needs the
-``serve`` extra (``pip install -e .[serve]``).
+(``ServeOptions``), ``--force`` (as generate's: ``--timeline`` may replace another kind of file) and
+``--config FILE``. The port is bound before any weight is loaded (a taken port is one error line, at
+once); one line announces the address, the real port, once the socket listens. Needs the ``serve`` extra
+(``pip install -e .[serve]``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from moe_runtime.cli.offload import add_arguments as add_offload_arguments, run_
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import add_option_flags
 from moe_runtime.core.format_sizes import EXPERT_DTYPES
+from moe_runtime.core.outputs import FORCE_HELP
 from moe_runtime.model.checkpoint import DTYPES
 
 
@@ -32,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-dtype", default="auto", choices=list(EXPERT_DTYPES),
                    help="how experts are kept, copied and cached (as generate's --expert-dtype)")
     p.add_argument("--trust-weights", action="store_true", help="skip the check that every weight is finite")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP + " (--timeline)")
     add_config_argument(p)
     add_option_flags(p.add_argument_group("server"), ServeOptions)
     add_offload_arguments(p)
@@ -51,13 +55,13 @@ def run(args: argparse.Namespace) -> int:
     from moe_runtime.model.device import use_cpu_threads
     from moe_runtime.model.generate import load_tokenizer
     from moe_runtime.offload.session import load_run
-    from moe_runtime.serve.server import Server, ServeOptions, check_servable
+    from moe_runtime.serve.server import Server, ServeOptions, bind, check_servable
     from moe_runtime.serve.text import ChatTemplate
 
     if not Path(args.model).is_dir():
         raise MoeError(f"model directory not found: {args.model}")
     sopts = options_from_args(ServeOptions, args)
-    opts, xopts = run_options(args, check_finite=not args.trust_weights)
+    opts, xopts = run_options(args, check_finite=not args.trust_weights, force=args.force)
     check_servable(opts, xopts)
     cfg = load_config(args.model)
     max_len = sopts.max_context or cfg.max_position_embeddings
@@ -73,14 +77,21 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     template = ChatTemplate.load(args.model)
     use_cpu_threads(args.device)
-    # the budget is checked for a batch of --max-batch sequences before any weight is loaded
-    run = load_run(args.model, opts, xopts, device=args.device, dtype=args.dtype, expert_dtype=args.expert_dtype,
-                   prompt_lens=[1] * sopts.max_batch, max_new_tokens=1)
+    sock = bind(sopts.host, sopts.port)  # a taken port fails now, not after the weights have loaded
+    try:
+        # the budget is checked for a batch of --max-batch sequences before any weight is loaded
+        run = load_run(args.model, opts, xopts, device=args.device, dtype=args.dtype,
+                       expert_dtype=args.expert_dtype, prompt_lens=[1] * sopts.max_batch, max_new_tokens=1)
+    except BaseException:
+        sock.close()
+        raise
     if run.miss_costs:  # hybrid: where the cost rule's figures came from, as generate prints it
         print(f"[{run.miss_costs}]", file=sys.stderr)
-    server = Server(args.model, run, sopts, tokenizer=tokenizer, template=template, max_len=max_len)
-    print(f"serve: {Path(args.model).name} on http://{sopts.host}:{sopts.port} ({'offloaded' if opts else 'resident'}, "
-          f"batch {sopts.max_batch}, context {max_len}{'' if template else ', no chat template'})", file=sys.stderr)
+    server = Server(args.model, run, sopts, tokenizer=tokenizer, template=template, max_len=max_len, sock=sock)
+    address = server.listen()
+    print(f"serve: {Path(args.model).name} on {address} ({'offloaded' if opts else 'resident'}, "
+          f"batch {sopts.max_batch}, context {max_len}{'' if template else ', no chat template'})", file=sys.stderr,
+          flush=True)
     server.serve()
     return 0
 

@@ -185,6 +185,8 @@ def resolve(name_or_path, directory: Path, kind: str, file_kind: str | None = No
 
 def read_config_text(path) -> str:
     """The text of a config file: a regular file of at most MAX_CONFIG_BYTES, UTF-8."""
+    if not os.path.lexists(path):
+        raise MoeError(f"{path}: file not found")
     if not os.path.isfile(path):  # a FIFO or device would block or never end
         raise MoeError(f"{path}: not a regular file")
     try:

@@ -16,7 +16,7 @@ offloading option is given, and uses ``DEFAULT_BUDGET["generate"]`` if one is;
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from moe_runtime.core.policies import EVICTION_POLICIES
 from moe_runtime.core.predictors import predictor_names
@@ -179,6 +179,17 @@ class HybridOptions:
     @property
     def computes_on_host(self) -> bool:
         return self.policy != "copy" or self.n_host_layers > 0 or bool(parse_layer_list(self.host_layers))
+
+    def for_source(self, source_kind: str):
+        """These options as a command runs them with experts in ``source_kind`` ("memory" or "disk"): an unset
+        miss policy becomes the commands' default (auto; copy with experts on disk, whose host copies are on
+        storage). Host compute with experts on disk is refused, in the executor and the simulator alike."""
+        hybrid = self if self.miss_policy is not None else replace(
+            self, miss_policy="copy" if source_kind == "disk" else DEFAULT_MISS_POLICY["command"])
+        if source_kind == "disk" and hybrid.computes_on_host:
+            raise MoeError("host compute (--miss-policy host|auto, host layers) reads the experts' host copies; "
+                           "with --expert-source disk give --miss-policy copy")
+        return hybrid
 
 
 @dataclass(frozen=True)

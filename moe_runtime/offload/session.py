@@ -83,6 +83,7 @@ class ExecutorOptions(HybridOptions):
     chunk: int | None = None  # prefill in forwards of at most this many tokens (None: one forward)
     record: bool = False  # keep the routing in memory (``Run.recorder``) even without --record-trace
     check_finite: bool = True  # check experts read from disk for NaN/inf at their first read
+    config_file: str | None = None  # the --config file the options came from: an input, never an output
     force: bool = False  # --force: replace an output file that is not an earlier output of its kind (no option():
     # an option field would turn offloading on, cli/offload.py)
 
@@ -138,7 +139,8 @@ def preflight(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions, *,
     if opts is None:
         return
     inputs = [model_dir, parse_expert_source(opts.expert_source)[1], xopts.route_from_trace, xopts.popularity_trace,
-              xopts.adapters]  # an output never replaces one, nor another kind of file without --force
+              xopts.adapters, xopts.host_profile, xopts.config_file]  # an output never replaces one (even with
+    # --force), nor another kind of file without --force; a host profile's name matches no path
     for path, flag, kind in xopts.outputs:  # before the decode: text that took minutes is not thrown away at the end
         check_output(path, flag, inputs=inputs, kind=kind, force=xopts.force)
     kind, packed = check_source(opts, device)
@@ -151,9 +153,7 @@ def preflight(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions, *,
     budget_slots(opts, **shape)
     xopts.host_layer_set(cfg.n_moe_layers)  # --n-host-layers past the model's MoE layers is refused
     if xopts.computes_on_host:
-        if kind == "disk":
-            raise MoeError("host compute (--miss-policy host|auto, host layers) reads the experts' host copies; "
-                           "with --expert-source disk give --miss-policy copy")
+        xopts.for_source(kind)  # host compute with experts on disk is refused
         host_layout = layout if xopts.host_dtype is None else host_format(cfg, xopts.host_dtype, layout)
         if xopts.host_profile is not None:  # a bad profile is refused before loading
             load_host(xopts.host_profile).format_of(host_layout.codec)

@@ -8,7 +8,8 @@
   generated ids, EOS included), an addition clients ignore.
 - ``GET /v1/models``, ``GET /health`` (503 while draining), ``GET /metrics`` (Prometheus text).
 - Every refusal is OpenAI's error JSON: 400 malformed JSON, wrong types, unknown fields, unsupported
-  values, prompts too long, bad token ids, empty messages; 401 a missing or wrong API key; 429 the queue
+  values, prompts too long, bad token ids, empty messages; 401 a missing or wrong API key; 404
+  ``model_not_found`` a ``model`` other than the served one (absent or empty: the served one); 429 the queue
   is full; 503 draining; 500 a request whose decode failed (the others keep running).
 - A client that disconnects cancels its request (a stream's task is cancelled; a plain request polls).
 
@@ -46,7 +47,7 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
     async def api_error(_, e: ApiError):
         if metrics is not None and e.status in (429, 503):
             metrics.requests.labels("rejected").inc()
-        return JSONResponse(error_body(e.status, e.message, e.param, e.kind), status_code=e.status)
+        return JSONResponse(error_body(e.status, e.message, e.param, e.kind, e.code), status_code=e.status)
 
     @app.exception_handler(404)
     async def not_found(request, _):
@@ -82,6 +83,10 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
             where = ".".join(str(p) for p in err["loc"][:2])
             what = "is not a field of this request" if err["type"] == "extra_forbidden" else err["msg"]
             raise ApiError(400, f"{where}: {what}", where) from None
+        if req.model and req.model != model_name:  # absent or "": this server's one model, as before
+            shown = req.model if len(req.model) <= 100 else req.model[:100] + "..."
+            raise ApiError(404, f"The model `{shown}` does not exist: this server serves `{model_name}` "
+                                f"(GET /v1/models)", "model", "invalid_request_error", code="model_not_found")
         bad = req.unsupported()
         if bad:
             raise ApiError(400, bad[0][1], bad[0][0])
@@ -155,7 +160,7 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
         else:
             ids = list(prompt)
         ids = check_prompt(ids)
-        return await answer(request, ids, sampling(req, len(ids), "completion", 16), req.model)
+        return await answer(request, ids, sampling(req, len(ids), "completion", 16))
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
@@ -173,9 +178,9 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
         except TemplateError as e:
             raise ApiError(400, str(e), "messages") from None
         ids = check_prompt(tokenizer.encode(text, add_special_tokens=False).ids)
-        return await answer(request, ids, sampling(req, len(ids), "chat", None), req.model)
+        return await answer(request, ids, sampling(req, len(ids), "chat", None))
 
-    async def answer(request: HttpRequest, ids: list[int], s: Sampling, model: str | None):
+    async def answer(request: HttpRequest, ids: list[int], s: Sampling):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         if s.stream:
@@ -198,7 +203,7 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
         except Draining:
             raise ApiError(503, "the server is shutting down") from None
         rid = ("chatcmpl-" if s.kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        shape = _Shape(s.kind, rid, model or model_name, len(ids))
+        shape = _Shape(s.kind, rid, model_name, len(ids))
         if s.stream:
             return StreamingResponse(stream(job, queue, shape, s), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

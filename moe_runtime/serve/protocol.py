@@ -4,7 +4,8 @@ Every field of OpenAI's completions and chat-completions request schemas is acce
 ``stream_options``, ``presence_penalty``, ``user``, ...); a name outside the schema is refused, and so is a
 field this server cannot honour set to anything but its default (``n`` > 1, a penalty, ``tools``, ...:
 ``unsupported()`` names it). Types are strict (no "5" for 5). ``ApiError(status, message, param)`` is the
-one error every endpoint raises; ``error_body`` is OpenAI's ``{"error": {...}}``.
+one error every endpoint raises (``code``: OpenAI's machine-readable one, e.g. ``model_not_found``);
+``error_body`` is OpenAI's ``{"error": {...}}``.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ MAX_STOP = 4  # OpenAI's limit on stop strings
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                              429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
 
 
-def error_body(status: int, message: str, param: str | None = None, kind: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, kind: str | None = None,
+               code: str | None = None) -> dict:
     e = ApiError(status, message, param, kind)
-    return {"error": {"message": message, "type": e.kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": e.kind, "param": param, "code": code}}
 
 
 class _Request(BaseModel):

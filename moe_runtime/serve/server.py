@@ -7,14 +7,21 @@ Contract:
 - ``check_servable(opts, xopts)``: MoeError for options that need the future (belady, oracle,
   noisy-oracle, recorded predictions, routes from a trace): a server does not know what comes next.
 - ``Server(model_dir, run, sopts, ...)`` builds the engine, metrics and app for an assembled ``Run``
-  (``load_run``); ``serve()`` runs uvicorn in the calling thread until SIGINT/SIGTERM, then drains:
+  (``load_run``) and a socket from ``bind`` (bound at ``serve()`` when not given); ``listen()`` makes it
+  accept connections and returns its URL (the real port when ``--port 0``); ``serve()`` runs uvicorn in the calling thread until SIGINT/SIGTERM, then drains:
   new requests get 503 (or find the socket closed), running ones get ``drain_timeout`` seconds to
   finish, and the run is finished (copies drained). ``start_background()`` / ``stop()`` do the same on
   a thread (tests, benchmarks).
+- ``bind(host, port)``: the server's TCP socket, bound and not yet listening; MoeError naming the address
+  and the reason (in use, permission). `moe-runtime serve` binds before loading weights: a taken port fails
+  before minutes of loading, and the address is announced only once it is held.
 """
 
 from __future__ import annotations
 
+import errno
+import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -65,9 +72,40 @@ def check_servable(opts, xopts) -> None:
         raise MoeError("serve cannot take --record-trace: a server's sequences come and go")
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free one), not yet listening; MoeError naming the
+    address and the reason when the address cannot be had."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise MoeError(f"cannot listen on {where}: --host {host!r} is not an address of this machine "
+                       f"({getattr(e, 'strerror', None) or e})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a TIME_WAIT port
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = {errno.EADDRINUSE: " (another process listens there: stop it, or give another --port; 0 picks a "
+                                  "free one)",
+                errno.EACCES: " (ports below 1024 need privileges: give a --port of 1024 or more)",
+                errno.EADDRNOTAVAIL: " (not an address of this machine: check --host)"}.get(e.errno, "")
+        raise MoeError(f"cannot listen on {where}: {e.strerror or e}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket (the real port: a port of 0 was any free one)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class Server:
     def __init__(self, model_dir, run, sopts: ServeOptions, *, tokenizer=None, template=None,
-                 max_len: int | None = None) -> None:
+                 max_len: int | None = None, sock: socket.socket | None = None) -> None:
         from moe_runtime.serve.app import build_app
         from moe_runtime.serve.engine import Engine
         from moe_runtime.serve.metrics import Metrics
@@ -83,6 +121,8 @@ class Server:
                              api_key=sopts.api_key)
         self.uvicorn = None
         self.thread: threading.Thread | None = None
+        self.sock = sock
+        self._listening = False
 
     def _config(self):
         import uvicorn
@@ -98,7 +138,13 @@ class Server:
         class _Uvicorn(uvicorn.Server):
             def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: refuse new work first, then stop listening
                 engine.drain()
-                super().handle_exit(sig, frame)
+                # as uvicorn's, but the signal is not recorded: uvicorn re-raises a recorded one once it has
+                # stopped, and SIGTERM's default action then killed the process before serve() finished the
+                # run (the copies drained, --timeline written) and returned 0
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                else:
+                    self.should_exit = True
 
             def install_signal_handlers(self):
                 if signals:
@@ -109,26 +155,40 @@ class Server:
 
     @property
     def port(self) -> int:
-        """The bound port (after start: a port of 0 was any free one)."""
-        servers = getattr(self.uvicorn, "servers", None) or []
-        for s in servers:
-            for sock in s.sockets:
-                return sock.getsockname()[1]
-        return self.sopts.port
+        """The bound port (once bound: a port of 0 was any free one)."""
+        return self.sock.getsockname()[1] if self.sock is not None else self.sopts.port
+
+    def listen(self) -> str:
+        """Bind (unless a socket was given) and accept connections: a client connecting from now on waits in
+        the backlog until uvicorn serves it. Returns the URL."""
+        if self.sock is None:
+            self.sock = bind(self.sopts.host, self.sopts.port)
+        if not self._listening:
+            self.sock.listen(self._config().backlog)
+            self._listening = True
+        return url(self.sock)
+
+    def close_socket(self) -> None:
+        """Release the socket of a server that will not serve (a later failure)."""
+        if self.sock is not None:
+            self.sock.close()
 
     def serve(self) -> None:
         """Run until SIGINT/SIGTERM in this thread, then drain and finish the run."""
+        self.listen()
         self.engine.start()
         server = self._make(signals=True)
         try:
-            server.run()
+            server.run(sockets=[self.sock])
         finally:
             self._finish()
 
     def start_background(self, timeout: float = 30.0) -> None:
+        self.listen()
         self.engine.start()
         server = self._make(signals=False)
-        self.thread = threading.Thread(target=server.run, name="moe-serve-http", daemon=True)
+        self.thread = threading.Thread(target=server.run, kwargs={"sockets": [self.sock]}, name="moe-serve-http",
+                                       daemon=True)
         self.thread.start()
         t0 = time.monotonic()
         while not server.started:
@@ -150,6 +210,7 @@ class Server:
         while not self.engine.idle() and time.monotonic() < deadline:
             time.sleep(0.01)
         self.engine.stop()
+        self.close_socket()
         try:
             self.run.finish()
         except Exception:  # noqa: BLE001  the copy engine must stop even when the report fails

@@ -38,3 +38,21 @@ def test_force_alone_keeps_every_expert_resident(runtime, tiny):
     assert code == 0, err
     report = json.loads(out)
     assert "hits" not in report and "budget_slots" not in report  # the all-resident reference, not offloaded
+
+
+@pytest.mark.parametrize("input_flag", ["--config", "--host-profile"])
+def test_force_never_replaces_an_input_of_the_run(runtime, tiny, tmp_path, input_flag):
+    """--config and --host-profile files are inputs like the model: an output at their path is refused even
+    with --force (a newcomer's plan file became timeline JSON)."""
+    import shutil
+    from pathlib import Path
+
+    path = tmp_path / "in.yaml"
+    if input_flag == "--config":
+        path.write_text("budget: 50%\n")
+    else:
+        shutil.copy(Path(__file__).parents[2] / "configs" / "hosts" / "ddr5-desktop.yaml", path)
+    before = path.read_bytes()
+    code, out, err = runtime("generate", "--model", tiny, *GEN, input_flag, path, "--timeline", path, "--force")
+    assert_one_error(code, err, "moe-runtime", "--timeline", "input")
+    assert path.read_bytes() == before

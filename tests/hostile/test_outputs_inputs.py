@@ -139,3 +139,18 @@ def test_sweep_output_folder_inside_shipped_folders_is_refused(sim):
     code, _, err = sim("sweep", "configs/experiments/quickstart.yaml", "--out", REPO / "traces" / "x")
     assert_one_error(code, err, "moe-sim", "ships")
     assert not (REPO / "traces" / "x").exists()
+
+
+@pytest.mark.parametrize("where", ["shipped", "file"])
+def test_bounds_cache_is_an_output_folder(sim, tmp_path, where):
+    """--bounds-cache writes files: a bundled folder or an existing file there is refused in one line, before
+    the replay (a newcomer's replay wrote into configs/, and ignored a file without a word)."""
+    path = REPO / "configs" if where == "shipped" else tmp_path / "results.csv"
+    if where == "file":
+        path.write_text("a,b\n")
+    before = sorted(os.listdir(REPO / "configs"))
+    code, out, err = sim("replay", "--trace", LAW, "--device", "t4", "--tokens", "5", "--bounds-cache", path)
+    assert_one_error(code, err, "moe-sim", "--bounds-cache", "ships" if where == "shipped" else "not a directory")
+    assert out == "" and sorted(os.listdir(REPO / "configs")) == before
+    if where == "file":
+        assert path.read_text() == "a,b\n"

@@ -106,6 +106,23 @@ def test_chat_accepts_the_fields_real_clients_send(server):
     assert len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
 
 
+@pytest.mark.parametrize("path, body", [("/v1/completions", OK),
+                                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                                  "max_tokens": 2})])
+def test_another_model_is_404_model_not_found(server, tiny, path, body):
+    """A "model" other than the one /v1/models lists: 404 with OpenAI's code; the served id, "" and no
+    model field are this server's model."""
+    for other in ("gpt-4o", tiny.name + "x", "m" * 10_000):
+        r = httpx.post(url(server) + path, json={**body, "model": other}, headers=AUTH, timeout=30)
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]
+        assert (err["code"], err["type"], err["param"]) == ("model_not_found", "invalid_request_error", "model")
+        assert other[:100] in err["message"] and tiny.name in err["message"] and len(err["message"]) < 300
+    for same in ({"model": tiny.name}, {"model": ""}, {}):
+        r = httpx.post(url(server) + path, json={**body, **same}, headers=AUTH, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == tiny.name, r.text
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}])
 def test_missing_or_wrong_api_key(server, headers):
     _refused(server, "/v1/completions", 401, "API key", json=OK, headers=headers)
