@@ -275,22 +275,10 @@ def test_cuda_hybrid_logits_within_tolerance_of_resident(family, miss_policy):
     """The real path: experts the host computes run on the CPU (``host_forward``) while the GPU computes
     the rest; every forward's logits stay within LOGIT_TOLERANCE (absolute, logits of order 1) of the
     resident GPU model's, and a greedy decode gives its tokens."""
-    import torch
-    model, store, _, _ = reference(family, "cuda")
-    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    tokens = torch.tensor(PROMPT, device="cuda")
-    pos = torch.arange(len(PROMPT), device="cuda")
-    resident = SteppedModel(model, ResidentExperts(store, "cuda"))
-    resident.setup_cache(len(PROMPT) + 1)
-    ref = resident(tokens, pos, resident.provider)
-    provider = OffloadedExperts(store, "cuda", L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT,
-                                miss_policy=miss_policy, host_cost=COSTS, host_layers=frozenset({0}))
-    stepped = SteppedModel(model, provider)
-    stepped.setup_cache(len(PROMPT) + 1)
-    got = stepped(tokens, pos, provider)
+    got, ref, r, model, store = hybrid_prompt_logits(family, miss_policy, "cuda")
     assert (got - ref).abs().max().item() < LOGIT_TOLERANCE
-    r = provider.finish()
     assert r["host_computed"] > 0
+    L, E, K = store.n_moe_layers, store.n_experts, store.top_k
     ref_tokens = reference(family, "cuda")[2]
     provider = OffloadedExperts(store, "cuda", L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT,
                                 miss_policy=miss_policy, host_cost=COSTS)
@@ -307,19 +295,28 @@ def test_the_gpus_split_path_run_on_a_cpu(monkeypatch, family, miss_policy):
 
     from moe_runtime.model.transformer import MoeBlock
     monkeypatch.setattr(MoeBlock, "host_apart", staticmethod(lambda x: True))
-    model, store, _, _ = reference(family, "cpu")
+    got, ref, r, _, _ = hybrid_prompt_logits(family, miss_policy, "cpu")
+    assert 0 < (got - ref).abs().max().item() < LOGIT_TOLERANCE or torch.equal(got, ref)
+    assert r["host_computed"] > 0
+
+
+def hybrid_prompt_logits(family, miss_policy, device):
+    """(offloaded logits, resident logits, the offloaded run's report, model, store) of the prompt's forward,
+    with a quarter of the experts' slots and MoE layer 0 a host layer."""
+    import torch
+
+    model, store, _, _ = reference(family, device)
     L, E, K = store.n_moe_layers, store.n_experts, store.top_k
-    tokens, pos = torch.tensor(PROMPT), torch.arange(len(PROMPT))
-    resident = SteppedModel(model, ResidentExperts(store, "cpu"))
+    tokens, pos = torch.tensor(PROMPT, device=device), torch.arange(len(PROMPT), device=device)
+    resident = SteppedModel(model, ResidentExperts(store, device))
     resident.setup_cache(len(PROMPT) + 1)
     ref = resident(tokens, pos, resident.provider)
-    provider = OffloadedExperts(store, "cpu", L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT,
+    provider = OffloadedExperts(store, device, L * E // 4 + K + INFLIGHT, max_inflight=INFLIGHT,
                                 miss_policy=miss_policy, host_cost=COSTS, host_layers=frozenset({0}))
     stepped = SteppedModel(model, provider)
     stepped.setup_cache(len(PROMPT) + 1)
     got = stepped(tokens, pos, provider)
-    assert 0 < (got - ref).abs().max().item() < LOGIT_TOLERANCE or torch.equal(got, ref)
-    assert provider.finish()["host_computed"] > 0
+    return got, ref, provider.finish(), model, store
 
 
 # --host-dtype: the host computes from a second copy in another format, so its experts carry that rounding.
