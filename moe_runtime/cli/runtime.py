@@ -46,9 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-
     def body():
+        parser = build_parser()  # inside: Ctrl-C while it imports torch is one line too
         args = config_file.parse_args(parser, argv, parser.subcommands)  # a bad --config file is one line too
         return args._run(args)
     run_cli(body, "moe-runtime")

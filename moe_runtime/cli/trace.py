@@ -198,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run_cli(lambda: args.fn(args), PROG)
+    def body():
+        args = build_parser().parse_args(argv)  # inside: Ctrl-C while importing is one line too
+        return args.fn(args)
+    run_cli(body, PROG)
 
 
 if __name__ == "__main__":

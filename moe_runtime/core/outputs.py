@@ -80,6 +80,9 @@ def _make_dirs(directory: Path, label: str) -> None:
 REPO = Path(__file__).resolve().parents[2]
 FORCE_HELP = "replace an existing output file that is not an earlier output of the same kind"
 SHIPPED = ("configs", "traces")  # folders of the checkout whose files the project ships
+# folders of the checkout that hold its code and documents: no output directory goes in them (nor in the
+# checkout's top folder itself, where a sweep's files would mix with the project's)
+SOURCE = ("moe_runtime", "simulator", "tests", "benchmarks", "docs", ".git", ".ci")
 
 
 def _is_json_with(*keys: bytes) -> Callable[[bytes], bool]:
@@ -205,6 +208,13 @@ def check_output_dir(path, what: str = "output directory", *, inputs=()) -> Path
         if (REPO / top).is_dir() and _inside(real, os.path.realpath(REPO / top)):
             raise MoeError(f"refusing to write {label}: it is under {top}/, which this project ships; "
                            "choose another path")
+    if real == os.path.realpath(REPO):
+        raise MoeError(f"refusing to write {label}: it is this project's top folder; choose a folder such as "
+                       "out/NAME")
+    for top in SOURCE:
+        if (REPO / top).is_dir() and _inside(real, os.path.realpath(REPO / top)):
+            raise MoeError(f"refusing to write {label}: it is under {top}/, which holds this project's own "
+                           "files; choose a folder such as out/NAME")
     for inp in inputs:
         if inp is not None and str(inp) != "" and _inside(real, os.path.realpath(os.fspath(inp))):
             raise MoeError(f"refusing to write {label}: it is (inside) the input {inp} of this run")

@@ -49,3 +49,20 @@ def test_replay_json_into_a_closed_pipe_is_quiet():
     finally:
         os.close(w)
     assert p.stderr == "" and p.returncode == 141  # no traceback, no 'Exception ignored' at exit
+
+
+@pytest.mark.parametrize("module,prog,argv", [("moe_runtime.cli.runtime", "moe-runtime", ["make-tiny"]),
+                                              ("moe_runtime.cli.trace", "moe-trace", ["stats", LAW]),
+                                              ("simulator.cli", "moe-sim", ["replay"])])
+def test_ctrl_c_while_the_parser_imports_is_one_line(capsys, monkeypatch, module, prog, argv):
+    """Ctrl-C in the first second (building the parser imports torch) is "interrupted", exit 130."""
+    import importlib
+    mod = importlib.import_module(module)
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mod, "build_parser", interrupted)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == f"{prog}: interrupted\n"

@@ -90,6 +90,25 @@ def test_sweep_output_directory(sim, tmp_path):
         assert_one_error(code, err, "moe-sim", words)
 
 
+def test_sweep_output_directory_is_not_the_checkout_or_a_checkpoint(sim, tmp_path):
+    """A sweep's files never mix with the project's own (its top folder, its code, its docs) or with a
+    checkpoint's; nothing is created there."""
+    from moe_runtime.core.outputs import REPO
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({"name": "o", "trace": LAW, "tokens": 10, "budgets": ["40%"], "evictions": ["lru"],
+                                   "predictors": ["none"], "devices": ["t4"]}))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"x")
+    before = {p: sorted(os.listdir(p)) for p in (REPO, REPO / "moe_runtime", REPO / "docs", ckpt)}
+    for path, words in [(REPO, "top folder"), (REPO / "moe_runtime", "under moe_runtime/"),
+                        (REPO / "docs" / "sweep", "under docs/"), (ckpt, "holds a model checkpoint")]:
+        code, out, err = sim("sweep", exp, "--out", path)
+        assert_one_error(code, err, "moe-sim", "refusing", words)
+    assert before == {p: sorted(os.listdir(p)) for p in before}
+
+
 def test_atomic_writer_keeps_old_content_on_a_full_disk(tmp_path):
     path = tmp_path / "f.txt"
     path.write_text("old")
