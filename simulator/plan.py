@@ -260,10 +260,13 @@ def print_result(planner, r: dict, args) -> None:
     for i, e in enumerate(r["top"], 1):
         m = e["memory"]
         v = f"{1e3 * e['seconds_per_token']:9.2f}" if lat else f"{e['tokens_per_s']:9.2f}"
-        print(f"  {i:>2} {v} {e['bound_tokens_per_s']:8.2f} {e['ratio_to_default']:9.2f} {g(m['device_bytes']):>9} "
+        # the bound in the objective's unit: a latency floor in ms per step, else a tokens/s ceiling
+        bound = 1e3 * r["batch"] / e["bound_tokens_per_s"] if lat else e["bound_tokens_per_s"]
+        print(f"  {i:>2} {v} {bound:8.2f} {e['ratio_to_default']:9.2f} {g(m['device_bytes']):>9} "
               f"{g(m['host_experts_bytes']):>7} {g(m['disk_bytes']):>7}  {e['config']}")
-    print("  (bound: copy-only rows, Belady's misses at full bandwidth; rows that compute on the host, the "
-          "device's and the host's compute split at best, no copies)")
+    print(f"  (bound, {'a floor in ms/token' if lat else 'a ceiling in tok/s'}: copy-only rows, Belady's misses at "
+          "full bandwidth; rows that compute on the host, the device's and the host's compute split at best, "
+          "no copies)")
     d = r["default"]
     print(f"  plain default (LRU, no prefetch, copy-only, largest budget that fits): {d['tokens_per_s']:.2f} tok/s")
     print(f"  simulated {r['simulated']} configurations, pruned {r['pruned']} by their bound, "

@@ -119,3 +119,18 @@ def test_latency_is_one_sequence(tmp_path, capsys):
         cli.main(["plan", "--model", "mixtral-8x7b", "--device", "t4", "--objective", "latency", "--batch", "2",
                   "--out", str(tmp_path / "p.yaml")])
     assert e.value.code == 2 and "--objective latency is seconds per token of one sequence" in capsys.readouterr().err
+
+
+def test_latency_table_shows_the_bound_in_ms_per_token(tmp_path, capsys):
+    """Under --objective latency both columns are ms per token: the bound is a floor below each prediction."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--model", "deepseek-v2-lite", "--device", "rtx-4060-8gb", "--host-ram", "64",
+                  "--objective", "latency", "--tokens", "24", "--out", str(tmp_path / "p.yaml")])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, l in enumerate(lines) if "ms/token" in l and "bound" in l)
+    rows = [l.split() for l in lines[head + 1:] if l.split() and l.split()[0].isdigit()]
+    assert rows
+    for row in rows:
+        ms, bound = float(row[1]), float(row[2])
+        assert 0 < bound <= ms + 0.01, row
