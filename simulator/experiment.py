@@ -242,6 +242,8 @@ def experiment_from_dict(d, max_points: int = MAX_POINTS) -> Experiment:
 
 def load_experiment(path, max_points: int = MAX_POINTS) -> Experiment:
     p = Path(config_files.bundled(path))  # configs/experiments/... from any working directory
-    if not p.is_file():
+    if not p.exists():
         raise MoeError(f"experiment file not found: {path}")
+    if not p.is_file():
+        raise MoeError(f"experiment file {path} is not a regular file (a YAML file is needed)")
     return config_files.load_yaml(p, lambda d: experiment_from_dict(d, max_points))

@@ -17,7 +17,6 @@ from simulator.copies import AnalyticCopies
 from simulator.cost_model import CostModel
 from simulator.device import load_device
 from simulator.replay import Replay, ReplayOptions, load_inputs
-from simulator.sweep import run_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 LAW = str(REPO / "traces/deepseek-v2-lite-law.npz")

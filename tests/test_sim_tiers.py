@@ -195,11 +195,13 @@ def test_experts_on_disk_are_copied_as_in_the_executor(capsys, tmp_path):
     rep = json.loads(out)
     assert rep["miss_policy"] == "copy" and rep["host_computed"] == 0 and rep["bytes_read"] > 0
     assert "best_hybrid_tokens_per_s" not in rep["bounds"]
-    for flags in (["--miss-policy", "host"], ["--miss-policy", "auto"], ["--miss-policy", "copy", "--n-host-layers",
-                                                                           "2"]):
+    for flags, cure in ((["--miss-policy", "host"], "give --miss-policy copy"),
+                        (["--miss-policy", "auto"], "give --miss-policy copy"),
+                        (["--miss-policy", "copy", "--n-host-layers", "2"], "give no --n-host-layers"),
+                        (["--n-host-layers", "1"], "give no --n-host-layers")):  # the cause named, not copy again
         code, out, err = _sim(capsys, "replay", "--trace", LAW, "--device", dev, "--tokens", "30",
                               "--expert-source", "disk", *flags)
-        assert code == 2 and out == "" and err.count("\n") == 1 and "give --miss-policy copy" in err
+        assert code == 2 and out == "" and err.count("\n") == 1 and err.rstrip().endswith(cure), err
     exp = tmp_path / "e.yaml"
     exp.write_text(yaml.safe_dump({"name": "e", "trace": LAW, "tokens": 30, "budgets": ["25%"], "evictions": ["lru"],
                                    "predictors": ["none"], "devices": [str(dev)], "expert_source": "disk",

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from moe_runtime.model.checkpoint import DTYPES, checkpoint_dtype
+from moe_runtime.model.checkpoint import DTYPES, check_model_dir, checkpoint_dtype
 from moe_runtime.core.format_sizes import EXPERT_DTYPES
 from moe_runtime.core.model_config import ModelConfig, load_config
 from moe_runtime.core.errors import MoeError
@@ -79,8 +78,7 @@ def check_decode_length(cfg: ModelConfig, dtype: torch.dtype, n_prompt: int, max
 
 
 def run(args: argparse.Namespace) -> int:
-    if not Path(args.model).is_dir():  # load_model's words, said before config.json is read for the checks
-        raise MoeError(f"model directory not found: {args.model}")
+    check_model_dir(args.model)
     tokenizer = load_tokenizer(args.model)
     if args.prompt is not None:
         if tokenizer is None:

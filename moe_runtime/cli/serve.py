@@ -22,7 +22,7 @@ from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import add_option_flags
 from moe_runtime.core.format_sizes import EXPERT_DTYPES
 from moe_runtime.core.outputs import FORCE_HELP
-from moe_runtime.model.checkpoint import DTYPES
+from moe_runtime.model.checkpoint import DTYPES, check_model_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_runtime.serve.server import Server, ServeOptions, bind, check_servable
     from moe_runtime.serve.text import ChatTemplate
 
-    if not Path(args.model).is_dir():
-        raise MoeError(f"model directory not found: {args.model}")
+    check_model_dir(args.model)
     sopts = options_from_args(ServeOptions, args)
     opts, xopts = run_options(args, check_finite=not args.trust_weights, force=args.force)
     check_servable(opts, xopts)

@@ -55,8 +55,9 @@ def is_fit(text) -> bool:
 
 
 def parse_budget(text: str, *, expert_bytes: int, total_experts: int, free_bytes: int | None = None) -> int:
-    """Number of expert slots the budget ``text`` buys (capped at all experts); ``free_bytes``: the device
-    memory left for experts, which ``fit`` budgets need."""
+    """Number of expert slots the budget ``text`` buys; ``free_bytes``: the device memory left for experts,
+    which ``fit`` budgets need. A count over all experts or a share over 100% is refused; bytes (and
+    ``fit``) beyond all experts' bytes buy all experts (the run's budget line says how many)."""
     s = str(text).strip().lower().replace(" ", "")
     if not s:
         raise MoeError("budget is empty: give bytes (4GiB, 512MiB), a share (25%) or a count of experts (48)")
@@ -74,6 +75,9 @@ def parse_budget(text: str, *, expert_bytes: int, total_experts: int, free_bytes
         slots = int(max(free_bytes, 0) * pct / 100.0) // expert_bytes
     elif re.fullmatch(r"\d+", s):
         slots = int(s)
+        if slots > total_experts:  # as a share over 100%: a count is exact, so more than exist is a mistake
+            raise MoeError(f"budget {text!r} is more experts than the model has ({total_experts:,}); give at most "
+                           f"{total_experts:,} or 100%")
     elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
         pct = float(m.group(1))
         if pct > 100:
@@ -84,7 +88,7 @@ def parse_budget(text: str, *, expert_bytes: int, total_experts: int, free_bytes
     else:
         raise MoeError(f"cannot read budget {short(text)}: give bytes (4GiB, 512MiB), a share (25%), a count of "
                        "experts (48) or fit / fit:80% (a share of the device memory left for experts)")
-    return min(slots, total_experts)
+    return min(slots, total_experts)  # bytes or fit beyond all experts: all of them
 
 
 def layer_demand(*, top_k: int, batch: int, n_experts: int) -> int:

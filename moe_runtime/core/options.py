@@ -187,8 +187,13 @@ class HybridOptions:
         hybrid = self if self.miss_policy is not None else replace(
             self, miss_policy="copy" if source_kind == "disk" else DEFAULT_MISS_POLICY["command"])
         if source_kind == "disk" and hybrid.computes_on_host:
-            raise MoeError("host compute (--miss-policy host|auto, host layers) reads the experts' host copies; "
-                           "with --expert-source disk give --miss-policy copy")
+            causes = [f"--miss-policy {hybrid.policy}"] if hybrid.policy != "copy" else []
+            causes += ["--n-host-layers"] * (hybrid.n_host_layers > 0) + \
+                ["--host-layers"] * bool(parse_layer_list(hybrid.host_layers))
+            cure = " and ".join((["--miss-policy copy"] if hybrid.policy != "copy" else []) +
+                                [f"no {c}" for c in causes if c.endswith("layers")])
+            raise MoeError(f"host compute ({', '.join(causes)}) reads the experts' host copies, which "
+                           f"--expert-source disk keeps on storage: give {cure}")
         return hybrid
 
 

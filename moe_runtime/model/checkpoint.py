@@ -59,15 +59,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+
+def check_model_dir(path) -> Path:
+    """``path`` as a checkpoint folder; one MoeError line when it is missing, not a folder, or has no
+    config.json (every command says the same, before any work)."""
+    p = Path(path)
+    if not p.exists():
+        raise MoeError(f"model directory not found: {path}")
+    if not p.is_dir():
+        raise MoeError(f"--model {path} is a file, not a checkpoint directory (config.json + safetensors)")
+    if not (p / "config.json").is_file():
+        raise MoeError(f"--model {path} has no config.json: not a Hugging Face checkpoint directory")
+    return p
+
 class SafetensorsReader:
     """Memory-mapped read access to the tensors of one checkpoint directory, by name."""
 
     def __init__(self, model_dir: str | Path, check_finite: bool = True):
         """``check_finite``: refuse a tensor holding NaN or inf as it is read (one pass over it)."""
-        self.dir = Path(model_dir)
+        self.dir = check_model_dir(model_dir)
         self.check_finite = check_finite
-        if not self.dir.is_dir():
-            raise MoeError(f"model directory not found: {self.dir}")
         single, index = self.dir / "model.safetensors", self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -238,9 +249,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     ``load_experts=False`` leaves the experts on storage: the store then describes them but holds none
     (the disk tier reads them into slots itself). ``check_finite=False`` skips the NaN/inf check of
     every tensor (one pass over the weights as they load) for trusted files."""
-    path = Path(path)
-    if not path.is_dir():
-        raise MoeError(f"model directory not found: {path}")
+    path = check_model_dir(path)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MoeError("device cuda requested but CUDA is not available")

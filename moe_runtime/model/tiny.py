@@ -20,13 +20,13 @@ family's own config.json fields come from its ``Family.tiny_config``.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from moe_runtime.model.checkpoint import DTYPES
+from moe_runtime.core.outputs import write_atomic, write_json_atomic, write_text_atomic
 from moe_runtime.core.model_config import ModelConfig
 from moe_runtime.core.families import FAMILIES
 from moe_runtime.model.formats import quantize_mxfp4
@@ -133,11 +133,13 @@ def write_tiny_checkpoint(family: str, out: str | Path, seed: int = 0, dtype: st
                for k, v in _random_tensors(cfg, gen, fused_experts, expert_dtype == "mxfp4").items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    # atomic, with the usual file mode (safetensors' own save_file leaves 0600)
+    data = save(tensors, metadata={"format": "pt"})
+    write_atomic(out / "model.safetensors", lambda f: f.write(data))
+    write_json_atomic(out / "config.json", d, indent=2)
     gen_cfg = {"bos_token_id": d.get("bos_token_id"), "eos_token_id": d.get("eos_token_id")}
-    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-    (out / "tokenizer.json").write_text(_tokenizer_json())
+    write_json_atomic(out / "generation_config.json", gen_cfg, indent=2)
+    write_text_atomic(out / "tokenizer.json", _tokenizer_json())
     tok_cfg = {"bos_token": SPECIALS[1], "eos_token": SPECIALS[2], "chat_template": CHAT_TEMPLATE}
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    write_json_atomic(out / "tokenizer_config.json", tok_cfg, indent=2)
     return out

@@ -25,12 +25,12 @@ This module does not parse command lines and prints nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from moe_runtime.core.budget import BudgetFit, fit_budget, layer_demand, parse_budget
+from moe_runtime.core.config_files import short
 from moe_runtime.core.errors import MoeError
 from moe_runtime.core.flags import integer
 from moe_runtime.core.model_config import load_config
@@ -38,7 +38,7 @@ from moe_runtime.core.format_sizes import EXPERT_DTYPES, PLAIN
 from moe_runtime.core.host_profile import load_host
 from moe_runtime.core.options import DEFAULT_BUDGET, HybridOptions, OffloadOptions, option, parse_expert_source
 from moe_runtime.core.outputs import check_output
-from moe_runtime.model.checkpoint import checkpoint_dtype, expert_format
+from moe_runtime.model.checkpoint import check_model_dir, checkpoint_dtype, expert_format
 from moe_runtime.model.device import check_fits
 from moe_runtime.model.formats import TORCH
 from moe_runtime.model.experts import HostExpertStore, ResidentExperts
@@ -57,6 +57,9 @@ from moe_runtime.predictors import PredictorOptions, make_predictor
 from moe_runtime.traces import TraceMeta, TraceRecorder, load_trace
 
 
+HOST_DTYPES = tuple(d for d in EXPERT_DTYPES if d != "auto")  # the second host copy's formats (--host-dtype)
+
+
 @dataclass(frozen=True)
 class ExecutorOptions(HybridOptions):
     """The executor's settings beside the shared ``OffloadOptions`` (flags: the fields with one): the hybrid
@@ -73,7 +76,7 @@ class ExecutorOptions(HybridOptions):
     record_trace: str | None = option(None, "--record-trace", metavar="FILE",
                                       help="record the routing (and predictions) to a trace")
     timeline: str | None = option(None, "--timeline", metavar="FILE", help="write a Perfetto/Chrome timeline JSON")
-    host_dtype: str | None = option(None, "--host-dtype", choices=lambda: [d for d in EXPERT_DTYPES if d != "auto"],
+    host_dtype: str | None = option(None, "--host-dtype", choices=lambda: list(HOST_DTYPES),
                                     help="keep a second host copy of every expert in this format and compute the "
                                          "host's experts from it (int8/int4 read fewer bytes; tokens then carry its "
                                          "rounding); default: the host computes from the experts' own host copy")
@@ -86,6 +89,12 @@ class ExecutorOptions(HybridOptions):
     config_file: str | None = None  # the --config file the options came from: an input, never an output
     force: bool = False  # --force: replace an output file that is not an earlier output of its kind (no option():
     # an option field would turn offloading on, cli/offload.py)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.host_dtype is not None and self.host_dtype not in HOST_DTYPES:
+            raise MoeError(f"--host-dtype must be one of {', '.join(HOST_DTYPES)}, got {short(self.host_dtype)} "
+                           "(mxfp4 is only a checkpoint's own format; leave --host-dtype out to compute from it)")
 
     @property
     def outputs(self) -> list[tuple[str, str, str]]:
@@ -341,8 +350,7 @@ def load_run(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions | No
     lens = [prompt_lens] if isinstance(prompt_lens, int) else list(prompt_lens)
     preflight(model_dir, opts, xopts, device=device, dtype=dtype, expert_dtype=expert_dtype, batch=len(lens))
     on_disk = check_source(opts, device)[0] == "disk"  # experts stay on storage: the store holds none
-    if not Path(model_dir).is_dir():
-        raise MoeError(f"model directory not found: {model_dir}")
+    check_model_dir(model_dir)
     model, store = load_model(model_dir, device, parse_dtype(dtype), load_experts=not on_disk,
                               expert_dtype=expert_dtype, check_finite=xopts.check_finite)
     return build_run(model, store, opts, xopts, device=device, model_dir=model_dir, prompt_lens=lens,

@@ -36,6 +36,7 @@ from moe_runtime.serve.protocol import (MAX_STOP, ApiError, ChatRequest, Complet
 from moe_runtime.serve.text import TemplateError
 
 MAX_BODY = 4 << 20  # bytes of a request body
+TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none"}  # union members in a pydantic error location
 
 
 def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, api_key: str | None) -> FastAPI:
@@ -80,7 +81,9 @@ def build_app(engine: Engine, metrics, *, model_name: str, tokenizer, template, 
             req = cls.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"][:2])
+            # pydantic tags a union's member in the location ("temperature.int"): name the field only
+            loc = [p for p in err["loc"] if isinstance(p, int) or not (p in TYPE_TAGS or "[" in p or "-" in p)]
+            where = ".".join(str(p) for p in loc[:2])
             what = "is not a field of this request" if err["type"] == "extra_forbidden" else err["msg"]
             raise ApiError(400, f"{where}: {what}", where) from None
         if req.model and req.model != model_name:  # absent or "": this server's one model, as before

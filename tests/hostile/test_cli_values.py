@@ -24,6 +24,14 @@ def test_generate_values(runtime, tiny, flag, value):
     assert out == ""
 
 
+@pytest.mark.parametrize("value", ["auto", "mxfp4", "int3"])
+def test_host_dtype_is_a_format_the_host_copy_can_take(runtime, tiny, value):
+    code, out, err = _gen(runtime, tiny, "--host-dtype", value)
+    assert_one_error(code, err, "moe-runtime", "--host-dtype must be one of float32, bfloat16, float16, int8, int4",
+                     repr(value))
+    assert out == ""
+
+
 @pytest.mark.parametrize("ids", ["1,,2", ",1", "1,2,", "1;2", "1,2.5", " ", "1,x"])
 def test_prompt_ids_with_empty_or_bad_items(runtime, tiny, ids):
     code, out, err = runtime("generate", "--model", tiny, "--prompt-ids", ids)
@@ -96,8 +104,23 @@ def test_make_tiny_refuses_to_replace_a_checkpoint(runtime, tmp_path):
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     code, _, err = runtime("make-tiny", "--family", "olmoe", "--out", ckpt, "--seed", 3, "--force")
     assert code == 0 and '"olmoe"' in (ckpt / "config.json").read_text()
+    from moe_runtime.core.outputs import file_mode
+    assert {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()} == {n: file_mode() for n in before}
 
 
 def test_argparse_refusals_are_one_line(runtime, trace_cli, sim):
     for code, _, err in (runtime("generate"), runtime("nosuch"), trace_cli("info"), sim("replay", "--bogus")):
         assert_one_error(code, err, err.split(":")[0])
+
+
+def test_model_that_is_a_file_or_a_folder_without_config(runtime, sim, tmp_path):
+    """Not "not found" for a path that is there: say what it is instead."""
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    for model, words in [(f, "is a file, not a checkpoint directory"), ("/dev/null", "is a file"),
+                         (tmp_path, "has no config.json")]:
+        code, out, err = runtime("generate", "--model", model, "--prompt", "hi", "--max-new-tokens", 2)
+        assert_one_error(code, err, "moe-runtime", str(model), words)
+    for path in ("/dev/null", tmp_path):
+        code, out, err = sim("sweep", path)
+        assert_one_error(code, err, "moe-sim", "is not a regular file")

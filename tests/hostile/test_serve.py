@@ -71,6 +71,24 @@ def test_wrong_types_and_unsupported_values(server, body, word):
     _refused(server, "/v1/completions", 400, word, json=body)
 
 
+def test_a_body_over_the_limit_is_413(server):
+    from moe_runtime.serve.app import MAX_BODY
+    r = httpx.post(url(server) + "/v1/completions", content=b" " * (MAX_BODY + 1), headers=AUTH, timeout=30)
+    err = r.json()["error"]
+    assert (r.status_code, err["type"]) == (413, "invalid_request_error") and str(MAX_BODY) in err["message"], err
+    r = httpx.post(url(server) + "/v1/completions", json=OK, headers=AUTH, timeout=30)  # still serving
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [("temperature", "hot"), ("top_p", [1]), ("max_tokens", "5")])
+def test_a_wrong_type_names_the_field_alone(server, field, value):
+    """A union's member ("temperature.int") is pydantic's detail, not the request's parameter."""
+    r = httpx.post(url(server) + "/v1/completions", json={"prompt": "x", field: value}, headers=AUTH, timeout=30)
+    err = r.json()["error"]
+    assert (r.status_code, err["param"], err["type"]) == (400, field, "invalid_request_error"), err
+    assert err["message"].startswith(field + ": "), err
+
+
 @pytest.mark.parametrize("max_tokens, word", [(-1, "at least 1"), (0, "at least 1"), (10**12, "exceeds"),
                                               (2**70, "max_tokens")])
 def test_negative_or_huge_max_tokens(server, max_tokens, word):
