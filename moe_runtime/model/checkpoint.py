@@ -39,6 +39,7 @@ Contract: ``load_model(path, device, dtype=None) -> (model, store)``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -68,8 +69,9 @@ def check_model_dir(path) -> Path:
         raise MoeError(f"model directory not found: {path}")
     if not p.is_dir():
         raise MoeError(f"--model {path} is a file, not a checkpoint directory (config.json + safetensors)")
-    if not (p / "config.json").is_file():
-        raise MoeError(f"--model {path} has no config.json: not a Hugging Face checkpoint directory")
+    if not os.path.lexists(p / "config.json"):  # one that is there but unreadable is config.json's own error
+        raise MoeError(f"missing file {p / 'config.json'}: --model {path} is not a Hugging Face checkpoint "
+                       "directory")
     return p
 
 class SafetensorsReader:

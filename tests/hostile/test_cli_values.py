@@ -117,10 +117,10 @@ def test_model_that_is_a_file_or_a_folder_without_config(runtime, sim, tmp_path)
     """Not "not found" for a path that is there: say what it is instead."""
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")
-    for model, words in [(f, "is a file, not a checkpoint directory"), ("/dev/null", "is a file"),
-                         (tmp_path, "has no config.json")]:
+    for model, words in [(f, ["is a file, not a checkpoint directory"]), ("/dev/null", ["is a file"]),
+                         (tmp_path, ["missing file", "is not a Hugging Face checkpoint"])]:
         code, out, err = runtime("generate", "--model", model, "--prompt", "hi", "--max-new-tokens", 2)
-        assert_one_error(code, err, "moe-runtime", str(model), words)
+        assert_one_error(code, err, "moe-runtime", str(model), *words)
     for path in ("/dev/null", tmp_path):
         code, out, err = sim("sweep", path)
         assert_one_error(code, err, "moe-sim", "is not a regular file")
