@@ -60,7 +60,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-
 def check_model_dir(path) -> Path:
     """``path`` as a checkpoint folder; one MoeError line when it is missing, not a folder, or has no
     config.json (every command says the same, before any work)."""
@@ -73,6 +72,7 @@ def check_model_dir(path) -> Path:
         raise MoeError(f"missing file {p / 'config.json'}: --model {path} is not a Hugging Face checkpoint "
                        "directory")
     return p
+
 
 class SafetensorsReader:
     """Memory-mapped read access to the tensors of one checkpoint directory, by name."""

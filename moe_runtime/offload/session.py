@@ -38,7 +38,7 @@ from moe_runtime.core.format_sizes import EXPERT_DTYPES, PLAIN
 from moe_runtime.core.host_profile import load_host
 from moe_runtime.core.options import DEFAULT_BUDGET, HybridOptions, OffloadOptions, option, parse_expert_source
 from moe_runtime.core.outputs import check_output
-from moe_runtime.model.checkpoint import check_model_dir, checkpoint_dtype, expert_format
+from moe_runtime.model.checkpoint import checkpoint_dtype, expert_format
 from moe_runtime.model.device import check_fits
 from moe_runtime.model.formats import TORCH
 from moe_runtime.model.experts import HostExpertStore, ResidentExperts
@@ -350,7 +350,6 @@ def load_run(model_dir, opts: OffloadOptions | None, xopts: ExecutorOptions | No
     lens = [prompt_lens] if isinstance(prompt_lens, int) else list(prompt_lens)
     preflight(model_dir, opts, xopts, device=device, dtype=dtype, expert_dtype=expert_dtype, batch=len(lens))
     on_disk = check_source(opts, device)[0] == "disk"  # experts stay on storage: the store holds none
-    check_model_dir(model_dir)
     model, store = load_model(model_dir, device, parse_dtype(dtype), load_experts=not on_disk,
                               expert_dtype=expert_dtype, check_finite=xopts.check_finite)
     return build_run(model, store, opts, xopts, device=device, model_dir=model_dir, prompt_lens=lens,

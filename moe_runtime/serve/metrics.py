@@ -19,7 +19,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _PROVIDER = (("moe_expert_hits", "hits", "expert accesses that found the expert resident and ready"),
              ("moe_expert_misses", "misses", "expert accesses that found it neither resident nor in flight"),
              ("moe_expert_late_prefetches", "late", "expert accesses that waited for a prefetch in flight"),
-             ("moe_expert_host_computed", "host_computed", "experts computed by the host CPU: misses, and prefetches still in flight when needed"),
+             ("moe_expert_host_computed", "host_computed",
+              "experts computed by the host CPU: misses, and prefetches still in flight when needed"),
              ("moe_bytes_copied", "bytes_h2d", "bytes copied into the expert cache"),
              ("moe_bytes_read", "bytes_read", "bytes read from storage"),
              ("moe_stall_seconds", "stall_s", "seconds the compute waited for expert copies"))
