@@ -160,7 +160,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(args.seed)
-    check_output_dir(args.out, "--out")  # before minutes of training: created, or one line why not
+    check_output_dir(args.out, "--out", checkpoint=True)  # before minutes of training: created, or one line why not
 
     from transformers import MixtralConfig, MixtralForCausalLM
 

@@ -100,11 +100,8 @@ def run_experiment(path, out: str | None = None, workers: int | None = None, bac
     if backend == "ray" and address:  # a dead address is one line within a stated time, before any work
         from .ray_backend import check_address
         check_address(address)
-    out_path = Path(out or exp.out or f"out/{exp.name}")
-    if (out_path / "config.json").is_file() and any(out_path.glob("*.safetensors")):
-        raise MoeError(f"refusing to write sweep output directory {out_path}: it holds a model checkpoint; "
-                       "choose a folder of its own, such as out/" + exp.name)
-    out_dir = check_output_dir(out_path, "sweep output directory", inputs=[path, *trace_paths])
+    out_dir = check_output_dir(out or exp.out or f"out/{exp.name}", "sweep output directory",
+                               inputs=[path, *trace_paths])
     store = SweepStore(out_dir, asdict(exp), exp.fingerprint())
     results = store.open()  # locks the folder until this sweep ends
     try:

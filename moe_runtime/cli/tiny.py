@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and not args.force:  # a checkpoint is precious
         raise MoeError(f"--out {args.out} is not empty (a checkpoint?); give --force to replace it")
-    check_output_dir(args.out, "--out")  # creates it; refuses a file or an unwritable place in one line
+    check_output_dir(args.out, "--out", checkpoint=True)  # creates it; refuses a file or an unwritable place in one line
     out = write_tiny_checkpoint(args.family, args.out, args.seed, args.dtype, expert_dtype=args.expert_dtype,
                                 num_hidden_layers=args.layers)
     print(f"wrote a tiny random {args.family} checkpoint ({args.layers} layers) to {out}")

@@ -187,13 +187,12 @@ class HybridOptions:
         hybrid = self if self.miss_policy is not None else replace(
             self, miss_policy="copy" if source_kind == "disk" else DEFAULT_MISS_POLICY["command"])
         if source_kind == "disk" and hybrid.computes_on_host:
-            causes = [f"--miss-policy {hybrid.policy}"] if hybrid.policy != "copy" else []
-            causes += ["--n-host-layers"] * (hybrid.n_host_layers > 0) + \
-                ["--host-layers"] * bool(parse_layer_list(hybrid.host_layers))
-            cure = " and ".join((["--miss-policy copy"] if hybrid.policy != "copy" else []) +
-                                [f"no {c}" for c in causes if c.endswith("layers")])
-            raise MoeError(f"host compute ({', '.join(causes)}) reads the experts' host copies, which "
-                           f"--expert-source disk keeps on storage: give {cure}")
+            layers = [f for f, on in (("--n-host-layers", hybrid.n_host_layers > 0),
+                                      ("--host-layers", bool(parse_layer_list(hybrid.host_layers)))) if on]
+            policy = [f"--miss-policy {hybrid.policy}"] if hybrid.policy != "copy" else []
+            cure = ["--miss-policy copy"] * bool(policy) + [f"no {f}" for f in layers]
+            raise MoeError(f"host compute ({', '.join(policy + layers)}) reads the experts' host copies, which "
+                           f"--expert-source disk keeps on storage: give {' and '.join(cure)}")
         return hybrid
 
 

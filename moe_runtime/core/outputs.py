@@ -6,7 +6,8 @@ Contract:
   line when the file cannot be written there (the path is a directory or not a
   regular file, a parent is a regular file, the directory is not writable or on
   a read-only file system). It writes nothing under ``path`` itself.
-  ``check_output_dir`` does the same for an output directory.
+  ``check_output_dir`` does the same for an output directory (which may not
+  be the checkout's top folder, its code or docs, or hold a checkpoint).
 - Outputs never replace inputs (the rule of every command): a path that
   resolves (symlinks, ``..``, hard links by st_dev/st_ino) to one of the run's
   ``inputs``, to an existing file inside an input folder, or to a file the
@@ -196,28 +197,27 @@ def check_output(path, what: str = "output", *, inputs=(), kind: str | None = No
     return p
 
 
-def check_output_dir(path, what: str = "output directory", *, inputs=()) -> Path:
-    """Create directory ``path`` (and parents) if missing and check that files can be written in it; a folder
-    inside a shipped folder or one of ``inputs`` is refused (as ``check_output``)."""
+def check_output_dir(path, what: str = "output directory", *, inputs=(), checkpoint: bool = False) -> Path:
+    """Create directory ``path`` (and parents) if missing and check that files can be written in it. Refused:
+    a folder inside a shipped folder or one of ``inputs`` (as ``check_output``), the checkout's top folder or
+    its code and docs, and, unless the output is itself a ``checkpoint``, a folder holding a checkpoint."""
     p = Path(os.fspath(path))
     label = f"{what} {p}"
     if os.path.lexists(p) and not p.is_dir():
         raise MoeError(f"cannot write {label}: it exists and is not a directory")
     real = os.path.realpath(p)
-    for top in SHIPPED:
-        if (REPO / top).is_dir() and _inside(real, os.path.realpath(REPO / top)):
-            raise MoeError(f"refusing to write {label}: it is under {top}/, which this project ships; "
-                           "choose another path")
     if real == os.path.realpath(REPO):
         raise MoeError(f"refusing to write {label}: it is this project's top folder; choose a folder such as "
                        "out/NAME")
-    for top in SOURCE:
+    for top in SHIPPED + SOURCE:
         if (REPO / top).is_dir() and _inside(real, os.path.realpath(REPO / top)):
-            raise MoeError(f"refusing to write {label}: it is under {top}/, which holds this project's own "
-                           "files; choose a folder such as out/NAME")
+            why = "which this project ships" if top in SHIPPED else "which holds this project's own files"
+            raise MoeError(f"refusing to write {label}: it is under {top}/, {why}; choose another path")
     for inp in inputs:
         if inp is not None and str(inp) != "" and _inside(real, os.path.realpath(os.fspath(inp))):
             raise MoeError(f"refusing to write {label}: it is (inside) the input {inp} of this run")
+    if not checkpoint and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        raise MoeError(f"refusing to write {label}: it holds a model checkpoint; choose a folder of its own")
     _make_dirs(p, label)
     _check_writable_dir(p, label)
     return p

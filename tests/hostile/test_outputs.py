@@ -106,6 +106,8 @@ def test_sweep_output_directory_is_not_the_checkout_or_a_checkpoint(sim, tmp_pat
                         (REPO / "docs" / "sweep", "under docs/"), (ckpt, "holds a model checkpoint")]:
         code, out, err = sim("sweep", exp, "--out", path)
         assert_one_error(code, err, "moe-sim", "refusing", words)
+    code, out, err = _replay(sim, "--bounds-cache", ckpt)  # every output folder, not only a sweep's
+    assert_one_error(code, err, "moe-sim", "--bounds-cache", "holds a model checkpoint")
     assert before == {p: sorted(os.listdir(p)) for p in before}
 
 
